@@ -1,0 +1,28 @@
+// CPU kernel of genfast::philox_noise: the shared Philox stream (csrc/philox.h) as a tensor.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "../philox.h"
+
+namespace {
+
+at::Tensor philox_noise_cpu(const at::Tensor& seed, int64_t numel, int64_t offset, bool normal) {
+  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong, "philox_noise: seed must be one int64 value");
+  TORCH_CHECK(numel >= 0 && offset >= 0, "philox_noise: numel and offset must be non-negative");
+  const uint64_t s = static_cast<uint64_t>(seed.item<int64_t>());
+  at::Tensor out = at::empty({numel}, seed.options().dtype(at::kFloat));
+  float* data = out.data_ptr<float>();
+  at::parallel_for(0, numel, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const uint64_t counter = static_cast<uint64_t>(offset + i);
+      data[i] = normal ? genfast::philox_normal(s, counter) : genfast::philox_uniform(s, counter);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(genfast, CPU, m) { m.impl("philox_noise", &philox_noise_cpu); }

@@ -1,0 +1,48 @@
+// genfast._C: the op schemas of every genfast custom op, and the Python module that loads them.
+//
+// Schemas live here, in one place, so that the CPU kernels (csrc/cpu), the CUDA kernels
+// (csrc/cuda/bindings.cpp) and the Python side (fake implementations, autograd, Triton twins named
+// <op>_triton) all agree on one signature per op. Conventions shared by the ops:
+//   - `seed` is an int64 tensor of one element on the op's device: the Philox seed (csrc/philox.h).
+//     Reading it on the device, not as a Python int, keeps the host out of the loop.
+//   - `noise` replaces in-kernel noise where the caller gives it (tests give both paths the same).
+//     Exactly one of `noise` and `seed` is given to a stochastic op.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// A module with no methods: importing it runs the static TORCH_LIBRARY registrations below and in
+// the kernel files. No pybind11, which keeps the build small.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(genfast, m) {
+  // Philox stream, exposed so tests can check each backend's generator against genfast/_philox.py.
+  m.def("philox_noise(Tensor seed, int numel, int offset, bool normal) -> Tensor");
+
+  // Token sampling. Per-row knobs are 1-D tensors of B elements: temperature/top_p/min_p float32,
+  // top_k int64. Repetition penalty is applied before these ops (genfast/ops/sampling.py).
+  m.def("filter_logits(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor min_p) -> Tensor");
+  m.def(
+      "sample_tokens(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor min_p, "
+      "Tensor? noise, Tensor? seed) -> Tensor");
+
+  // Diffusion: one scheduler step, with classifier-free guidance fused when `model_output_uncond`
+  // is given. `coefs` (float32, 11 values) is laid out in genfast/ops/diffusion.py.
+  m.def(
+      "scheduler_step(Tensor sample, Tensor model_output, Tensor? model_output_uncond, float guidance_scale, "
+      "Tensor coefs, Tensor? noise, Tensor? seed) -> Tensor");
+  m.def("cfg_combine(Tensor uncond, Tensor cond, float guidance_scale) -> Tensor");
+
+  // Latent-variable sampling.
+  m.def("reparameterize(Tensor mu, Tensor logvar, Tensor? noise, Tensor? seed) -> Tensor");
+  m.def("reparameterize_backward(Tensor grad, Tensor logvar, Tensor? noise, Tensor? seed) -> Tensor");
+  m.def("gaussian_kl(Tensor mu, Tensor logvar) -> Tensor");
+  m.def("gaussian_kl_backward(Tensor grad, Tensor mu, Tensor logvar) -> (Tensor, Tensor)");
+  m.def(
+      "langevin_step(Tensor x, Tensor grad, float step_size, float noise_scale, float clamp_min, float clamp_max, "
+      "Tensor? noise, Tensor? seed) -> Tensor");
+}

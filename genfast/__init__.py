@@ -1,0 +1,18 @@
+"""genfast: fused attention, transposed-convolution and sampling kernels for generative models.
+
+    import genfast
+    tokens = genfast.ops.sample_tokens(logits, temperature=0.8, top_k=50, top_p=0.9)
+    with genfast.backend("reference"):      # or set_backend(...), or GENFAST_BACKEND=...
+        ...
+
+`genfast.info()` (or `genfast info` in a shell) tells which backends serve each op here.
+"""
+
+from genfast import _ext  # noqa: F401  (first: loading genfast._C registers the C++ ops)
+from genfast import ops
+from genfast._backend import BACKENDS, BackendError, backend, get_backend, set_backend
+from genfast._info import info
+
+__version__ = "0.1.0"
+
+__all__ = ["ops", "BACKENDS", "BackendError", "backend", "get_backend", "set_backend", "info", "__version__"]

@@ -1,0 +1,167 @@
+"""Backend registry and selection.
+
+Every public op owns a :class:`Dispatcher`: the reference (pure PyTorch, always present) plus the
+kernels that could serve it (``cuda``, ``triton``, ``cpu``). Selection happens in Python at call
+time, before any custom op is reached, and reads only plain module state, so TorchDynamo traces
+through it and ``torch.compile(fullgraph=True)`` sees exactly one custom op per call.
+
+Choosing:
+- ``auto`` (default): the first backend in the op's preference order for the tensor's device that
+  supports the call; the reference last, so ``auto`` never fails where the reference works.
+- a backend by name (``set_backend``, ``with backend(...)``, ``GENFAST_BACKEND``): used if it can
+  serve the call, else :class:`BackendError` says why. It never falls back silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from genfast import _ext
+
+BACKENDS = ("reference", "triton", "cuda", "cpu")
+CHOICES = ("auto",) + BACKENDS
+
+# Where auto looks first, per device type. Ops may reorder (a Triton kernel that beats the CUDA one).
+DEFAULT_PREFERENCE = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
+
+
+class BackendError(RuntimeError):
+    """A backend chosen by name cannot serve this call."""
+
+
+def _checked(name: str, source: str) -> str:
+    if name not in CHOICES:
+        raise ValueError(f"{source}: unknown backend {name!r}; expected one of {', '.join(CHOICES)}")
+    return name
+
+
+# A stack rather than a ContextVar: Dynamo guards on a module-level list cleanly, and backend
+# choice is a per-process setting in practice. Not thread-local: set it once per process.
+_stack: list[str] = [_checked(os.environ.get("GENFAST_BACKEND", "auto"), "GENFAST_BACKEND")]
+
+
+def set_backend(name: str) -> None:
+    """Choose the backend for every genfast op from now on: 'auto', 'reference', 'triton', 'cuda' or 'cpu'."""
+    _stack[0] = _checked(name, "set_backend(name)")
+
+
+def get_backend() -> str:
+    """The backend in force: the innermost ``with backend(...)``, else the ``set_backend`` choice."""
+    return _stack[-1]
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[None]:
+    """``with genfast.backend("triton"): ...`` runs the block with that backend."""
+    _stack.append(_checked(name, "backend(name)"))
+    try:
+        yield
+    finally:
+        _stack.pop()
+
+
+def _triton_why_not() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError as error:
+        return f"triton is not installed ({error})"
+    return None
+
+
+# Read once at import: Triton itself decides between compiling and interpreting when kernels are
+# defined (at import), so a later change of TRITON_INTERPRET would not take effect anyway.
+TRITON_WHY_NOT: str | None = _triton_why_not()
+TRITON_INTERPRET: bool = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# A predicate gets the call's device, dtype and any op-specific facts, and returns None when it can
+# serve the call or a short reason when it cannot.
+Supports = Callable[..., "str | None"]
+
+
+@dataclass
+class Implementation:
+    backend: str
+    fn: Callable
+    supports: Supports | None = None
+
+
+@dataclass
+class Dispatcher:
+    """The backends of one public op. ``op`` is its public name, used in messages and `genfast info`."""
+
+    op: str
+    reference: Callable
+    preference: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_PREFERENCE))
+    impls: dict[str, Implementation] = field(default_factory=dict)
+
+    def register(self, backend_name: str, supports: Supports | None = None) -> Callable[[Callable], Callable]:
+        if backend_name not in BACKENDS or backend_name == "reference":
+            raise ValueError(f"register: backend must be one of triton, cuda, cpu, not {backend_name!r}")
+
+        def decorate(fn: Callable) -> Callable:
+            self.impls[backend_name] = Implementation(backend_name, fn, supports)
+            return fn
+
+        return decorate
+
+    def why_not(self, backend_name: str, device: torch.device, dtype: torch.dtype | None = None, **facts) -> str | None:
+        """None if ``backend_name`` can serve a call on this device/dtype, else the reason."""
+        if backend_name == "reference":
+            return None
+        impl = self.impls.get(backend_name)
+        if impl is None:
+            return f"genfast has no {backend_name} kernel for {self.op}"
+        if backend_name == "triton":
+            if TRITON_WHY_NOT:
+                return TRITON_WHY_NOT
+            if device.type == "cpu" and not TRITON_INTERPRET:
+                return "Triton runs CPU tensors only in its interpreter (set TRITON_INTERPRET=1 before importing genfast)"
+            if device.type not in ("cpu", "cuda"):
+                return f"Triton does not run on {device.type} tensors"
+        elif backend_name in ("cpu", "cuda"):
+            if backend_name != device.type:
+                return f"the {backend_name} backend serves {backend_name} tensors, not {device.type} tensors"
+            if not _ext.loaded:
+                return f"the compiled extension is not loaded: {_ext.why_not}"
+            if backend_name == "cuda" and not _ext.cuda_loaded:
+                return f"the extension has no CUDA kernels: {_ext.cuda_why_not}"
+        if impl.supports is not None:
+            return impl.supports(device=device, dtype=dtype, **facts)
+        return None
+
+    def select(self, device: torch.device, dtype: torch.dtype | None = None, **facts) -> tuple[str, Callable]:
+        """The (backend name, function) that serves this call under the backend in force."""
+        chosen = _stack[-1]
+        if chosen == "reference":
+            return "reference", self.reference
+        if chosen != "auto":
+            reason = self.why_not(chosen, device, dtype, **facts)
+            if reason is not None:
+                raise BackendError(f"{self.op}: backend {chosen!r} cannot serve this call: {reason}")
+            return chosen, self.impls[chosen].fn
+        for name in self.preference.get(device.type, ()):
+            if self.why_not(name, device, dtype, **facts) is None:
+                return name, self.impls[name].fn
+        if device.type in ("cpu", "cuda") and "cpu" in self.impls:
+            _ext.log_once_if_missing()
+        return "reference", self.reference
+
+    def __call__(self, *args, device: torch.device, dtype: torch.dtype | None = None, facts=None, **kwargs):
+        _, fn = self.select(device, dtype, **(facts or {}))
+        return fn(*args, **kwargs)
+
+
+DISPATCHERS: dict[str, Dispatcher] = {}
+
+
+def dispatcher(op: str, reference: Callable, preference: dict[str, tuple[str, ...]] | None = None) -> Dispatcher:
+    """Create and record the dispatcher of public op ``op`` (listed by `genfast info`)."""
+    d = Dispatcher(op, reference, dict(preference or DEFAULT_PREFERENCE))
+    DISPATCHERS[op] = d
+    return d

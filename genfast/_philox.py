@@ -1,0 +1,71 @@
+"""Philox4x32-10 in NumPy: the specification of genfast's in-kernel random numbers.
+
+Every backend (C++ ``csrc/philox.h``, CUDA through the same header, Triton
+``genfast/kernels/_philox.py``) draws element ``offset`` of the stream seeded with ``seed`` exactly
+as these functions do, so the tests can hand the reference the very noise a kernel drew inside
+itself. Speed is irrelevant here; clarity and bit-exactness are the point.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+_ROUND_A = np.uint64(0xD2511F53)
+_ROUND_B = np.uint64(0xCD9E8D57)
+_KEY_A = np.uint64(0x9E3779B9)
+_KEY_B = np.uint64(0xBB67AE85)
+_MASK32 = np.uint64(0xFFFFFFFF)
+
+
+def philox4x32_10(seed: int, offsets: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The four 32-bit output words for each counter in ``offsets`` (uint64 arrays)."""
+    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    offsets = np.asarray(offsets, dtype=np.uint64)
+    k0 = np.uint64(seed & 0xFFFFFFFF)
+    k1 = np.uint64(seed >> 32)
+    c0 = offsets & _MASK32
+    c1 = offsets >> np.uint64(32)
+    c2 = np.zeros_like(offsets)
+    c3 = np.zeros_like(offsets)
+    for _ in range(10):
+        # Products of two 32-bit values fit in uint64 exactly, so the high word is a shift.
+        prod_b = _ROUND_B * c2
+        prod_a = _ROUND_A * c0
+        c0, c1, c2, c3 = (
+            (prod_b >> np.uint64(32)) ^ c1 ^ k0,
+            prod_b & _MASK32,
+            (prod_a >> np.uint64(32)) ^ c3 ^ k1,
+            prod_a & _MASK32,
+        )
+        k0 = (k0 + _KEY_A) & _MASK32
+        k1 = (k1 + _KEY_B) & _MASK32
+    return c0, c1, c2, c3
+
+
+def _unit_open(bits: np.ndarray) -> np.ndarray:
+    # float32 arithmetic on purpose: the kernels compute in float32 and must agree bit for bit.
+    return ((bits >> np.uint64(8)).astype(np.float32) + np.float32(0.5)) * np.float32(1.0 / 16777216.0)
+
+
+def uniform(seed: int, offsets: np.ndarray) -> np.ndarray:
+    """Uniform float32 in the open interval (0, 1)."""
+    return _unit_open(philox4x32_10(seed, offsets)[0])
+
+
+def normal(seed: int, offsets: np.ndarray) -> np.ndarray:
+    """Standard normal float32 by Box-Muller (cosine branch) of the first two words."""
+    words = philox4x32_10(seed, offsets)
+    u1, u2 = _unit_open(words[0]), _unit_open(words[1])
+    radius = np.sqrt(np.float32(-2.0) * np.log(u1))
+    return (radius * np.cos(np.float32(6.283185307179586) * u2)).astype(np.float32)
+
+
+def uniform_like(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """The uniform noise a kernel draws for a contiguous tensor of ``shape`` (offset = flat index)."""
+    return torch.from_numpy(uniform(seed, np.arange(int(np.prod(shape)), dtype=np.uint64)).reshape(shape))
+
+
+def normal_like(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """The normal noise a kernel draws for a contiguous tensor of ``shape`` (offset = flat index)."""
+    return torch.from_numpy(normal(seed, np.arange(int(np.prod(shape)), dtype=np.uint64)).reshape(shape))

@@ -1,0 +1,29 @@
+"""Triton kernel of genfast::philox_noise_triton: the shared Philox stream as a tensor."""
+
+import torch
+import triton
+import triton.language as tl
+
+from genfast.kernels import _philox
+
+
+@triton.jit
+def _philox_noise_kernel(seed_ptr, out_ptr, numel, offset, NORMAL: tl.constexpr, BLOCK: tl.constexpr):
+    # int64 program offsets: numel may exceed 2^31.
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < numel
+    seed = tl.load(seed_ptr).to(tl.uint64)
+    counter = (idx + offset).to(tl.uint64)
+    if NORMAL:
+        value = _philox.normal(seed, counter)
+    else:
+        value = _philox.uniform(seed, counter)
+    tl.store(out_ptr + idx, value, mask=mask)
+
+
+def philox_noise(seed: torch.Tensor, numel: int, offset: int, normal: bool) -> torch.Tensor:
+    out = torch.empty(numel, device=seed.device, dtype=torch.float32)
+    if numel:
+        block = 1024
+        _philox_noise_kernel[(triton.cdiv(numel, block),)](seed, out, numel, offset, NORMAL=normal, BLOCK=block)
+    return out

@@ -1,0 +1,69 @@
+"""genfast's random numbers: the Philox stream every stochastic kernel draws its noise from.
+
+``philox_noise(seed, numel)`` returns elements ``offset .. offset+numel-1`` of the stream; a
+stochastic op run with ``seed`` draws element ``i`` of its (contiguous) noise as element ``i`` here.
+That is what lets the tests hand the reference exactly the noise a fused kernel drew inside itself.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from genfast import _backend, _ext, _philox
+
+OP = "philox_noise"
+
+
+def philox_noise_ref(seed: torch.Tensor, numel: int, offset: int = 0, normal: bool = False) -> torch.Tensor:
+    """The specification (NumPy, genfast/_philox.py), returned on ``seed``'s device."""
+    counters = torch.arange(offset, offset + numel, dtype=torch.int64).numpy().astype("uint64")
+    draw = _philox.normal if normal else _philox.uniform
+    return torch.from_numpy(draw(int(seed.item()), counters)).to(seed.device)
+
+
+def _fake(seed, numel, offset, normal):
+    return seed.new_empty(numel, dtype=torch.float32)
+
+
+if _ext.loaded:
+    torch.library.register_fake(f"genfast::{OP}")(_fake)
+
+
+@torch.library.custom_op(f"genfast::{OP}_triton", mutates_args=())
+def _philox_noise_triton(seed: torch.Tensor, numel: int, offset: int, normal: bool) -> torch.Tensor:
+    from genfast.kernels.random import philox_noise
+
+    return philox_noise(seed, numel, offset, normal)
+
+
+_philox_noise_triton.register_fake(_fake)
+
+_dispatch = _backend.dispatcher(OP, philox_noise_ref)
+_dispatch.register("triton")(lambda seed, numel, offset, normal: torch.ops.genfast.philox_noise_triton(seed, numel, offset, normal))
+_dispatch.register("cpu")(lambda seed, numel, offset, normal: torch.ops.genfast.philox_noise(seed, numel, offset, normal))
+_dispatch.register("cuda")(lambda seed, numel, offset, normal: torch.ops.genfast.philox_noise(seed, numel, offset, normal))
+
+
+def philox_noise(seed: int | torch.Tensor, numel: int, *, offset: int = 0, normal: bool = False,
+                 device: torch.device | str | None = None) -> torch.Tensor:
+    """Elements ``offset .. offset+numel-1`` of genfast's Philox stream seeded with ``seed``.
+
+    Returns float32 [numel]: uniform in the open interval (0, 1), or standard normal if ``normal``.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, (int, torch.Tensor)):
+        raise TypeError(f"{OP}: seed must be an int or a one-element int64 tensor, got {type(seed).__name__}")
+    if isinstance(seed, int):
+        if not 0 <= seed < 2**63:
+            raise ValueError(f"{OP}: seed must be in [0, 2**63), got {seed}")
+        seed = torch.tensor([seed], dtype=torch.int64, device=device)
+    elif seed.numel() != 1 or seed.dtype != torch.int64:
+        raise ValueError(f"{OP}: seed must hold one int64 value, got shape {tuple(seed.shape)} and {seed.dtype}")
+    if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
+        raise ValueError(f"{OP}: numel must be a non-negative int, got {numel!r}")
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"{OP}: offset must be a non-negative int, got {offset!r}")
+    seed = seed.reshape(1)
+    return _dispatch(seed, numel, offset, bool(normal), device=seed.device)
+
+
+__all__ = ["philox_noise", "philox_noise_ref"]

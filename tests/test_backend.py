@@ -1,0 +1,89 @@
+"""The backend registry: choosing, refusing clearly, and auto never failing where the reference works."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import genfast
+from genfast import _backend, _ext
+
+
+def test_set_backend_and_context_nest():
+    genfast.set_backend("reference")
+    assert genfast.get_backend() == "reference"
+    with genfast.backend("cpu"):
+        assert genfast.get_backend() == "cpu"
+        with genfast.backend("auto"):
+            assert genfast.get_backend() == "auto"
+        assert genfast.get_backend() == "cpu"
+    assert genfast.get_backend() == "reference"
+
+
+def test_context_restores_on_error():
+    genfast.set_backend("auto")
+    with pytest.raises(KeyError):
+        with genfast.backend("reference"):
+            raise KeyError("boom")
+    assert genfast.get_backend() == "auto"
+
+
+@pytest.mark.parametrize("bad", ["gpu", "", "Triton"])
+def test_unknown_backend_names_the_argument(bad):
+    with pytest.raises(ValueError, match="set_backend\\(name\\): unknown backend"):
+        genfast.set_backend(bad)
+    with pytest.raises(ValueError, match="backend\\(name\\): unknown backend"):
+        with genfast.backend(bad):
+            pass
+
+
+def test_named_backend_that_cannot_serve_raises():
+    # The cuda backend never serves CPU tensors; asking for it by name must not fall back silently.
+    with genfast.backend("cuda"), pytest.raises(genfast.BackendError, match="philox_noise: backend 'cuda'"):
+        genfast.ops.philox_noise(1, 4)
+
+
+def test_auto_falls_back_to_reference_when_nothing_else_serves():
+    dispatch = _backend.Dispatcher("toy", reference=lambda: "ref")
+    dispatch.register("cpu", supports=lambda **_: "never")(lambda: "cpu")
+    with genfast.backend("auto"):
+        assert dispatch.select(torch.device("cpu"))[0] == "reference"
+    with genfast.backend("cpu"), pytest.raises(genfast.BackendError, match="never"):
+        dispatch.select(torch.device("cpu"))
+
+
+def test_environment_variable_chooses_and_is_validated():
+    code = "import genfast; print(genfast.get_backend())"
+    env = {"GENFAST_BACKEND": "reference", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "reference"
+    env["GENFAST_BACKEND"] = "fastest"
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "GENFAST_BACKEND: unknown backend 'fastest'" in bad.stderr
+
+
+def test_package_imports_and_works_without_the_extension():
+    code = (
+        "import torch, genfast\n"
+        "from genfast import _ext\n"
+        "assert not _ext.loaded and 'GENFAST_SKIP_EXT' in _ext.why_not\n"
+        "print(genfast.ops.philox_noise(3, 4).tolist())\n"
+    )
+    env = {"GENFAST_SKIP_EXT": "1", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(genfast.ops.philox_noise_ref(torch.tensor([3]), 4).tolist())
+
+
+def test_extension_is_built_here():
+    # `make test` builds the extension; if it did not load, the cpu backend would go untested.
+    assert _ext.loaded, _ext.why_not
+
+
+def test_info_lists_every_op_and_the_extension():
+    text = genfast.info()
+    assert "torch" in text and "extension genfast._C" in text
+    for op in _backend.DISPATCHERS:
+        assert op in text
+    out = subprocess.run([sys.executable, "-m", "genfast", "info"], capture_output=True, text=True, check=True)
+    assert "backends that can serve it" in out.stdout
