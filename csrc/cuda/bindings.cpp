@@ -33,12 +33,19 @@ at::Tensor philox_noise_cuda(const at::Tensor& seed, int64_t numel, int64_t offs
 // (sampling bindings go here)
 
 // ---------------------------------------------------------------------------------------- diffusion
-// (diffusion and latent bindings go here)
+// (diffusion bindings go here)
+
+// ---------------------------------------------------------------------------------------- latent
+// (latent bindings go here)
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(genfast, CUDA, m) {
   m.impl("philox_noise", &philox_noise_cuda);
-  // sampling ops
-  // diffusion and latent ops
+
+  // sampling ops (registered below this line)
+
+  // diffusion ops (registered below this line)
+
+  // latent ops (registered below this line)
 }
