@@ -20,7 +20,12 @@ done
 # macros, which an empty stand-in replaces for a syntax-only check.
 torch_inc=$("$PYTHON" -c "import torch.utils.cpp_extension as c; print(' '.join('-I'+p for p in c.include_paths()))")
 py_inc=$("$PYTHON" -c "import sysconfig; print(sysconfig.get_paths()['include'])")
-cuda_inc=$(dirname "$(dirname "$NVCC")")/include
+cuda_inc=""
+for candidate in "${CUDA_HOME:-}/include" "$(dirname "$(dirname "$(readlink -f "$(command -v "$NVCC")")")")/include" \
+    /usr/local/cuda/include; do
+  if [ -f "$candidate/cuda_runtime.h" ]; then cuda_inc=$candidate; break; fi
+done
+if [ -z "$cuda_inc" ]; then echo "cuda-check: cuda_runtime.h not found (set CUDA_HOME)"; exit 1; fi
 mkdir -p "$out/shim/c10/cuda/impl"
 echo '#pragma once' > "$out/shim/c10/cuda/impl/cuda_cmake_macros.h"
 for cpp in csrc/cuda/*.cpp; do
