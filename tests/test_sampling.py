@@ -214,9 +214,11 @@ def _bad_cases():
         (dict(logits=x, temperature=torch.tensor([1, 2])), TypeError, "temperature must be a floating-point"),
         (dict(logits=x, temperature="hot"), TypeError, "temperature must be a real number"),
         (dict(logits=x, repetition_penalty=0.0), ValueError, "repetition_penalty must be finite and > 0"),
-        (dict(logits=x, prev_tokens=torch.tensor([[1], [10]])), ValueError, r"prev_tokens must hold token ids in \[0, 10\)"),
+        (dict(logits=x, prev_tokens=torch.tensor([[1], [10]])), ValueError,
+         r"prev_tokens must hold token ids in \[0, 10\)"),
         (dict(logits=x, prev_tokens=torch.tensor([[1], [-1]])), ValueError, "prev_tokens must hold token ids"),
-        (dict(logits=x, prev_tokens=torch.tensor([[1], [2]], dtype=torch.int32)), TypeError, "prev_tokens must have dtype"),
+        (dict(logits=x, prev_tokens=torch.tensor([[1], [2]], dtype=torch.int32)), TypeError,
+         "prev_tokens must have dtype"),
         (dict(logits=x, prev_tokens=torch.tensor([1, 2])), ValueError, "prev_tokens must be 2-D"),
         (dict(logits=x, prev_tokens=torch.tensor([[1, 2]])), ValueError, r"prev_tokens must have shape \(2, L\)"),
         (dict(logits=x, validate=1), TypeError, "validate must be a bool"),
@@ -252,7 +254,8 @@ def test_validate_false_is_memory_safe(device, backend):
     x[1, 7] = float("nan")
     x[2] = float("-inf")
     prev = torch.tensor([[-5, 3, 50], [2**40, 1, 1], [0, 0, 49]], device=device)  # out of range: ignored
-    kw = dict(top_k=torch.tensor([-3, 5, 2], device=device), top_p=torch.tensor([2.0, -1.0, float("nan")], device=device),
+    kw = dict(top_k=torch.tensor([-3, 5, 2], device=device),
+              top_p=torch.tensor([2.0, -1.0, float("nan")], device=device),
               min_p=torch.tensor([5.0, float("nan"), -1.0], device=device), repetition_penalty=1.5, prev_tokens=prev,
               validate=False)
     with genfast.backend(backend):
