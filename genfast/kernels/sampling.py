@@ -1,0 +1,180 @@
+"""Triton kernels of genfast::filter_logits_triton and genfast::sample_tokens_triton: sort-free and exact.
+
+One program per row. The kept set of a row is ``{i : y_i >= t}`` (plus the min-p test, itself a threshold
+on ``y_i - y_max``), where ``y = x / temperature``. Top-k and top-p thresholds both have the form
+``t* = max{c : G(c) >= target}`` with ``G(c) = sum of w_j over y_j >= c`` non-increasing:
+top-k counts (``w = 1``, target k), top-p sums ``w = exp(y - y_max)`` over the top-k survivors
+(target ``top_p * G(t_k)``). ``_search`` finds ``t*`` exactly on the order-preserving int32 key of the
+fp32 values: each pass over the row evaluates G at NP pivots of ``[lo, hi)`` together, plus, per pivot,
+the smallest key at or above it and the largest below it, so that the new bracket is cut down to keys of
+actual elements; it stops when one key is left (usually 3-6 passes, at most ~8 for 32-bit keys).
+The last pass writes the filtered row, or draws Gumbel noise for kept tokens only and takes the argmax.
+
+The same algorithm runs in csrc/cuda/sampling.cu; csrc/cpu/sampling.cpp uses selection on the CPU.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from genfast.kernels import _philox
+
+INT32_MAX = 2147483647
+INT32_MIN = -2147483648
+
+
+@triton.jit
+def _key(y):
+    """Order-preserving int32 key of fp32 ``y`` (signed compare); -0.0 maps to +0.0's key, as they tie."""
+    bits = y.to(tl.int32, bitcast=True)
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    return tl.where(bits == -2147483648, 0, key)
+
+
+@triton.jit
+def _load_y(row_ptr, offs, vocab, temp):
+    mask = offs < vocab
+    x = tl.load(row_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
+    # Correctly rounded division: the reference divides, and top-k ties depend on the exact rounding.
+    return tl.math.div_rn(x, temp), mask
+
+
+@triton.jit
+def _search(row_ptr, vocab, temp, y_max, lo, hi, floor, target, RELATIVE: tl.constexpr, BLOCK: tl.constexpr,
+            NP: tl.constexpr):
+    """max{c in element keys of [lo, hi) : G(c) >= target}, or lo if none (lo must be an element key).
+
+    ``RELATIVE``: G sums exp(y - y_max) over keys >= floor and the target is ``target * G(floor)`` (the
+    top-k-filtered partition function, summed again in each pass, in the same order); else G counts.
+    """
+    j = tl.arange(0, NP).to(tl.int64)
+    while hi - lo > 1:
+        piv = (lo + ((hi - lo) * j) // NP).to(tl.int32)  # piv[0] == lo; piv[NP-1] in (lo, hi) when hi-lo >= 2
+        g = tl.zeros([NP], dtype=tl.float32)
+        total = tl.zeros([], dtype=tl.float32)
+        min_above = tl.full([NP], 2147483647, dtype=tl.int32)
+        max_below = tl.full([NP], -2147483648, dtype=tl.int32)
+        for start in range(0, vocab, BLOCK):
+            offs = start + tl.arange(0, BLOCK).to(tl.int64)
+            y, mask = _load_y(row_ptr, offs, vocab, temp)
+            key = _key(y)
+            if RELATIVE:
+                w = tl.where(mask & (key >= floor), tl.exp(y - y_max), 0.0)
+            else:
+                w = tl.where(mask, 1.0, 0.0)
+            ge = key[:, None] >= piv[None, :]
+            valid = mask[:, None]
+            g += tl.sum(tl.where(ge, w[:, None], 0.0), axis=0)
+            total += tl.sum(w, axis=0)
+            min_above = tl.minimum(min_above, tl.min(tl.where(ge & valid, key[:, None], 2147483647), axis=0))
+            max_below = tl.maximum(max_below, tl.max(tl.where(valid & ~ge, key[:, None], -2147483648), axis=0))
+        goal = target
+        if RELATIVE:
+            goal = target * total
+        # A goal <= 0 (top_p <= 0 with validate=False) would accept keys above every element: keep the max.
+        ok = g >= tl.maximum(goal, 1e-30)
+        new_lo = tl.max(tl.where(ok, min_above, lo.to(tl.int32)))
+        new_hi = tl.min(tl.where(ok, hi, max_below.to(tl.int64) + 1))
+        lo = tl.maximum(lo, new_lo.to(tl.int64))
+        hi = tl.minimum(hi, new_hi)
+    return lo
+
+
+@triton.jit
+def _sampling_kernel(x_ptr, stride_x, temp_ptr, topk_ptr, topp_ptr, dmin_ptr, out_ptr, noise_ptr, seed_ptr,
+                     vocab, SAMPLE: tl.constexpr, HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr, NP: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = x_ptr + row * stride_x
+    temp_in = tl.load(temp_ptr + row)
+    greedy = ~(temp_in > 0.0)  # also NaN and negative temperatures (validate=False)
+    temp = tl.where(greedy, 1.0, temp_in)
+    top_k = tl.load(topk_ptr + row)
+    top_p = tl.load(topp_ptr + row)
+    d_min = tl.load(dmin_ptr + row)  # smallest fp32 d with double(d) >= log(min_p): see _min_p_bound
+
+    # Pass 1: max (with its lowest index, the greedy token) and the smallest key.
+    y_max = tl.full([], float("-inf"), dtype=tl.float32)
+    best = tl.zeros([], dtype=tl.int64)
+    key_min = tl.full([], 2147483647, dtype=tl.int32)
+    for start in range(0, vocab, BLOCK):
+        offs = start + tl.arange(0, BLOCK).to(tl.int64)
+        y, mask = _load_y(row_ptr, offs, vocab, temp)
+        block_max, block_arg = tl.max(y, axis=0, return_indices=True, return_indices_tie_break_left=True)
+        best = tl.where(block_max > y_max, start + block_arg.to(tl.int64), best)
+        y_max = tl.maximum(y_max, block_max)
+        key_min = tl.minimum(key_min, tl.min(tl.where(mask, _key(y), 2147483647), axis=0))
+
+    lo = key_min.to(tl.int64)
+    hi = _key(y_max).to(tl.int64) + 1
+    t_key = lo
+    if temp_in > 0.0:
+        if (top_k > 0) & (top_k < vocab):
+            t_key = _search(row_ptr, vocab, temp, y_max, lo, hi, lo, top_k.to(tl.float32), False, BLOCK, NP)
+        if top_p < 1.0:
+            t_key = _search(row_ptr, vocab, temp, y_max, t_key, hi, t_key, top_p, True, BLOCK, NP)
+
+    # Last pass: the filtered row, or Gumbel-max over kept tokens.
+    best_score = tl.full([], float("-inf"), dtype=tl.float32)
+    token = best
+    seed = tl.zeros([], dtype=tl.uint64)
+    if SAMPLE and not HAS_NOISE:
+        seed = tl.load(seed_ptr).to(tl.uint64)
+    for start in range(0, vocab, BLOCK):
+        offs = start + tl.arange(0, BLOCK).to(tl.int64)
+        y, mask = _load_y(row_ptr, offs, vocab, temp)
+        keep = tl.where(greedy, offs == best, mask & (_key(y) >= t_key) & ((y - y_max) >= d_min))
+        if SAMPLE:
+            if (temp_in > 0.0) & (tl.max(keep.to(tl.int32), axis=0) > 0):  # noise only where something is kept
+                if HAS_NOISE:
+                    u = tl.load(noise_ptr + row * vocab + offs, mask=keep, other=0.5)
+                else:
+                    u = _philox.uniform(seed, (row * vocab + offs).to(tl.uint64))
+                score = tl.where(keep, y - tl.log(-tl.log(u)), float("-inf"))
+                block_best, block_arg = tl.max(score, axis=0, return_indices=True, return_indices_tie_break_left=True)
+                token = tl.where(block_best > best_score, start + block_arg.to(tl.int64), token)
+                best_score = tl.maximum(best_score, block_best)
+        else:
+            tl.store(out_ptr + row * vocab + offs, tl.where(keep, y, float("-inf")), mask=mask)
+    if SAMPLE:
+        tl.store(out_ptr + row, token)
+
+
+def _min_p_bound(min_p: torch.Tensor) -> torch.Tensor:
+    """Per row, the smallest fp32 ``d`` with ``double(d) >= log(min_p)`` (computed in fp64).
+
+    Then ``(y - y_max) >= d`` in fp32 is exactly the reference's fp64 test; NaN min_p disables it and
+    min_p > 1 keeps only the max, as in the reference.
+    """
+    log_min_p = torch.log(min_p.double())
+    log_min_p = torch.where(torch.isnan(log_min_p), float("-inf"), log_min_p).clamp(max=0)
+    bound = log_min_p.float()
+    return torch.where(bound.double() < log_min_p, torch.nextafter(bound, torch.full_like(bound, float("inf"))), bound)
+
+
+_BLOCK, _NP = 256, 32
+
+
+def _launch(logits, temperature, top_k, top_p, min_p, out, noise, seed, sample):
+    batch, vocab = logits.shape
+    assert logits.stride(1) == 1, "filter_logits: logits rows must be contiguous"
+    d_min = _min_p_bound(min_p)
+    _sampling_kernel[(batch,)](
+        logits, logits.stride(0), temperature, top_k, top_p, d_min, out,
+        noise if noise is not None else out, seed if seed is not None else top_k, vocab,
+        SAMPLE=sample, HAS_NOISE=noise is not None, BLOCK=_BLOCK, NP=_NP, num_warps=8,
+    )
+    return out
+
+
+def filter_logits(logits, temperature, top_k, top_p, min_p) -> torch.Tensor:
+    out = torch.empty(logits.shape, device=logits.device, dtype=torch.float32)
+    return _launch(logits, temperature, top_k, top_p, min_p, out, None, None, False)
+
+
+def sample_tokens(logits, temperature, top_k, top_p, min_p, noise, seed) -> torch.Tensor:
+    if (noise is None) == (seed is None):
+        raise ValueError("sample_tokens: pass exactly one of noise and seed")
+    out = torch.empty(logits.shape[:1], device=logits.device, dtype=torch.int64)
+    if noise is not None:
+        noise = noise.float().contiguous()
+    return _launch(logits, temperature, top_k, top_p, min_p, out, noise, seed, True)

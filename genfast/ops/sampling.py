@@ -1,0 +1,323 @@
+"""Token sampling: Hugging Face's logits processors fused into one sort-free pass per row.
+
+``filter_logits`` returns the processed logits (removed tokens at -inf) and ``sample_tokens`` draws one
+token per row from them. The semantics are transformers' processors, applied in their order:
+
+1. repetition penalty: every token that occurs in ``prev_tokens[b]`` is penalised once (negative
+   logits multiplied by the penalty, positive ones divided);
+2. temperature: ``y = x / temperature``; temperature 0 (or any value that is not > 0 with
+   ``validate=False``) means greedy: the argmax of the penalised logits, lowest index on ties;
+3. top-k: keep ``y_i >= `` the k-th largest value (ties with it kept); ``top_k`` 0 or >= V disables;
+4. top-p: keep a token iff the probability mass of the tokens strictly more probable than it, within
+   the top-k-filtered distribution, is < ``top_p`` (crossing token and boundary ties kept); 1 disables;
+5. min-p: remove tokens with ``p_i < min_p * p_max``, evaluated as ``(y_i - y_max) < log(min_p)``
+   with the fp32 difference compared in fp64; 0 disables.
+
+The kept set is always ``{i : y_i >= t}`` for one threshold per row, which the kernels find without
+sorting (genfast/kernels/sampling.py, csrc/cpu/sampling.cpp, csrc/cuda/sampling.cu). Sampling is
+Gumbel-max, ``argmax_i y_i - log(-log(u_i))`` over kept tokens (lowest index on ties), so the exact
+noise can be shared: ``u[b, i]`` is the caller's ``noise[b, i]`` or Philox ``uniform(seed, b * V + i)``.
+
+The references ``filter_logits_ref`` / ``sample_tokens_ref`` below are the specification: plain,
+sort-based PyTorch in fp32.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+import torch.nn.functional as F
+
+from genfast import _backend, _ext
+from genfast.ops import _checks
+
+NEG_INF = float("-inf")
+
+
+# ------------------------------------------------------------------------------------------ reference
+def _penalize(x: torch.Tensor, penalty: torch.Tensor, prev_tokens: torch.Tensor | None) -> torch.Tensor:
+    """fp32 copy of ``x`` [B, V] with every token of ``prev_tokens`` [B, L] penalised once.
+
+    Sparse and out of place: gather the seen logits, penalise them, scatter them back. A token seen twice
+    is gathered twice from the *unpenalised* copy and both scatters write the same value, so duplicates
+    cannot penalise twice and the result does not depend on scatter order. Indices outside [0, V)
+    (possible only with validate=False) are sent to a padding column that is dropped afterwards.
+    """
+    batch, vocab = x.shape
+    if prev_tokens is None or prev_tokens.shape[1] == 0:
+        return x.float()
+    padded = F.pad(x.float(), (0, 1))  # (B, V+1); column V absorbs invalid indices
+    index = torch.where((prev_tokens >= 0) & (prev_tokens < vocab), prev_tokens, vocab)
+    seen = padded.gather(1, index)
+    p = penalty.float()[:, None]
+    padded = padded.scatter(1, index, torch.where(seen < 0, seen * p, seen / p))
+    return padded[:, :vocab]
+
+
+def _filter_ref(x: torch.Tensor, temperature, top_k, top_p, min_p) -> torch.Tensor:
+    """The processed logits [B, V] fp32 of penalised logits ``x`` [B, V] and per-row knobs [B]."""
+    batch, vocab = x.shape
+    x = x.float()
+    greedy = ~(temperature > 0)
+    y = x / torch.where(greedy, 1.0, temperature)[:, None]
+    sorted_y, _ = torch.sort(y, dim=-1, descending=True)
+
+    # top-k: the k-th largest value; everything >= it is kept, so ties with it stay.
+    k = top_k.clamp(0, vocab)
+    kth = sorted_y.gather(1, (k - 1).clamp(min=0)[:, None])
+    t_k = torch.where(((k > 0) & (k < vocab))[:, None], kth, NEG_INF)
+    sorted_y = sorted_y.masked_fill(sorted_y < t_k, NEG_INF)  # still sorted
+
+    # top-p: keep a sorted position iff the mass strictly before it is < top_p; the kept positions form a
+    # prefix, and keeping every value >= the last kept one also keeps ties of the boundary token.
+    probs = torch.softmax(sorted_y, dim=-1)
+    mass_before = F.pad(probs.cumsum(-1)[:, :-1], (1, 0))
+    last = (mass_before < top_p[:, None]).sum(-1, keepdim=True).clamp(min=1) - 1
+    t_p = torch.where((top_p < 1)[:, None], sorted_y.gather(1, last), NEG_INF)
+
+    # min-p: p_i / p_max = exp(y_i - y_max); compared in log space, the fp32 difference in fp64.
+    y_max = sorted_y[:, :1]
+    # min_p NaN disables the filter and min_p > 1 keeps the max token(s) (reachable with validate=False).
+    log_min_p = torch.log(min_p.double())
+    log_min_p = torch.where(torch.isnan(log_min_p), NEG_INF, log_min_p).clamp(max=0)
+    min_p_ok = (y - y_max).double() >= log_min_p[:, None]
+
+    out = y.masked_fill((y < t_k) | (y < t_p) | ~min_p_ok, NEG_INF)
+    # Greedy rows keep only the argmax (lowest index on ties) of the penalised logits, unscaled.
+    best = x.argmax(-1, keepdim=True)
+    only_best = torch.full_like(x, NEG_INF).scatter(1, best, x.gather(1, best))
+    return torch.where(greedy[:, None], only_best, out)
+
+
+def _gumbel_argmax_ref(x: torch.Tensor, filtered: torch.Tensor, temperature, noise: torch.Tensor) -> torch.Tensor:
+    scores = filtered - torch.log(-torch.log(noise.float()))
+    sampled = scores.argmax(-1)
+    return torch.where(temperature > 0, sampled, x.argmax(-1))
+
+
+# ------------------------------------------------------------------------------------------ arguments
+def _knob(op, name, value, batch, device, *, integer=False) -> torch.Tensor:
+    """A scalar or per-row knob as a [B] tensor (int64 for top_k, else float32) on ``device``."""
+    if isinstance(value, torch.Tensor):
+        if integer and (value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool):
+            raise TypeError(f"{op}: {name} must be an integer tensor, got {value.dtype}")
+        if not integer and not value.dtype.is_floating_point:
+            raise TypeError(f"{op}: {name} must be a floating-point tensor, got {value.dtype}")
+        if value.shape != (batch,):
+            raise ValueError(f"{op}: {name} must have shape ({batch},) (one value per row), got {tuple(value.shape)}")
+        if value.device != device:
+            raise ValueError(f"{op}: {name} is on {value.device} but logits is on {device}")
+        return value.to(torch.int64 if integer else torch.float32).contiguous()
+    if integer:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{op}: {name} must be an int or an integer tensor of shape ({batch},), got "
+                            f"{type(value).__name__}")
+        return torch.full((batch,), int(value), dtype=torch.int64, device=device)
+    return torch.full((batch,), _checks.real_number(op, name, value), dtype=torch.float32, device=device)
+
+
+# (name, test that marks a bad value, what is expected): the value checks of validate=True.
+_KNOB_RULES = {
+    "temperature": (lambda t: ~(t >= 0) | torch.isinf(t), "finite and >= 0"),
+    "top_k": (lambda k: k < 0, ">= 0"),
+    "top_p": (lambda p: ~((p > 0) & (p <= 1)), "in (0, 1]"),
+    "min_p": (lambda p: ~((p >= 0) & (p <= 1)), "in [0, 1]"),
+    "repetition_penalty": (lambda r: ~(r > 0) | torch.isinf(r), "finite and > 0"),
+}
+
+
+def _prepare(op, logits, temperature, top_k, top_p, min_p, repetition_penalty, prev_tokens, validate):
+    """Checks every argument; returns the penalised logits and the per-row knob tensors."""
+    _checks.tensor(op, "logits", logits, dtypes=_checks.FLOAT_DTYPES, ndim=2)
+    batch, vocab = logits.shape
+    if batch < 1 or vocab < 1:
+        raise ValueError(f"{op}: logits must have at least one row and one column, got shape {tuple(logits.shape)}")
+    if not isinstance(validate, bool):
+        raise TypeError(f"{op}: validate must be a bool, got {type(validate).__name__}")
+    dev = logits.device
+    knobs = {
+        "temperature": _knob(op, "temperature", temperature, batch, dev),
+        "top_k": _knob(op, "top_k", top_k, batch, dev, integer=True),
+        "top_p": _knob(op, "top_p", top_p, batch, dev),
+        "min_p": _knob(op, "min_p", min_p, batch, dev),
+        "repetition_penalty": _knob(op, "repetition_penalty", repetition_penalty, batch, dev),
+    }
+    if prev_tokens is not None:
+        _checks.tensor(op, "prev_tokens", prev_tokens, dtypes=(torch.int64,), ndim=2)
+        _checks.same_device(op, "logits", logits, prev_tokens=prev_tokens)
+        if prev_tokens.shape[0] != batch:
+            raise ValueError(f"{op}: prev_tokens must have shape ({batch}, L), got {tuple(prev_tokens.shape)}")
+    if validate and not torch.compiler.is_compiling():
+        _validate_values(op, logits, knobs, prev_tokens)
+    x = logits
+    if prev_tokens is not None and prev_tokens.shape[1] > 0:
+        x = _penalize(logits, knobs["repetition_penalty"], prev_tokens)
+    return x.contiguous(), knobs
+
+
+def _validate_values(op, logits, knobs, prev_tokens) -> None:
+    """Value checks, with one host synchronisation for all of them (the flags travel as one tensor)."""
+    checks = [(name, "must be " + rule[1], rule[0](knobs[name]).any()) for name, rule in _KNOB_RULES.items()]
+    x = logits.float()
+    checks.append(("logits", "must not contain NaN", torch.isnan(x).any()))
+    checks.append(("logits", "must not contain +inf", (x == float("inf")).any()))
+    row_max = x.amax(-1)
+    checks.append(("logits", "must have a finite value in every row (a row is all -inf)", (row_max == NEG_INF).any()))
+    # temperature scaling must not push a finite logit to +-inf (greedy rows divide by nothing).
+    t = knobs["temperature"]
+    scale = torch.where(t > 0, t, 1.0)
+    extreme = torch.maximum(row_max.abs(), x.masked_fill(x == NEG_INF, 0).amin(-1).abs())
+    checks.append(("temperature", "is so small that logits / temperature overflows float32",
+                   torch.isinf(extreme / scale).any()))
+    if prev_tokens is not None and prev_tokens.numel():
+        vocab = logits.shape[1]
+        checks.append(("prev_tokens", f"must hold token ids in [0, {vocab})",
+                       ((prev_tokens < 0) | (prev_tokens >= vocab)).any()))
+    flags = torch.stack([bad for _, _, bad in checks]).tolist()
+    for (name, message, _), bad in zip(checks, flags):
+        if bad:
+            raise ValueError(f"{op}: {name} {message}")
+
+
+# ------------------------------------------------------------------------------------------ custom ops
+def _filter_fake(logits, temperature, top_k, top_p, min_p):
+    return logits.new_empty(logits.shape, dtype=torch.float32)
+
+
+def _sample_fake(logits, temperature, top_k, top_p, min_p, noise, seed):
+    return logits.new_empty(logits.shape[:1], dtype=torch.int64)
+
+
+if _ext.loaded:
+    torch.library.register_fake("genfast::filter_logits")(_filter_fake)
+    torch.library.register_fake("genfast::sample_tokens")(_sample_fake)
+
+
+@torch.library.custom_op("genfast::filter_logits_triton", mutates_args=())
+def _filter_logits_triton(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                          min_p: torch.Tensor) -> torch.Tensor:
+    from genfast.kernels.sampling import filter_logits
+
+    return filter_logits(logits, temperature, top_k, top_p, min_p)
+
+
+@torch.library.custom_op("genfast::sample_tokens_triton", mutates_args=())
+def _sample_tokens_triton(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                          min_p: torch.Tensor, noise: torch.Tensor | None, seed: torch.Tensor | None) -> torch.Tensor:
+    from genfast.kernels.sampling import sample_tokens
+
+    return sample_tokens(logits, temperature, top_k, top_p, min_p, noise, seed)
+
+
+_filter_logits_triton.register_fake(_filter_fake)
+_sample_tokens_triton.register_fake(_sample_fake)
+
+
+def _supports(device, dtype=None, vocab: int = 0, **_):
+    if dtype is not None and dtype not in _checks.FLOAT_DTYPES:
+        return f"logits of dtype {dtype} (the kernels read float32, float16, bfloat16)"
+    if vocab >= 2**24:
+        return f"a vocabulary of {vocab} >= 2**24 tokens (the kernels count tokens in float32)"
+    return None
+
+
+# On CUDA the CUDA kernel first: it runs the same search as the Triton kernel, but with the per-pass
+# reductions in shared memory and without Triton's Python launch path and the launcher's small torch ops,
+# which matter at decode-step sizes (one call per generated token).
+_PREFERENCE = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
+
+
+def _filter_dispatch_ref(x, temperature, top_k, top_p, min_p):
+    return _filter_ref(x, temperature, top_k, top_p, min_p)
+
+
+def _sample_dispatch_ref(x, temperature, top_k, top_p, min_p, noise, seed):
+    if noise is None:
+        batch, vocab = x.shape
+        noise = _philox_uniform(seed, batch * vocab).view(batch, vocab)
+    return _gumbel_argmax_ref(x, _filter_ref(x, temperature, top_k, top_p, min_p), temperature, noise)
+
+
+def _philox_uniform(seed, numel):
+    from genfast.ops.random import philox_noise
+
+    return philox_noise(seed, numel)
+
+
+_filter_dispatch = _backend.dispatcher("filter_logits", _filter_dispatch_ref, _PREFERENCE)
+_filter_dispatch.register("triton", _supports)(lambda *a: torch.ops.genfast.filter_logits_triton(*a))
+_filter_dispatch.register("cpu", _supports)(lambda *a: torch.ops.genfast.filter_logits(*a))
+_filter_dispatch.register("cuda", _supports)(lambda *a: torch.ops.genfast.filter_logits(*a))
+
+_sample_dispatch = _backend.dispatcher("sample_tokens", _sample_dispatch_ref, _PREFERENCE)
+_sample_dispatch.register("triton", _supports)(lambda *a: torch.ops.genfast.sample_tokens_triton(*a))
+_sample_dispatch.register("cpu", _supports)(lambda *a: torch.ops.genfast.sample_tokens(*a))
+_sample_dispatch.register("cuda", _supports)(lambda *a: torch.ops.genfast.sample_tokens(*a))
+
+
+# ------------------------------------------------------------------------------------------ public API
+_INVALID_ROWS = """
+    With ``validate=False`` no value is checked (no host synchronisation) and the kernels stay memory-safe:
+    prev_tokens ids outside [0, V) are ignored; temperature that is not > 0 (negative, NaN) means greedy;
+    top_k < 0 disables top-k; top_p > 1 or NaN disables top-p and top_p <= 0 keeps the max token(s);
+    min_p > 1 keeps only the max token(s), NaN disables min-p. A row with NaN or +inf logits, or all -inf,
+    yields some token in [0, V) (filter_logits: unspecified values in that row), never an out-of-range id.
+    Under torch.compile the value checks are skipped as with ``validate=False`` (they need the host).
+"""
+
+
+def filter_logits(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
+                  prev_tokens: torch.Tensor | None = None, validate: bool = True) -> torch.Tensor:
+    """The processed logits: float32 [B, V], removed tokens at -inf (see the module docstring).
+
+    ``logits`` [B, V] float32/float16/bfloat16. Each knob is a Python scalar or a per-row tensor [B] on
+    ``logits``' device (top_k integer, the others floating point). ``prev_tokens`` int64 [B, L]: ids seen
+    so far, for the repetition penalty. Kept tokens hold ``penalised_logit / temperature``; greedy rows
+    (temperature 0) keep only the argmax, holding its penalised logit. ``validate=True`` checks values too
+    (NaN/+inf logits, all -inf rows, knob ranges, prev_tokens ids), at the cost of one host synchronisation.
+    """ + _INVALID_ROWS
+    op = "filter_logits"
+    x, k = _prepare(op, logits, temperature, top_k, top_p, min_p, repetition_penalty, prev_tokens, validate)
+    args = (x, k["temperature"], k["top_k"], k["top_p"], k["min_p"])
+    return _filter_dispatch(*args, device=x.device, dtype=x.dtype, facts={"vocab": x.shape[1]})
+
+
+def sample_tokens(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
+                  prev_tokens: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                  noise: torch.Tensor | None = None, validate: bool = True) -> torch.Tensor:
+    """One token per row: int64 [B], drawn from ``filter_logits(...)`` by Gumbel-max.
+
+    Arguments as for :func:`filter_logits`; ``noise`` (uniform in (0, 1), [B, V]) replaces the in-kernel
+    Philox noise, which otherwise uses a seed drawn from ``generator`` on the logits' device, so that
+    ``sample_tokens(x, generator=g)`` equals ``sample_tokens_ref(x, noise=philox_noise(seed, B*V).view(B, V))``
+    for the seed ``g`` yields. Greedy rows (temperature 0) return the argmax and ignore the noise.
+    """ + _INVALID_ROWS
+    op = "sample_tokens"
+    x, k = _prepare(op, logits, temperature, top_k, top_p, min_p, repetition_penalty, prev_tokens, validate)
+    noise, seed = _checks.noise_or_seed(op, logits, noise, generator)
+    args = (x, k["temperature"], k["top_k"], k["top_p"], k["min_p"], noise, seed)
+    return _sample_dispatch(*args, device=x.device, dtype=x.dtype, facts={"vocab": x.shape[1]})
+
+
+def filter_logits_ref(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
+                      repetition_penalty=1.0, prev_tokens: torch.Tensor | None = None,
+                      validate: bool = True) -> torch.Tensor:
+    """The specification of :func:`filter_logits`: sort-based PyTorch in fp32, same arguments."""
+    op = "filter_logits_ref"
+    x, k = _prepare(op, logits, temperature, top_k, top_p, min_p, repetition_penalty, prev_tokens, validate)
+    return _filter_ref(x, k["temperature"], k["top_k"], k["top_p"], k["min_p"])
+
+
+def sample_tokens_ref(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
+                      repetition_penalty=1.0, prev_tokens: torch.Tensor | None = None,
+                      generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
+                      validate: bool = True) -> torch.Tensor:
+    """The specification of :func:`sample_tokens`: Gumbel-max over :func:`filter_logits_ref`'s output."""
+    op = "sample_tokens_ref"
+    x, k = _prepare(op, logits, temperature, top_k, top_p, min_p, repetition_penalty, prev_tokens, validate)
+    noise, seed = _checks.noise_or_seed(op, logits, noise, generator)
+    return _sample_dispatch_ref(x, k["temperature"], k["top_k"], k["top_p"], k["min_p"], noise, seed)
+
+
+__all__ = ["filter_logits", "filter_logits_ref", "sample_tokens", "sample_tokens_ref"]
