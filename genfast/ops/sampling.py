@@ -276,7 +276,7 @@ def filter_logits(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, 
     so far, for the repetition penalty. Kept tokens hold ``penalised_logit / temperature``; greedy rows
     (temperature 0) keep only the argmax, holding its penalised logit. ``validate=True`` checks values too
     (NaN/+inf logits, all -inf rows, knob ranges, prev_tokens ids), at the cost of one host synchronisation.
-    """ + _INVALID_ROWS
+    """
     op = "filter_logits"
     x, k = _prepare(op, logits, temperature, top_k, top_p, min_p, repetition_penalty, prev_tokens, validate)
     args = (x, k["temperature"], k["top_k"], k["top_p"], k["min_p"])
@@ -292,12 +292,17 @@ def sample_tokens(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, 
     Philox noise, which otherwise uses a seed drawn from ``generator`` on the logits' device, so that
     ``sample_tokens(x, generator=g)`` equals ``sample_tokens_ref(x, noise=philox_noise(seed, B*V).view(B, V))``
     for the seed ``g`` yields. Greedy rows (temperature 0) return the argmax and ignore the noise.
-    """ + _INVALID_ROWS
+    """
     op = "sample_tokens"
     x, k = _prepare(op, logits, temperature, top_k, top_p, min_p, repetition_penalty, prev_tokens, validate)
     noise, seed = _checks.noise_or_seed(op, logits, noise, generator)
     args = (x, k["temperature"], k["top_k"], k["top_p"], k["min_p"], noise, seed)
     return _sample_dispatch(*args, device=x.device, dtype=x.dtype, facts={"vocab": x.shape[1]})
+
+
+# A string expression after a docstring would stop it being one, so the shared paragraph is appended here.
+filter_logits.__doc__ += _INVALID_ROWS
+sample_tokens.__doc__ += _INVALID_ROWS
 
 
 def filter_logits_ref(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
