@@ -1,5 +1,16 @@
 """genfast's public ops. Each validates its arguments, then runs on the backend in force."""
 
+from genfast.ops.latent import (
+    gaussian_kl,
+    gaussian_kl_ref,
+    langevin_step,
+    langevin_step_ref,
+    reparameterize,
+    reparameterize_ref,
+)
 from genfast.ops.random import philox_noise, philox_noise_ref
 
-__all__ = ["philox_noise", "philox_noise_ref"]
+__all__ = [
+    "philox_noise", "philox_noise_ref",
+    "reparameterize", "reparameterize_ref", "gaussian_kl", "gaussian_kl_ref", "langevin_step", "langevin_step_ref",
+]
