@@ -161,7 +161,8 @@ __global__ void kl_partial_kernel(const T* __restrict__ mu, const T* __restrict_
     const T* mu_row = mu + row * cols;
     const T* logvar_row = logvar + row * cols;
     float acc = 0.0f;
-    for (int64_t c = begin + static_cast<int64_t>(threadIdx.x) * VEC; c < end; c += static_cast<int64_t>(kThreads) * VEC) {
+    constexpr int64_t kStep = static_cast<int64_t>(kThreads) * VEC;
+    for (int64_t c = begin + static_cast<int64_t>(threadIdx.x) * VEC; c < end; c += kStep) {
       const Pack<T, VEC> pm = *reinterpret_cast<const Pack<T, VEC>*>(mu_row + c);
       const Pack<T, VEC> pl = *reinterpret_cast<const Pack<T, VEC>*>(logvar_row + c);
 #pragma unroll
@@ -198,7 +199,8 @@ cudaError_t launch_kl(const void* mu, const void* logvar, float* out, float* wor
   const T* tmu = static_cast<const T*>(mu);
   const T* tlogvar = static_cast<const T*>(logvar);
   if (cols % kVec == 0 && aligned(mu, sizeof(T) * kVec) && aligned(logvar, sizeof(T) * kVec)) {
-    kl_partial_kernel<T, kVec><<<grid, kThreads, 0, stream>>>(tmu, tlogvar, target, rows, cols, plan.chunk, plan.splits);
+    kl_partial_kernel<T, kVec>
+        <<<grid, kThreads, 0, stream>>>(tmu, tlogvar, target, rows, cols, plan.chunk, plan.splits);
   } else {
     kl_partial_kernel<T, 1><<<grid, kThreads, 0, stream>>>(tmu, tlogvar, target, rows, cols, plan.chunk, plan.splits);
   }
@@ -246,7 +248,8 @@ cudaError_t launch_kl_backward(const float* grad, const void* mu, const void* lo
     kl_backward_kernel<T, kVec>
         <<<blocks_for(numel / kVec), kThreads, 0, stream>>>(grad, tmu, tlogvar, tdmu, tdlogvar, numel, cols);
   } else {
-    kl_backward_kernel<T, 1><<<blocks_for(numel), kThreads, 0, stream>>>(grad, tmu, tlogvar, tdmu, tdlogvar, numel, cols);
+    kl_backward_kernel<T, 1>
+        <<<blocks_for(numel), kThreads, 0, stream>>>(grad, tmu, tlogvar, tdmu, tdlogvar, numel, cols);
   }
   return cudaGetLastError();
 }
