@@ -183,8 +183,8 @@ def _register(suffix: str, noise_op) -> None:
     # langevin_step: the gradient passes where the clamp did not bite (torch.clamp's rule: lo <= v <= hi on
     # the unclamped value v). Without a clamp nothing is saved; with one, v is recomputed from x, grad and eps.
     def langevin_setup(ctx, inputs, output):
-        x, grad, step_size, _, clamp_min, clamp_max, noise, seed = inputs
-        ctx.step_size, ctx.noise_scale = step_size, inputs[3]
+        x, grad, step_size, noise_scale, clamp_min, clamp_max, noise, seed = inputs
+        ctx.step_size, ctx.noise_scale = step_size, noise_scale
         ctx.clamp = (clamp_min, clamp_max) if (clamp_min != -math.inf or clamp_max != math.inf) else None
         ctx.save_for_backward(*((x, grad, noise, seed) if ctx.clamp else ()))
 
