@@ -17,7 +17,7 @@ constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 65535;  // grid-stride loops cover the rest
 // gaussian_kl's plan: the same constants as genfast/kernels/latent.py.
 constexpr int64_t kKlTargetBlocks = 1024;
-constexpr int64_t kKlMinChunk = 4096;
+constexpr int64_t kKlMinChunk = 2048;
 constexpr int64_t kKlMaxSplits = 1024;
 constexpr int64_t kKlChunkAlign = 1024;  // a multiple of every vector width, and Triton's KL_BLOCK
 
@@ -129,18 +129,26 @@ cudaError_t launch_elementwise(const void* a, const void* b, const float* noise,
   return cudaGetLastError();
 }
 
+// Runs fn(T{}) with T the element type of `dtype`: one switch for every launcher.
+template <typename Fn>
+cudaError_t with_dtype(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return fn(float{});
+    case DType::kFloat16:
+      return fn(__half{});
+    case DType::kBFloat16:
+      return fn(__nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
+
 template <typename F>
 cudaError_t dispatch_elementwise(DType dtype, const void* a, const void* b, const float* noise, const int64_t* seed,
                                  void* out, int64_t numel, F f, cudaStream_t stream) {
-  switch (dtype) {
-    case DType::kFloat32:
-      return launch_elementwise<float>(a, b, noise, seed, out, numel, f, stream);
-    case DType::kFloat16:
-      return launch_elementwise<__half>(a, b, noise, seed, out, numel, f, stream);
-    case DType::kBFloat16:
-      return launch_elementwise<__nv_bfloat16>(a, b, noise, seed, out, numel, f, stream);
-  }
-  return cudaErrorInvalidValue;
+  return with_dtype(dtype, [&](auto tag) {
+    return launch_elementwise<decltype(tag)>(a, b, noise, seed, out, numel, f, stream);
+  });
 }
 
 // ------------------------------------------------------------------------------ gaussian_kl
@@ -289,28 +297,16 @@ cudaError_t launch_gaussian_kl(DType dtype, const void* mu, const void* logvar, 
                                int64_t rows, int64_t cols, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
   if (cols == 0) return cudaMemsetAsync(out, 0, sizeof(float) * rows, stream);
-  switch (dtype) {
-    case DType::kFloat32:
-      return launch_kl<float>(mu, logvar, out, workspace, rows, cols, stream);
-    case DType::kFloat16:
-      return launch_kl<__half>(mu, logvar, out, workspace, rows, cols, stream);
-    case DType::kBFloat16:
-      return launch_kl<__nv_bfloat16>(mu, logvar, out, workspace, rows, cols, stream);
-  }
-  return cudaErrorInvalidValue;
+  return with_dtype(dtype, [&](auto tag) {
+    return launch_kl<decltype(tag)>(mu, logvar, out, workspace, rows, cols, stream);
+  });
 }
 
 cudaError_t launch_gaussian_kl_backward(DType dtype, const float* grad, const void* mu, const void* logvar, void* dmu,
                                         void* dlogvar, int64_t rows, int64_t cols, cudaStream_t stream) {
-  switch (dtype) {
-    case DType::kFloat32:
-      return launch_kl_backward<float>(grad, mu, logvar, dmu, dlogvar, rows, cols, stream);
-    case DType::kFloat16:
-      return launch_kl_backward<__half>(grad, mu, logvar, dmu, dlogvar, rows, cols, stream);
-    case DType::kBFloat16:
-      return launch_kl_backward<__nv_bfloat16>(grad, mu, logvar, dmu, dlogvar, rows, cols, stream);
-  }
-  return cudaErrorInvalidValue;
+  return with_dtype(dtype, [&](auto tag) {
+    return launch_kl_backward<decltype(tag)>(grad, mu, logvar, dmu, dlogvar, rows, cols, stream);
+  });
 }
 
 }  // namespace genfast::cuda::latent

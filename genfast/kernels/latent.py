@@ -24,7 +24,7 @@ ELEMENTWISE_BLOCK = 1024
 # TARGET_PROGRAMS programs in all, each reducing at least MIN_CHUNK elements, at most MAX_SPLITS per
 # row. csrc/cuda/latent.cu uses the same plan, so both backends split rows alike.
 KL_TARGET_PROGRAMS = 1024
-KL_MIN_CHUNK = 4096
+KL_MIN_CHUNK = 2048
 KL_MAX_SPLITS = 1024
 KL_BLOCK = 1024
 

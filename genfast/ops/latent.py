@@ -35,6 +35,8 @@ def _eps(noise: torch.Tensor | None, seed: torch.Tensor | None, like: torch.Tens
     """The op's standard normal noise for a tensor shaped like ``like``: the caller's, else the Philox stream's."""
     if noise is not None:
         return noise.to(_compute_dtype(like.dtype))
+    if seed is None:
+        raise ValueError("latent reference: pass noise or seed")
     return philox_noise(seed, like.numel(), normal=True).reshape(like.shape).to(_compute_dtype(like.dtype))
 
 
