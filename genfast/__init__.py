@@ -8,8 +8,8 @@
 `genfast.info()` (or `genfast info` in a shell) tells which backends serve each op here.
 """
 
-from genfast import _ext  # noqa: F401  (first: loading genfast._C registers the C++ ops)
-from genfast import ops
+# _ext before ops: loading genfast._C registers the C++ op schemas that the ops modules refer to.
+from genfast import _ext, ops  # noqa: F401
 from genfast._backend import BACKENDS, BackendError, backend, get_backend, set_backend
 from genfast._info import info
 

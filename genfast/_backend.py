@@ -121,7 +121,8 @@ class Dispatcher:
             if TRITON_WHY_NOT:
                 return TRITON_WHY_NOT
             if device.type == "cpu" and not TRITON_INTERPRET:
-                return "Triton runs CPU tensors only in its interpreter (set TRITON_INTERPRET=1 before importing genfast)"
+                return ("Triton runs CPU tensors only in its interpreter "
+                        "(set TRITON_INTERPRET=1 before importing genfast)")
             if device.type not in ("cpu", "cuda"):
                 return f"Triton does not run on {device.type} tensors"
         elif backend_name in ("cpu", "cuda"):

@@ -12,6 +12,7 @@ import torch
 import genfast
 from genfast.kernels import latent as latent_kernels
 from genfast.ops import (
+    _checks,
     gaussian_kl,
     gaussian_kl_ref,
     langevin_step,
@@ -20,7 +21,6 @@ from genfast.ops import (
     reparameterize,
     reparameterize_ref,
 )
-from genfast.ops import _checks
 from tests.conftest import backend_params
 
 DTYPES = [

@@ -69,7 +69,8 @@ def draw_seed(gen: torch.Generator | None, device: torch.device) -> torch.Tensor
     return torch.randint(0, 2**62, (1,), generator=gen, device=device, dtype=torch.int64)
 
 
-def noise_or_seed(op: str, like: torch.Tensor, noise: torch.Tensor | None, gen) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def noise_or_seed(op: str, like: torch.Tensor, noise: torch.Tensor | None,
+                  gen) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Validate caller-given ``noise`` (same shape and device as ``like``) or draw a seed from ``gen``."""
     if noise is not None:
         if gen is not None:

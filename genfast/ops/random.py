@@ -39,9 +39,9 @@ def _philox_noise_triton(seed: torch.Tensor, numel: int, offset: int, normal: bo
 _philox_noise_triton.register_fake(_fake)
 
 _dispatch = _backend.dispatcher(OP, philox_noise_ref)
-_dispatch.register("triton")(lambda seed, numel, offset, normal: torch.ops.genfast.philox_noise_triton(seed, numel, offset, normal))
-_dispatch.register("cpu")(lambda seed, numel, offset, normal: torch.ops.genfast.philox_noise(seed, numel, offset, normal))
-_dispatch.register("cuda")(lambda seed, numel, offset, normal: torch.ops.genfast.philox_noise(seed, numel, offset, normal))
+_dispatch.register("triton")(lambda *args: torch.ops.genfast.philox_noise_triton(*args))
+_dispatch.register("cpu")(lambda *args: torch.ops.genfast.philox_noise(*args))
+_dispatch.register("cuda")(lambda *args: torch.ops.genfast.philox_noise(*args))
 
 
 def philox_noise(seed: int | torch.Tensor, numel: int, *, offset: int = 0, normal: bool = False,
