@@ -20,12 +20,13 @@ CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name 
 BUILD_STAMP := build/.genfast-built
 PYTEST_ARGS ?=
 
-.PHONY: test bench build cuda-check info clean help
+.PHONY: test bench build cuda-check lint info clean help
 
 help:
 	@echo "make test    build genfast (and its extension), compile-check the CUDA sources, run the tests"
 	@echo "make bench   run the benchmark suite on the device present; results in benchmarks/results/"
 	@echo "make info    what genfast sees here: versions, extension, GPU, backends per op"
+	@echo "make lint    ruff (part of make test)"
 
 $(VENV)/.deps-installed: requirements-dev.txt
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
@@ -47,7 +48,11 @@ cuda-check: $(ENV_STAMP)
 	@if [ -z "$(NVCC)" ]; then echo "cuda-check: no nvcc here, skipped"; else \
 	  PYTHON=$(PYTHON) NVCC=$(NVCC) bash tests/cuda_compile_check.sh; fi
 
-test: build cuda-check
+lint: $(ENV_STAMP)
+	@if $(PYTHON) -m ruff --version >/dev/null 2>&1; then $(PYTHON) -m ruff check genfast benchmarks tests; \
+	  else echo "lint: ruff not installed here, skipped"; fi
+
+test: build cuda-check lint
 	$(PYTHON) -m pytest tests $(PYTEST_ARGS)
 
 bench: build
