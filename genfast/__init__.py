@@ -9,10 +9,11 @@
 """
 
 from genfast import _ext  # noqa: F401  (first: loading genfast._C registers the C++ ops)
-from genfast import ops
+from genfast import diffusion, ops
 from genfast._backend import BACKENDS, BackendError, backend, get_backend, set_backend
 from genfast._info import info
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "BACKENDS", "BackendError", "backend", "get_backend", "set_backend", "info", "__version__"]
+__all__ = ["ops", "diffusion", "BACKENDS", "BackendError", "backend", "get_backend", "set_backend", "info",
+           "__version__"]
