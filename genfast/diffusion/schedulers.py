@@ -221,9 +221,11 @@ class _Scheduler:
                                        generator=generator if stochastic else None, add_noise=stochastic)
         return SchedulerOutput(prev) if return_dict else (prev,)
 
-    def _host_sigma(self, key) -> np.ndarray:
+    def _host_sigma(self, key) -> list[float]:
+        # Python floats, not an array: torch.compile treats arrays as tensors and would see a
+        # data-dependent branch where there is none.
         if ("sigma", key) not in self._cache:
-            self._cache[("sigma", key)] = self._coef_table(*key)[:, _ops.SIGMA].numpy()
+            self._cache[("sigma", key)] = self._coef_table(*key)[:, _ops.SIGMA].tolist()
         return self._cache[("sigma", key)]
 
     def _alphas_at(self, i, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
