@@ -238,7 +238,6 @@ def test_bad_step_arguments():
 
 def test_from_config_skips_bookkeeping_and_sibling_options():
     config = dict(diffusers.DDIMScheduler(steps_offset=1, set_alpha_to_one=False).config)
-    assert "_class_name" in config or "_diffusers_version" in config or True
     config.update(_class_name="PNDMScheduler", _diffusers_version="0.6.0", skip_prk_steps=True)
     ours = DDPMScheduler.from_config(config)  # set_alpha_to_one is DDIM's: ignored by DDPM, as in diffusers
     assert ours.config["steps_offset"] == 1
