@@ -3,10 +3,15 @@
 //
 // Each thread walks its range in chunks of kChunk elements: when the noise is drawn inside, the
 // chunk's normals are generated first into an L1-resident buffer (8 lanes at a time with AVX2 where
-// the CPU has it), then one auto-vectorisable loop computes the step. The normals are the Philox
-// stream of csrc/philox.h at the output's flat index, like every other backend.
+// the CPU has it), then one loop, compiled twice (AVX2+FMA and baseline, chosen at run time),
+// computes the step. The normals are the Philox stream of csrc/philox.h at the output's flat index,
+// like every other backend.
+//
+// Threads: at::parallel_for compiled into this file would run serially, because the extension is
+// built without -fopenmp (torch's OpenMP loop is an inline template). TensorIterator::for_each is
+// compiled inside libtorch, so splitting the flat output through it uses torch's intra-op threads.
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
+#include <ATen/TensorIterator.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -117,11 +122,15 @@ void fill_normals(uint64_t seed, int64_t start, int64_t n, float* out) {
 }
 
 // One chunk of the step. Compile-time flags keep the loop free of branches so it vectorises.
+// The three terms are folded into coefficients of x0, x and m once per chunk: prev = A*x0 + B*x + C*m
+// (+ sigma*noise) with A = P0 + PE*E0, B = PX + PE*EX, C = PE*EM. That is the same formula with
+// its products reassociated, i.e. a rounding-level difference from the term-by-term reference.
 template <typename T, bool kUncond, bool kNoise>
-void step_chunk(const T* __restrict__ x, const T* __restrict__ m, const T* __restrict__ u,
-                const float* __restrict__ noise, const float* c, float g, T* __restrict__ out, int64_t n) {
-  const float ax = c[AX], am = c[AM], lo = c[CLIP_LO], hi = c[CLIP_HI], ex = c[EX], em = c[EM], e0 = c[E0];
-  const float p0 = c[P0], pe = c[PE], px = c[PX], sigma = c[SIGMA];
+__attribute__((always_inline)) inline void step_chunk_body(const T* __restrict__ x, const T* __restrict__ m,
+                                                           const T* __restrict__ u, const float* __restrict__ noise,
+                                                           const float* c, float g, T* __restrict__ out, int64_t n) {
+  const float ax = c[AX], am = c[AM], lo = c[CLIP_LO], hi = c[CLIP_HI], sigma = c[SIGMA];
+  const float a = c[P0] + c[PE] * c[E0], b = c[PX] + c[PE] * c[EX], cm = c[PE] * c[EM];
   for (int64_t i = 0; i < n; ++i) {
     const float xi = static_cast<float>(x[i]);
     float mi = static_cast<float>(m[i]);
@@ -131,11 +140,47 @@ void step_chunk(const T* __restrict__ x, const T* __restrict__ m, const T* __res
     }
     float x0 = ax * xi + am * mi;
     x0 = x0 < lo ? lo : (x0 > hi ? hi : x0);  // comparisons, so NaN propagates as in torch.clamp
-    const float eps = ex * xi + em * mi + e0 * x0;
-    float prev = p0 * x0 + pe * eps + px * xi;
+    float prev = a * x0 + b * xi + cm * mi;
     if constexpr (kNoise) prev += sigma * noise[i];
     out[i] = static_cast<T>(prev);
   }
+}
+
+#ifdef GENFAST_DIFFUSION_AVX2
+template <typename T, bool kUncond, bool kNoise>
+__attribute__((target("avx2,fma"))) void step_chunk_avx2(const T* x, const T* m, const T* u, const float* noise,
+                                                         const float* c, float g, T* out, int64_t n) {
+  step_chunk_body<T, kUncond, kNoise>(x, m, u, noise, c, g, out, n);
+}
+#endif
+
+template <typename T, bool kUncond, bool kNoise>
+void step_chunk(const T* x, const T* m, const T* u, const float* noise, const float* c, float g, T* out, int64_t n) {
+#ifdef GENFAST_DIFFUSION_AVX2
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx2) return step_chunk_avx2<T, kUncond, kNoise>(x, m, u, noise, c, g, out, n);
+#endif
+  step_chunk_body<T, kUncond, kNoise>(x, m, u, noise, c, g, out, n);
+}
+
+// Runs f(begin, end) over [0, out.numel()) on torch's intra-op threads (see the top of this file).
+template <typename F>
+void parallel_flat(const at::Tensor& out, const F& f) {
+  if (out.numel() == 0) return;
+  const at::Tensor flat = out.view({-1});  // kept alive: the iterator borrows it
+  at::TensorIterator iter = at::TensorIteratorConfig()
+                                .add_output(flat)
+                                .resize_outputs(false)
+                                .check_all_same_dtype(false)
+                                .build();
+  const char* base = static_cast<const char*>(out.data_ptr());
+  const int64_t element = out.element_size();
+  iter.for_each(
+      [&](char** data, const int64_t* strides, int64_t n) {
+        const int64_t begin = (data[0] - base) / element;  // out is flat and contiguous
+        f(begin, begin + n);
+      },
+      kGrain);
 }
 
 template <typename T, bool kUncond>
@@ -203,14 +248,13 @@ at::Tensor scheduler_step_cpu(const at::Tensor& sample, const at::Tensor& model_
   // A zero sigma makes the noise term vanish exactly: skip drawing it.
   const int64_t* seed_ptr = (seed.has_value() && cp[SIGMA] != 0.0f) ? seed->data_ptr<int64_t>() : nullptr;
   const float g = static_cast<float>(guidance_scale);
-  const int64_t numel = x.numel();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "scheduler_step_cpu", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* mp = m.data_ptr<scalar_t>();
     const scalar_t* up = u.defined() ? u.data_ptr<scalar_t>() : nullptr;
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
+    parallel_flat(out, [&](int64_t begin, int64_t end) {
       if (up != nullptr) {
         step_range<scalar_t, true>(xp, mp, up, noise_ptr, seed_ptr, cp, g, op, begin, end);
       } else {
@@ -219,6 +263,32 @@ at::Tensor scheduler_step_cpu(const at::Tensor& sample, const at::Tensor& model_
     });
   });
   return out;
+}
+
+template <typename T>
+__attribute__((always_inline)) inline void cfg_body(const T* __restrict__ u, const T* __restrict__ c, float g,
+                                                    T* __restrict__ out, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    const float ui = static_cast<float>(u[i]);
+    out[i] = static_cast<T>(ui + g * (static_cast<float>(c[i]) - ui));
+  }
+}
+
+#ifdef GENFAST_DIFFUSION_AVX2
+template <typename T>
+__attribute__((target("avx2,fma"))) void cfg_avx2(const T* u, const T* c, float g, T* out, int64_t begin,
+                                                  int64_t end) {
+  cfg_body(u, c, g, out, begin, end);
+}
+#endif
+
+template <typename T>
+void cfg_range(const T* u, const T* c, float g, T* out, int64_t begin, int64_t end) {
+#ifdef GENFAST_DIFFUSION_AVX2
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx2) return cfg_avx2(u, c, g, out, begin, end);
+#endif
+  cfg_body(u, c, g, out, begin, end);
 }
 
 at::Tensor cfg_combine_cpu(const at::Tensor& uncond, const at::Tensor& cond, double guidance_scale) {
@@ -234,15 +304,10 @@ at::Tensor cfg_combine_cpu(const at::Tensor& uncond, const at::Tensor& cond, dou
   at::Tensor out = at::empty(uncond.sizes(), uncond.options().memory_format(at::MemoryFormat::Contiguous));
   const float g = static_cast<float>(guidance_scale);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "cfg_combine_cpu", [&] {
-    const scalar_t* __restrict__ up = u.data_ptr<scalar_t>();
-    const scalar_t* __restrict__ cp = c.data_ptr<scalar_t>();
-    scalar_t* __restrict__ op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, u.numel(), kGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const float ui = static_cast<float>(up[i]);
-        op[i] = static_cast<scalar_t>(ui + g * (static_cast<float>(cp[i]) - ui));
-      }
-    });
+    const scalar_t* up = u.data_ptr<scalar_t>();
+    const scalar_t* cp = c.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    parallel_flat(out, [&](int64_t begin, int64_t end) { cfg_range(up, cp, g, op, begin, end); });
   });
   return out;
 }
