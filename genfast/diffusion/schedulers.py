@@ -216,9 +216,14 @@ class _Scheduler:
                                         use_clipped_model_output).to(sample.dtype)
         else:
             coefs = self._on(("coefs", key), sample.device, lambda: self._coef_table(*key))[i]
-            prev = _ops.scheduler_step(sample, model_output, coefs, model_output_uncond=model_output_uncond,
-                                       guidance_scale=g, noise=noise if stochastic else None,
-                                       generator=generator if stochastic else None, add_noise=stochastic)
+            seed = None
+            if stochastic and noise is None:
+                seed = _checks.draw_seed(generator, sample.device)
+            elif stochastic:
+                noise = noise.float().contiguous()
+            # Arguments are checked above: straight to the backend.
+            prev = _ops.run_step(sample, model_output, model_output_uncond, g, coefs,
+                                 noise if stochastic else None, seed)
         return SchedulerOutput(prev) if return_dict else (prev,)
 
     def _host_sigma(self, key) -> list[float]:

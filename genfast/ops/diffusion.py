@@ -151,15 +151,35 @@ def _float_only(device, dtype=None, **_):
     return None
 
 
+def _call(op, *args):
+    """Call a custom op overload; outside torch.compile and autograd, straight to its kernel.
+
+    A step is a few microseconds of work on a small latent, so the Python autograd layer of the op
+    (about as long again) is skipped when no input requires grad. Under torch.compile and autograd
+    the op is called normally, so tracing and gradients see the registered op.
+    """
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
+            isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
 _step_dispatch = _backend.dispatcher(STEP_OP, scheduler_step_ref)
-_step_dispatch.register("triton", _float_only)(lambda *a: torch.ops.genfast.scheduler_step_triton(*a))
-_step_dispatch.register("cpu", _float_only)(lambda *a: torch.ops.genfast.scheduler_step(*a))
-_step_dispatch.register("cuda", _float_only)(lambda *a: torch.ops.genfast.scheduler_step(*a))
+_step_dispatch.register("triton", _float_only)(lambda *a: _call(torch.ops.genfast.scheduler_step_triton.default, *a))
+_step_dispatch.register("cpu", _float_only)(lambda *a: _call(torch.ops.genfast.scheduler_step.default, *a))
+_step_dispatch.register("cuda", _float_only)(lambda *a: _call(torch.ops.genfast.scheduler_step.default, *a))
 
 _cfg_dispatch = _backend.dispatcher(CFG_OP, cfg_combine_ref)
-_cfg_dispatch.register("triton", _float_only)(lambda *a: torch.ops.genfast.cfg_combine_triton(*a))
-_cfg_dispatch.register("cpu", _float_only)(lambda *a: torch.ops.genfast.cfg_combine(*a))
-_cfg_dispatch.register("cuda", _float_only)(lambda *a: torch.ops.genfast.cfg_combine(*a))
+_cfg_dispatch.register("triton", _float_only)(lambda *a: _call(torch.ops.genfast.cfg_combine_triton.default, *a))
+_cfg_dispatch.register("cpu", _float_only)(lambda *a: _call(torch.ops.genfast.cfg_combine.default, *a))
+_cfg_dispatch.register("cuda", _float_only)(lambda *a: _call(torch.ops.genfast.cfg_combine.default, *a))
+
+
+def run_step(sample, model_output, model_output_uncond, guidance_scale: float, coefs, noise, seed) -> torch.Tensor:
+    """The step on the backend in force, arguments already checked (the schedulers call this)."""
+    return _step_dispatch(sample, model_output, model_output_uncond, guidance_scale, coefs, noise, seed,
+                          device=sample.device, dtype=sample.dtype)
 
 
 # ---------------------------------------------------------------------------------------------- public ops
@@ -223,8 +243,7 @@ def scheduler_step(sample: torch.Tensor, model_output: torch.Tensor, coefs: torc
         if noise is not None or generator is not None:
             raise ValueError(f"{op}: add_noise=False takes neither noise nor generator")
         seed = None
-    return _step_dispatch(sample, model_output, model_output_uncond, g, coefs.contiguous(), noise, seed,
-                          device=sample.device, dtype=sample.dtype)
+    return run_step(sample, model_output, model_output_uncond, g, coefs.contiguous(), noise, seed)
 
 
 __all__ = ["scheduler_step", "scheduler_step_ref", "cfg_combine", "cfg_combine_ref", "COEFS", "NUM_COEFS"]
