@@ -25,7 +25,9 @@ def extensions():
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     sources = _rel("csrc/genfast.cpp") + _rel("csrc/cpu/*.cpp")
-    cxx_flags = ["-O3"]
+    # -fopenmp: at::parallel_for is a header template that runs on one thread unless OpenMP is on here.
+    cxx_flags = ["-O3", "-fopenmp"]
+    link_flags = ["-fopenmp"]
     with_cuda = (
         torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("GENFAST_SKIP_CUDA") != "1"
     )
@@ -38,9 +40,10 @@ def extensions():
             sources + _rel("csrc/cuda/*.cu") + _rel("csrc/cuda/*.cpp"),
             define_macros=[("GENFAST_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            extra_link_args=link_flags,
         )
     else:
-        ext = CppExtension("genfast._C", sources, extra_compile_args={"cxx": cxx_flags})
+        ext = CppExtension("genfast._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

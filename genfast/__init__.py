@@ -8,11 +8,13 @@
 `genfast.info()` (or `genfast info` in a shell) tells which backends serve each op here.
 """
 
-# _ext before ops: loading genfast._C registers the C++ op schemas that the ops modules refer to.
-from genfast import _ext, ops  # noqa: F401
+# _ext before the rest: loading genfast._C registers the C++ op schemas that the ops modules refer to.
+from genfast import _ext  # noqa: F401, I001
+from genfast import diffusion, ops
 from genfast._backend import BACKENDS, BackendError, backend, get_backend, set_backend
 from genfast._info import info
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "BACKENDS", "BackendError", "backend", "get_backend", "set_backend", "info", "__version__"]
+__all__ = ["ops", "diffusion", "BACKENDS", "BackendError", "backend", "get_backend", "set_backend", "info",
+           "__version__"]

@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "diffusion.cuh"
 #include "latent.cuh"
 #include "random.cuh"
 #include "sampling.cuh"
@@ -17,6 +18,20 @@ namespace {
   TORCH_CHECK((err) == cudaSuccess, op ": kernel launch failed: ", cudaGetErrorString(err))
 
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+// The kernels' storage type of a tensor; anything else is refused, naming the op and the argument.
+genfast::cuda::FloatType float_type(const at::Tensor& t, const char* op, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return genfast::cuda::FloatType::kFloat32;
+    case at::kHalf:
+      return genfast::cuda::FloatType::kFloat16;
+    case at::kBFloat16:
+      return genfast::cuda::FloatType::kBFloat16;
+    default:
+      TORCH_CHECK(false, op, ": ", name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+}
 
 // ---------------------------------------------------------------------------------------- random
 at::Tensor philox_noise_cuda(const at::Tensor& seed, int64_t numel, int64_t offset, bool normal) {
@@ -48,14 +63,6 @@ void check_sampling_args(const char* op, const at::Tensor& logits, const at::Ten
   }
 }
 
-genfast::cuda::LogitsDtype logits_dtype(const char* op, const at::Tensor& logits) {
-  switch (logits.scalar_type()) {
-    case at::kFloat: return genfast::cuda::LogitsDtype::kFloat32;
-    case at::kHalf: return genfast::cuda::LogitsDtype::kFloat16;
-    case at::kBFloat16: return genfast::cuda::LogitsDtype::kBFloat16;
-    default: TORCH_CHECK(false, op, ": logits must be float32, float16 or bfloat16, got ", logits.scalar_type());
-  }
-}
 
 at::Tensor filter_logits_cuda(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
                               const at::Tensor& top_p, const at::Tensor& min_p) {
@@ -63,7 +70,7 @@ at::Tensor filter_logits_cuda(const at::Tensor& logits, const at::Tensor& temper
   const c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor out = at::empty(logits.sizes(), logits.options().dtype(at::kFloat));
   GENFAST_CHECK_LAUNCH(
-      genfast::cuda::launch_sampling(logits.data_ptr(), logits_dtype("filter_logits", logits), logits.size(0),
+      genfast::cuda::launch_sampling(logits.data_ptr(), float_type(logits, "filter_logits", "logits"), logits.size(0),
                                      logits.size(1), logits.stride(0), temperature.data_ptr<float>(),
                                      top_k.data_ptr<int64_t>(), top_p.data_ptr<float>(), min_p.data_ptr<float>(),
                                      out.data_ptr<float>(), nullptr, nullptr, nullptr, current_stream()),
@@ -89,7 +96,7 @@ at::Tensor sample_tokens_cuda(const at::Tensor& logits, const at::Tensor& temper
   const c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor out = at::empty({logits.size(0)}, logits.options().dtype(at::kLong));
   GENFAST_CHECK_LAUNCH(
-      genfast::cuda::launch_sampling(logits.data_ptr(), logits_dtype("sample_tokens", logits), logits.size(0),
+      genfast::cuda::launch_sampling(logits.data_ptr(), float_type(logits, "sample_tokens", "logits"), logits.size(0),
                                      logits.size(1), logits.stride(0), temperature.data_ptr<float>(),
                                      top_k.data_ptr<int64_t>(), top_p.data_ptr<float>(), min_p.data_ptr<float>(),
                                      nullptr, out.data_ptr<int64_t>(),
@@ -100,23 +107,71 @@ at::Tensor sample_tokens_cuda(const at::Tensor& logits, const at::Tensor& temper
 }
 
 // ---------------------------------------------------------------------------------------- diffusion
-// (diffusion bindings go here)
+
+at::Tensor scheduler_step_cuda(const at::Tensor& sample, const at::Tensor& model_output,
+                               const std::optional<at::Tensor>& model_output_uncond, double guidance_scale,
+                               const at::Tensor& coefs, const std::optional<at::Tensor>& noise,
+                               const std::optional<at::Tensor>& seed) {
+  const genfast::cuda::FloatType dtype = float_type(sample, "scheduler_step", "sample");
+  GENFAST_CHECK_CUDA(sample, "scheduler_step");
+  TORCH_CHECK(model_output.sizes() == sample.sizes() && model_output.scalar_type() == sample.scalar_type(),
+              "scheduler_step: model_output must have sample's shape and dtype");
+  TORCH_CHECK(model_output.device() == sample.device(), "scheduler_step: model_output is not on sample's device");
+  if (model_output_uncond.has_value()) {
+    TORCH_CHECK(model_output_uncond->sizes() == sample.sizes() &&
+                    model_output_uncond->scalar_type() == sample.scalar_type(),
+                "scheduler_step: model_output_uncond must have sample's shape and dtype");
+    TORCH_CHECK(model_output_uncond->device() == sample.device(),
+                "scheduler_step: model_output_uncond is not on sample's device");
+  }
+  TORCH_CHECK(coefs.scalar_type() == at::kFloat && coefs.numel() == 11 && coefs.device() == sample.device(),
+              "scheduler_step: coefs must be 11 float32 values on sample's device");
+  TORCH_CHECK(!(noise.has_value() && seed.has_value()), "scheduler_step: pass noise or seed, not both");
+  if (noise.has_value()) {
+    TORCH_CHECK(noise->numel() == sample.numel() && noise->device() == sample.device(),
+                "scheduler_step: noise must have sample's number of elements and device");
+  }
+  if (seed.has_value()) {
+    TORCH_CHECK(seed->numel() == 1 && seed->scalar_type() == at::kLong && seed->device() == sample.device(),
+                "scheduler_step: seed must be one int64 on sample's device");
+  }
+  const c10::cuda::CUDAGuard guard(sample.device());
+  const at::Tensor x = sample.contiguous();
+  const at::Tensor m = model_output.contiguous();
+  const at::Tensor u = model_output_uncond.has_value() ? model_output_uncond->contiguous() : at::Tensor();
+  const at::Tensor c = coefs.contiguous();
+  const at::Tensor nz = noise.has_value() ? noise->to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor out = at::empty(sample.sizes(), sample.options().memory_format(at::MemoryFormat::Contiguous));
+  GENFAST_CHECK_LAUNCH(
+      genfast::cuda::launch_scheduler_step(dtype, x.data_ptr(), m.data_ptr(), u.defined() ? u.data_ptr() : nullptr,
+                                           static_cast<float>(guidance_scale), c.data_ptr<float>(),
+                                           nz.defined() ? nz.data_ptr<float>() : nullptr,
+                                           seed.has_value() ? seed->data_ptr<int64_t>() : nullptr, out.data_ptr(),
+                                           x.numel(), current_stream()),
+      "scheduler_step");
+  return out;
+}
+
+at::Tensor cfg_combine_cuda(const at::Tensor& uncond, const at::Tensor& cond, double guidance_scale) {
+  const genfast::cuda::FloatType dtype = float_type(uncond, "cfg_combine", "uncond");
+  GENFAST_CHECK_CUDA(uncond, "cfg_combine");
+  TORCH_CHECK(cond.sizes() == uncond.sizes() && cond.scalar_type() == uncond.scalar_type() &&
+                  cond.device() == uncond.device(),
+              "cfg_combine: cond must have uncond's shape, dtype and device");
+  const c10::cuda::CUDAGuard guard(uncond.device());
+  const at::Tensor u = uncond.contiguous();
+  const at::Tensor c = cond.contiguous();
+  at::Tensor out = at::empty(uncond.sizes(), uncond.options().memory_format(at::MemoryFormat::Contiguous));
+  GENFAST_CHECK_LAUNCH(genfast::cuda::launch_cfg_combine(dtype, u.data_ptr(), c.data_ptr(),
+                                                         static_cast<float>(guidance_scale), out.data_ptr(),
+                                                         u.numel(), current_stream()),
+                       "cfg_combine");
+  return out;
+}
 
 // ---------------------------------------------------------------------------------------- latent
 namespace latent = genfast::cuda::latent;
 
-latent::DType latent_dtype(const at::Tensor& t, const char* op, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return latent::DType::kFloat32;
-    case at::kHalf:
-      return latent::DType::kFloat16;
-    case at::kBFloat16:
-      return latent::DType::kBFloat16;
-    default:
-      TORCH_CHECK(false, op, ": ", name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
-  }
-}
 
 // Two CUDA tensors of one shape, dtype and device.
 void latent_check_pair(const char* op, const char* a_name, const at::Tensor& a, const char* b_name,
@@ -128,7 +183,7 @@ void latent_check_pair(const char* op, const char* a_name, const at::Tensor& a, 
               a.sizes());
   TORCH_CHECK(b.scalar_type() == a.scalar_type(), op, ": ", b_name, " has dtype ", b.scalar_type(), " but ", a_name,
               " has dtype ", a.scalar_type());
-  latent_dtype(a, op, a_name);
+  float_type(a, op, a_name);
 }
 
 // Exactly one of noise (like's numel, made float32 and contiguous) and seed (one int64 on like's device).
@@ -162,7 +217,7 @@ at::Tensor reparameterize_cuda(const at::Tensor& mu_in, const at::Tensor& logvar
   const at::Tensor mu = mu_in.contiguous(), logvar = logvar_in.contiguous();
   const at::Tensor noise = latent_noise("reparameterize", mu, noise_in, seed);
   at::Tensor out = at::empty(mu.sizes(), mu.options());
-  GENFAST_CHECK_LAUNCH(latent::launch_reparameterize(latent_dtype(mu, "reparameterize", "mu"), mu.data_ptr(),
+  GENFAST_CHECK_LAUNCH(latent::launch_reparameterize(float_type(mu, "reparameterize", "mu"), mu.data_ptr(),
                                                      logvar.data_ptr(), latent_noise_ptr(noise),
                                                      latent_seed_ptr(noise, seed), out.data_ptr(), mu.numel(),
                                                      current_stream()),
@@ -180,7 +235,7 @@ at::Tensor reparameterize_backward_cuda(const at::Tensor& grad_in, const at::Ten
   const at::Tensor noise = latent_noise("reparameterize_backward", logvar, noise_in, seed);
   at::Tensor out = at::empty(logvar.sizes(), logvar.options());
   GENFAST_CHECK_LAUNCH(
-      latent::launch_reparameterize_backward(latent_dtype(logvar, "reparameterize_backward", "logvar"),
+      latent::launch_reparameterize_backward(float_type(logvar, "reparameterize_backward", "logvar"),
                                              grad.data_ptr(), logvar.data_ptr(), latent_noise_ptr(noise),
                                              latent_seed_ptr(noise, seed), out.data_ptr(), logvar.numel(),
                                              current_stream()),
@@ -199,7 +254,7 @@ at::Tensor gaussian_kl_cuda(const at::Tensor& mu_in, const at::Tensor& logvar_in
   const latent::KlPlan plan = latent::gaussian_kl_plan(rows, cols);
   at::Tensor workspace;
   if (plan.splits > 1) workspace = at::empty({rows * plan.splits}, out.options());
-  GENFAST_CHECK_LAUNCH(latent::launch_gaussian_kl(latent_dtype(mu, "gaussian_kl", "mu"), mu.data_ptr(),
+  GENFAST_CHECK_LAUNCH(latent::launch_gaussian_kl(float_type(mu, "gaussian_kl", "mu"), mu.data_ptr(),
                                                   logvar.data_ptr(), out.data_ptr<float>(),
                                                   workspace.defined() ? workspace.data_ptr<float>() : nullptr, rows,
                                                   cols, current_stream()),
@@ -222,7 +277,7 @@ std::tuple<at::Tensor, at::Tensor> gaussian_kl_backward_cuda(const at::Tensor& g
   const int64_t cols = rows > 0 ? mu.numel() / rows : 0;
   at::Tensor dmu = at::empty(mu.sizes(), mu.options());
   at::Tensor dlogvar = at::empty(logvar.sizes(), logvar.options());
-  GENFAST_CHECK_LAUNCH(latent::launch_gaussian_kl_backward(latent_dtype(mu, "gaussian_kl_backward", "mu"),
+  GENFAST_CHECK_LAUNCH(latent::launch_gaussian_kl_backward(float_type(mu, "gaussian_kl_backward", "mu"),
                                                            grad.data_ptr<float>(), mu.data_ptr(), logvar.data_ptr(),
                                                            dmu.data_ptr(), dlogvar.data_ptr(), rows, cols,
                                                            current_stream()),
@@ -240,7 +295,7 @@ at::Tensor langevin_step_cuda(const at::Tensor& x_in, const at::Tensor& grad_in,
   const at::Tensor x = x_in.contiguous(), grad = grad_in.contiguous();
   const at::Tensor noise = latent_noise("langevin_step", x, noise_in, seed);
   at::Tensor out = at::empty(x.sizes(), x.options());
-  GENFAST_CHECK_LAUNCH(latent::launch_langevin_step(latent_dtype(x, "langevin_step", "x"), x.data_ptr(),
+  GENFAST_CHECK_LAUNCH(latent::launch_langevin_step(float_type(x, "langevin_step", "x"), x.data_ptr(),
                                                     grad.data_ptr(), static_cast<float>(step_size),
                                                     static_cast<float>(noise_scale), static_cast<float>(clamp_min),
                                                     static_cast<float>(clamp_max), latent_noise_ptr(noise),
@@ -260,6 +315,8 @@ TORCH_LIBRARY_IMPL(genfast, CUDA, m) {
   m.impl("sample_tokens", &sample_tokens_cuda);
 
   // diffusion ops (registered below this line)
+  m.impl("scheduler_step", &scheduler_step_cuda);
+  m.impl("cfg_combine", &cfg_combine_cuda);
 
   // latent ops (registered below this line)
   m.impl("reparameterize", &reparameterize_cuda);

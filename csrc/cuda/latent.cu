@@ -131,20 +131,20 @@ cudaError_t launch_elementwise(const void* a, const void* b, const float* noise,
 
 // Runs fn(T{}) with T the element type of `dtype`: one switch for every launcher.
 template <typename Fn>
-cudaError_t with_dtype(DType dtype, Fn&& fn) {
+cudaError_t with_dtype(FloatType dtype, Fn&& fn) {
   switch (dtype) {
-    case DType::kFloat32:
+    case FloatType::kFloat32:
       return fn(float{});
-    case DType::kFloat16:
+    case FloatType::kFloat16:
       return fn(__half{});
-    case DType::kBFloat16:
+    case FloatType::kBFloat16:
       return fn(__nv_bfloat16{});
   }
   return cudaErrorInvalidValue;
 }
 
 template <typename F>
-cudaError_t dispatch_elementwise(DType dtype, const void* a, const void* b, const float* noise, const int64_t* seed,
+cudaError_t dispatch_elementwise(FloatType dtype, const void* a, const void* b, const float* noise, const int64_t* seed,
                                  void* out, int64_t numel, F f, cudaStream_t stream) {
   return with_dtype(dtype, [&](auto tag) {
     return launch_elementwise<decltype(tag)>(a, b, noise, seed, out, numel, f, stream);
@@ -275,17 +275,17 @@ KlPlan gaussian_kl_plan(int64_t rows, int64_t cols) {
   return {chunk > 0 ? (cols + chunk - 1) / chunk : 1, chunk > 0 ? chunk : kKlChunkAlign};
 }
 
-cudaError_t launch_reparameterize(DType dtype, const void* mu, const void* logvar, const float* noise,
+cudaError_t launch_reparameterize(FloatType dtype, const void* mu, const void* logvar, const float* noise,
                                   const int64_t* seed, void* out, int64_t numel, cudaStream_t stream) {
   return dispatch_elementwise(dtype, mu, logvar, noise, seed, out, numel, Reparameterize{}, stream);
 }
 
-cudaError_t launch_reparameterize_backward(DType dtype, const void* grad, const void* logvar, const float* noise,
+cudaError_t launch_reparameterize_backward(FloatType dtype, const void* grad, const void* logvar, const float* noise,
                                            const int64_t* seed, void* dlogvar, int64_t numel, cudaStream_t stream) {
   return dispatch_elementwise(dtype, grad, logvar, noise, seed, dlogvar, numel, ReparameterizeBackward{}, stream);
 }
 
-cudaError_t launch_langevin_step(DType dtype, const void* x, const void* grad, float step_size, float noise_scale,
+cudaError_t launch_langevin_step(FloatType dtype, const void* x, const void* grad, float step_size, float noise_scale,
                                  float clamp_min, float clamp_max, const float* noise, const int64_t* seed, void* out,
                                  int64_t numel, cudaStream_t stream) {
   const bool clamp = clamp_min != -INFINITY || clamp_max != INFINITY;
@@ -293,7 +293,7 @@ cudaError_t launch_langevin_step(DType dtype, const void* x, const void* grad, f
   return dispatch_elementwise(dtype, x, grad, noise, seed, out, numel, f, stream);
 }
 
-cudaError_t launch_gaussian_kl(DType dtype, const void* mu, const void* logvar, float* out, float* workspace,
+cudaError_t launch_gaussian_kl(FloatType dtype, const void* mu, const void* logvar, float* out, float* workspace,
                                int64_t rows, int64_t cols, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
   if (cols == 0) return cudaMemsetAsync(out, 0, sizeof(float) * rows, stream);
@@ -302,7 +302,7 @@ cudaError_t launch_gaussian_kl(DType dtype, const void* mu, const void* logvar, 
   });
 }
 
-cudaError_t launch_gaussian_kl_backward(DType dtype, const float* grad, const void* mu, const void* logvar, void* dmu,
+cudaError_t launch_gaussian_kl_backward(FloatType dtype, const float* grad, const void* mu, const void* logvar, void* dmu,
                                         void* dlogvar, int64_t rows, int64_t cols, cudaStream_t stream) {
   return with_dtype(dtype, [&](auto tag) {
     return launch_kl_backward<decltype(tag)>(grad, mu, logvar, dmu, dlogvar, rows, cols, stream);

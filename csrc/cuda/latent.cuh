@@ -8,16 +8,17 @@
 
 #include <cstdint>
 
+#include "float_type.cuh"
+
 namespace genfast::cuda::latent {
 
-enum class DType { kFloat32, kFloat16, kBFloat16 };
 
 // out = mu + exp(0.5 * logvar) * eps.
-cudaError_t launch_reparameterize(DType dtype, const void* mu, const void* logvar, const float* noise,
+cudaError_t launch_reparameterize(FloatType dtype, const void* mu, const void* logvar, const float* noise,
                                   const int64_t* seed, void* out, int64_t numel, cudaStream_t stream);
 
 // dlogvar = grad * 0.5 * exp(0.5 * logvar) * eps (eps regenerated from the seed, or read from noise).
-cudaError_t launch_reparameterize_backward(DType dtype, const void* grad, const void* logvar, const float* noise,
+cudaError_t launch_reparameterize_backward(FloatType dtype, const void* grad, const void* logvar, const float* noise,
                                            const int64_t* seed, void* dlogvar, int64_t numel, cudaStream_t stream);
 
 // How gaussian_kl splits each of `rows` rows of `cols` elements over blocks (the same plan as the Triton
@@ -31,15 +32,15 @@ KlPlan gaussian_kl_plan(int64_t rows, int64_t cols);
 
 // out[r] = -0.5 * sum_c (1 + logvar - mu^2 - exp(logvar)) over row r of a [rows, cols] pair, in float32.
 // `workspace` may be null when gaussian_kl_plan(rows, cols).splits == 1.
-cudaError_t launch_gaussian_kl(DType dtype, const void* mu, const void* logvar, float* out, float* workspace,
+cudaError_t launch_gaussian_kl(FloatType dtype, const void* mu, const void* logvar, float* out, float* workspace,
                                int64_t rows, int64_t cols, cudaStream_t stream);
 
 // dmu = grad[r] * mu, dlogvar = grad[r] * 0.5 * (exp(logvar) - 1), for every element of row r.
-cudaError_t launch_gaussian_kl_backward(DType dtype, const float* grad, const void* mu, const void* logvar, void* dmu,
+cudaError_t launch_gaussian_kl_backward(FloatType dtype, const float* grad, const void* mu, const void* logvar, void* dmu,
                                         void* dlogvar, int64_t rows, int64_t cols, cudaStream_t stream);
 
 // out = x - step_size * grad + noise_scale * eps, then clamped to [clamp_min, clamp_max] (NaN passes through).
-cudaError_t launch_langevin_step(DType dtype, const void* x, const void* grad, float step_size, float noise_scale,
+cudaError_t launch_langevin_step(FloatType dtype, const void* x, const void* grad, float step_size, float noise_scale,
                                  float clamp_min, float clamp_max, const float* noise, const int64_t* seed, void* out,
                                  int64_t numel, cudaStream_t stream);
 

@@ -249,20 +249,20 @@ cudaError_t launch_typed(const T* logits, int64_t batch, int64_t vocab, int64_t 
 
 }  // namespace
 
-cudaError_t launch_sampling(const void* logits, LogitsDtype dtype, int64_t batch, int64_t vocab, int64_t row_stride,
+cudaError_t launch_sampling(const void* logits, FloatType dtype, int64_t batch, int64_t vocab, int64_t row_stride,
                             const float* temperature, const int64_t* top_k, const float* top_p, const float* min_p,
                             float* filtered, int64_t* tokens, const float* noise, const int64_t* seed,
                             cudaStream_t stream) {
   if (batch == 0 || vocab == 0) return cudaSuccess;
   if (batch > INT_MAX) return cudaErrorInvalidConfiguration;
   switch (dtype) {
-    case LogitsDtype::kFloat32:
+    case FloatType::kFloat32:
       return launch_typed(static_cast<const float*>(logits), batch, vocab, row_stride, temperature, top_k, top_p, min_p,
                           filtered, tokens, noise, seed, stream);
-    case LogitsDtype::kFloat16:
+    case FloatType::kFloat16:
       return launch_typed(static_cast<const __half*>(logits), batch, vocab, row_stride, temperature, top_k, top_p,
                           min_p, filtered, tokens, noise, seed, stream);
-    case LogitsDtype::kBFloat16:
+    case FloatType::kBFloat16:
       return launch_typed(static_cast<const __nv_bfloat16*>(logits), batch, vocab, row_stride, temperature, top_k,
                           top_p, min_p, filtered, tokens, noise, seed, stream);
   }

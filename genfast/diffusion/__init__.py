@@ -1,0 +1,5 @@
+"""Diffusion samplers whose steps run as single fused kernels (genfast.ops.scheduler_step)."""
+
+from genfast.diffusion.schedulers import DDIMScheduler, DDPMScheduler, SchedulerOutput
+
+__all__ = ["DDIMScheduler", "DDPMScheduler", "SchedulerOutput"]
