@@ -27,7 +27,7 @@ def extensions():
     sources = _rel("csrc/genfast.cpp") + _rel("csrc/cpu/*.cpp")
     # -fopenmp: at::parallel_for is a header template that runs on one thread unless OpenMP is on here.
     cxx_flags = ["-O3", "-fopenmp"]
-    link_flags = ["-fopenmp"]
+    link_flags: list[str] = []  # no -lgomp of our own: GOMP_* resolve to the libgomp torch itself loads
     with_cuda = (
         torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("GENFAST_SKIP_CUDA") != "1"
     )
