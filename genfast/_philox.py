@@ -4,6 +4,15 @@ Every backend (C++ ``csrc/philox.h``, CUDA through the same header, Triton
 ``genfast/kernels/_philox.py``) draws element ``offset`` of the stream seeded with ``seed`` exactly
 as these functions do, so the tests can hand the reference the very noise a kernel drew inside
 itself. Speed is irrelevant here; clarity and bit-exactness are the point.
+
+Stream layout. Philox is keyed by ``(seed & 0xffffffff, seed >> 32)``; one call at counter ``c``
+gives four 32-bit words ``(x, y, z, w)``.
+
+- Uniform element ``i``: counter ``i``, word ``x`` (one call per uniform).
+- Normal element ``i``: lane ``i & 3`` of the call at counter ``i >> 2`` (four normals per call).
+  With ``u1..u4 = unit_open(x..w)``, ``r1 = sqrt(-2 log u1)``, ``t1 = 2 pi u2``,
+  ``r2 = sqrt(-2 log u3)``, ``t2 = 2 pi u4``, the lanes are ``r1 cos t1, r1 sin t1, r2 cos t2,
+  r2 sin t2``: both outputs of two Box-Muller transforms, which are independent standard normals.
 """
 
 from __future__ import annotations
@@ -53,12 +62,25 @@ def uniform(seed: int, offsets: np.ndarray) -> np.ndarray:
     return _unit_open(philox4x32_10(seed, offsets)[0])
 
 
+def normal4(seed: int, counters: np.ndarray) -> np.ndarray:
+    """The four normals of each Philox call: float32 of shape ``counters.shape + (4,)``.
+
+    Row ``c`` holds normal elements ``4c .. 4c+3`` of the stream (see the module docstring).
+    """
+    x, y, z, w = (_unit_open(word) for word in philox4x32_10(seed, counters))
+    two_pi = np.float32(6.283185307179586)
+    r1 = np.sqrt(np.float32(-2.0) * np.log(x))
+    r2 = np.sqrt(np.float32(-2.0) * np.log(z))
+    t1, t2 = two_pi * y, two_pi * w
+    return np.stack([r1 * np.cos(t1), r1 * np.sin(t1), r2 * np.cos(t2), r2 * np.sin(t2)], axis=-1).astype(np.float32)
+
+
 def normal(seed: int, offsets: np.ndarray) -> np.ndarray:
-    """Standard normal float32 by Box-Muller (cosine branch) of the first two words."""
-    words = philox4x32_10(seed, offsets)
-    u1, u2 = _unit_open(words[0]), _unit_open(words[1])
-    radius = np.sqrt(np.float32(-2.0) * np.log(u1))
-    return (radius * np.cos(np.float32(6.283185307179586) * u2)).astype(np.float32)
+    """Standard normal float32 for each element index in ``offsets``: lane ``i & 3`` of call ``i >> 2``."""
+    offsets = np.asarray(offsets, dtype=np.uint64)
+    four = normal4(seed, offsets >> np.uint64(2))
+    lanes = (offsets & np.uint64(3)).astype(np.intp)
+    return np.take_along_axis(four, lanes[..., None], axis=-1)[..., 0]
 
 
 def uniform_like(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -67,5 +89,8 @@ def uniform_like(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def normal_like(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """The normal noise a kernel draws for a contiguous tensor of ``shape`` (offset = flat index)."""
+    """The normal noise a kernel draws for a contiguous tensor of ``shape`` (offset = flat index).
+
+    Consecutive groups of four flat elements share one Philox call (see the module docstring).
+    """
     return torch.from_numpy(normal(seed, np.arange(int(np.prod(shape)), dtype=np.uint64)).reshape(shape))

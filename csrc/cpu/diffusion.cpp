@@ -2,10 +2,10 @@
 // layout: genfast/ops/diffusion.py).
 //
 // Each thread walks its range in chunks of kChunk elements: when the noise is drawn inside, the
-// chunk's normals are generated first into an L1-resident buffer (8 lanes at a time with AVX2 where
-// the CPU has it), then one loop, compiled twice (AVX2+FMA and baseline, chosen at run time),
-// computes the step. The normals are the Philox stream of csrc/philox.h at the output's flat index,
-// like every other backend.
+// chunk's normals are generated first into an L1-resident buffer (four normals per Philox call, eight
+// calls side by side with AVX2 where the CPU has it), then one loop, compiled twice (AVX2+FMA and
+// baseline, chosen at run time), computes the step. The normals are the Philox stream of
+// csrc/philox.h at the output's flat index, like every other backend.
 //
 // Threads: at::parallel_for compiled into this file would run serially, because the extension is
 // built without -fopenmp (torch's OpenMP loop is an inline template). TensorIterator::for_each is
@@ -26,11 +26,15 @@
 #include <immintrin.h>
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
-// SLEEF's 8-lane log and cos (1.0 ULP), exported by libtorch_cpu. Declared weak so that a torch
+// SLEEF's 8-lane log and sincos (1.0 ULP), exported by libtorch_cpu. Declared weak so that a torch
 // built without them still loads this library; the scalar path is used then.
+// The layout of SLEEF's Sleef___m256_2 as sincos returns it: sines first, then cosines.
+struct SleefFloat8x2 {
+  __m256 sin, cos;
+};
 extern "C" {
 __m256 Sleef_logf8_u10avx2(__m256) __attribute__((weak));
-__m256 Sleef_cosf8_u10avx2(__m256) __attribute__((weak));
+SleefFloat8x2 Sleef_sincosf8_u10avx2(__m256) __attribute__((weak));
 }
 #pragma GCC pop_options
 #endif
@@ -46,7 +50,7 @@ constexpr int64_t kChunk = 512;
 constexpr int64_t kGrain = 32768;
 
 void normals_scalar(uint64_t seed, int64_t start, int64_t n, float* out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = genfast::philox_normal(seed, static_cast<uint64_t>(start + i));
+  genfast::philox_normal_range(seed, static_cast<uint64_t>(start), n, out);
 }
 
 #ifdef GENFAST_DIFFUSION_AVX2
@@ -66,50 +70,84 @@ inline __m256 unit_open(__m256i bits) {  // == genfast::uint_to_unit_open, lane 
   return _mm256_mul_ps(_mm256_add_ps(f, _mm256_set1_ps(0.5f)), _mm256_set1_ps(1.0f / 16777216.0f));
 }
 
-// Eight lanes of genfast::philox_normal: the integer rounds are bit-exact; log and cos are SLEEF's
-// (within 1 ULP of libm), so a normal may differ from the scalar one in its last bit or two.
-void normals_avx2(uint64_t seed, int64_t start, int64_t n, float* out) {
+// Pairs of floats as one 64-bit unit: (p0 p1 q0 q1 | p4 p5 q4 q5) and (p2 p3 q2 q3 | p6 p7 q6 q7).
+inline __m256 pairs_lo(__m256 p, __m256 q) {
+  return _mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(p), _mm256_castps_pd(q)));
+}
+inline __m256 pairs_hi(__m256 p, __m256 q) {
+  return _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(p), _mm256_castps_pd(q)));
+}
+
+// 4x8 -> 8x4: from a, b, c, d (eight lanes each) store a0 b0 c0 d0 a1 b1 c1 d1 ... a7 b7 c7 d7.
+inline void store_interleaved4(float* out, __m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 ab_lo = _mm256_unpacklo_ps(a, b), ab_hi = _mm256_unpackhi_ps(a, b);  // a0 b0 a1 b1 | a4 b4 a5 b5
+  const __m256 cd_lo = _mm256_unpacklo_ps(c, d), cd_hi = _mm256_unpackhi_ps(c, d);
+  const __m256 g0 = pairs_lo(ab_lo, cd_lo), g1 = pairs_hi(ab_lo, cd_lo);  // groups 0 | 4 and 1 | 5
+  const __m256 g2 = pairs_lo(ab_hi, cd_hi), g3 = pairs_hi(ab_hi, cd_hi);  // groups 2 | 6 and 3 | 7
+  _mm256_storeu_ps(out, _mm256_permute2f128_ps(g0, g1, 0x20));
+  _mm256_storeu_ps(out + 8, _mm256_permute2f128_ps(g2, g3, 0x20));
+  _mm256_storeu_ps(out + 16, _mm256_permute2f128_ps(g0, g1, 0x31));
+  _mm256_storeu_ps(out + 24, _mm256_permute2f128_ps(g2, g3, 0x31));
+}
+
+// Normal elements 4*counter .. 4*counter+31: eight Philox calls side by side, all four words of each
+// used (genfast::philox_normal4 lane for lane). The integer rounds are bit-exact; log, sin and cos
+// are SLEEF's (within 1 ULP of libm), so a normal may differ from the scalar one in its last bit or two.
+inline void normals32_avx2(uint64_t seed, uint64_t counter, float* out) {
   const __m256i mul_a = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
   const __m256i mul_b = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
   const __m256i key_a = _mm256_set1_epi32(static_cast<int>(0x9E3779B9u));
   const __m256i key_b = _mm256_set1_epi32(static_cast<int>(0xBB67AE85u));
-  const __m256i seed_lo = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(seed)));
-  const __m256i seed_hi = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(seed >> 32)));
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
+  __m256i c0, c1;
+  if (static_cast<uint32_t>(counter) <= 0xFFFFFFFFu - 7) {  // the low words do not wrap inside the block
+    c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(counter))),
+                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    c1 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(counter >> 32)));
+  } else {  // 64-bit counters: the block straddles a multiple of 2^32
     alignas(32) uint32_t lo_words[8], hi_words[8];
-    for (int lane = 0; lane < 8; ++lane) {  // 64-bit counters: a block may straddle 2^32
-      const uint64_t counter = static_cast<uint64_t>(start + i + lane);
-      lo_words[lane] = static_cast<uint32_t>(counter);
-      hi_words[lane] = static_cast<uint32_t>(counter >> 32);
+    for (int lane = 0; lane < 8; ++lane) {
+      lo_words[lane] = static_cast<uint32_t>(counter + lane);
+      hi_words[lane] = static_cast<uint32_t>((counter + lane) >> 32);
     }
-    __m256i c0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(lo_words));
-    __m256i c1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(hi_words));
-    __m256i c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
-    __m256i k0 = seed_lo, k1 = seed_hi;
-    for (int round = 0; round < 10; ++round) {
-      __m256i hi_b, lo_b, hi_a, lo_a;
-      mul_wide(c2, mul_b, hi_b, lo_b);
-      mul_wide(c0, mul_a, hi_a, lo_a);
-      c0 = _mm256_xor_si256(_mm256_xor_si256(hi_b, c1), k0);
-      c2 = _mm256_xor_si256(_mm256_xor_si256(hi_a, c3), k1);
-      c1 = lo_b;
-      c3 = lo_a;
-      k0 = _mm256_add_epi32(k0, key_a);
-      k1 = _mm256_add_epi32(k1, key_b);
-    }
-    const __m256 radius =
-        _mm256_sqrt_ps(_mm256_mul_ps(_mm256_set1_ps(-2.0f), Sleef_logf8_u10avx2(unit_open(c0))));
-    const __m256 angle = _mm256_mul_ps(_mm256_set1_ps(6.28318530717958647692f), unit_open(c1));
-    _mm256_storeu_ps(out + i, _mm256_mul_ps(radius, Sleef_cosf8_u10avx2(angle)));
+    c0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(lo_words));
+    c1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(hi_words));
   }
-  normals_scalar(seed, start + i, n - i, out + i);
+  __m256i c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
+  __m256i k0 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(seed)));
+  __m256i k1 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(seed >> 32)));
+  for (int round = 0; round < 10; ++round) {
+    __m256i hi_b, lo_b, hi_a, lo_a;
+    mul_wide(c2, mul_b, hi_b, lo_b);
+    mul_wide(c0, mul_a, hi_a, lo_a);
+    c0 = _mm256_xor_si256(_mm256_xor_si256(hi_b, c1), k0);
+    c2 = _mm256_xor_si256(_mm256_xor_si256(hi_a, c3), k1);
+    c1 = lo_b;
+    c3 = lo_a;
+    k0 = _mm256_add_epi32(k0, key_a);
+    k1 = _mm256_add_epi32(k1, key_b);
+  }
+  const __m256 minus_two = _mm256_set1_ps(-2.0f), two_pi = _mm256_set1_ps(6.28318530717958647692f);
+  const __m256 r1 = _mm256_sqrt_ps(_mm256_mul_ps(minus_two, Sleef_logf8_u10avx2(unit_open(c0))));
+  const __m256 r2 = _mm256_sqrt_ps(_mm256_mul_ps(minus_two, Sleef_logf8_u10avx2(unit_open(c2))));
+  const SleefFloat8x2 sc1 = Sleef_sincosf8_u10avx2(_mm256_mul_ps(two_pi, unit_open(c1)));
+  const SleefFloat8x2 sc2 = Sleef_sincosf8_u10avx2(_mm256_mul_ps(two_pi, unit_open(c3)));
+  store_interleaved4(out, _mm256_mul_ps(r1, sc1.cos), _mm256_mul_ps(r1, sc1.sin), _mm256_mul_ps(r2, sc2.cos),
+                     _mm256_mul_ps(r2, sc2.sin));
+}
+
+// Normal elements start .. start+n-1: scalar up to a multiple of 4, then 32 at a time, then scalar.
+void normals_avx2(uint64_t seed, int64_t start, int64_t n, float* out) {
+  const int64_t head = std::min<int64_t>(n, (4 - (start & 3)) & 3);
+  genfast::philox_normal_range(seed, static_cast<uint64_t>(start), head, out);
+  int64_t i = head;
+  for (; i + 32 <= n; i += 32) normals32_avx2(seed, static_cast<uint64_t>(start + i) >> 2, out + i);
+  genfast::philox_normal_range(seed, static_cast<uint64_t>(start + i), n - i, out + i);
 }
 #pragma GCC pop_options
 
 bool avx2_normals_available() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         Sleef_logf8_u10avx2 != nullptr && Sleef_cosf8_u10avx2 != nullptr;
+                         Sleef_logf8_u10avx2 != nullptr && Sleef_sincosf8_u10avx2 != nullptr;
   return ok;
 }
 #endif

@@ -2,7 +2,8 @@
 // genfast/ops/diffusion.py). Memory-bound elementwise passes: each thread moves 16-byte packs
 // (4 floats or 8 halves) in a grid-stride loop with int64 indices; the scalar tail, and inputs whose
 // pointers are not 16-byte aligned, take the same code with packs of one. Noise drawn inside is
-// element i of the Philox stream (csrc/philox.h) at the flat index i, as on every backend.
+// element i of the Philox stream (csrc/philox.h) at the flat index i, as on every backend; a pack of
+// 4 or 8 elements draws its normals with one philox_normal4 per four.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -89,6 +90,14 @@ __global__ void __launch_bounds__(kThreads)
         for (int j = 0; j < kVec; ++j) nz[j] = noise[p * kVec + j];
       }
     }
+    // A pack of a multiple of 4 elements starts at a multiple of 4: its normals are whole Philox calls.
+    constexpr bool kWholeCalls = kNoise == kNoiseSeed && kVec % 4 == 0;
+    if constexpr (kWholeCalls) {
+      if (draw) {
+#pragma unroll
+        for (int j = 0; j < kVec / 4; ++j) philox_normal4(seed, static_cast<uint64_t>(p * (kVec / 4) + j), nz + 4 * j);
+      }
+    }
     P ov;
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
@@ -99,7 +108,9 @@ __global__ void __launch_bounds__(kThreads)
       }
       float prev = step_one(k, to_float(xv.v[j]), mj);
       if constexpr (kNoise == kNoiseTensor) prev += k.sigma * nz[j];
-      if constexpr (kNoise == kNoiseSeed) {
+      if constexpr (kWholeCalls) {
+        if (draw) prev += k.sigma * nz[j];
+      } else if constexpr (kNoise == kNoiseSeed) {
         if (draw) prev += k.sigma * philox_normal(seed, static_cast<uint64_t>(p * kVec + j));
       }
       ov.v[j] = from_float<T>(prev);

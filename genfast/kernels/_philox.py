@@ -44,6 +44,15 @@ def uniform(seed, offset):
 
 @triton.jit
 def normal(seed, offset):
-    c0, c1, _, _ = philox4x32_10(seed, offset)
-    radius = tl.sqrt(-2.0 * tl.log(unit_open(c0)))
-    return radius * tl.cos(6.283185307179586 * unit_open(c1))
+    """Normal element ``offset``: lane ``offset & 3`` of the call at counter ``offset >> 2``.
+
+    Lanes 0..3 are ``r1 cos t1, r1 sin t1, r2 cos t2, r2 sin t2`` with ``r1, t1`` from words 0, 1 and
+    ``r2, t2`` from words 2, 3 (the layout of genfast/_philox.py). Neighbouring elements of a block
+    share a call, which Triton recomputes per element; the numbers are what matter here.
+    """
+    c0, c1, c2, c3 = philox4x32_10(seed, offset >> 2)
+    lane = offset & 3
+    first_pair = lane < 2
+    radius = tl.sqrt(-2.0 * tl.log(unit_open(tl.where(first_pair, c0, c2))))
+    angle = 6.283185307179586 * unit_open(tl.where(first_pair, c1, c3))
+    return radius * tl.where((lane & 1) == 1, tl.sin(angle), tl.cos(angle))
