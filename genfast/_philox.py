@@ -62,25 +62,38 @@ def uniform(seed: int, offsets: np.ndarray) -> np.ndarray:
     return _unit_open(philox4x32_10(seed, offsets)[0])
 
 
+def _box_muller(radius_bits: np.ndarray, angle_bits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``sqrt(-2 log u)`` and ``2 pi v`` in float32 for the words behind ``u`` and ``v``."""
+    radius = np.sqrt(np.float32(-2.0) * np.log(_unit_open(radius_bits)))
+    return radius, np.float32(6.283185307179586) * _unit_open(angle_bits)
+
+
 def normal4(seed: int, counters: np.ndarray) -> np.ndarray:
     """The four normals of each Philox call: float32 of shape ``counters.shape + (4,)``.
 
     Row ``c`` holds normal elements ``4c .. 4c+3`` of the stream (see the module docstring).
     """
-    x, y, z, w = (_unit_open(word) for word in philox4x32_10(seed, counters))
-    two_pi = np.float32(6.283185307179586)
-    r1 = np.sqrt(np.float32(-2.0) * np.log(x))
-    r2 = np.sqrt(np.float32(-2.0) * np.log(z))
-    t1, t2 = two_pi * y, two_pi * w
+    x, y, z, w = philox4x32_10(seed, counters)
+    r1, t1 = _box_muller(x, y)
+    r2, t2 = _box_muller(z, w)
     return np.stack([r1 * np.cos(t1), r1 * np.sin(t1), r2 * np.cos(t2), r2 * np.sin(t2)], axis=-1).astype(np.float32)
 
 
 def normal(seed: int, offsets: np.ndarray) -> np.ndarray:
-    """Standard normal float32 for each element index in ``offsets``: lane ``i & 3`` of call ``i >> 2``."""
+    """Standard normal float32 for each element index in ``offsets``: lane ``i & 3`` of call ``i >> 2``.
+
+    Equal to ``normal4(seed, offsets >> 2)[..., offsets & 3]``, computing only the lane each element needs.
+    """
     offsets = np.asarray(offsets, dtype=np.uint64)
-    four = normal4(seed, offsets >> np.uint64(2))
-    lanes = (offsets & np.uint64(3)).astype(np.intp)
-    return np.take_along_axis(four, lanes[..., None], axis=-1)[..., 0]
+    x, y, z, w = philox4x32_10(seed, offsets >> np.uint64(2))
+    lane = offsets & np.uint64(3)
+    first_pair = lane < np.uint64(2)
+    radius, angle = _box_muller(np.where(first_pair, x, z), np.where(first_pair, y, w))
+    sine = (lane & np.uint64(1)) == np.uint64(1)
+    trig = np.empty_like(angle)
+    trig[sine] = np.sin(angle[sine])
+    trig[~sine] = np.cos(angle[~sine])
+    return (radius * trig).astype(np.float32)
 
 
 def uniform_like(seed: int, shape: tuple[int, ...]) -> torch.Tensor:

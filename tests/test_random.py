@@ -7,7 +7,7 @@ import torch
 import genfast
 from genfast import _philox
 from genfast.ops import philox_noise, philox_noise_ref
-from tests.conftest import backend_params
+from tests.conftest import backend_params, serving_backends
 
 
 @pytest.mark.parametrize("device,backend", backend_params("philox_noise"))
@@ -36,6 +36,60 @@ def test_normal_moments():
     n = _philox.normal(9, np.arange(200_000, dtype=np.uint64)).astype(np.float64)
     assert abs(n.mean()) < 5 / np.sqrt(len(n))
     assert abs(n.var() - 1) < 5 * np.sqrt(2 / len(n))
+
+
+@pytest.mark.parametrize("seed", [0, 2**62 + 12345])
+def test_normal_layout_four_per_call(seed):
+    # Element 4c + lane is one output of the two Box-Muller transforms of call c's words, recomputed
+    # here in float64 from the raw words: lanes (r1 cos t1, r1 sin t1, r2 cos t2, r2 sin t2).
+    counters = np.array([0, 1, 7, 2**30 + 3, 2**32 - 1, 2**32, 2**40 + 9], dtype=np.uint64)
+    words = _philox.philox4x32_10(seed, counters)
+    x, y, z, w = (((word >> np.uint64(8)).astype(np.float64) + 0.5) / 2**24 for word in words)
+    r1, t1 = np.sqrt(-2 * np.log(x)), 2 * np.pi * y
+    r2, t2 = np.sqrt(-2 * np.log(z)), 2 * np.pi * w
+    expected = np.stack([r1 * np.cos(t1), r1 * np.sin(t1), r2 * np.cos(t2), r2 * np.sin(t2)], axis=-1)
+    elements = (4 * counters[:, None] + np.arange(4, dtype=np.uint64)).reshape(-1)
+    got = _philox.normal(seed, elements).reshape(-1, 4)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got, _philox.normal4(seed, counters))
+    # The C++ stream at the same elements (through philox_noise, one call per four).
+    for row, counter in enumerate(counters):
+        drawn = philox_noise(seed, 4, offset=int(4 * counter), normal=True).numpy()
+        np.testing.assert_allclose(drawn, expected[row], rtol=1e-5, atol=1e-5)
+    # The uniform stream is untouched: element i is word x of call i (exact in float32).
+    np.testing.assert_array_equal(_philox.uniform(seed, counters), x.astype(np.float32))
+
+
+def test_normal_lanes_standard_and_independent():
+    calls = 200_000
+    lanes = _philox.normal(3, np.arange(4 * calls, dtype=np.uint64)).astype(np.float64).reshape(calls, 4)
+    for lane in range(4):  # each lane alone is N(0, 1): mean and variance within 5 standard errors
+        assert abs(lanes[:, lane].mean()) < 5 / np.sqrt(calls)
+        assert abs(lanes[:, lane].var() - 1) < 5 * np.sqrt(2 / calls)
+    # Uncorrelated within a call (the cos/sin pair of one transform, and across the two transforms)
+    # and across neighbouring calls: |correlation| within 5 standard errors (1/sqrt(n)) of 0.
+    pairs = [(lanes[:, 0], lanes[:, 1]), (lanes[:, 2], lanes[:, 3]), (lanes[:, 0], lanes[:, 2]),
+             (lanes[:, 1], lanes[:, 3]), (lanes[:-1, 3], lanes[1:, 0])]
+    for a, b in pairs:
+        assert abs(np.corrcoef(a, b)[0, 1]) < 5 / np.sqrt(len(a))
+    # The cos/sin pair is independent, not merely uncorrelated: a^2 and b^2 are uncorrelated too
+    # (a radius shared without independence would correlate them).
+    assert abs(np.corrcoef(lanes[:, 0] ** 2, lanes[:, 1] ** 2)[0, 1]) < 5 / np.sqrt(calls)
+
+
+@pytest.mark.skipif("cpu" not in serving_backends("scheduler_step", "cpu"), reason="genfast._C not built")
+@pytest.mark.parametrize("numel", [65542, 65545, 100_003])
+def test_cpu_simd_normals_match_specification(numel):
+    # scheduler_step's CPU kernel draws its normals 32 at a time with AVX2; its threads and chunks may
+    # start at any element, so sizes that split at odd elements test the partial calls at both ends.
+    # With every coefficient 0 but SIGMA (the last) = 1 the step returns its noise.
+    coefs = torch.zeros(11)
+    coefs[-1] = 1.0
+    x = torch.zeros(numel)
+    seed = torch.tensor([2**40 + 17])
+    got = torch.ops.genfast.scheduler_step(x, x, None, 1.0, coefs, None, seed)
+    expected = philox_noise_ref(seed, numel, 0, True)
+    torch.testing.assert_close(got, expected, rtol=2e-6, atol=2e-6)
 
 
 def test_streams_differ_by_seed_and_offset():
