@@ -1,5 +1,10 @@
 """The shared Philox stream: every backend draws exactly the numbers genfast/_philox.py specifies."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -77,19 +82,41 @@ def test_normal_lanes_standard_and_independent():
     assert abs(np.corrcoef(lanes[:, 0] ** 2, lanes[:, 1] ** 2)[0, 1]) < 5 / np.sqrt(calls)
 
 
-@pytest.mark.skipif("cpu" not in serving_backends("scheduler_step", "cpu"), reason="genfast._C not built")
-@pytest.mark.parametrize("numel", [65542, 65545, 100_003])
-def test_cpu_simd_normals_match_specification(numel):
-    # scheduler_step's CPU kernel draws its normals 32 at a time with AVX2; its threads and chunks may
-    # start at any element, so sizes that split at odd elements test the partial calls at both ends.
-    # With every coefficient 0 but SIGMA (the last) = 1 the step returns its noise.
-    coefs = torch.zeros(11)
-    coefs[-1] = 1.0
-    x = torch.zeros(numel)
-    seed = torch.tensor([2**40 + 17])
-    got = torch.ops.genfast.scheduler_step(x, x, None, 1.0, coefs, None, seed)
-    expected = philox_noise_ref(seed, numel, 0, True)
-    torch.testing.assert_close(got, expected, rtol=2e-6, atol=2e-6)
+def _cpu_step_normals_match_specification(sizes) -> None:
+    # With every coefficient 0 but SIGMA (the last) = 1, scheduler_step returns the normals it drew.
+    for numel in sizes:
+        coefs = torch.zeros(11)
+        coefs[-1] = 1.0
+        x = torch.zeros(numel)
+        seed = torch.tensor([2**40 + 17])
+        got = torch.ops.genfast.scheduler_step(x, x, None, 1.0, coefs, None, seed)
+        torch.testing.assert_close(got, philox_noise_ref(seed, numel, 0, True), rtol=2e-6, atol=2e-6)
+
+
+# scheduler_step's CPU kernel draws its normals 64 (AVX-512) or 32 (AVX2) at a time; its threads
+# and chunks may start at any element, so sizes that split at odd elements test the partial calls
+# at both ends. (The 64-bit counter straddling 2^32 inside a SIMD block is not reachable this way.)
+_SIMD_SIZES = [65542, 65545, 100_003]
+_needs_cpu_kernels = pytest.mark.skipif(
+    "cpu" not in serving_backends("scheduler_step", "cpu"), reason="genfast._C not built"
+)
+
+
+@_needs_cpu_kernels
+def test_cpu_simd_normals_match_specification():
+    _cpu_step_normals_match_specification(_SIMD_SIZES)
+
+
+@_needs_cpu_kernels
+@pytest.mark.parametrize("capability", ["avx2", "default"])
+def test_cpu_narrower_normals_match_specification(capability):
+    # The kernel picks its path once per process, honouring torch's ATEN_CPU_CAPABILITY: a fresh
+    # interpreter with it lowered runs the AVX2 and the scalar paths on a CPU that has AVX-512.
+    script = f"import tests.test_random as t; t._cpu_step_normals_match_specification({_SIMD_SIZES})"
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_streams_differ_by_seed_and_offset():
