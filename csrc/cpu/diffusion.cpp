@@ -7,9 +7,8 @@
 // baseline, chosen at run time), computes the step. The normals are the Philox stream of
 // csrc/philox.h at the output's flat index, like every other backend.
 //
-// Threads: at::parallel_for compiled into this file would run serially, because the extension is
-// built without -fopenmp (torch's OpenMP loop is an inline template). TensorIterator::for_each is
-// compiled inside libtorch, so splitting the flat output through it uses torch's intra-op threads.
+// Threads: the flat output is split through TensorIterator::for_each, which runs on torch's intra-op
+// thread pool (so torch.set_num_threads applies) and hands each thread contiguous ranges.
 #include <ATen/Dispatch.h>
 #include <ATen/TensorIterator.h>
 #include <ATen/Version.h>

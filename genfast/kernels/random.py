@@ -13,11 +13,12 @@ def _philox_noise_kernel(seed_ptr, out_ptr, numel, offset, NORMAL: tl.constexpr,
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < numel
     seed = tl.load(seed_ptr).to(tl.uint64)
-    counter = (idx + offset).to(tl.uint64)
+    # Stream element indices: the Philox functions map them onto counters (four normals per counter).
+    element = (idx + offset).to(tl.uint64)
     if NORMAL:
-        value = _philox.normal(seed, counter)
+        value = _philox.normal(seed, element)
     else:
-        value = _philox.uniform(seed, counter)
+        value = _philox.uniform(seed, element)
     tl.store(out_ptr + idx, value, mask=mask)
 
 

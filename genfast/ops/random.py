@@ -16,9 +16,9 @@ OP = "philox_noise"
 
 def philox_noise_ref(seed: torch.Tensor, numel: int, offset: int = 0, normal: bool = False) -> torch.Tensor:
     """The specification (NumPy, genfast/_philox.py), returned on ``seed``'s device."""
-    counters = torch.arange(offset, offset + numel, dtype=torch.int64).numpy().astype("uint64")
+    indices = torch.arange(offset, offset + numel, dtype=torch.int64).numpy().astype("uint64")
     draw = _philox.normal if normal else _philox.uniform
-    return torch.from_numpy(draw(int(seed.item()), counters)).to(seed.device)
+    return torch.from_numpy(draw(int(seed.item()), indices)).to(seed.device)
 
 
 def _fake(seed, numel, offset, normal):
