@@ -182,7 +182,7 @@ def _reference(x, weight, bias, stride, padding, output_padding, groups, dilatio
 
 
 def _triton_supports(device, dtype, groups=1, phases=1, **_):
-    if dtype not in _checks.FLOAT_DTYPES:
+    if dtype is not None and dtype not in _checks.FLOAT_DTYPES:
         return f"the Triton kernel takes float32/float16/bfloat16, not {dtype}"
     if groups > _GRID_LIMIT or phases > _GRID_LIMIT:
         return f"groups and stride_h * stride_w must be at most {_GRID_LIMIT} (a CUDA grid axis)"
@@ -217,6 +217,9 @@ def _check(op: str, x, weight, bias, stride, padding, output_padding, groups, di
                          f"{tuple(x.shape)}")
     if weight.dtype != x.dtype:
         raise TypeError(f"{op}: weight has dtype {weight.dtype} but x has dtype {x.dtype}")
+    for name, vec in (("bias", bias), ("scale", scale), ("shift", shift)):
+        if vec is not None:
+            _checks.tensor(op, name, vec, dtypes=_checks.FLOAT_DTYPES, ndim=1)
     _checks.same_device(op, "x", x, weight=weight, bias=bias, scale=scale, shift=shift)
     if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups < 1:
         raise ValueError(f"{op}: groups must be a positive int, got {groups!r}")
@@ -233,10 +236,7 @@ def _check(op: str, x, weight, bias, stride, padding, output_padding, groups, di
         raise ValueError(f"{op}: x must have channels and a non-empty image, got shape {tuple(x.shape)}")
     c_out = weight.shape[1] * groups
     for name, vec in (("bias", bias), ("scale", scale), ("shift", shift)):
-        if vec is None:
-            continue
-        _checks.tensor(op, name, vec, dtypes=_checks.FLOAT_DTYPES, ndim=1)
-        if vec.shape[0] != c_out:
+        if vec is not None and vec.shape[0] != c_out:
             raise ValueError(f"{op}: {name} must have C_out = {c_out} elements, got shape {tuple(vec.shape)}")
     if bias is not None and bias.dtype != x.dtype:
         raise TypeError(f"{op}: bias has dtype {bias.dtype} but x has dtype {x.dtype}")
