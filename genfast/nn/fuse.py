@@ -1,0 +1,130 @@
+"""genfast.fuse(model): swap the blocks genfast has fused kernels for into a model, in place.
+
+A *rewrite* looks at one module's direct children and replaces the ones it recognises, recording what it
+replaced and what it left alone (and why) in the report. Rewrites live in a small registry so each op family
+adds its own (``@register_rewrite("attention")`` for nn.MultiheadAttention, say) without touching the walk.
+
+Replaced modules keep the original parameter and buffer *objects*: weights are shared, not copied, so outputs
+are unchanged and an optimizer built before fuse() still updates them. Fusing a run of an nn.Sequential
+(ConvTranspose2d, BatchNorm2d, ReLU) moves the norm and activation into the block at the convolution's index
+and leaves nn.Identity at theirs, so that parent's state_dict keys change ("3.running_mean" becomes
+"2.1.running_mean"): load checkpoints before fusing, or save the fused model's own state_dict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from torch import nn
+
+from genfast.nn.conv_transpose import ConvTranspose2d, ConvTranspose2dNormAct, activation_name
+
+
+@dataclasses.dataclass
+class FuseReport:
+    """What fuse() did: ``replaced`` as (module path, what it became), ``left_alone`` as (module path, why)."""
+
+    replaced: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    left_alone: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"genfast.fuse: {len(self.replaced)} replaced, {len(self.left_alone)} left alone"]
+        lines += [f"  replaced   {path or '<root>'}: {what}" for path, what in self.replaced]
+        lines += [f"  left alone {path or '<root>'}: {why}" for path, why in self.left_alone]
+        return "\n".join(lines)
+
+
+# A rewrite gets (parent module, its path in the model, the report) and replaces children of the parent.
+Rewrite = Callable[[nn.Module, str, FuseReport], None]
+REWRITES: dict[str, Rewrite] = {}
+
+
+def register_rewrite(name: str) -> Callable[[Rewrite], Rewrite]:
+    def decorate(fn: Rewrite) -> Rewrite:
+        REWRITES[name] = fn
+        return fn
+
+    return decorate
+
+
+def _path(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def fuse(model: nn.Module, *, rewrites: list[str] | None = None) -> tuple[nn.Module, FuseReport]:
+    """Replace, in place, every block of ``model`` that a registered rewrite recognises; returns (model, report).
+
+    ``rewrites``: names from REWRITES to apply (default: all). The root module itself is never replaced (it has no
+    parent to hold the replacement); wrap it in an nn.Sequential to fuse it.
+    """
+    chosen = list(REWRITES) if rewrites is None else rewrites
+    unknown = [r for r in chosen if r not in REWRITES]
+    if unknown:
+        raise ValueError(f"fuse: unknown rewrites {unknown}; registered: {', '.join(REWRITES)}")
+    report = FuseReport()
+    # Snapshot first: the modules a rewrite inserts are not walked again (fuse() is idempotent).
+    for prefix, module in list(model.named_modules()):
+        for name in chosen:
+            REWRITES[name](module, prefix, report)
+    if type(model) in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
+        report.left_alone.append(("", "the root module itself is not replaced; wrap it in nn.Sequential"))
+    return model, report
+
+
+# ------------------------------------------------------------------------------------------- conv_transpose
+def _norm_fits(module: nn.Module, conv: nn.ConvTranspose2d) -> bool:
+    return type(module) in (nn.BatchNorm2d, nn.InstanceNorm2d) and module.num_features == conv.out_channels
+
+
+@register_rewrite("conv_transpose")
+def _rewrite_conv_transpose(parent: nn.Module, prefix: str, report: FuseReport) -> None:
+    """nn.ConvTranspose2d (+ a following BatchNorm2d/InstanceNorm2d + a supported activation, inside an
+    nn.Sequential) -> genfast ConvTranspose2dNormAct; a lone nn.ConvTranspose2d -> genfast ConvTranspose2d."""
+    if isinstance(parent, ConvTranspose2dNormAct):
+        return
+    names = list(parent._modules)
+    sequential = isinstance(parent, nn.Sequential)
+    i = 0
+    while i < len(names):
+        name, child = names[i], parent._modules[names[i]]
+        path = _path(prefix, name)
+        if type(child) in (nn.ConvTranspose1d, nn.ConvTranspose3d):
+            report.left_alone.append((path, f"{type(child).__name__}: genfast fuses 2-D transposed convolutions "
+                                            "only (conv_transpose1d exists as an op)"))
+        if type(child) is not nn.ConvTranspose2d:  # subclasses may override forward: leave them alone silently
+            i += 1
+            continue
+        if child.padding_mode != "zeros":
+            report.left_alone.append((path, f"padding_mode={child.padding_mode!r} (torch supports only zeros)"))
+            i += 1
+            continue
+        norm = act = None
+        taken = [name]
+        if sequential:
+            after = [parent._modules[n] for n in names[i + 1:i + 3]]
+            if after and _norm_fits(after[0], child):
+                norm = after[0]
+                taken.append(names[i + 1])
+                after = after[1:]
+            elif after and isinstance(after[0], nn.modules.batchnorm._NormBase):
+                report.left_alone.append((_path(prefix, names[i + 1]), f"{type(after[0]).__name__} after {path} "
+                                          "is not a 2-D norm over its output channels; not fused"))
+                after = []
+            if after and activation_name(after[0]) is not None:
+                act = after[0]
+                taken.append(names[i + len(taken)])
+            elif after and type(after[0]).__module__.startswith("torch.nn.modules.activation"):
+                report.left_alone.append((_path(prefix, names[i + len(taken)]),
+                                          f"{after[0]!r}: not an activation genfast fuses "
+                                          "(relu, leaky_relu, tanh, sigmoid, silu, exact gelu)"))
+        if norm is None and act is None:
+            parent._modules[name] = ConvTranspose2d.from_module(child)
+            report.replaced.append((path, "genfast.nn.ConvTranspose2d"))
+        else:
+            parent._modules[name] = ConvTranspose2dNormAct.from_modules(child, norm, act)
+            for extra in taken[1:]:
+                parent._modules[extra] = nn.Identity()
+            parts = ", ".join(type(m).__name__ for m in (child, norm, act) if m is not None)
+            report.replaced.append((_path(prefix, "+".join(taken)), f"genfast.nn.ConvTranspose2dNormAct({parts})"))
+        i += len(taken)
