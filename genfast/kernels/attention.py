@@ -55,7 +55,7 @@ def _tuned(key):
     return triton.autotune(configs=[triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4)], key=key)
 
 
-_KEY = ["Nq", "Nk", "BLOCK_D", "MASK_KIND", "DROPOUT", "HAS_WINDOW"]
+_KEY = ["Nq", "Nk", "BLOCK_D", "MASK_KIND", "DROPOUT", "HAS_WINDOW", "PRECISION"]
 
 
 @triton.jit
@@ -68,9 +68,12 @@ def _mm(a, b, PRECISION: tl.constexpr, F32_DOT: tl.constexpr):
 
 
 @triton.jit
-def _scores(q, kt, offs_m, offs_n, mask_ptr, smm, smn, Nq, Nk, end_n, shift, left, right, qk_scale,
+def _scores(q, kt, offs_m, offs_n, mask_ptr, smm, smn, Nq, Nk, end_n, shift, left, right, qk_scale, mask_scale,
             MASK_KIND: tl.constexpr, POSITION: tl.constexpr, PRECISION: tl.constexpr, F32_DOT: tl.constexpr):
-    """Scores in base 2 for a [BLOCK_M, BLOCK_N] tile: q @ k^T * scale * log2(e) + mask, -inf where masked.
+    """Scores of a [BLOCK_M, BLOCK_N] tile: q @ k^T * qk_scale + mask * mask_scale, -inf where masked.
+
+    The forward works in base 2 (qk_scale = scale * log2(e), mask_scale = log2(e)); the backward in natural
+    units (see _bwd_dq_kernel).
 
     ``POSITION``: apply the bounds (j < end_n) and the causal/window limits; off for the tiles every row sees.
     """
@@ -81,7 +84,7 @@ def _scores(q, kt, offs_m, offs_n, mask_ptr, smm, smn, Nq, Nk, end_n, shift, lef
         if MASK_KIND == 1:
             s = tl.where(m != 0, s, float("-inf"))
         else:
-            s = s + m.to(tl.float32) * 1.4426950408889634
+            s = s + m.to(tl.float32) * mask_scale
     if POSITION:
         pos = offs_m[:, None] + shift
         ok = (offs_n[None, :] < end_n) & (offs_n[None, :] >= pos - left) & (offs_n[None, :] <= pos + right)
@@ -156,7 +159,7 @@ def _fwd_kernel(Q, K, V, Mask, Seed, Out, Lse,
             v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=n_ok[:, None] & d_ok[None, :],
                         other=0.0)
             s = _scores(q, kt, offs_m, offs_n, mask_ptr, smm, smn, Nq, Nk, end, shift, left, right, qk_scale,
-                        MASK_KIND, run != 1, PRECISION, F32_DOT)
+                        1.4426950408889634, MASK_KIND, run != 1, PRECISION, F32_DOT)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # A row that has seen only -inf so far keeps a finite shift, so exp2 gives 0 rather than NaN.
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -248,13 +251,13 @@ def _bwd_dkdv_kernel(Q, K, V, dOut, Lse, Delta, Mask, Seed, dK, dV,
             lse = tl.load(Lse + bh * Nq + offs_m, mask=m_ok, other=0.0)
             delta = tl.load(Delta + bh * Nq + offs_m, mask=m_ok, other=0.0)
             # Rows with no visible key have lse = -inf and only -inf scores: a zero shift gives P = 0 there.
-            lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+            lse = tl.where(lse == float("-inf"), 0.0, lse)
             # Scores as [BLOCK_M, BLOCK_N] through the shared helper (bounds/positions always on here: the rows
             # of a key tile cross the diagonal at a different place per tile), then transposed views.
             s = _scores(q, tl.trans(k), offs_m, offs_n, mask_ptr, smm, smn, Nq, Nk, Nk, shift, left, right,
-                        qk_scale, MASK_KIND, True, PRECISION, F32_DOT)
+                        scale, 1.0, MASK_KIND, True, PRECISION, F32_DOT)
             s = tl.where(m_ok[:, None], s, float("-inf"))
-            p = tl.exp2(s - lse2[:, None])
+            p = tl.exp2((s - lse[:, None]) * 1.4426950408889634)
             dp = _mm(do, tl.trans(v), PRECISION, F32_DOT)
             if DROPOUT:
                 keep = _keep(seed, bh, offs_m, offs_n, Nq, Nk, dropout_p)
@@ -297,7 +300,8 @@ def _bwd_dq_kernel(Q, K, V, dOut, Lse, Delta, Mask, Seed, dQ,
     do = tl.load(dOut + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd, mask=qo_ok, other=0.0)
     lse = tl.load(Lse + bh * Nq + offs_m, mask=m_ok, other=0.0)
     delta = tl.load(Delta + bh * Nq + offs_m, mask=m_ok, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+    # P is recomputed as exp(s - lse) in the units lse is stored in (natural), then one multiply into base 2.
+    lse = tl.where(lse == float("-inf"), 0.0, lse)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     mask_ptr = Mask + b * smb + h * smh
@@ -322,9 +326,9 @@ def _bwd_dq_kernel(Q, K, V, dOut, Lse, Delta, Mask, Seed, dQ,
                          other=0.0)
             vt = tl.load(v_base + offs_n[None, :] * svn + offs_d[:, None] * svd, mask=n_ok[None, :] & d_ok[:, None],
                          other=0.0)
-            s = _scores(q, kt, offs_m, offs_n, mask_ptr, smm, smn, Nq, Nk, end, shift, left, right, qk_scale,
+            s = _scores(q, kt, offs_m, offs_n, mask_ptr, smm, smn, Nq, Nk, end, shift, left, right, scale, 1.0,
                         MASK_KIND, run != 1, PRECISION, F32_DOT)
-            p = tl.exp2(s - lse2[:, None])
+            p = tl.exp2((s - lse[:, None]) * 1.4426950408889634)
             dp = _mm(do, vt, PRECISION, F32_DOT)
             if DROPOUT:
                 dp = tl.where(_keep(seed, bh, offs_m, offs_n, Nq, Nk, dropout_p), dp * drop_scale, 0.0)
