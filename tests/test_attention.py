@@ -97,6 +97,8 @@ CASES = {
     "gqa-cross-causal": ((1, 4, 9, 32), (1, 2, 33, 32), {"causal": True}),
     "mqa-nq>nk-causal": ((1, 2, 33, 16), (1, 1, 9, 16), {"causal": True}),
     "window": ((1, 2, 40, 16), (1, 2, 40, 16), {"window": (5, 3)}),
+    # Wider than a tile, so some key tiles are seen in full by every row of a query block (the unmasked run).
+    "wide-window-cross": ((1, 2, 48, 16), (1, 2, 64, 16), {"window": (20, 18)}),
     "window-left-causal-cross": ((1, 2, 20, 16), (1, 2, 37, 16), {"window": (6, None), "causal": True}),
     "d96-scale": ((1, 2, 17, 96), (1, 2, 23, 96), {"scale": 0.3}),
 }
