@@ -15,9 +15,10 @@
   dropout_p`` with ``c = ((b * Hq + h) * Nq + i) * Nk + j`` and a seed drawn from ``generator``; kept
   probabilities are scaled by ``1 / (1 - dropout_p)``, as torch does. lse is that of the undropped P.
 
-Backends: on CPU tensors the reference (which calls torch's SDPA where SDPA has every feature the call
-uses); on CUDA tensors the Triton kernels of genfast/kernels/attention.py (custom ops
-``genfast::attention_fwd_triton`` -> (out, lse) and ``genfast::attention_bwd_triton`` -> (dq, dk, dv)).
+Backends: on CPU tensors the reference path: torch's SDPA in the input dtype where SDPA has every feature the
+call uses, else the written-out math in fp32 (``attention_ref``, the specification, is always the latter); on
+CUDA tensors the Triton kernels of genfast/kernels/attention.py (custom ops ``genfast::attention_fwd_triton``
+-> (out, lse) and ``genfast::attention_bwd_triton`` -> (dq, dk, dv)).
 """
 
 from __future__ import annotations
@@ -99,13 +100,13 @@ def _sdpa_serves(q, k, attn_mask, causal, dropout_p, window_left, window_right, 
 def _reference(q, k, v, attn_mask, seed, causal, dropout_p, scale, window_left, window_right, need_lse,
                compute_dtype=None):
     """The dispatcher's reference: (out, lse or None), differentiable by ordinary autograd."""
-    compute_dtype = compute_dtype or torch.promote_types(q.dtype, torch.float32)
     if _sdpa_serves(q, k, attn_mask, causal, dropout_p, window_left, window_right, need_lse):
-        # Same math, torch's fused CPU kernel: what lets auto keep up with SDPA on CPU.
-        qc, kc, vc = q.to(compute_dtype), k.to(compute_dtype), v.to(compute_dtype)
-        out = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=attn_mask, is_causal=causal, scale=scale,
+        # Same semantics, torch's fused kernel in the input dtype (it accumulates in fp32 inside): what lets auto
+        # keep up with SDPA on CPU. Upcasting first would cost bf16 on CPU 2x and buy nothing the tests need.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, scale=scale,
                                              enable_gqa=q.shape[1] != k.shape[1])
-        return out.to(q.dtype), None
+        return out, None
+    compute_dtype = compute_dtype or torch.promote_types(q.dtype, torch.float32)
     keep = dropout_keep(seed, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]), dropout_p) if dropout_p else None
     return _math(q, k, v, attn_mask, keep, causal, dropout_p, scale, window_left, window_right, compute_dtype)
 
