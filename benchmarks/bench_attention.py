@@ -1,0 +1,139 @@
+"""Benchmarks of genfast.ops.attention: forward and backward against every attention torch offers.
+
+Providers: each genfast backend that can serve the call (``genfast-triton`` on a GPU; the interpreter is not
+timed), ``genfast-auto`` (what a user gets by default), ``reference`` (attention_ref's dispatcher path), every
+torch SDPA backend that runs here (``torch-sdpa-flash``, ``-efficient``, ``-cudnn``, ``-math``), and on a GPU
+FlexAttention under torch.compile (``flex-attention``; its block mask is built in setup, not timed).
+
+FLOPs are the standard count: 4 * B * H * Nq * Nk * D for the forward, halved when causal; the backward
+(``attention_bwd``: dq, dk, dv from a saved forward, the forward not included) counts 2.5x that.
+Grid on a GPU: bf16 and fp16, D 64 and 128 (H = 2048 / D), N 512 to 16k with B * N = 16k tokens, causal and
+not. On a CPU a small grid (fp32 and bf16, D 64, N 256 and 1024 with B * N = 2048, H 8).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import genfast
+from benchmarks.harness import BenchCase, genfast_providers
+from genfast.ops import attention
+
+FAMILY = "attention"
+SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
+                 "math": "MATH"}
+MATH_MAX_N = 4096  # the math backend materialises B*H*N*N scores: beyond this it only measures the allocator
+
+
+def _grid(device: torch.device, quick: bool):
+    """(dtype, D, H, B, N, causal) per case."""
+    if device.type == "cuda":
+        dtypes = [torch.bfloat16] if quick else [torch.bfloat16, torch.float16]
+        dims = [64] if quick else [64, 128]
+        lengths = [512, 2048] if quick else [512, 1024, 2048, 4096, 8192, 16384]
+        tokens = 16384
+    else:
+        dtypes = [torch.float32] if quick else [torch.float32, torch.bfloat16]
+        dims = [64]
+        lengths = [128] if quick else [256, 1024]
+        tokens = 2048
+    out = []
+    for dtype in dtypes:
+        for d in dims:
+            heads = 2048 // d if device.type == "cuda" else 8
+            for n in lengths:
+                for causal in (False, True):
+                    out.append((dtype, d, heads, max(1, tokens // n), n, causal))
+    return out
+
+
+def _sdpa_runs(device: torch.device, name: str, dtype: torch.dtype) -> bool:
+    """Whether SDPA backend ``name`` serves a small call of this dtype here (torch raises when it cannot)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(1, 2, 64, 64, device=device, dtype=dtype)
+    try:
+        with sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[name])):
+            F.scaled_dot_product_attention(q, q, q, is_causal=True)
+        return True
+    except (RuntimeError, AttributeError):
+        return False
+
+
+def _inputs(device, dtype, b, h, n, d, grad):
+    g = torch.Generator(device).manual_seed(0)
+    return [torch.randn(b, h, n, d, device=device, dtype=dtype, generator=g).requires_grad_(grad) for _ in range(3)]
+
+
+def _timed(forward, device, dtype, shape, backward):
+    """setup() for one provider: inputs allocated, the forward (and for backward, one saved forward) done."""
+    b, h, n, d = shape
+
+    def setup():
+        q, k, v = _inputs(device, dtype, b, h, n, d, backward)
+        if not backward:
+            return lambda: forward(q, k, v)
+        out = forward(q, k, v)
+        dout = torch.randn_like(out)
+        return lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+
+    return setup
+
+
+def _flex(device, causal, n):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    compiled = torch.compile(flex_attention, fullgraph=True)
+    block_mask = None
+    if causal:
+        block_mask = create_block_mask(lambda b, h, q, kv: q >= kv, None, None, n, n, device=device)
+    return lambda q, k, v: compiled(q, k, v, block_mask=block_mask)
+
+
+def _sdpa(name, causal):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = getattr(SDPBackend, SDPA_BACKENDS[name])
+
+    def run(q, k, v):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    return run
+
+
+def cases(device: torch.device, quick: bool = False) -> list[BenchCase]:
+    out = []
+    sdpa_cache: dict[tuple[str, torch.dtype], bool] = {}
+    for dtype, d, h, b, n, causal in _grid(device, quick):
+        label = f"{str(dtype).replace('torch.', '')} d{d} B{b} H{h} N{n}{' causal' if causal else ''}"
+        flops_fwd = 4.0 * b * h * n * n * d / (2 if causal else 1)
+
+        def ours(backend_name, causal=causal):
+            def run(q, k, v):
+                with genfast.backend(backend_name):
+                    return attention(q, k, v, causal=causal)
+            return run
+
+        providers = {f"genfast-{name}": ours(name) for name in genfast_providers("attention", device)}
+        providers["genfast-auto"] = ours("auto")
+        providers["reference"] = ours("reference")
+        for name in SDPA_BACKENDS:
+            if name == "math" and n > MATH_MAX_N:
+                continue
+            if (name, dtype) not in sdpa_cache:
+                sdpa_cache[(name, dtype)] = _sdpa_runs(device, name, dtype)
+            if sdpa_cache[(name, dtype)]:
+                providers[f"torch-sdpa-{name}"] = _sdpa(name, causal)
+        if device.type == "cuda":
+            providers["flex-attention"] = _flex(device, causal, n)
+
+        for op, backward, flops in (("attention_fwd", False, flops_fwd), ("attention_bwd", True, 2.5 * flops_fwd)):
+            for provider, fn in providers.items():
+                out.append(BenchCase(FAMILY, op, label, provider, _timed(fn, device, dtype, (b, h, n, d), backward),
+                                     flops=flops))
+    return out
+
+
+__all__ = ["cases"]

@@ -1,0 +1,420 @@
+"""Triton kernels of genfast::attention_fwd_triton / attention_bwd_triton (FlashAttention-2 style).
+
+Forward: one program per (BLOCK_M query rows, batch x query head). It streams key/value tiles through an
+online softmax in base 2 (``exp2`` with ``scale * log2(e)`` folded into the scores), keeps only O(BLOCK_M x D)
+state and writes out [B, Hq, Nq, D] and lse [B, Hq, Nq] (natural log, fp32). Only key tiles that some row
+of the block may see are visited; they are split into three runs: the tiles every row sees in full (no
+position mask is computed there) and the partial tiles before and after them (the causal diagonal, the
+window's edges, the ragged end of Nk), where the position mask is applied.
+
+Backward: ``delta = rowsum(dO * O) - dlse`` (a small kernel), then one program per key/value tile that
+accumulates dK and dV over every query head of its GQA group (no atomics, deterministic), and one program
+per query tile for dQ. Both recompute P from q, k and lse, and redraw the dropout mask from the seed.
+
+Masks: an attn_mask arrives as a [B, Hq, Nq, Nk] view with stride 0 along broadcast dims, so a [Nq, Nk] or
+[B, 1, 1, Nk] mask is read without being materialised. Head dims are padded to a power of two >= 16
+(BLOCK_D) with masked loads, so D = 80 or 96 work. Offsets of batch/head are int64.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from genfast.kernels import _philox
+
+LOG2E = 1.4426950408889634  # the kernels spell it out: Triton globals must be constexpr
+
+MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
+
+# Compiled on a GPU the tiles are autotuned; the interpreter (CPU tensors) gets one small fixed config, so the
+# tests, with tiny shapes, still cross several tiles, the diagonal and the ragged edges.
+_AUTOTUNE = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+
+
+def _configs(pairs, warps_stages):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n in pairs for w, s in warps_stages]
+
+
+def _prune(configs, named_args, **kwargs):
+    # Large head dims need smaller tiles to fit in shared memory / registers.
+    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
+    limit = 128 * 128 if block_d <= 64 else (128 * 64 if block_d <= 128 else 64 * 64)
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= limit]
+    return kept or configs[-1:]
+
+
+def _tuned(key):
+    if _AUTOTUNE:
+        configs = _configs([(128, 128), (128, 64), (64, 64), (64, 32), (32, 32)], [(4, 2), (4, 3), (8, 2), (8, 3)])
+        return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": _prune})
+    return triton.autotune(configs=[triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4)], key=key)
+
+
+_KEY = ["Nq", "Nk", "BLOCK_D", "MASK_KIND", "DROPOUT", "HAS_WINDOW", "PRECISION"]
+
+
+@triton.jit
+def _mm(a, b, PRECISION: tl.constexpr, F32_DOT: tl.constexpr):
+    """tl.dot with fp32 accumulation. ``F32_DOT``: upcast the (already rounded) operands first; only set under
+    the interpreter, whose bf16 dot is wrong (triton 3.9), so the rounding the GPU sees is kept."""
+    if F32_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PRECISION)
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _scores(q, kt, offs_m, offs_n, mask_ptr, smm, smn, Nq, Nk, end_n, shift, left, right, qk_scale, mask_scale,
+            MASK_KIND: tl.constexpr, POSITION: tl.constexpr, PRECISION: tl.constexpr, F32_DOT: tl.constexpr):
+    """Scores of a [BLOCK_M, BLOCK_N] tile: q @ k^T * qk_scale + mask * mask_scale, -inf where masked.
+
+    The forward works in base 2 (qk_scale = scale * log2(e), mask_scale = log2(e)); the backward in natural
+    units (see _bwd_dq_kernel).
+
+    ``POSITION``: apply the bounds (j < end_n) and the causal/window limits; off for the tiles every row sees.
+    """
+    s = _mm(q, kt, PRECISION, F32_DOT) * qk_scale
+    if MASK_KIND != 0:
+        in_bounds = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk)
+        m = tl.load(mask_ptr + offs_m[:, None] * smm + offs_n[None, :] * smn, mask=in_bounds, other=0)
+        if MASK_KIND == 1:
+            s = tl.where(m != 0, s, float("-inf"))
+        else:
+            s = s + m.to(tl.float32) * mask_scale
+    if POSITION:
+        pos = offs_m[:, None] + shift
+        ok = (offs_n[None, :] < end_n) & (offs_n[None, :] >= pos - left) & (offs_n[None, :] <= pos + right)
+        s = tl.where(ok, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _keep(seed, bh, offs_m, offs_n, Nq, Nk, dropout_p):
+    """The dropout keep mask of a [BLOCK_M, BLOCK_N] tile: Philox counter ((b * Hq + h) * Nq + i) * Nk + j."""
+    counter = (bh * Nq + offs_m[:, None].to(tl.int64)) * Nk + offs_n[None, :].to(tl.int64)
+    return _philox.uniform(seed, counter.to(tl.uint64)) >= dropout_p
+
+
+@triton.jit
+def _row_range(m0, Nq, Nk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, shift, left, right):
+    """Key runs for query rows [m0, m0 + BLOCK_M): [lo, a) partial, [a, mid) full tiles, [mid, hi) partial."""
+    m_last = tl.minimum(m0 + BLOCK_M, Nq) - 1
+    lo = tl.maximum(0, m0 + shift - left)
+    hi = tl.minimum(Nk, m_last + shift + right + 1)
+    hi = tl.maximum(hi, lo)
+    a = tl.minimum(tl.maximum(m_last + shift - left, lo), hi)
+    b = tl.minimum(tl.maximum(m0 + shift + right + 1, a), hi)
+    mid = a + ((b - a) // BLOCK_N) * BLOCK_N
+    return lo, a, mid, hi
+
+
+@_tuned(_KEY)
+@triton.jit
+def _fwd_kernel(Q, K, V, Mask, Seed, Out, Lse,
+                sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smh, smm, smn,
+                Hq, Nq, Nk, D, group, qk_scale, dropout_p, drop_scale, left, right,
+                MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                PRECISION: tl.constexpr, F32_DOT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // Hq
+    h = bh % Hq
+    hk = h // group
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_j = tl.arange(0, BLOCK_N)
+    d_ok = offs_d < D
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=(offs_m[:, None] < Nq) & d_ok[None, :], other=0.0)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    mask_ptr = Mask + b * smb + h * smh
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(Seed).to(tl.uint64)
+    shift = Nk - Nq
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    lo, a, mid, hi = _row_range(m0, Nq, Nk, BLOCK_M, BLOCK_N, shift, left, right)
+    for run in tl.static_range(3):
+        if run == 0:
+            start, end = lo, a
+        elif run == 1:
+            start, end = a, mid
+        else:
+            start, end = mid, hi
+        for start_n in range(start, end, BLOCK_N):
+            offs_n = start_n + offs_j
+            n_ok = offs_n < end
+            kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd, mask=n_ok[None, :] & d_ok[:, None],
+                         other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=n_ok[:, None] & d_ok[None, :],
+                        other=0.0)
+            s = _scores(q, kt, offs_m, offs_n, mask_ptr, smm, smn, Nq, Nk, end, shift, left, right, qk_scale,
+                        1.4426950408889634, MASK_KIND, run != 1, PRECISION, F32_DOT)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A row that has seen only -inf so far keeps a finite shift, so exp2 gives 0 rather than NaN.
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(s - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if DROPOUT:
+                p = tl.where(_keep(seed, bh, offs_m, offs_n, Nq, Nk, dropout_p), p, 0.0)
+            acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION, F32_DOT)
+            m_i = m_new
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc * (drop_scale / l_safe)[:, None]
+    row_ok = offs_m < Nq
+    out_ptr = Out + bh * Nq * D + offs_m[:, None] * D + offs_d[None, :]
+    tl.store(out_ptr, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    tl.store(Lse + bh * Nq + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _delta_kernel(Out, dOut, dLse, Delta, sdb, sdh, sdm, sdd, Hq, Nq, D,
+                  HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """delta_i = sum_d dO_i * O_i - dlse_i: the row term of the softmax backward."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // Hq
+    h = bh % Hq
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (offs_m[:, None] < Nq) & (offs_d[None, :] < D)
+    o = tl.load(Out + bh * Nq * D + offs_m[:, None] * D + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
+    do = tl.load(dOut + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd, mask=ok,
+                 other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    if HAS_DLSE:
+        delta -= tl.load(dLse + bh * Nq + offs_m, mask=offs_m < Nq, other=0.0)
+    tl.store(Delta + bh * Nq + offs_m, delta, mask=offs_m < Nq)
+
+
+@_tuned(_KEY)
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, dOut, Lse, Delta, Mask, Seed, dK, dV,
+                     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
+                     smb, smh, smm, smn,
+                     Hq, Hk, Nq, Nk, D, group, qk_scale, scale, dropout_p, drop_scale, left, right,
+                     MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                     PRECISION: tl.constexpr, F32_DOT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """dK, dV of one key tile, summed over the query heads of its GQA group (no atomics)."""
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1).to(tl.int64)
+    b = bhk // Hk
+    hk = bhk % Hk
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_i = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    n_ok = offs_n < Nk
+    kv_ok = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_ok, other=0.0)
+    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_ok, other=0.0)
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(Seed).to(tl.uint64)
+    shift = Nk - Nq
+    # Query rows that may see some key of this tile: j - shift - right <= i <= j - shift + left.
+    n_last = tl.minimum(n0 + BLOCK_N, Nk) - 1
+    lo = tl.maximum(0, n0 - shift - right)
+    hi = tl.minimum(Nq, n_last - shift + left + 1)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for g in range(group):
+        h = hk * group + g
+        bh = b * Hq + h
+        q_base = Q + b * sqb + h * sqh
+        do_base = dOut + b * sdb + h * sdh
+        mask_ptr = Mask + b * smb + h * smh
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + offs_i
+            m_ok = offs_m < Nq
+            q = tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=m_ok[:, None] & d_ok[None, :],
+                        other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * sdm + offs_d[None, :] * sdd,
+                         mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+            lse = tl.load(Lse + bh * Nq + offs_m, mask=m_ok, other=0.0)
+            delta = tl.load(Delta + bh * Nq + offs_m, mask=m_ok, other=0.0)
+            # Rows with no visible key have lse = -inf and only -inf scores: a zero shift gives P = 0 there.
+            lse = tl.where(lse == float("-inf"), 0.0, lse)
+            # Scores as [BLOCK_M, BLOCK_N] through the shared helper (bounds/positions always on here: the rows
+            # of a key tile cross the diagonal at a different place per tile), then transposed views.
+            s = _scores(q, tl.trans(k), offs_m, offs_n, mask_ptr, smm, smn, Nq, Nk, Nk, shift, left, right,
+                        scale, 1.0, MASK_KIND, True, PRECISION, F32_DOT)
+            s = tl.where(m_ok[:, None], s, float("-inf"))
+            p = tl.exp2((s - lse[:, None]) * 1.4426950408889634)
+            dp = _mm(do, tl.trans(v), PRECISION, F32_DOT)
+            if DROPOUT:
+                keep = _keep(seed, bh, offs_m, offs_n, Nq, Nk, dropout_p)
+                p_drop = tl.where(keep, p * drop_scale, 0.0)
+                dp = tl.where(keep, dp * drop_scale, 0.0)
+            else:
+                p_drop = p
+            dv += _mm(tl.trans(p_drop.to(do.dtype)), do, PRECISION, F32_DOT)
+            ds = p * (dp - delta[:, None])
+            dk += _mm(tl.trans(ds.to(q.dtype)), q, PRECISION, F32_DOT)
+
+    out_ptr = bhk * Nk * D + offs_n[:, None] * D + offs_d[None, :]
+    tl.store(dK + out_ptr, (dk * scale).to(dK.dtype.element_ty), mask=kv_ok)
+    tl.store(dV + out_ptr, dv.to(dV.dtype.element_ty), mask=kv_ok)
+
+
+@_tuned(_KEY)
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, dOut, Lse, Delta, Mask, Seed, dQ,
+                   sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
+                   smb, smh, smm, smn,
+                   Hq, Nq, Nk, D, group, qk_scale, scale, dropout_p, drop_scale, left, right,
+                   MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                   PRECISION: tl.constexpr, F32_DOT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """dQ of one query tile; visits the same key runs as the forward."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // Hq
+    h = bh % Hq
+    hk = h // group
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_j = tl.arange(0, BLOCK_N)
+    d_ok = offs_d < D
+    m_ok = offs_m < Nq
+    qo_ok = m_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=qo_ok, other=0.0)
+    do = tl.load(dOut + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd, mask=qo_ok, other=0.0)
+    lse = tl.load(Lse + bh * Nq + offs_m, mask=m_ok, other=0.0)
+    delta = tl.load(Delta + bh * Nq + offs_m, mask=m_ok, other=0.0)
+    # P is recomputed as exp(s - lse) in the units lse is stored in (natural), then one multiply into base 2.
+    lse = tl.where(lse == float("-inf"), 0.0, lse)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    mask_ptr = Mask + b * smb + h * smh
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(Seed).to(tl.uint64)
+    shift = Nk - Nq
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    lo, a, mid, hi = _row_range(m0, Nq, Nk, BLOCK_M, BLOCK_N, shift, left, right)
+    for run in tl.static_range(3):
+        if run == 0:
+            start, end = lo, a
+        elif run == 1:
+            start, end = a, mid
+        else:
+            start, end = mid, hi
+        for start_n in range(start, end, BLOCK_N):
+            offs_n = start_n + offs_j
+            n_ok = offs_n < end
+            kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd, mask=n_ok[None, :] & d_ok[:, None],
+                         other=0.0)
+            vt = tl.load(v_base + offs_n[None, :] * svn + offs_d[:, None] * svd, mask=n_ok[None, :] & d_ok[:, None],
+                         other=0.0)
+            s = _scores(q, kt, offs_m, offs_n, mask_ptr, smm, smn, Nq, Nk, end, shift, left, right, scale, 1.0,
+                        MASK_KIND, run != 1, PRECISION, F32_DOT)
+            p = tl.exp2((s - lse[:, None]) * 1.4426950408889634)
+            dp = _mm(do, vt, PRECISION, F32_DOT)
+            if DROPOUT:
+                dp = tl.where(_keep(seed, bh, offs_m, offs_n, Nq, Nk, dropout_p), dp * drop_scale, 0.0)
+            ds = p * (dp - delta[:, None])
+            dq += _mm(ds.to(kt.dtype), tl.trans(kt), PRECISION, F32_DOT)
+    tl.store(dQ + bh * Nq * D + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(dQ.dtype.element_ty),
+             mask=qo_ok)
+
+
+# ------------------------------------------------------------------------------------------ launchers
+def _common(q, k, attn_mask, seed, causal, dropout_p, window_left, window_right):
+    """Arguments shared by the kernels: mask view and strides, seed, position limits, constexprs."""
+    b, hq, nq, d = q.shape
+    hk, nk = k.shape[1], k.shape[2]
+    if attn_mask is None:
+        mask, mask_strides, kind = q, (0, 0, 0, 0), MASK_NONE
+    elif attn_mask.dtype == torch.bool:
+        # Same bytes, a dtype every Triton version loads.
+        mask, kind = attn_mask.view(torch.uint8), MASK_BOOL
+        mask_strides = mask.stride()
+    else:
+        mask, mask_strides, kind = attn_mask, attn_mask.stride(), MASK_ADD
+    # Unbounded sides become a distance no position reaches, so the kernels need no flags for them.
+    far = nq + nk + 1
+    left = window_left if window_left >= 0 else far
+    right = window_right if window_right >= 0 else far
+    if causal:
+        right = min(right, 0)
+    dropout = dropout_p > 0.0
+    consts = dict(MASK_KIND=kind, DROPOUT=dropout, HAS_WINDOW=(left < far or right < far),
+                  PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                  F32_DOT=q.dtype == torch.bfloat16 and q.device.type == "cpu",
+                  BLOCK_D=max(16, triton.next_power_of_2(d)))
+    return dict(
+        mask=mask, mask_strides=mask_strides, seed=seed if dropout else q, b=b, hq=hq, hk=hk, nq=nq, nk=nk, d=d,
+        group=hq // hk, left=left, right=right, drop_scale=1.0 / (1.0 - dropout_p), consts=consts,
+    )
+
+
+def attention_fwd(q, k, v, attn_mask, seed, causal, dropout_p, scale, window_left, window_right):
+    c = _common(q, k, attn_mask, seed, causal, dropout_p, window_left, window_right)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+
+    def grid(meta):
+        return (triton.cdiv(c["nq"], meta["BLOCK_M"]), c["b"] * c["hq"])
+
+    _fwd_kernel[grid](
+        q, k, v, c["mask"], c["seed"], out, lse, *q.stride(), *k.stride(), *v.stride(), *c["mask_strides"],
+        c["hq"], c["nq"], c["nk"], c["d"], c["group"], scale * LOG2E, dropout_p, c["drop_scale"], c["left"],
+        c["right"], **c["consts"],
+    )
+    return out, lse
+
+
+def attention_bwd(grad_out, grad_lse, q, k, v, out, lse, attn_mask, seed, causal, dropout_p, scale, window_left,
+                  window_right):
+    c = _common(q, k, attn_mask, seed, causal, dropout_p, window_left, window_right)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if dq.numel() == 0:
+        return dq, dk.zero_(), dv.zero_()
+    out = out.contiguous()
+    lse = lse.contiguous()
+    delta = torch.empty_like(lse)
+    block_d = c["consts"]["BLOCK_D"]
+    block_m = 64 if _AUTOTUNE else 16
+    _delta_kernel[(triton.cdiv(c["nq"], block_m), c["b"] * c["hq"])](
+        out, grad_out, grad_lse.contiguous() if grad_lse is not None else lse, delta, *grad_out.stride(),
+        c["hq"], c["nq"], c["d"], HAS_DLSE=grad_lse is not None, BLOCK_M=block_m, BLOCK_D=block_d,
+    )
+    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *c["mask_strides"])
+    _bwd_dkdv_kernel[lambda meta: (triton.cdiv(c["nk"], meta["BLOCK_N"]), c["b"] * c["hk"])](
+        q, k, v, grad_out, lse, delta, c["mask"], c["seed"], dk, dv, *strides,
+        c["hq"], c["hk"], c["nq"], c["nk"], c["d"], c["group"], scale * LOG2E, scale, dropout_p, c["drop_scale"],
+        c["left"], c["right"], **c["consts"],
+    )
+    _bwd_dq_kernel[lambda meta: (triton.cdiv(c["nq"], meta["BLOCK_M"]), c["b"] * c["hq"])](
+        q, k, v, grad_out, lse, delta, c["mask"], c["seed"], dq, *strides,
+        c["hq"], c["nq"], c["nk"], c["d"], c["group"], scale * LOG2E, scale, dropout_p, c["drop_scale"],
+        c["left"], c["right"], **c["consts"],
+    )
+    return dq, dk, dv
+
+
+__all__ = ["attention_fwd", "attention_bwd"]

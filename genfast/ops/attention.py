@@ -1,0 +1,313 @@
+"""Fused scaled dot-product attention: forward, backward, masks, GQA, sliding windows, seeded dropout.
+
+``attention(q, k, v)`` takes torch's ``scaled_dot_product_attention`` layout: q [B, Hq, Nq, D], k and v
+[B, Hk, Nk, D]. Semantics (the reference ``attention_ref`` below is the specification):
+
+- scores ``s[b, h, i, j] = scale * q[b, h, i] . k[b, h // (Hq // Hk), j]`` (GQA/MQA when Hk divides Hq),
+  ``scale`` defaulting to ``1 / sqrt(D)``; an additive ``attn_mask`` is added to s, a boolean one keeps
+  the positions where it is True (as in torch); it broadcasts to [B, Hq, Nq, Nk].
+- positions: query i sits at key position ``p_i = i + Nk - Nq`` (aligned bottom-right, as FlashAttention-2
+  does for cross-attention). ``causal`` keeps keys ``j <= p_i``; ``window=(left, right)`` keeps
+  ``p_i - left <= j <= p_i + right`` (None or -1: unbounded on that side). With Nq == Nk, causal is torch's.
+- ``lse[b, h, i] = logsumexp_j s`` (natural log, float32) over the kept positions; a row with no kept
+  position gets output 0 and lse -inf (torch's SDPA also returns 0 there).
+- dropout: ``P = softmax(s)``; element (b, h, i, j) is kept iff genfast's Philox ``uniform(seed, c) >=
+  dropout_p`` with ``c = ((b * Hq + h) * Nq + i) * Nk + j`` and a seed drawn from ``generator``; kept
+  probabilities are scaled by ``1 / (1 - dropout_p)``, as torch does. lse is that of the undropped P.
+
+Backends: on CPU tensors the reference path: torch's SDPA in the input dtype where SDPA has every feature the
+call uses, else the written-out math in fp32 (``attention_ref``, the specification, is always the latter); on
+CUDA tensors the Triton kernels of genfast/kernels/attention.py (custom ops ``genfast::attention_fwd_triton``
+-> (out, lse) and ``genfast::attention_bwd_triton`` -> (dq, dk, dv)).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+import torch.nn.functional as F
+
+from genfast import _backend
+from genfast.ops import _checks
+from genfast.ops.random import philox_noise
+
+OP = "attention"
+NEG_INF = float("-inf")
+TRITON_MAX_HEAD_DIM = 256
+
+
+# ------------------------------------------------------------------------------------------ reference
+def allowed_positions(nq: int, nk: int, causal: bool, window_left: int, window_right: int,
+                      device: torch.device | None = None) -> torch.Tensor | None:
+    """Bool [Nq, Nk]: True where query i may see key j (bottom-right aligned); None when all may."""
+    if not causal and window_left < 0 and window_right < 0:
+        return None
+    pos = torch.arange(nq, device=device)[:, None] + (nk - nq)
+    j = torch.arange(nk, device=device)[None, :]
+    ok = torch.ones(nq, nk, dtype=torch.bool, device=device)
+    if causal:
+        ok &= j <= pos
+    if window_left >= 0:
+        ok &= j >= pos - window_left
+    if window_right >= 0:
+        ok &= j <= pos + window_right
+    return ok
+
+
+def dropout_keep(seed: torch.Tensor, shape: tuple[int, int, int, int], dropout_p: float) -> torch.Tensor:
+    """Bool [B, Hq, Nq, Nk]: the dropout keep mask the kernels draw for ``seed`` (flat index = Philox counter)."""
+    numel = math.prod(shape)
+    return philox_noise(seed, numel).reshape(shape) >= dropout_p
+
+
+def _math(q, k, v, attn_mask, keep, causal, dropout_p, scale, window_left, window_right, compute_dtype):
+    """The attention math written out in ``compute_dtype``; returns (out in q's dtype, lse float32)."""
+    b, hq, nq, d = q.shape
+    hk, nk = k.shape[1], k.shape[2]
+    qc, kc, vc = q.to(compute_dtype), k.to(compute_dtype), v.to(compute_dtype)
+    if hq != hk:  # GQA: query head h reads key/value head h // (Hq // Hk)
+        kc, vc = kc.repeat_interleave(hq // hk, dim=1), vc.repeat_interleave(hq // hk, dim=1)
+    s = (qc @ kc.transpose(-1, -2)) * scale  # (B, Hq, Nq, Nk)
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, NEG_INF) if attn_mask.dtype == torch.bool else s + attn_mask.to(compute_dtype)
+    ok = allowed_positions(nq, nk, causal, window_left, window_right, q.device)
+    if ok is not None:
+        s = s.masked_fill(~ok, NEG_INF)
+    # Softmax written out so that rows with no kept position give 0 (not NaN) in the forward and the backward:
+    # the shift m is a constant (softmax does not depend on it) and 0 where the whole row is -inf.
+    m = s.amax(dim=-1, keepdim=True).detach()
+    m = torch.where(m == NEG_INF, torch.zeros_like(m), m)
+    e = torch.exp(s - m)
+    total = e.sum(dim=-1, keepdim=True)
+    nonempty = total > 0
+    p = e / torch.where(nonempty, total, torch.ones_like(total))
+    lse = torch.where(nonempty, m + torch.log(torch.where(nonempty, total, torch.ones_like(total))), NEG_INF)
+    if keep is not None:
+        p = p * keep.to(p.dtype) / (1.0 - dropout_p)
+    out = p @ vc
+    return out.to(q.dtype), lse.squeeze(-1).float()
+
+
+def _sdpa_serves(q, k, attn_mask, causal, dropout_p, window_left, window_right, need_lse) -> bool:
+    """True when torch's SDPA has every feature this call uses (and our semantics for it)."""
+    return (dropout_p == 0.0 and not need_lse and window_left < 0 and window_right < 0
+            and (not causal or (q.shape[2] == k.shape[2] and attn_mask is None))
+            and (attn_mask is None or attn_mask.dtype == torch.bool))
+
+
+def _reference(q, k, v, attn_mask, seed, causal, dropout_p, scale, window_left, window_right, need_lse,
+               compute_dtype=None):
+    """The dispatcher's reference: (out, lse or None), differentiable by ordinary autograd."""
+    if _sdpa_serves(q, k, attn_mask, causal, dropout_p, window_left, window_right, need_lse):
+        # Same semantics, torch's fused kernel in the input dtype (it accumulates in fp32 inside): what lets auto
+        # keep up with SDPA on CPU. Upcasting first would cost bf16 on CPU 2x and buy nothing the tests need.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, scale=scale,
+                                             enable_gqa=q.shape[1] != k.shape[1])
+        return out, None
+    compute_dtype = compute_dtype or torch.promote_types(q.dtype, torch.float32)
+    keep = dropout_keep(seed, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]), dropout_p) if dropout_p else None
+    return _math(q, k, v, attn_mask, keep, causal, dropout_p, scale, window_left, window_right, compute_dtype)
+
+
+def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                  attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, scale: float | None = None,
+                  window: tuple[int | None, int | None] | None = None, return_lse: bool = False,
+                  seed: torch.Tensor | None = None, compute_dtype: torch.dtype | None = None):
+    """The specification of :func:`attention`, plain PyTorch in fp32 (or ``compute_dtype``).
+
+    Takes the arguments of ``attention`` (``seed``, an int64 one-element tensor, in place of ``generator``:
+    the dropout keep mask is the kernels' one, :func:`dropout_keep`). ``compute_dtype`` (default: fp32, fp64
+    for fp64 inputs) is what the tests use to measure torch's own error in a low precision.
+    """
+    d = q.shape[-1]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    left, right = _window_pair(OP, window)
+    mask = _broadcast_mask(attn_mask, q, k)
+    if dropout_p and seed is None:
+        raise ValueError(f"{OP}_ref: dropout_p > 0 needs seed")
+    out, lse = _math(q, k, v, mask, dropout_keep(seed, mask_shape(q, k), dropout_p) if dropout_p else None, causal,
+                     dropout_p, scale, left, right, compute_dtype or torch.promote_types(q.dtype, torch.float32))
+    return (out, lse) if return_lse else out
+
+
+def mask_shape(q: torch.Tensor, k: torch.Tensor) -> tuple[int, int, int, int]:
+    return (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+
+
+def _broadcast_mask(attn_mask, q, k):
+    """``attn_mask`` viewed as [B, Hq, Nq, Nk] (stride 0 along broadcast dims, nothing copied)."""
+    if attn_mask is None:
+        return None
+    shape = mask_shape(q, k)
+    return attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)).expand(shape)
+
+
+# ------------------------------------------------------------------------------------------ Triton custom ops
+def _fwd_fake(q, k, v, attn_mask, seed, causal, dropout_p, scale, window_left, window_right):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+def _bwd_fake(grad_out, grad_lse, q, k, v, out, lse, attn_mask, seed, causal, dropout_p, scale, window_left,
+              window_right):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+@torch.library.custom_op("genfast::attention_fwd_triton", mutates_args=())
+def _attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                          seed: torch.Tensor | None, causal: bool, dropout_p: float, scale: float, window_left: int,
+                          window_right: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from genfast.kernels import attention as kernels
+
+    return kernels.attention_fwd(q, k, v, attn_mask, seed, causal, dropout_p, scale, window_left, window_right)
+
+
+@torch.library.custom_op("genfast::attention_bwd_triton", mutates_args=())
+def _attention_bwd_triton(grad_out: torch.Tensor, grad_lse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
+                          v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, attn_mask: torch.Tensor | None,
+                          seed: torch.Tensor | None, causal: bool, dropout_p: float, scale: float, window_left: int,
+                          window_right: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from genfast.kernels import attention as kernels
+
+    return kernels.attention_bwd(grad_out, grad_lse, q, k, v, out, lse, attn_mask, seed, causal, dropout_p, scale,
+                                 window_left, window_right)
+
+
+_attention_fwd_triton.register_fake(_fwd_fake)
+_attention_bwd_triton.register_fake(_bwd_fake)
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    q, k, v, attn_mask, seed, causal, dropout_p, scale, window_left, window_right = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, attn_mask, seed)
+    ctx.options = (causal, dropout_p, scale, window_left, window_right)
+
+
+def _fwd_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, attn_mask, seed = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    # A gradient of lse is exact, not ignored: d lse_i / d s_ij = P_ij, folded into the backward's delta.
+    dq, dk, dv = torch.ops.genfast.attention_bwd_triton(grad_out, grad_lse, q, k, v, out, lse, attn_mask, seed,
+                                                        *ctx.options)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+_attention_fwd_triton.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+
+
+# ------------------------------------------------------------------------------------------ dispatch
+def _triton_supports(device, dtype=None, head_dim=None, **_):
+    if head_dim is not None and head_dim > TRITON_MAX_HEAD_DIM:
+        return f"the Triton kernels take head dims up to {TRITON_MAX_HEAD_DIM}, got {head_dim}"
+    return None
+
+
+def _triton_fwd(q, k, v, attn_mask, seed, causal, dropout_p, scale, window_left, window_right, need_lse):
+    return torch.ops.genfast.attention_fwd_triton(q, k, v, attn_mask, seed, causal, dropout_p, scale, window_left,
+                                                  window_right)
+
+
+_dispatch = _backend.dispatcher(OP, _reference, preference={"cuda": ("triton",), "cpu": ()})
+_dispatch.register("triton", supports=_triton_supports)(_triton_fwd)
+
+
+# ------------------------------------------------------------------------------------------ checks
+def _window_side(op: str, name: str, value) -> int:
+    if value is None:
+        return -1
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{op}: {name} must be an int >= 0, -1 or None, got {type(value).__name__}")
+    if value < -1:
+        raise ValueError(f"{op}: {name} must be an int >= 0, -1 or None (unbounded), got {value}")
+    return int(value)
+
+
+def _window_pair(op: str, window) -> tuple[int, int]:
+    """(left, right) with -1 for an unbounded side."""
+    if window is None:
+        return -1, -1
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise TypeError(f"{op}: window must be None or a pair (left, right), got {window!r}")
+    return _window_side(op, "window[0] (left)", window[0]), _window_side(op, "window[1] (right)", window[1])
+
+
+def _flag(op: str, name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def _check_qkv(op: str, q, k, v) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _checks.tensor(op, name, t, dtypes=_checks.FLOAT_DTYPES, ndim=4)
+    _checks.same_device(op, "q", q, k=k, v=v)
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype} but q has dtype {q.dtype}")
+    _checks.same_shape(op, "k", k, v=v)
+    (b, hq, _, d), (bk, hk, nk, dk) = q.shape, k.shape
+    if bk != b:
+        raise ValueError(f"{op}: k has batch {bk} but q has batch {b} (q [B, Hq, Nq, D], k [B, Hk, Nk, D])")
+    if dk != d:
+        raise ValueError(f"{op}: q and k head dims differ: q has D={d}, k has D={dk}")
+    if d == 0:
+        raise ValueError(f"{op}: the head dim D must be >= 1, got q shape {tuple(q.shape)}")
+    if hk == 0 or hq % hk != 0:
+        raise ValueError(f"{op}: the number of query heads Hq={hq} must be a multiple of the key heads Hk={hk}")
+    if nk == 0:
+        raise ValueError(f"{op}: k and v must hold at least one key (Nk >= 1), got k shape {tuple(k.shape)}")
+
+
+def _check_mask(op: str, attn_mask, q, k) -> None:
+    if attn_mask is None:
+        return
+    _checks.tensor(op, "attn_mask", attn_mask, dtypes=(torch.bool,) + _checks.FLOAT_DTYPES)
+    _checks.same_device(op, "q", q, attn_mask=attn_mask)
+    target = mask_shape(q, k)
+    shape = tuple(attn_mask.shape)
+    if attn_mask.dim() > 4 or any(s not in (1, t) for s, t in zip(shape[::-1], target[::-1])):
+        raise ValueError(f"{op}: attn_mask of shape {shape} does not broadcast to [B, Hq, Nq, Nk] = {list(target)}")
+    if attn_mask.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{op}: attn_mask must not require grad (no gradient is computed for the mask)")
+
+
+# ------------------------------------------------------------------------------------------ public op
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+              attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, scale: float | None = None,
+              window: tuple[int | None, int | None] | None = None, return_lse: bool = False,
+              generator: torch.Generator | None = None):
+    """Scaled dot-product attention, fused: O(N) memory, differentiable in q, k and v.
+
+    q [B, Hq, Nq, D]; k, v [B, Hk, Nk, D] with Hk dividing Hq; one float dtype (fp32/fp16/bf16) and device.
+    ``attn_mask``: bool (True = attend) or float (added to the scores), broadcastable to [B, Hq, Nq, Nk];
+    ``causal`` and ``window=(left, right)`` are aligned bottom-right (see the module docstring);
+    ``dropout_p`` in [0, 1), seeded from ``generator``; ``scale`` defaults to 1/sqrt(D).
+    Returns out [B, Hq, Nq, D] in q's dtype, and with ``return_lse`` also lse [B, Hq, Nq] float32
+    (differentiable too).
+    """
+    _check_qkv(OP, q, k, v)
+    causal = _flag(OP, "causal", causal)
+    return_lse = _flag(OP, "return_lse", return_lse)
+    _check_mask(OP, attn_mask, q, k)
+    dropout_p = _checks.real_number(OP, "dropout_p", dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{OP}: dropout_p must be in [0, 1), got {dropout_p}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    else:
+        scale = _checks.real_number(OP, "scale", scale)
+        if not math.isfinite(scale):
+            raise ValueError(f"{OP}: scale must be finite, got {scale}")
+    left, right = _window_pair(OP, window)
+    _checks.generator(OP, generator, q.device)
+    seed = _checks.draw_seed(generator, q.device) if dropout_p > 0 else None
+    mask = _broadcast_mask(attn_mask, q, k)
+    out, lse = _dispatch(q, k, v, mask, seed, causal, dropout_p, scale, left, right, return_lse, device=q.device,
+                         dtype=q.dtype, facts={"head_dim": q.shape[-1]})
+    return (out, lse) if return_lse else out
+
+
+__all__ = ["attention", "attention_ref", "allowed_positions", "dropout_keep"]
