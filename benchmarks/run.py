@@ -84,29 +84,39 @@ def markdown(env: dict, ceilings: dict, table: list[dict]) -> str:
 
 
 def chart(env: dict, table: list[dict], path: str) -> None:
+    """One panel per family: horizontal bars of each provider's speedup over the reference, per case."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = sorted({f"{r['op']}\n{r['case']}" for r in table})
+    families = sorted({r["family"] for r in table})
     providers = sorted({r["provider"] for r in table if r["provider"] != "reference"})
-    lookup = {(f"{r['op']}\n{r['case']}", r["provider"]): r["x_reference"] for r in table}
-    width = 0.8 / max(1, len(providers))
-    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(labels)), 5))
-    for i, provider in enumerate(providers):
-        xs = [j + i * width for j in range(len(labels))]
-        ys = [lookup.get((label, provider)) or 0 for label in labels]
-        ax.bar(xs, ys, width, label=provider)
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))])
-    ax.set_xticklabels(labels, fontsize=7, rotation=30, ha="right")
-    ax.set_ylabel("speedup over the reference (x)")
-    ax.set_yscale("log")
-    ax.set_title(f"genfast on {env['device']} ({env['commit']})", fontsize=10)
-    ax.legend(fontsize=7)
+    colours = {p: plt.get_cmap("tab10")(i % 10) for i, p in enumerate(providers)}
+    cases_of = {f: sorted({f"{r['op']}: {r['case']}" for r in table if r["family"] == f}) for f in families}
+    heights = [max(1.2, 0.3 * len(cases_of[f]) * max(1, len(providers)) ** 0.5) for f in families]
+    fig, axes = plt.subplots(len(families), 1, figsize=(11, sum(heights) + 1), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
+    for ax, family in zip(axes[:, 0], families):
+        labels = cases_of[family]
+        rows = [r for r in table if r["family"] == family and r["provider"] != "reference"]
+        present = [p for p in providers if any(r["provider"] == p for r in rows)]
+        width = 0.8 / max(1, len(present))
+        for i, provider in enumerate(present):
+            lookup = {f"{r['op']}: {r['case']}": r["x_reference"] for r in rows if r["provider"] == provider}
+            ys = [j + i * width for j in range(len(labels))]
+            ax.barh(ys, [lookup.get(label) or 0 for label in labels], width, label=provider, color=colours[provider])
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_yticks([j + 0.4 - width / 2 for j in range(len(labels))])
+        ax.set_yticklabels(labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.set_title(family, fontsize=9, loc="left")
+        ax.legend(fontsize=6, loc="lower right")
+    axes[-1, 0].set_xlabel("speedup over the reference (x, log scale; 1 = the reference)")
+    fig.suptitle(f"genfast on {env['device']} ({env['commit']}, {env['date'][:10]})", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
