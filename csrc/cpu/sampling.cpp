@@ -22,6 +22,7 @@
 #include <limits>
 #include <vector>
 
+#include "../op_checks.h"
 #include "../philox.h"
 
 namespace {
@@ -164,24 +165,6 @@ int64_t process_row(const scalar_t* x, int64_t V, RowKnobs knobs, float* out, co
   return token;
 }
 
-void check_args(const char* op, const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
-                const at::Tensor& top_p, const at::Tensor& min_p) {
-  TORCH_CHECK(logits.dim() == 2, op, ": logits must be 2-D [B, V], got ", logits.sizes());
-  TORCH_CHECK(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kHalf ||
-                  logits.scalar_type() == at::kBFloat16,
-              op, ": logits must be float32, float16 or bfloat16");
-  const int64_t B = logits.size(0);
-  const std::pair<const at::Tensor*, at::ScalarType> knobs[] = {
-      {&temperature, at::kFloat}, {&top_k, at::kLong}, {&top_p, at::kFloat}, {&min_p, at::kFloat}};
-  const char* names[] = {"temperature", "top_k", "top_p", "min_p"};
-  for (int i = 0; i < 4; ++i) {
-    const at::Tensor& t = *knobs[i].first;
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == B && t.scalar_type() == knobs[i].second && t.device() == logits.device(),
-                op, ": ", names[i], " must be a 1-D tensor of ", B, " ", at::toString(knobs[i].second),
-                " values on the logits' device");
-  }
-}
-
 template <typename Body>
 void for_each_row(const at::Tensor& logits_in, const at::Tensor& temperature, const at::Tensor& top_k,
                   const at::Tensor& top_p, const at::Tensor& min_p, Body body) {
@@ -207,7 +190,7 @@ void for_each_row(const at::Tensor& logits_in, const at::Tensor& temperature, co
 
 at::Tensor filter_logits_cpu(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
                              const at::Tensor& top_p, const at::Tensor& min_p) {
-  check_args("filter_logits", logits, temperature, top_k, top_p, min_p);
+  genfast::check_sampling_args("filter_logits", logits, temperature, top_k, top_p, min_p);
   at::Tensor out = at::empty(logits.sizes(), logits.options().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
   for_each_row(logits, temperature, top_k, top_p, min_p,
@@ -221,20 +204,10 @@ at::Tensor filter_logits_cpu(const at::Tensor& logits, const at::Tensor& tempera
 at::Tensor sample_tokens_cpu(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
                              const at::Tensor& top_p, const at::Tensor& min_p, const std::optional<at::Tensor>& noise,
                              const std::optional<at::Tensor>& seed) {
-  check_args("sample_tokens", logits, temperature, top_k, top_p, min_p);
-  TORCH_CHECK(noise.has_value() != seed.has_value(), "sample_tokens: pass exactly one of noise and seed");
-  at::Tensor noise_c;
-  uint64_t s = 0;
-  if (noise.has_value()) {
-    TORCH_CHECK(noise->sizes() == logits.sizes() && noise->scalar_type() == at::kFloat &&
-                    noise->device() == logits.device(),
-                "sample_tokens: noise must be float32 with the logits' shape and device");
-    noise_c = noise->contiguous();
-  } else {
-    TORCH_CHECK(seed->numel() == 1 && seed->scalar_type() == at::kLong && seed->device() == logits.device(),
-                "sample_tokens: seed must be one int64 value on the logits' device");
-    s = static_cast<uint64_t>(seed->item<int64_t>());
-  }
+  genfast::check_sampling_args("sample_tokens", logits, temperature, top_k, top_p, min_p);
+  genfast::check_noise_or_seed("sample_tokens", logits, noise, seed);
+  const at::Tensor noise_c = noise.has_value() ? noise->contiguous() : at::Tensor();
+  const uint64_t s = seed.has_value() ? static_cast<uint64_t>(seed->item<int64_t>()) : 0;
   const float* u = noise_c.defined() ? noise_c.data_ptr<float>() : nullptr;
   at::Tensor out = at::empty({logits.size(0)}, logits.options().dtype(at::kLong));
   int64_t* o = out.data_ptr<int64_t>();

@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../op_checks.h"
 #include "diffusion.cuh"
 #include "latent.cuh"
 #include "random.cuh"
@@ -47,26 +48,23 @@ at::Tensor philox_noise_cuda(const at::Tensor& seed, int64_t numel, int64_t offs
 }
 
 // ---------------------------------------------------------------------------------------- sampling
-void check_sampling_args(const char* op, const at::Tensor& logits, const at::Tensor& temperature,
-                         const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& min_p) {
-  TORCH_CHECK(logits.is_cuda() && logits.dim() == 2, op, ": logits must be a 2-D CUDA tensor, got ", logits.sizes());
+// The shared checks, plus what the CUDA kernel needs on top: a CUDA tensor, contiguous rows, and fewer
+// than 2^24 tokens (it counts tokens in float32).
+void check_sampling_args_cuda(const char* op, const at::Tensor& logits, const at::Tensor& temperature,
+                              const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& min_p) {
+  genfast::check_sampling_args(op, logits, temperature, top_k, top_p, min_p);
+  TORCH_CHECK(logits.is_cuda(), op, ": logits must be a CUDA tensor");
   TORCH_CHECK(logits.stride(1) == 1, op, ": logits rows must be contiguous");
   TORCH_CHECK(logits.size(1) < (int64_t{1} << 24), op, ": vocabularies of 2^24 or more tokens are not supported");
-  const at::Tensor* knobs[] = {&temperature, &top_k, &top_p, &min_p};
-  const char* names[] = {"temperature", "top_k", "top_p", "min_p"};
-  for (int i = 0; i < 4; ++i) {
-    const at::ScalarType want = i == 1 ? at::kLong : at::kFloat;
-    TORCH_CHECK(knobs[i]->dim() == 1 && knobs[i]->size(0) == logits.size(0) && knobs[i]->scalar_type() == want &&
-                    knobs[i]->device() == logits.device() && knobs[i]->is_contiguous(),
-                op, ": ", names[i], " must be a contiguous 1-D ", at::toString(want), " tensor of ", logits.size(0),
-                " values on the logits' device");
+  for (const at::Tensor* knob : {&temperature, &top_k, &top_p, &min_p}) {
+    TORCH_CHECK(knob->is_contiguous(), op, ": the per-row knobs must be contiguous");
   }
 }
 
 
 at::Tensor filter_logits_cuda(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
                               const at::Tensor& top_p, const at::Tensor& min_p) {
-  check_sampling_args("filter_logits", logits, temperature, top_k, top_p, min_p);
+  check_sampling_args_cuda("filter_logits", logits, temperature, top_k, top_p, min_p);
   const c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor out = at::empty(logits.sizes(), logits.options().dtype(at::kFloat));
   GENFAST_CHECK_LAUNCH(
@@ -81,18 +79,9 @@ at::Tensor filter_logits_cuda(const at::Tensor& logits, const at::Tensor& temper
 at::Tensor sample_tokens_cuda(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
                               const at::Tensor& top_p, const at::Tensor& min_p, const std::optional<at::Tensor>& noise,
                               const std::optional<at::Tensor>& seed) {
-  check_sampling_args("sample_tokens", logits, temperature, top_k, top_p, min_p);
-  TORCH_CHECK(noise.has_value() != seed.has_value(), "sample_tokens: pass exactly one of noise and seed");
-  at::Tensor noise_c;
-  if (noise.has_value()) {
-    TORCH_CHECK(noise->sizes() == logits.sizes() && noise->scalar_type() == at::kFloat &&
-                    noise->device() == logits.device(),
-                "sample_tokens: noise must be float32 with the logits' shape and device");
-    noise_c = noise->contiguous();
-  } else {
-    TORCH_CHECK(seed->numel() == 1 && seed->scalar_type() == at::kLong && seed->device() == logits.device(),
-                "sample_tokens: seed must be one int64 value on the logits' device");
-  }
+  check_sampling_args_cuda("sample_tokens", logits, temperature, top_k, top_p, min_p);
+  genfast::check_noise_or_seed("sample_tokens", logits, noise, seed);
+  const at::Tensor noise_c = noise.has_value() ? noise->contiguous() : at::Tensor();
   const c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor out = at::empty({logits.size(0)}, logits.options().dtype(at::kLong));
   GENFAST_CHECK_LAUNCH(
