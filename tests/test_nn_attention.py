@@ -407,11 +407,12 @@ def test_causal_self_attention_is_nanogpt():
     assert set(m.state_dict()) == {"c_attn.weight", "c_proj.weight"}
 
 
-def test_kv_cache_incremental_equals_full():
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_kv_cache_incremental_equals_full(device, backend):
     """Prefill 5 tokens, then 1, 1, a chunk of 3 and 1: the same outputs as the whole sequence at once."""
-    m = gpt_attention()
-    x = torch.randn(B, 11, E)
-    with torch.no_grad():
+    m = gpt_attention().to(device)
+    x = torch.randn(B, 11, E, device=device)
+    with torch.no_grad(), genfast.backend(backend):
         full = m(x)
         cache = m.new_cache(B)
         pieces, start = [], 0
@@ -422,12 +423,13 @@ def test_kv_cache_incremental_equals_full():
     assert cache.lengths.tolist() == [11, 11] and cache.bound == 11
 
 
-def test_kv_cache_ragged_lengths():
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_kv_cache_ragged_lengths(device, backend):
     """Sequences with prompts of different lengths decode together: each equals its own full pass."""
-    m = gpt_attention()
-    prompts = [torch.randn(1, 3, E), torch.randn(1, 6, E)]
-    steps = torch.randn(B, 4, E)
-    with torch.no_grad():
+    m = gpt_attention().to(device)
+    prompts = [torch.randn(1, 3, E, device=device), torch.randn(1, 6, E, device=device)]
+    steps = torch.randn(B, 4, E, device=device)
+    with torch.no_grad(), genfast.backend(backend):
         cache = m.new_cache(B, lengths=[3, 6])
         for i, p in enumerate(prompts):  # prefill each sequence alone, then copy its keys/values into the batch
             own = m.new_cache(1)
