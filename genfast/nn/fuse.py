@@ -18,6 +18,7 @@ from typing import Callable
 
 from torch import nn
 
+from genfast.nn.attention import MultiheadAttention
 from genfast.nn.conv_transpose import ConvTranspose2d, ConvTranspose2dNormAct, activation_name
 
 
@@ -67,7 +68,7 @@ def fuse(model: nn.Module, *, rewrites: list[str] | None = None) -> tuple[nn.Mod
     for prefix, module in list(model.named_modules()):
         for name in chosen:
             REWRITES[name](module, prefix, report)
-    if type(model) in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
+    if type(model) in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.MultiheadAttention):
         report.left_alone.append(("", "the root module itself is not replaced; wrap it in nn.Sequential"))
     return model, report
 
@@ -128,3 +129,25 @@ def _rewrite_conv_transpose(parent: nn.Module, prefix: str, report: FuseReport) 
             parts = ", ".join(type(m).__name__ for m in (child, norm, act) if m is not None)
             report.replaced.append((_path(prefix, "+".join(taken)), f"genfast.nn.ConvTranspose2dNormAct({parts})"))
         i += len(taken)
+
+
+# ------------------------------------------------------------------------------------------- attention
+# Layers whose inference fast path (eval, no grad, batch_first, ...) calls torch's fused layer kernel with
+# self_attn's weights and never calls self_attn.forward: replacing self_attn keeps outputs, but genfast runs there
+# only outside that regime (training, or with gradients).
+_LAYER_FAST_PATH = (nn.TransformerEncoderLayer,)
+
+
+@register_rewrite("attention")
+def _rewrite_attention(parent: nn.Module, prefix: str, report: FuseReport) -> None:
+    """nn.MultiheadAttention -> genfast.nn.MultiheadAttention sharing its parameters (subclasses left alone: they
+    may override forward)."""
+    for name, child in list(parent._modules.items()):
+        if type(child) is not nn.MultiheadAttention:
+            continue
+        parent._modules[name] = MultiheadAttention.from_module(child)
+        what = "genfast.nn.MultiheadAttention"
+        if isinstance(parent, _LAYER_FAST_PATH):
+            what += (f" (note: {type(parent).__name__}'s eval/no-grad fast path calls torch's fused layer kernel and "
+                     "bypasses self_attn; genfast runs in training or with gradients)")
+        report.replaced.append((_path(prefix, name), what))
