@@ -55,7 +55,8 @@ def attention_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     return (out, lse) if return_lse else out
 
 
-def decode_allowed(cache_seqlens: torch.Tensor, nq: int, nmax: int, causal: bool, left: int, right: int) -> torch.Tensor:
+def decode_allowed(cache_seqlens: torch.Tensor, nq: int, nmax: int, causal: bool, left: int,
+                   right: int) -> torch.Tensor:
     """Bool [B, Nq, Nmax]: True where new token i of sequence b may see cache slot j (no host sync)."""
     device = cache_seqlens.device
     length = cache_seqlens.to(torch.int64).clamp(0, nmax)[:, None, None]
