@@ -192,7 +192,8 @@ def test_append_bad_input():
 def test_opcheck(device, backend):
     q, k, v = _make(2, 4, 2, 3, 20, 16, torch.float32, device, seed=5)
     lengths = torch.tensor([3, 20], dtype=torch.int32, device=device)
-    torch.library.opcheck(torch.ops.genfast.attention_decode_triton, (q, k, v, lengths, True, 0.25, 4, -1, 2))
+    op = torch.ops.genfast.attention_decode if backend == "cuda" else torch.ops.genfast.attention_decode_triton
+    torch.library.opcheck(op, (q, k, v, lengths, True, 0.25, 4, -1, 2))
     for op in (torch.ops.genfast.kv_cache_append_triton, torch.ops.genfast.kv_cache_append_torch):
         torch.library.opcheck(op, (k.clone(), v.clone(), q[:, :2], q[:, 2:], lengths - 3))
 

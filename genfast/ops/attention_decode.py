@@ -14,9 +14,10 @@ Validation of ``cache_seqlens`` values needs the host (one synchronisation); ``v
 (and torch.compile skips it), and the kernels stay memory-safe: lengths are clamped to [0, Nmax] on the
 device and rows that then see no key give 0 (lse -inf); appends past Nmax are dropped.
 
-Backends: CUDA tensors -> the Triton split-K kernels (genfast/kernels/attention_decode.py) or the CUDA C++
-kernel (csrc/cuda/attention.cu) when asked for by name; CPU tensors -> the reference (masked math over the
-cache: torch's SDPA in the input dtype, or the written-out math in fp32 when lse is wanted).
+Backends: CUDA tensors -> the Triton split-K kernels (genfast/kernels/attention_decode.py), or the CUDA C++
+kernel (csrc/cuda/attention.cu, custom op ``genfast::attention_decode``) when asked for by name; CPU tensors ->
+the reference (masked math over the cache: torch's SDPA in the input dtype, or the written-out math in fp32
+when lse is wanted).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from genfast import _backend
+from genfast import _backend, _ext
 from genfast.ops import _checks
 from genfast.ops.attention import _flag, _math, _window_pair, attention_ref
 
@@ -115,6 +116,8 @@ def _attention_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
 
 
 _attention_decode_triton.register_fake(_decode_fake)
+if _ext.loaded:  # the schema genfast::attention_decode comes with the extension (csrc/genfast.cpp)
+    torch.library.register_fake("genfast::attention_decode")(_decode_fake)
 
 
 @torch.library.custom_op("genfast::kv_cache_append_triton", mutates_args=("k_cache", "v_cache"))
@@ -153,8 +156,16 @@ def _triton_decode(q, k_cache, v_cache, cache_seqlens, causal, scale, left, righ
                                                      num_splits)
 
 
-_dispatch = _backend.dispatcher(OP, _reference, preference={"cuda": ("triton",), "cpu": ()})
+def _cuda_decode(q, k_cache, v_cache, cache_seqlens, causal, scale, left, right, num_splits, need_lse):
+    return torch.ops.genfast.attention_decode(q, k_cache, v_cache, cache_seqlens, causal, scale, left, right,
+                                              num_splits)
+
+
+# The CUDA C++ kernel (csrc/cuda/attention.cu) serves calls that name the "cuda" backend; auto prefers Triton,
+# whose kernels are the tested algorithm the C++ one mirrors.
+_dispatch = _backend.dispatcher(OP, _reference, preference={"cuda": ("triton", "cuda"), "cpu": ()})
 _dispatch.register("triton", supports=_head_dim_supports)(_triton_decode)
+_dispatch.register("cuda", supports=_head_dim_supports)(_cuda_decode)
 
 _append_dispatch = _backend.dispatcher(APPEND, lambda *a: torch.ops.genfast.kv_cache_append_torch(*a),
                                        preference={"cuda": ("triton",), "cpu": ()})
