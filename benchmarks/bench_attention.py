@@ -9,6 +9,10 @@ FLOPs are the standard count: 4 * B * H * Nq * Nk * D for the forward, halved wh
 (``attention_bwd``: dq, dk, dv from a saved forward, the forward not included) counts 2.5x that.
 Grid on a GPU: bf16 and fp16, D 64 and 128 (H = 2048 / D), N 512 to 16k with B * N = 16k tokens, causal and
 not. On a CPU a small grid (fp32 and bf16, D 64, N 256 and 1024 with B * N = 2048, H 8).
+
+Decode (``attention_decode``, see ``decode_cases``): one new token per sequence over full caches, bytes = the
+K and V caches read once (memory bound), so GB/s compares directly with the copy bandwidth of the same run.
+Providers: genfast backends, auto, the reference, and torch's SDPA (default backend choice) on the cache.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch.nn.functional as F
 
 import genfast
 from benchmarks.harness import BenchCase, genfast_providers
-from genfast.ops import attention
+from genfast.ops import attention, attention_decode
 
 FAMILY = "attention"
 SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
@@ -133,7 +137,51 @@ def cases(device: torch.device, quick: bool = False) -> list[BenchCase]:
             for provider, fn in providers.items():
                 out.append(BenchCase(FAMILY, op, label, provider, _timed(fn, device, dtype, (b, h, n, d), backward),
                                      flops=flops))
+    return out + decode_cases(device, quick)
+
+
+def _decode_grid(device: torch.device, quick: bool):
+    """(dtype, D, Hq, Hk, B, cache length) per case: caches 1k to 64k, batch 1 to 64 (<= 2^19 cached tokens)."""
+    if device.type == "cuda":
+        dtype, d, hq, hk = torch.bfloat16, 128, 32, 8
+        lengths = [1024, 65536] if quick else [1024, 4096, 16384, 65536]
+        batches = [1, 64] if quick else [1, 8, 64]
+        return [(dtype, d, hq, hk, b, n) for b in batches for n in lengths if b * n <= 1 << 19]
+    lengths = [1024] if quick else [1024, 4096]
+    return [(torch.float32, 64, 8, 2, b, n) for b in (1, 4) for n in lengths]
+
+
+def decode_cases(device: torch.device, quick: bool = False) -> list[BenchCase]:
+    out = []
+    for dtype, d, hq, hk, b, n in _decode_grid(device, quick):
+        label = f"{str(dtype).replace('torch.', '')} d{d} Hq{hq} Hk{hk} B{b} cache{n}"
+        kv_bytes = 2.0 * b * hk * n * d * torch.finfo(dtype).bits // 8
+
+        def setup_for(fn, b=b, n=n, d=d, hq=hq, hk=hk, dtype=dtype):
+            def setup():
+                g = torch.Generator(device).manual_seed(0)
+                q = torch.randn(b, hq, 1, d, device=device, dtype=dtype, generator=g)
+                k = torch.randn(b, hk, n, d, device=device, dtype=dtype, generator=g)
+                v = torch.randn(b, hk, n, d, device=device, dtype=dtype, generator=g)
+                lengths = torch.full((b,), n, dtype=torch.int32, device=device)
+                return lambda: fn(q, k, v, lengths)
+            return setup
+
+        def ours(backend_name):
+            def run(q, k, v, lengths):
+                with genfast.backend(backend_name):
+                    # validate=False: the timed loop must not include the host sync of the length check.
+                    return attention_decode(q, k, v, lengths, validate=False)
+            return run
+
+        providers = {f"genfast-{name}": ours(name) for name in genfast_providers("attention_decode", device)}
+        providers["genfast-auto"] = ours("auto")
+        providers["reference"] = ours("reference")
+        providers["torch-sdpa"] = lambda q, k, v, lengths: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        for provider, fn in providers.items():
+            out.append(BenchCase(FAMILY, "attention_decode", label, provider, setup_for(fn),
+                                 flops=4.0 * b * hq * n * d, bytes=kv_bytes))
     return out
 
 
-__all__ = ["cases"]
+__all__ = ["cases", "decode_cases"]

@@ -1,6 +1,7 @@
 """genfast's public ops. Each validates its arguments, then runs on the backend in force."""
 
 from genfast.ops.attention import attention, attention_ref
+from genfast.ops.attention_decode import attention_decode, attention_decode_ref, kv_cache_append, kv_cache_append_ref
 from genfast.ops.conv_transpose import conv_transpose1d, conv_transpose2d, conv_transpose2d_ref
 from genfast.ops.diffusion import cfg_combine, cfg_combine_ref, scheduler_step, scheduler_step_ref
 from genfast.ops.latent import (
@@ -16,6 +17,7 @@ from genfast.ops.sampling import filter_logits, filter_logits_ref, sample_tokens
 
 __all__ = [
     "attention", "attention_ref",
+    "attention_decode", "attention_decode_ref", "kv_cache_append", "kv_cache_append_ref",
     "philox_noise", "philox_noise_ref",
     "conv_transpose2d", "conv_transpose2d_ref", "conv_transpose1d",
     "filter_logits", "filter_logits_ref", "sample_tokens", "sample_tokens_ref",

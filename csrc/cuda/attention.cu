@@ -1,0 +1,271 @@
+// CUDA kernels of genfast::attention_decode: flash-decoding, the algorithm of
+// genfast/kernels/attention_decode.py (read its docstring first), written for clarity over speed:
+//   split kernel    one block per (split, batch x kv head, block of kRows query rows). Rows r = g * Nq + i
+//                   cover every query head g of the GQA group and every new token i, so a kv tile is read
+//                   once for the whole group. The keys any row may see, [lo, hi), are cut into num_splits
+//                   chunks (multiples of kTile); each block streams its chunk through shared memory with an
+//                   online softmax in base 2 and writes its normalised partial output and lse (fp32);
+//   combine kernel  merges the splits of each row by their lse into out and lse.
+// Lengths are read on the device and clamped to [0, Nmax]: no key outside a sequence's prefix (or the cache)
+// is ever read. All offsets are int64. Everything computes in float32 (Triton rounds P to the input dtype
+// before its PV matmul; this kernel does not, so it is at least as accurate).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "attention.cuh"
+
+namespace genfast::cuda {
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kRows = static_cast<int>(kDecodeRowsPerBlock);
+constexpr int kTile = 16;  // keys per shared-memory tile
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr int64_t kMinKeysPerSplit = 256;
+constexpr int64_t kMaxSplits = 128;
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__device__ __forceinline__ int64_t cdiv_d(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+struct SplitArgs {
+  DecodeShape shape;
+  const void* seqlens;
+  bool seqlens_int64;
+  int64_t rows, group, num_splits, left, right;  // left/right: already "far" where unbounded
+  float qk_scale;                                 // scale * log2(e)
+  float* opart;                                   // [B * Hk * S * rows, D]
+  float* lpart;                                   // [B * Hk * S * rows], base 2
+};
+
+// Shared memory: q rows [kRows][D], acc [kRows][D], k and v tiles [kTile][D], scores [kRows][kTile], and
+// per-row m, l, alpha.
+size_t split_smem_bytes(int64_t d) {
+  return sizeof(float) * (2 * kRows * d + 2 * kTile * d + kRows * kTile + 3 * kRows);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) decode_split_kernel(const T* __restrict__ q, const T* __restrict__ k,
+                                                                const T* __restrict__ v, SplitArgs a) {
+  extern __shared__ float smem[];
+  const DecodeShape& s = a.shape;
+  const int64_t d_len = s.head_dim;
+  float* sq = smem;
+  float* acc = sq + kRows * d_len;
+  float* sk = acc + kRows * d_len;
+  float* sv = sk + kTile * d_len;
+  float* ss = sv + kTile * d_len;
+  float* sm = ss + kRows * kTile;
+  float* sl = sm + kRows;
+  float* salpha = sl + kRows;
+
+  const int64_t split = blockIdx.x;
+  const int64_t bhk = blockIdx.y;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.z) * kRows;
+  const int64_t b = bhk / s.kv_heads;
+  const int64_t hk = bhk % s.kv_heads;
+  int64_t length = a.seqlens_int64 ? static_cast<const int64_t*>(a.seqlens)[b]
+                                   : static_cast<int64_t>(static_cast<const int32_t*>(a.seqlens)[b]);
+  length = min(max(length, int64_t{0}), s.cache_len);
+
+  // q rows, pre-scaled so that scores come out in base 2; rows past `rows` are zeros and never stored.
+  for (int64_t idx = threadIdx.x; idx < kRows * d_len; idx += kThreads) {
+    const int64_t rr = idx / d_len, dd = idx % d_len, r = r0 + rr;
+    float x = 0.f;
+    if (r < a.rows) {
+      const int64_t h = hk * a.group + r / s.new_tokens, i = r % s.new_tokens;
+      x = to_float(q[b * s.q_stride[0] + h * s.q_stride[1] + i * s.q_stride[2] + dd * s.q_stride[3]]) * a.qk_scale;
+    }
+    sq[idx] = x;
+    acc[idx] = 0.f;
+  }
+  if (threadIdx.x < kRows) {
+    sm[threadIdx.x] = -INFINITY;
+    sl[threadIdx.x] = 0.f;
+  }
+  // Keys any row may see, and this split's chunk of them (same arithmetic as the Triton kernel).
+  const int64_t lo = max(length - s.new_tokens - a.left, int64_t{0});
+  const int64_t hi = min(length, length + a.right);
+  const int64_t span = max(hi - lo, int64_t{0});
+  const int64_t chunk = cdiv_d(cdiv_d(span, a.num_splits), kTile) * kTile;
+  const int64_t start = lo + split * chunk;
+  const int64_t end = min(start + chunk, hi);
+  const T* k_base = k + b * s.k_stride[0] + hk * s.k_stride[1];
+  const T* v_base = v + b * s.v_stride[0] + hk * s.v_stride[1];
+  __syncthreads();
+
+  for (int64_t t0 = start; t0 < end; t0 += kTile) {
+    for (int64_t idx = threadIdx.x; idx < kTile * d_len; idx += kThreads) {
+      const int64_t j = idx / d_len, dd = idx % d_len, n = t0 + j;
+      const bool ok = n < end;  // end <= length <= Nmax: in bounds
+      sk[idx] = ok ? to_float(k_base[n * s.k_stride[2] + dd * s.k_stride[3]]) : 0.f;
+      sv[idx] = ok ? to_float(v_base[n * s.v_stride[2] + dd * s.v_stride[3]]) : 0.f;
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < kRows * kTile; idx += kThreads) {
+      const int rr = idx / kTile, j = idx % kTile;
+      const int64_t r = r0 + rr, n = t0 + j;
+      const int64_t pos = length - s.new_tokens + (r % s.new_tokens);
+      float score = -INFINITY;
+      if (r < a.rows && n < end && n >= pos - a.left && n <= pos + a.right) {
+        float dot = 0.f;
+        for (int64_t dd = 0; dd < d_len; ++dd) dot += sq[rr * d_len + dd] * sk[j * d_len + dd];
+        score = dot;
+      }
+      ss[idx] = score;
+    }
+    __syncthreads();
+    if (threadIdx.x < kRows) {
+      const int rr = threadIdx.x;
+      float m_new = sm[rr];
+      for (int j = 0; j < kTile; ++j) m_new = fmaxf(m_new, ss[rr * kTile + j]);
+      // A row that has seen only -inf keeps a finite shift, so exp2 gives 0 rather than NaN.
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;
+      const float alpha = exp2f(sm[rr] - m_use);
+      float total = 0.f;
+      for (int j = 0; j < kTile; ++j) {
+        const float p = exp2f(ss[rr * kTile + j] - m_use);
+        ss[rr * kTile + j] = p;
+        total += p;
+      }
+      sl[rr] = sl[rr] * alpha + total;
+      sm[rr] = m_new;
+      salpha[rr] = alpha;
+    }
+    __syncthreads();
+    for (int64_t idx = threadIdx.x; idx < kRows * d_len; idx += kThreads) {
+      const int64_t rr = idx / d_len, dd = idx % d_len;
+      float x = acc[idx] * salpha[rr];
+      for (int j = 0; j < kTile; ++j) x += ss[rr * kTile + j] * sv[j * d_len + dd];
+      acc[idx] = x;
+    }
+    __syncthreads();
+  }
+
+  const int64_t part0 = (bhk * a.num_splits + split) * a.rows;
+  for (int64_t idx = threadIdx.x; idx < kRows * d_len; idx += kThreads) {
+    const int64_t rr = idx / d_len, dd = idx % d_len, r = r0 + rr;
+    if (r >= a.rows) continue;
+    const float l = sl[rr];
+    a.opart[(part0 + r) * d_len + dd] = l == 0.f ? 0.f : acc[idx] / l;
+    if (dd == 0) a.lpart[part0 + r] = l == 0.f ? -INFINITY : sm[rr] + log2f(l);
+  }
+}
+
+// out row (b, hk * group + g, i) of [B, Hq, Nq, D] is bhk * rows + r since r = g * Nq + i.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) decode_combine_kernel(const float* __restrict__ opart,
+                                                                  const float* __restrict__ lpart, T* out,
+                                                                  float* lse, int64_t rows, int64_t d_len,
+                                                                  int64_t num_splits) {
+  const int64_t bhk = blockIdx.x;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kRows;
+  for (int64_t idx = threadIdx.x; idx < kRows * d_len; idx += kThreads) {
+    const int64_t r = r0 + idx / d_len, dd = idx % d_len;
+    if (r >= rows) continue;
+    float m = -INFINITY;
+    for (int64_t sp = 0; sp < num_splits; ++sp) m = fmaxf(m, lpart[(bhk * num_splits + sp) * rows + r]);
+    const float m_use = m == -INFINITY ? 0.f : m;
+    float total = 0.f, x = 0.f;
+    for (int64_t sp = 0; sp < num_splits; ++sp) {
+      const int64_t part = (bhk * num_splits + sp) * rows + r;
+      const float w = exp2f(lpart[part] - m_use);
+      total += w;
+      x += w * opart[part * d_len + dd];
+    }
+    out[(bhk * rows + r) * d_len + dd] = from_float<T>(total == 0.f ? 0.f : x / total);
+    if (dd == 0) lse[bhk * rows + r] = total == 0.f ? -INFINITY : (m_use + log2f(total)) * kLn2;
+  }
+}
+
+template <typename T>
+cudaError_t launch_typed(const void* q, const void* k, const void* v, const SplitArgs& a, void* out, float* lse,
+                         cudaStream_t stream) {
+  const DecodeShape& s = a.shape;
+  const int64_t row_blocks = cdiv(a.rows, kRows);
+  const size_t smem = split_smem_bytes(s.head_dim);
+  // Above 48 KiB (D > 128) a kernel must opt in to more dynamic shared memory.
+  cudaError_t err = cudaFuncSetAttribute(decode_split_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  const dim3 split_grid(static_cast<unsigned>(a.num_splits), static_cast<unsigned>(s.batch * s.kv_heads),
+                        static_cast<unsigned>(row_blocks));
+  decode_split_kernel<T><<<split_grid, kThreads, smem, stream>>>(static_cast<const T*>(q), static_cast<const T*>(k),
+                                                                 static_cast<const T*>(v), a);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  const dim3 combine_grid(static_cast<unsigned>(s.batch * s.kv_heads), static_cast<unsigned>(row_blocks));
+  decode_combine_kernel<T><<<combine_grid, kThreads, 0, stream>>>(a.opart, a.lpart, static_cast<T*>(out), lse,
+                                                                  a.rows, s.head_dim, a.num_splits);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+int64_t decode_num_splits(const DecodeShape& shape, int device) {
+  int sms = 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0) sms = 1;
+  const int64_t rows = (shape.q_heads / shape.kv_heads) * shape.new_tokens;
+  const int64_t programs = shape.batch * shape.kv_heads * cdiv(rows, kRows);
+  const int64_t want = cdiv(2 * static_cast<int64_t>(sms), programs);
+  const int64_t useful = cdiv(shape.cache_len, kMinKeysPerSplit);
+  return std::max(int64_t{1}, std::min(std::min(want, useful), kMaxSplits));
+}
+
+int64_t decode_workspace_floats(const DecodeShape& shape, int64_t num_splits) {
+  const int64_t rows = (shape.q_heads / shape.kv_heads) * shape.new_tokens;
+  return shape.batch * shape.kv_heads * num_splits * rows * (shape.head_dim + 1);
+}
+
+cudaError_t launch_attention_decode(const void* q, const void* k, const void* v, FloatType dtype,
+                                    const void* seqlens, bool seqlens_int64, const DecodeShape& shape, bool causal,
+                                    float scale, int64_t window_left, int64_t window_right, int64_t num_splits,
+                                    float* workspace, void* out, float* lse, cudaStream_t stream) {
+  if (shape.batch == 0 || shape.q_heads == 0) return cudaSuccess;
+  if (shape.kv_heads <= 0 || shape.q_heads % shape.kv_heads != 0 || shape.head_dim <= 0 ||
+      shape.head_dim > kDecodeMaxHeadDim || shape.new_tokens <= 0 || shape.cache_len <= 0 || num_splits <= 0 ||
+      num_splits > 65535) {
+    return cudaErrorInvalidValue;
+  }
+  SplitArgs a{};
+  a.shape = shape;
+  a.seqlens = seqlens;
+  a.seqlens_int64 = seqlens_int64;
+  a.group = shape.q_heads / shape.kv_heads;
+  a.rows = a.group * shape.new_tokens;
+  a.num_splits = num_splits;
+  // Unbounded sides become a distance no position reaches; causal is a right window of 0.
+  const int64_t far = shape.cache_len + shape.new_tokens + 1;
+  a.left = window_left >= 0 ? window_left : far;
+  a.right = window_right >= 0 ? window_right : far;
+  if (causal) a.right = std::min(a.right, int64_t{0});
+  a.qk_scale = scale * kLog2e;
+  a.opart = workspace;
+  a.lpart = workspace + shape.batch * shape.kv_heads * num_splits * a.rows * shape.head_dim;
+  switch (dtype) {
+    case FloatType::kFloat32:
+      return launch_typed<float>(q, k, v, a, out, lse, stream);
+    case FloatType::kFloat16:
+      return launch_typed<__half>(q, k, v, a, out, lse, stream);
+    case FloatType::kBFloat16:
+      return launch_typed<__nv_bfloat16>(q, k, v, a, out, lse, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace genfast::cuda

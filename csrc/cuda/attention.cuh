@@ -1,0 +1,36 @@
+// Launchers of the attention decode kernels (torch-free: raw pointers, sizes, a stream).
+// Semantics: genfast/ops/attention_decode.py; algorithm: csrc/cuda/attention.cu, which mirrors the Triton
+// kernels of genfast/kernels/attention_decode.py (split-K over the cache, then a combine pass by lse).
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "float_type.cuh"
+
+namespace genfast::cuda {
+
+constexpr int64_t kDecodeMaxHeadDim = 256;
+constexpr int64_t kDecodeRowsPerBlock = 8;  // query rows (GQA heads x new tokens) per program
+
+struct DecodeShape {
+  int64_t batch, q_heads, kv_heads, new_tokens, cache_len, head_dim;  // B, Hq, Hk, Nq, Nmax, D
+  int64_t q_stride[4], k_stride[4], v_stride[4];                        // elements, [B, H, N, D] order
+};
+
+// Splits per (batch, kv head) for this shape on `device`: ~2 waves of programs, each split >= 256 keys.
+// Needs no host synchronisation (reads a device attribute only).
+int64_t decode_num_splits(const DecodeShape& shape, int device);
+
+// Floats of workspace the launcher needs: partial outputs then partial lse, both float32.
+int64_t decode_workspace_floats(const DecodeShape& shape, int64_t num_splits);
+
+// out [B, Hq, Nq, D] contiguous in `dtype`, lse [B, Hq, Nq] float32 (natural log, -inf for a row with no key).
+// q, k, v in `dtype` with the given strides; seqlens [B] int32 or int64 (clamped to [0, Nmax] on the device).
+// window_left/right: -1 for unbounded; causal keeps keys at or before each new token's position.
+cudaError_t launch_attention_decode(const void* q, const void* k, const void* v, FloatType dtype,
+                                    const void* seqlens, bool seqlens_int64, const DecodeShape& shape, bool causal,
+                                    float scale, int64_t window_left, int64_t window_right, int64_t num_splits,
+                                    float* workspace, void* out, float* lse, cudaStream_t stream);
+
+}  // namespace genfast::cuda

@@ -1,0 +1,223 @@
+"""Triton kernels of genfast::attention_decode_triton (flash-decoding) and genfast::kv_cache_append_triton.
+
+Decode is memory bound: each step reads the whole cache once for a handful of query rows. So:
+
+- one program per (split, batch x kv head, block of query rows) reads its kv head's cache once for *all* the
+  query heads of the GQA group and all Nq new tokens (rows ``r = g * Nq + i``, g the head within the group),
+  so a kv tile is loaded once, not Hq / Hk times;
+- the visible key range of the sequence (``[lo, hi)`` from its length, causal and the window) is cut into
+  ``num_splits`` chunks (multiples of BLOCK_N) handled by separate programs, which is what fills the GPU when
+  B * Hk is small and the cache long (flash-decoding). Each writes its normalised partial output and its lse
+  (base 2, fp32); a combine kernel merges the splits by lse.
+
+Lengths are read on the device and clamped to [0, Nmax], so a bad ``cache_seqlens`` (possible only with
+validate=False) can never index outside the cache. Offsets of batch/head are int64.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+_COMPILED = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+# The interpreter gets small tiles so tiny tests still cross several tiles and splits.
+BLOCK_N = 64 if _COMPILED else 16
+MAX_BLOCK_M = 64 if _COMPILED else 16
+
+
+@triton.jit
+def _mm(a, b, PRECISION: tl.constexpr, F32_DOT: tl.constexpr):
+    # F32_DOT: the interpreter's bf16 dot is wrong (triton 3.9); upcast the already-rounded operands there.
+    if F32_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PRECISION)
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _decode_split_kernel(Q, K, V, Seqlens, Opart, Lpart,
+                         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                         Hk, Nq, Nmax, D, group, rows, num_splits, qk_scale, left, right,
+                         PRECISION: tl.constexpr, F32_DOT: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    split = tl.program_id(0)
+    bhk = tl.program_id(1).to(tl.int64)
+    pid_r = tl.program_id(2)
+    b = bhk // Hk
+    hk = bhk % Hk
+    length = tl.load(Seqlens + b).to(tl.int64)
+    length = tl.minimum(tl.maximum(length, 0), Nmax)
+
+    offs_r = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_j = tl.arange(0, BLOCK_N)
+    r_ok = offs_r < rows
+    d_ok = offs_d < D
+    g = offs_r // Nq
+    i = offs_r % Nq
+    h = hk * group + g
+    q = tl.load(Q + b * sqb + h[:, None] * sqh + i[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+    # New token i sits at position length - Nq + i (the last Nq entries of the sequence's cache prefix).
+    pos = length - Nq + i
+    # Keys any row may see: [max(0, first pos - left), min(length, last pos + right + 1)).
+    lo = tl.maximum(length - Nq - left, 0)
+    hi = tl.minimum(length, length + right)
+    span = tl.maximum(hi - lo, 0)
+    chunk = tl.cdiv(tl.cdiv(span, num_splits), BLOCK_N) * BLOCK_N
+    start = lo + split * chunk
+    end = tl.minimum(start + chunk, hi)
+
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + offs_j
+        n_ok = offs_n < end
+        kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd, mask=n_ok[None, :] & d_ok[:, None],
+                     other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=n_ok[:, None] & d_ok[None, :],
+                    other=0.0)
+        s = _mm(q, kt, PRECISION, F32_DOT) * qk_scale
+        ok = n_ok[None, :] & (offs_n[None, :] >= pos[:, None] - left) & (offs_n[None, :] <= pos[:, None] + right)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen only -inf so far keeps a finite shift, so exp2 gives 0 rather than NaN.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION, F32_DOT)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    part = (bhk * num_splits + split) * rows + offs_r
+    tl.store(Opart + part[:, None] * D + offs_d[None, :], acc / l_safe[:, None], mask=r_ok[:, None] & d_ok[None, :])
+    tl.store(Lpart + part, tl.where(empty, float("-inf"), m_i + tl.log2(l_safe)), mask=r_ok)
+
+
+@triton.jit
+def _decode_combine_kernel(Opart, Lpart, Out, Lse, D, rows, num_splits,
+                           BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """out = sum_s 2^(lse_s - lse) o_s with lse = log2 sum_s 2^lse_s; rows of [B, Hq, Nq] are (bhk, r)."""
+    bhk = tl.program_id(0).to(tl.int64)
+    offs_r = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    r_ok = offs_r < rows
+    ok = r_ok[:, None] & (offs_d[None, :] < D)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    for s in range(num_splits):
+        m = tl.maximum(m, tl.load(Lpart + (bhk * num_splits + s) * rows + offs_r, mask=r_ok, other=float("-inf")))
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    total = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for s in range(num_splits):
+        part = (bhk * num_splits + s) * rows + offs_r
+        w = tl.exp2(tl.load(Lpart + part, mask=r_ok, other=float("-inf")) - m_use)
+        total += w
+        acc += w[:, None] * tl.load(Opart + part[:, None] * D + offs_d[None, :], mask=ok, other=0.0)
+    empty = total == 0.0
+    out = acc / tl.where(empty, 1.0, total)[:, None]
+    # [B, Hq, Nq, D] contiguous: row (b, hk * group + g, i) is bhk * rows + r, since r = g * Nq + i.
+    tl.store(Out + (bhk * rows + offs_r)[:, None] * D + offs_d[None, :], out.to(Out.dtype.element_ty), mask=ok)
+    lse = tl.where(empty, float("-inf"), (m_use + tl.log2(tl.where(empty, 1.0, total))) * 0.6931471805599453)
+    tl.store(Lse + bhk * rows + offs_r, lse, mask=r_ok)
+
+
+@triton.jit
+def _append_kernel(Cache, New, Seqlens, scb, sch, scn, scd, snb, snh, snn, snd, Hk, Nnew, Nmax, D,
+                   BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """cache[b, h, L_b + t] = new[b, h, t]; positions past Nmax (only with validate=False) are dropped."""
+    bh = tl.program_id(0).to(tl.int64)
+    b = bh // Hk
+    h = bh % Hk
+    offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    length = tl.load(Seqlens + b).to(tl.int64)
+    dest = length + offs_t
+    t_ok = (offs_t < Nnew) & (dest >= 0) & (dest < Nmax)
+    ok = t_ok[:, None] & (offs_d[None, :] < D)
+    x = tl.load(New + b * snb + h * snh + offs_t[:, None] * snn + offs_d[None, :] * snd, mask=ok)
+    tl.store(Cache + b * scb + h * sch + dest[:, None] * scn + offs_d[None, :] * scd, x, mask=ok)
+
+
+# ------------------------------------------------------------------------------------------ launchers
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: any small number; tests pass num_splits explicitly too
+
+
+def choose_splits(batch: int, kv_heads: int, row_blocks: int, nmax: int, device: torch.device) -> int:
+    """Splits per (batch, kv head): enough programs for ~2 waves on the GPU, each split >= 4 key tiles.
+
+    Decided from Nmax (the cache capacity), not the true lengths, so no host synchronisation is needed;
+    shorter sequences simply get shorter chunks.
+    """
+    programs = batch * kv_heads * row_blocks
+    want = triton.cdiv(2 * _sm_count(device), programs)
+    useful = triton.cdiv(nmax, 4 * BLOCK_N)
+    return max(1, min(want, useful, 128))
+
+
+def row_block(rows: int) -> int:
+    return max(16, min(MAX_BLOCK_M, triton.next_power_of_2(rows)))
+
+
+def attention_decode(q, k_cache, v_cache, cache_seqlens, causal, scale, window_left, window_right, num_splits):
+    b, hq, nq, d = q.shape
+    hk, nmax = k_cache.shape[1], k_cache.shape[2]
+    group = hq // hk
+    rows = group * nq
+    block_m = row_block(rows)
+    row_blocks = triton.cdiv(rows, block_m)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    if num_splits <= 0:
+        num_splits = choose_splits(b, hk, row_blocks, nmax, q.device)
+    # Unbounded sides become a distance no position reaches; causal is a right window of 0.
+    far = nmax + nq + 1
+    left = window_left if window_left >= 0 else far
+    right = window_right if window_right >= 0 else far
+    if causal:
+        right = min(right, 0)
+    block_d = max(16, triton.next_power_of_2(d))
+    opart = torch.empty(b * hk * num_splits * rows, d, dtype=torch.float32, device=q.device)
+    lpart = torch.empty(b * hk * num_splits * rows, dtype=torch.float32, device=q.device)
+    _decode_split_kernel[(num_splits, b * hk, row_blocks)](
+        q, k_cache, v_cache, cache_seqlens, opart, lpart, *q.stride(), *k_cache.stride(), *v_cache.stride(),
+        hk, nq, nmax, d, group, rows, num_splits, scale * LOG2E, left, right,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        F32_DOT=q.dtype == torch.bfloat16 and q.device.type == "cpu",
+        BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
+    )
+    _decode_combine_kernel[(b * hk, row_blocks)](opart, lpart, out, lse, d, rows, num_splits, BLOCK_D=block_d,
+                                                 BLOCK_M=block_m)
+    return out, lse
+
+
+def kv_cache_append(k_cache, v_cache, k_new, v_new, cache_seqlens) -> None:
+    b, hk, nmax, d = k_cache.shape
+    nnew = k_new.shape[2]
+    if k_new.numel() == 0:
+        return
+    block_t = min(64, max(1, triton.next_power_of_2(nnew)))
+    block_d = triton.next_power_of_2(d)
+    for cache, new in ((k_cache, k_new), (v_cache, v_new)):
+        _append_kernel[(b * hk, triton.cdiv(nnew, block_t))](
+            cache, new, cache_seqlens, *cache.stride(), *new.stride(), hk, nnew, nmax, d, BLOCK_T=block_t,
+            BLOCK_D=block_d,
+        )
+
+
+__all__ = ["attention_decode", "kv_cache_append", "choose_splits"]

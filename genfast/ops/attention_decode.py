@@ -1,0 +1,286 @@
+"""Attention for generation with a KV cache: ``attention_decode`` (flash-decoding) and ``kv_cache_append``.
+
+Layout: q [B, Hq, Nq, D] holds the Nq (1..16) new tokens of each sequence; the caches k_cache, v_cache
+[B, Hk, Nmax, D] hold each sequence's keys/values in its first ``cache_seqlens[b]`` slots, *the new tokens
+included* (append them first with ``kv_cache_append``, then advance ``cache_seqlens`` by Nq). So
+``Nq <= cache_seqlens[b] <= Nmax`` and new token i sits at position ``p_i = cache_seqlens[b] - Nq + i``:
+the queries are aligned bottom-right on the sequence's prefix, exactly as ``attention`` aligns them when
+called on that prefix (the reference ``attention_decode_ref`` does just that, which is the specification).
+``causal`` (default True: the new tokens see each other causally) keeps keys ``j <= p_i``;
+``window=(left, right)`` keeps ``p_i - left <= j <= p_i + right``; keys at or past ``cache_seqlens[b]`` are
+never seen. GQA when Hk divides Hq. Inference only: no gradient.
+
+Validation of ``cache_seqlens`` values needs the host (one synchronisation); ``validate=False`` skips it
+(and torch.compile skips it), and the kernels stay memory-safe: lengths are clamped to [0, Nmax] on the
+device and rows that then see no key give 0 (lse -inf); appends past Nmax are dropped.
+
+Backends: CUDA tensors -> the Triton split-K kernels (genfast/kernels/attention_decode.py), or the CUDA C++
+kernel (csrc/cuda/attention.cu, custom op ``genfast::attention_decode``) when asked for by name; CPU tensors ->
+the reference (masked math over the cache: torch's SDPA in the input dtype, or the written-out math in fp32
+when lse is wanted).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+import torch.nn.functional as F
+
+from genfast import _backend, _ext
+from genfast.ops import _checks
+from genfast.ops.attention import _flag, _math, _window_pair, attention_ref
+
+OP = "attention_decode"
+APPEND = "kv_cache_append"
+MAX_NEW_TOKENS = 16
+SEQLEN_DTYPES = (torch.int32, torch.int64)
+TRITON_MAX_HEAD_DIM = 256
+
+
+# ------------------------------------------------------------------------------------------ reference
+def attention_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+                         *, scale: float | None = None, causal: bool = True,
+                         window: tuple[int | None, int | None] | None = None, return_lse: bool = False,
+                         compute_dtype: torch.dtype | None = None):
+    """The specification: ``attention_ref`` on each sequence's cache prefix (host loop, one slice per sequence)."""
+    outs, lses = [], []
+    for b, length in enumerate(cache_seqlens.tolist()):
+        out, lse = attention_ref(q[b:b + 1], k_cache[b:b + 1, :, :length], v_cache[b:b + 1, :, :length],
+                                 causal=causal, scale=scale, window=window, return_lse=True,
+                                 compute_dtype=compute_dtype)
+        outs.append(out)
+        lses.append(lse)
+    out, lse = torch.cat(outs), torch.cat(lses)
+    return (out, lse) if return_lse else out
+
+
+def decode_allowed(cache_seqlens: torch.Tensor, nq: int, nmax: int, causal: bool, left: int,
+                   right: int) -> torch.Tensor:
+    """Bool [B, Nq, Nmax]: True where new token i of sequence b may see cache slot j (no host sync)."""
+    device = cache_seqlens.device
+    length = cache_seqlens.to(torch.int64).clamp(0, nmax)[:, None, None]
+    pos = length - nq + torch.arange(nq, device=device)[None, :, None]
+    j = torch.arange(nmax, device=device)[None, None, :]
+    ok = j < length
+    if causal:
+        ok = ok & (j <= pos)
+    if left >= 0:
+        ok = ok & (j >= pos - left)
+    if right >= 0:
+        ok = ok & (j <= pos + right)
+    return ok
+
+
+def _reference(q, k_cache, v_cache, cache_seqlens, causal, scale, left, right, num_splits, need_lse):
+    """The dispatcher's reference: masked attention over the whole cache, compile-friendly (no host sync)."""
+    ok = decode_allowed(cache_seqlens, q.shape[2], k_cache.shape[2], causal, left, right)[:, None]  # (B, 1, Nq, Nmax)
+    # Slots past a sequence's length may hold anything (NaN from torch.empty): a masked score still multiplies
+    # its value by 0, and 0 * NaN = NaN, so they are zeroed here (the kernels never read them at all).
+    filled = (torch.arange(k_cache.shape[2], device=q.device) < cache_seqlens[:, None])[:, None, :, None]
+    k_cache, v_cache = torch.where(filled, k_cache, 0.0), torch.where(filled, v_cache, 0.0)
+    if not need_lse:
+        # torch's fused kernel in the input dtype; rows with no visible key are set to 0 whatever SDPA gives there.
+        out = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=ok, scale=scale,
+                                             enable_gqa=q.shape[1] != k_cache.shape[1])
+        return torch.where(ok.any(-1, keepdim=True), out, 0.0), None
+    return _math(q, k_cache, v_cache, ok, None, False, 0.0, scale, -1, -1, torch.promote_types(q.dtype, torch.float32))
+
+
+def kv_cache_append_ref(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                        cache_seqlens: torch.Tensor) -> None:
+    """In place: ``cache[b, :, L_b + t] = new[b, :, t]``; positions outside [0, Nmax) are dropped."""
+    nnew, nmax = k_new.shape[2], k_cache.shape[2]
+    dest = cache_seqlens.to(torch.int64)[:, None] + torch.arange(nnew, device=k_cache.device)[None, :]  # (B, Nnew)
+    keep = (dest >= 0) & (dest < nmax)
+    b_idx = torch.arange(k_cache.shape[0], device=k_cache.device)[:, None].expand_as(dest)
+    for cache, new in ((k_cache, k_new), (v_cache, v_new)):
+        # cache[b, :, dest] viewed as (B, Nmax, Hk, D) so one advanced index picks (b, slot) pairs.
+        cache.transpose(1, 2)[b_idx[keep], dest[keep]] = new.transpose(1, 2)[keep]
+
+
+# ------------------------------------------------------------------------------------------ custom ops
+def _decode_fake(q, k_cache, v_cache, cache_seqlens, causal, scale, window_left, window_right, num_splits):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("genfast::attention_decode_triton", mutates_args=())
+def _attention_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                             cache_seqlens: torch.Tensor, causal: bool, scale: float, window_left: int,
+                             window_right: int, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from genfast.kernels import attention_decode as kernels
+
+    return kernels.attention_decode(q, k_cache, v_cache, cache_seqlens, causal, scale, window_left, window_right,
+                                    num_splits)
+
+
+_attention_decode_triton.register_fake(_decode_fake)
+if _ext.loaded:  # the schema genfast::attention_decode comes with the extension (csrc/genfast.cpp)
+    torch.library.register_fake("genfast::attention_decode")(_decode_fake)
+
+
+@torch.library.custom_op("genfast::kv_cache_append_triton", mutates_args=("k_cache", "v_cache"))
+def _kv_cache_append_triton(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                            cache_seqlens: torch.Tensor) -> None:
+    from genfast.kernels import attention_decode as kernels
+
+    kernels.kv_cache_append(k_cache, v_cache, k_new, v_new, cache_seqlens)
+
+
+# The reference append selects the kept positions with boolean masks (data-dependent shapes), so it too is an
+# opaque custom op: torch.compile(fullgraph=True) then sees one in-place op whatever the backend.
+@torch.library.custom_op("genfast::kv_cache_append_torch", mutates_args=("k_cache", "v_cache"))
+def _kv_cache_append_torch(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                           cache_seqlens: torch.Tensor) -> None:
+    kv_cache_append_ref(k_cache, v_cache, k_new, v_new, cache_seqlens)
+
+
+@_kv_cache_append_triton.register_fake
+def _append_fake(k_cache, v_cache, k_new, v_new, cache_seqlens):
+    return None
+
+
+_kv_cache_append_torch.register_fake(_append_fake)
+
+
+# ------------------------------------------------------------------------------------------ dispatch
+def _head_dim_supports(device, dtype=None, head_dim=None, **_):
+    if head_dim is not None and head_dim > TRITON_MAX_HEAD_DIM:
+        return f"the decode kernels take head dims up to {TRITON_MAX_HEAD_DIM}, got {head_dim}"
+    return None
+
+
+def _triton_decode(q, k_cache, v_cache, cache_seqlens, causal, scale, left, right, num_splits, need_lse):
+    return torch.ops.genfast.attention_decode_triton(q, k_cache, v_cache, cache_seqlens, causal, scale, left, right,
+                                                     num_splits)
+
+
+def _cuda_decode(q, k_cache, v_cache, cache_seqlens, causal, scale, left, right, num_splits, need_lse):
+    return torch.ops.genfast.attention_decode(q, k_cache, v_cache, cache_seqlens, causal, scale, left, right,
+                                              num_splits)
+
+
+# The CUDA C++ kernel (csrc/cuda/attention.cu) serves calls that name the "cuda" backend; auto prefers Triton,
+# whose kernels are the tested algorithm the C++ one mirrors.
+_dispatch = _backend.dispatcher(OP, _reference, preference={"cuda": ("triton", "cuda"), "cpu": ()})
+_dispatch.register("triton", supports=_head_dim_supports)(_triton_decode)
+_dispatch.register("cuda", supports=_head_dim_supports)(_cuda_decode)
+
+_append_dispatch = _backend.dispatcher(APPEND, lambda *a: torch.ops.genfast.kv_cache_append_torch(*a),
+                                       preference={"cuda": ("triton",), "cpu": ()})
+_append_dispatch.register("triton")(lambda *a: torch.ops.genfast.kv_cache_append_triton(*a))
+
+
+# ------------------------------------------------------------------------------------------ checks
+def _check_cache(op: str, q, k_cache, v_cache, q_name: str = "q") -> None:
+    _checks.tensor(op, q_name, q, dtypes=_checks.FLOAT_DTYPES, ndim=4)
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        _checks.tensor(op, name, t, dtypes=_checks.FLOAT_DTYPES, ndim=4)
+        if t.dtype != q.dtype:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype} but {q_name} has dtype {q.dtype}")
+    _checks.same_device(op, q_name, q, k_cache=k_cache, v_cache=v_cache)
+    _checks.same_shape(op, "k_cache", k_cache, v_cache=v_cache)
+    if k_cache.shape[0] != q.shape[0]:
+        raise ValueError(f"{op}: k_cache has batch {k_cache.shape[0]} but {q_name} has batch {q.shape[0]}")
+    if k_cache.shape[3] != q.shape[3]:
+        raise ValueError(f"{op}: {q_name} and k_cache head dims differ: {q_name} has D={q.shape[3]}, "
+                         f"k_cache has D={k_cache.shape[3]}")
+    if q.shape[3] == 0:
+        raise ValueError(f"{op}: the head dim D must be >= 1, got {q_name} shape {tuple(q.shape)}")
+    if k_cache.shape[2] == 0:
+        raise ValueError(f"{op}: k_cache must have room for at least one token (Nmax >= 1)")
+
+
+def _check_seqlens(op: str, cache_seqlens, batch: int, device: torch.device) -> None:
+    _checks.tensor(op, "cache_seqlens", cache_seqlens, dtypes=SEQLEN_DTYPES, ndim=1)
+    if cache_seqlens.shape[0] != batch:
+        raise ValueError(f"{op}: cache_seqlens must hold one length per sequence (B={batch}), "
+                         f"got shape {tuple(cache_seqlens.shape)}")
+    if cache_seqlens.device != device:
+        raise ValueError(f"{op}: cache_seqlens is on {cache_seqlens.device} but the caches are on {device}")
+
+
+def _check_range(op: str, name: str, values: torch.Tensor, low: int, high: int, what: str) -> None:
+    """``low <= values <= high`` element-wise, with one host synchronisation."""
+    lo, hi = torch.stack([values.min(), values.max()]).tolist()
+    if lo < low or hi > high:
+        raise ValueError(f"{op}: {name} must be in [{low}, {high}] ({what}), got values in [{lo}, {hi}]")
+
+
+def _validate_flag(op: str, validate) -> bool:
+    if not isinstance(validate, bool):
+        raise TypeError(f"{op}: validate must be a bool, got {type(validate).__name__}")
+    return validate and not torch.compiler.is_compiling()
+
+
+# ------------------------------------------------------------------------------------------ public ops
+def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor, *,
+                     scale: float | None = None, causal: bool = True,
+                     window: tuple[int | None, int | None] | None = None, return_lse: bool = False,
+                     num_splits: int | None = None, validate: bool = True):
+    """Attention of Nq new tokens per sequence over a KV cache (see the module docstring for the semantics).
+
+    q [B, Hq, Nq, D] with 1 <= Nq <= 16; k_cache, v_cache [B, Hk, Nmax, D] with Hk dividing Hq;
+    cache_seqlens int32/int64 [B], each in [Nq, Nmax] (checked with one host sync when ``validate``).
+    ``num_splits``: chunks each sequence's keys are cut into (split-K); None picks one that fills the GPU.
+    Returns out [B, Hq, Nq, D] in q's dtype, and with ``return_lse`` also lse [B, Hq, Nq] float32 (natural log).
+    """
+    _check_cache(OP, q, k_cache, v_cache)
+    b, hq, nq, d = q.shape
+    hk, nmax = k_cache.shape[1], k_cache.shape[2]
+    if hk == 0 or hq % hk != 0:
+        raise ValueError(f"{OP}: the number of query heads Hq={hq} must be a multiple of the cache's heads Hk={hk}")
+    if not 1 <= nq <= MAX_NEW_TOKENS:
+        raise ValueError(f"{OP}: q must hold 1 to {MAX_NEW_TOKENS} new tokens per sequence (Nq), got Nq={nq}")
+    _check_seqlens(OP, cache_seqlens, b, q.device)
+    causal = _flag(OP, "causal", causal)
+    return_lse = _flag(OP, "return_lse", return_lse)
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    else:
+        scale = _checks.real_number(OP, "scale", scale)
+        if not math.isfinite(scale):
+            raise ValueError(f"{OP}: scale must be finite, got {scale}")
+    left, right = _window_pair(OP, window)
+    if num_splits is None:
+        num_splits = 0
+    elif isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral) or num_splits < 1:
+        raise ValueError(f"{OP}: num_splits must be None or an int >= 1, got {num_splits!r}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
+        raise ValueError(f"{OP}: inference only (no gradient); q, k_cache and v_cache must not require grad "
+                         "(use torch.no_grad(), or genfast.ops.attention for training)")
+    if _validate_flag(OP, validate):
+        _check_range(OP, "cache_seqlens", cache_seqlens, nq, nmax,
+                     "each sequence's length, its Nq new tokens included, at most the cache size Nmax")
+    out, lse = _dispatch(q, k_cache, v_cache, cache_seqlens, causal, scale, left, right, int(num_splits), return_lse,
+                         device=q.device, dtype=q.dtype, facts={"head_dim": d})
+    return (out, lse) if return_lse else out
+
+
+def kv_cache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                    cache_seqlens: torch.Tensor, *, validate: bool = True) -> None:
+    """Write new keys/values into the caches in place at each sequence's end; returns None.
+
+    k_cache, v_cache [B, Hk, Nmax, D]; k_new, v_new [B, Hk, Nnew, D] of the caches' dtype and device;
+    cache_seqlens int32/int64 [B], the current lengths: ``cache[b, :, L_b + t] = new[b, :, t]``.
+    ``cache_seqlens`` is not changed (advance it by Nnew yourself). With ``validate`` (one host sync) an
+    overflow (``L_b + Nnew > Nmax``) or a negative length raises; without it such tokens are dropped.
+    """
+    for name, t in (("k_new", k_new), ("v_new", v_new)):
+        _check_cache(APPEND, t, k_cache, v_cache, q_name=name)
+        if t.shape[1] != k_cache.shape[1]:
+            raise ValueError(f"{APPEND}: {name} has {t.shape[1]} heads but the caches have Hk={k_cache.shape[1]}")
+    _checks.same_shape(APPEND, "k_new", k_new, v_new=v_new)
+    _check_seqlens(APPEND, cache_seqlens, k_cache.shape[0], k_cache.device)
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{APPEND}: {name} must not require grad (it is written in place)")
+    if _validate_flag(APPEND, validate):
+        nmax, nnew = k_cache.shape[2], k_new.shape[2]
+        _check_range(APPEND, "cache_seqlens", cache_seqlens, 0, nmax - nnew,
+                     f"the cache of Nmax={nmax} slots must have room for the Nnew={nnew} new tokens")
+    _append_dispatch(k_cache, v_cache, k_new, v_new, cache_seqlens, device=k_cache.device, dtype=k_cache.dtype)
+
+
+__all__ = ["attention_decode", "attention_decode_ref", "kv_cache_append", "kv_cache_append_ref", "decode_allowed"]

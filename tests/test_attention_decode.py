@@ -1,0 +1,225 @@
+"""genfast.ops.attention_decode and kv_cache_append against the spec (attention_ref on each cache prefix).
+
+Rule (STYLE.md item 6): ``err(backend) <= 2 * err(torch) + FLOOR[dtype]``, err measured against the spec run
+in fp64 on the same rounded inputs, err(torch) being the spec run in the low dtype itself. The CPU reference
+path (masked SDPA over the whole cache) is held to the same rule, since it is what auto runs on CPU.
+Shapes stay tiny: the Triton kernels run in the interpreter here (BLOCK_N = 16, so 100 keys cross 7 tiles).
+"""
+
+import pytest
+import torch
+
+import genfast
+from genfast.ops import attention, attention_decode, attention_decode_ref, kv_cache_append, kv_cache_append_ref
+from tests.conftest import backend_params
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+PARAMS = backend_params("attention_decode") + [pytest.param("cpu", "reference", id="cpu-reference")]
+APPEND_PARAMS = backend_params("kv_cache_append") + [pytest.param("cpu", "reference", id="cpu-reference")]
+
+
+def _make(b, hq, hk, nq, nmax, d, dtype, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, nq, d, generator=gen, dtype=torch.float64).to(dtype)
+    k = torch.randn(b, hk, nmax, d, generator=gen, dtype=torch.float64).to(dtype)
+    v = torch.randn(b, hk, nmax, d, generator=gen, dtype=torch.float64).to(dtype)
+    return [t.to(device) for t in (q, k, v)]
+
+
+def _err(got, want):
+    got, want = got.double().cpu(), want.double().cpu()
+    assert torch.equal(torch.isinf(got), torch.isinf(want)), "-inf pattern differs"
+    assert not torch.isnan(got).any()
+    finite = torch.isfinite(want)
+    return (got[finite] - want[finite]).abs().max().item() if finite.any() else 0.0
+
+
+def _check(backend, q, k, v, lengths, **kwargs):
+    dtype = q.dtype
+    with genfast.backend(backend):
+        got = attention_decode(q, k, v, lengths, return_lse=True, **kwargs)
+        out_only = attention_decode(q, k, v, lengths, **kwargs)  # the reference path differs without lse
+    spec_kwargs = {key: val for key, val in kwargs.items() if key != "num_splits"}
+    exact = attention_decode_ref(q.double(), k.double(), v.double(), lengths, return_lse=True, **spec_kwargs)
+    low = attention_decode_ref(q, k, v, lengths, return_lse=True, compute_dtype=dtype, **spec_kwargs)
+    for name, g, e, t in (("out", got[0], exact[0], low[0]), ("lse", got[1], exact[1], low[1]),
+                          ("out (no lse)", out_only, exact[0], low[0])):
+        assert g.dtype == (torch.float32 if name == "lse" else dtype) and g.shape == e.shape, name
+        floor = FLOOR[dtype] + torch.finfo(dtype).eps * e[torch.isfinite(e)].abs().max().item()
+        ours, theirs = _err(g, e), _err(t, e)
+        assert ours <= 2 * theirs + floor, f"{name}: error {ours:.3g} > 2 * torch's {theirs:.3g} + {floor:.3g}"
+
+
+# (B, Hq, Hk, Nq, Nmax, D, lengths, options)
+CASES = {
+    "one-token-odd-lengths": (3, 2, 2, 1, 100, 16, [1, 17, 100], {}),
+    "gqa-4-new-causal": (3, 4, 2, 4, 100, 32, [4, 17, 100], {}),
+    "mqa-3-new-noncausal": (2, 4, 1, 3, 37, 16, [3, 37], {"causal": False}),
+    "window-left": (2, 2, 1, 2, 64, 16, [2, 60], {"window": (9, None)}),
+    "window-both-noncausal": (2, 2, 2, 5, 50, 16, [7, 50], {"window": (4, 2), "causal": False}),
+    "d80-scale-16-new": (2, 2, 1, 16, 40, 80, [16, 33], {"scale": 0.2}),
+}
+
+
+@pytest.mark.parametrize("device,backend", PARAMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_spec(device, backend, dtype, case):
+    b, hq, hk, nq, nmax, d, lengths, options = CASES[case]
+    q, k, v = _make(b, hq, hk, nq, nmax, d, dtype, device)
+    _check(backend, q, k, v, torch.tensor(lengths, dtype=torch.int32, device=device), **options)
+
+
+@pytest.mark.parametrize("device,backend", PARAMS)
+@pytest.mark.parametrize("num_splits", [1, 3, 8])
+def test_splits(device, backend, num_splits):
+    """Every split count gives the spec's answer (8 splits of 100 keys leaves some splits empty for short rows)."""
+    q, k, v = _make(3, 4, 2, 2, 100, 16, torch.float32, device, seed=1)
+    lengths = torch.tensor([2, 45, 100], dtype=torch.int64, device=device)
+    _check(backend, q, k, v, lengths, num_splits=num_splits)
+    with genfast.backend(backend):
+        one = attention_decode(q, k, v, lengths, num_splits=1)
+        many = attention_decode(q, k, v, lengths, num_splits=num_splits)
+    torch.testing.assert_close(many, one, atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("device,backend", APPEND_PARAMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_append_then_decode_equals_attention(device, backend, dtype):
+    """Prefill k/v, append Nq new tokens, decode: equals causal attention over the concatenation, per sequence."""
+    b, hq, hk, nmax, d, nq = 2, 4, 2, 48, 16, 3
+    prefix = [5, 30]
+    gen = torch.Generator().manual_seed(3)
+    full_k = [torch.randn(1, hk, n + nq, d, generator=gen).to(dtype) for n in prefix]
+    full_v = [torch.randn(1, hk, n + nq, d, generator=gen).to(dtype) for n in prefix]
+    q = torch.randn(b, hq, nq, d, generator=gen).to(dtype).to(device)
+    k_cache = torch.full((b, hk, nmax, d), float("nan"), dtype=dtype)  # unwritten slots must never be read
+    v_cache = torch.full((b, hk, nmax, d), float("nan"), dtype=dtype)
+    for i, n in enumerate(prefix):
+        k_cache[i, :, :n], v_cache[i, :, :n] = full_k[i][0, :, :n], full_v[i][0, :, :n]
+    k_cache, v_cache = k_cache.to(device), v_cache.to(device)
+    k_new = torch.stack([t[0, :, -nq:] for t in full_k]).to(device)
+    v_new = torch.stack([t[0, :, -nq:] for t in full_v]).to(device)
+    lengths = torch.tensor(prefix, dtype=torch.int32, device=device)
+    with genfast.backend(backend):
+        kv_cache_append(k_cache, v_cache, k_new, v_new, lengths)
+    for i, n in enumerate(prefix):
+        assert torch.equal(k_cache[i, :, :n + nq].cpu(), full_k[i][0]) and torch.equal(v_cache[i, :, :n + nq].cpu(),
+                                                                                         full_v[i][0])
+        assert torch.isnan(k_cache[i, :, n + nq:]).all()
+    with genfast.backend("triton" if backend == "triton" else "reference"):
+        out = attention_decode(q, k_cache, v_cache, lengths + nq)
+    for i in range(b):
+        want = attention(q[i:i + 1].float().cpu(), full_k[i].float(), full_v[i].float(), causal=True)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(out[i:i + 1].float().cpu(), want, atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("device,backend", APPEND_PARAMS)
+def test_append_overflow(device, backend):
+    k_cache, v_cache = torch.zeros(2, 1, 8, 16, device=device), torch.zeros(2, 1, 8, 16, device=device)
+    new = torch.ones(2, 1, 3, 16, device=device)
+    lengths = torch.tensor([2, 6], device=device)
+    with genfast.backend(backend):
+        with pytest.raises(ValueError, match=r"cache_seqlens must be in \[0, 5\]"):
+            kv_cache_append(k_cache, v_cache, new, new, lengths)
+        assert not k_cache.any()  # nothing written before the error
+        # validate=False: memory-safe, the tokens past Nmax are dropped, the others written.
+        kv_cache_append(k_cache, v_cache, new, 2 * new, lengths, validate=False)
+    assert k_cache[0, :, 2:5].eq(1).all() and k_cache[1, :, 6:8].eq(1).all() and v_cache[1, :, 6:8].eq(2).all()
+    assert k_cache.sum().item() == (3 + 2) * 16
+
+
+@pytest.mark.parametrize("device,backend", PARAMS)
+def test_unvalidated_lengths_are_clamped(device, backend):
+    """validate=False with lengths outside [Nq, Nmax]: no out-of-bounds read; as if clamped to [0, Nmax]."""
+    q, k, v = _make(3, 2, 1, 2, 20, 16, torch.float32, device, seed=4)
+    bad = torch.tensor([-5, 1, 1000], device=device)
+    with genfast.backend(backend):
+        out, lse = attention_decode(q, k, v, bad, return_lse=True, validate=False)
+        with pytest.raises(ValueError, match=r"cache_seqlens must be in \[2, 20\]"):
+            attention_decode(q, k, v, bad)
+    assert torch.all(out[0] == 0) and torch.all(lse[0] == float("-inf"))  # length 0: no key at all
+    assert torch.all(lse[1, :, 0] == float("-inf")) and torch.isfinite(lse[1, :, 1]).all()  # token 0 at position -1
+    want = attention_decode_ref(q[2:], k[2:], v[2:], torch.tensor([20]), return_lse=True)
+    torch.testing.assert_close(out[2:], want[0], atol=1e-6, rtol=0)
+
+
+def _bad_cases():
+    q, k = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 8, 16)
+    lengths = torch.tensor([3, 8], dtype=torch.int32)
+    return [
+        ((q, k, torch.randn(2, 2, 9, 16), lengths), {}, ValueError, "v_cache has shape"),
+        ((q, torch.randn(2, 2, 8, 32), torch.randn(2, 2, 8, 32), lengths), {}, ValueError, "head dims differ"),
+        ((q, torch.randn(2, 3, 8, 16), torch.randn(2, 3, 8, 16), lengths), {}, ValueError, "multiple of the cache"),
+        ((torch.randn(2, 4, 17, 16), k, k, torch.tensor([17, 17])), {}, ValueError, "1 to 16 new tokens"),
+        ((q, k, k, lengths.float()), {}, TypeError, "cache_seqlens must have dtype"),
+        ((q, k, k, lengths[:1]), {}, ValueError, "one length per sequence"),
+        ((q, k, k, lengths[None]), {}, ValueError, "cache_seqlens must be 1-D"),
+        ((q, k, k, torch.tensor([0, 3])), {}, ValueError, r"cache_seqlens must be in \[1, 8\]"),
+        ((q, k, k, torch.tensor([3, 9])), {}, ValueError, r"cache_seqlens must be in \[1, 8\]"),
+        ((q.half(), k, k, lengths), {}, TypeError, "k_cache has dtype"),
+        ((q, k, k, lengths), {"num_splits": 0}, ValueError, "num_splits must be"),
+        ((q, k, k, lengths), {"window": (1, -3)}, ValueError, r"window\[1\]"),
+        ((q, k, k, lengths), {"causal": None}, TypeError, "causal must be a bool"),
+        ((q, k, k, lengths), {"validate": 1}, TypeError, "validate must be a bool"),
+        ((q, torch.randn(3, 2, 8, 16), torch.randn(3, 2, 8, 16), lengths), {}, ValueError, "k_cache has batch"),
+        ((q.clone().requires_grad_(), k, k, lengths), {}, ValueError, "inference only"),
+    ]
+
+
+@pytest.mark.parametrize("args,kwargs,error,match", _bad_cases())
+def test_bad_input(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        attention_decode(*args, **kwargs)
+
+
+def test_append_bad_input():
+    cache, new, lengths = torch.zeros(2, 2, 8, 16), torch.zeros(2, 2, 3, 16), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="k_new has 1 heads"):
+        kv_cache_append(cache, cache.clone(), new[:, :1], new[:, :1], lengths)
+    with pytest.raises(TypeError, match="v_cache has dtype"):
+        kv_cache_append(cache, cache.half(), new, new, lengths)
+    with pytest.raises(ValueError, match=r"cache_seqlens must be in \[0, 5\]"):
+        kv_cache_append(cache, cache.clone(), new, new, torch.tensor([-1, 0]))
+    with pytest.raises(ValueError, match="v_new has shape"):
+        kv_cache_append(cache, cache.clone(), new, new[:, :, :2], lengths)
+
+
+# ------------------------------------------------------------------------------------------ opcheck, compile
+@pytest.mark.parametrize("device,backend", backend_params("attention_decode"))
+def test_opcheck(device, backend):
+    q, k, v = _make(2, 4, 2, 3, 20, 16, torch.float32, device, seed=5)
+    lengths = torch.tensor([3, 20], dtype=torch.int32, device=device)
+    op = torch.ops.genfast.attention_decode if backend == "cuda" else torch.ops.genfast.attention_decode_triton
+    torch.library.opcheck(op, (q, k, v, lengths, True, 0.25, 4, -1, 2))
+    for op in (torch.ops.genfast.kv_cache_append_triton, torch.ops.genfast.kv_cache_append_torch):
+        torch.library.opcheck(op, (k.clone(), v.clone(), q[:, :2], q[:, 2:], lengths - 3))
+
+
+@pytest.mark.parametrize("device,backend", PARAMS)
+def test_compile_fullgraph(device, backend):
+    q, k, v = _make(2, 4, 2, 2, 20, 16, torch.float32, device, seed=6)
+    lengths = torch.tensor([3, 18], dtype=torch.int32, device=device)
+    k_new, v_new = q[:, :2].clone(), q[:, 2:].clone()
+
+    def step(q, k_cache, v_cache, lengths):
+        kv_cache_append(k_cache, v_cache, k_new, v_new, lengths)
+        out, lse = attention_decode(q, k_cache, v_cache, lengths + 2, return_lse=True)
+        return out * 2 + lse[..., None]
+
+    with genfast.backend(backend):
+        k1, v1, k2, v2 = k.clone(), v.clone(), k.clone(), v.clone()
+        got = torch.compile(step, fullgraph=True)(q, k1, v1, lengths)
+        want = step(q, k2, v2, lengths)
+    torch.testing.assert_close(got, want)
+    assert torch.equal(k1, k2) and torch.equal(v1, v2)
+
+
+def test_append_ref_matches_slots():
+    cache = torch.zeros(2, 1, 6, 2)
+    new = torch.arange(8.0).reshape(2, 1, 2, 2)
+    kv_cache_append_ref(cache, cache, new, new, torch.tensor([1, 4]))
+    assert torch.equal(cache[0, 0, 1:3], new[0, 0]) and torch.equal(cache[1, 0, 4:6], new[1, 0])
+    assert cache[0, 0, [0, 3, 4, 5]].eq(0).all() and cache[1, 0, :4].eq(0).all()
