@@ -1,0 +1,35 @@
+"""Command-line recipes: `genfast train <model>` and `genfast sample <model>`.
+
+Each recipe is a module here that defines ``train_main(argv: list[str]) -> int`` and ``sample_main(argv) -> int``
+(each parsing its own arguments, with ``prog`` set to "genfast train <model>" / "genfast sample <model>"),
+built from genfast.training's pieces. genfast/cli.py imports a recipe only when it is asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+# model name -> (module, one-line help)
+RECIPES: dict[str, tuple[str, str]] = {
+    "gpt": ("genfast.recipes.gpt", "GPT-2-style language model (default data: the Python standard library's source)"),
+    "translator": ("genfast.recipes.translator", "encoder-decoder Transformer for translation (TSV sentence pairs)"),
+    "numbergan": ("genfast.recipes.numbergan", "GAN over sequences of integers, learning multiples of 5"),
+    "dcgan": ("genfast.recipes.dcgan", "DCGAN on 32x32 / 64x64 images"),
+    "cgan": ("genfast.recipes.cgan", "class-conditional GAN"),
+    "cyclegan": ("genfast.recipes.cyclegan", "CycleGAN between two image folders"),
+    "vae": ("genfast.recipes.vae", "convolutional VAE"),
+    "ddpm": ("genfast.recipes.ddpm", "diffusion UNet with DDPM / DDIM sampling"),
+}
+
+
+def load_recipe(name: str):
+    """The recipe module for ``name``; ValueError naming the known ones otherwise."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(RECIPES)}")
+    module_name = RECIPES[name][0]
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            raise ValueError(f"the {name} recipe is not available in this version of genfast") from exc
+        raise
