@@ -1,0 +1,1 @@
+"""Small built-in datasets and loaders (text, tokenizers, images), none of which downloads anything."""
