@@ -1,0 +1,57 @@
+"""Pieces every training recipe shares: the common command-line options and the run set-up."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+import genfast
+from genfast.training import Distributed, seed_everything
+
+
+def add_common_train_args(parser: argparse.ArgumentParser, *, steps: int, batch_size: int, lr: float,
+                          out: str) -> None:
+    """--steps --batch-size --lr --out --resume --seed --device --backend --save-every --sample-every --quiet."""
+    parser.add_argument("--steps", type=int, default=steps, help=f"optimizer steps in all (default {steps})")
+    parser.add_argument("--batch-size", type=int, default=batch_size,
+                        help=f"global batch size, split over the processes (default {batch_size})")
+    parser.add_argument("--lr", type=float, default=lr, help=f"learning rate (default {lr})")
+    parser.add_argument("--out", type=Path, default=Path(out), help=f"checkpoint and sample folder (default {out})")
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--backend", default=None, choices=genfast.BACKENDS,
+                        help="genfast kernel backend (default: auto)")
+    parser.add_argument("--save-every", type=int, default=500, help="steps between checkpoints")
+    parser.add_argument("--sample-every", type=int, default=500, help="steps between sample grids / evals")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def check_positive(parser: argparse.ArgumentParser, args: argparse.Namespace, *names: str) -> None:
+    """parser.error naming the first option among ``names`` (attribute names) that is not > 0."""
+    for name in names:
+        value = getattr(args, name)
+        if value is None or value <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be > 0, got {value}")
+
+
+def start_run(args: argparse.Namespace) -> Distributed:
+    """Seed, pick the backend, join torchrun's process group if any; returns the Distributed context.
+
+    Each rank seeds differently for its noise (seed + rank) while data batches come from
+    genfast.training.batch_generator(seed, step, rank), so a resumed run replays exactly.
+    """
+    dist = Distributed.from_environment(args.device)
+    seed_everything(args.seed + dist.rank)
+    if args.backend:
+        genfast.set_backend(args.backend)
+    return dist
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (what the recipes train in on a GPU); nothing on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
