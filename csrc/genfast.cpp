@@ -52,4 +52,14 @@ TORCH_LIBRARY(genfast, m) {
   m.def(
       "attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, bool causal, float scale, "
       "int window_left, int window_right, int num_splits) -> (Tensor, Tensor)");
+
+  // Transposed convolution with a fused epilogue (genfast/ops/conv_transpose.py), the signature of its Triton
+  // twin conv_transpose2d_triton: x [N, C_in, H, W], weight [C_in, C_out/groups, KH, KW], bias [C_out] in x's
+  // dtype; scale, shift [C_out] any float dtype; activation "none", "relu", "leaky_relu", "tanh", "sigmoid",
+  // "silu" or "gelu". Returns (act((conv + bias) * scale + shift), conv + bias when save_pre else an empty
+  // tensor), both in x's dtype and memory format.
+  m.def(
+      "conv_transpose2d(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, int[] output_padding, "
+      "int groups, int[] dilation, Tensor? scale, Tensor? shift, str activation, float negative_slope, "
+      "bool save_pre) -> (Tensor, Tensor)");
 }

@@ -13,7 +13,11 @@ None, "relu", "leaky_relu", "tanh", "sigmoid", "silu", "gelu" (exact, erf form).
 - Backward (register_autograd): the epilogue's derivative is one fused Triton elementwise/reduction kernel
   (``genfast::conv_transpose2d_epilogue_backward_triton``: dpre, dscale, dshift; dbias = scale * dshift);
   dx and dweight come from torch's own ``aten.convolution_backward`` on dpre for now (not a genfast kernel).
-- No CUDA C++ kernel yet: on CUDA tensors ``auto`` runs Triton.
+- ``genfast::conv_transpose2d``: the CUDA C++ kernel (csrc/cuda/conv_transpose.cu; schema in csrc/genfast.cpp,
+  the Triton twin's signature), served when the "cuda" backend is named. Same phase decomposition, tensor cores
+  (WMMA) for fp16/bf16 and exact fp32 FMAs for fp32; its backward is the same autograd as the Triton op's (the
+  Triton epilogue backward, then torch's convolution_backward). ``auto`` on CUDA tensors prefers Triton, the
+  kernel benchmarked and tested so far; the C++ kernel has been compiled but not yet run on a GPU.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from genfast import _backend
+from genfast import _backend, _ext
 from genfast.ops import _checks
 
 OP = "conv_transpose2d"
@@ -126,13 +130,16 @@ def _epilogue_backward_triton(grad: torch.Tensor, pre: torch.Tensor | None, scal
     return conv_transpose.epilogue_backward(grad, pre, scale, shift, activation, negative_slope)
 
 
+_epilogue_backward_triton.register_fake(_epilogue_backward_fake)
+
+
 # ------------------------------------------------------------------------------------------- autograd
-def _register(suffix: str) -> None:
-    """Fake impls and autograd for the ops with this suffix ("_triton" now; "" once a CUDA kernel exists)."""
-    forward = getattr(torch.ops.genfast, "conv_transpose2d" + suffix)
-    epilogue_backward = getattr(torch.ops.genfast, "conv_transpose2d_epilogue_backward" + suffix)
-    torch.library.register_fake(f"genfast::conv_transpose2d{suffix}")(_fwd_fake)
-    torch.library.register_fake(f"genfast::conv_transpose2d_epilogue_backward{suffix}")(_epilogue_backward_fake)
+def _register(forward_name: str, epilogue_backward_name: str) -> None:
+    """Fake impl and autograd of the forward op ``genfast::<forward_name>`` (the Triton or the CUDA kernel), whose
+    backward runs ``genfast::<epilogue_backward_name>`` and then torch's convolution_backward."""
+    forward = getattr(torch.ops.genfast, forward_name)
+    epilogue_backward = getattr(torch.ops.genfast, epilogue_backward_name)
+    torch.library.register_fake(f"genfast::{forward_name}")(_fwd_fake)
 
     def setup(ctx, inputs, output):
         (x, weight, bias, stride, padding, output_padding, groups, dilation, scale, shift, activation,
@@ -166,10 +173,15 @@ def _register(suffix: str) -> None:
         dshift_out = dshift.to(shift.dtype) if shift is not None and ctx.needs_input_grad[9] else None
         return dx, dweight, dbias, None, None, None, None, None, dscale_out, dshift_out, None, None, None
 
-    torch.library.register_autograd(f"genfast::conv_transpose2d{suffix}", backward, setup_context=setup)
+    torch.library.register_autograd(f"genfast::{forward_name}", backward, setup_context=setup)
 
 
-_register("_triton")
+_register("conv_transpose2d_triton", "conv_transpose2d_epilogue_backward_triton")
+# The CUDA C++ forward's schema comes with the extension (csrc/genfast.cpp); an extension built before it existed
+# lacks it. Its backward reuses the Triton epilogue backward (Triton is present wherever CUDA kernels run).
+CUDA_OP_LOADED = _ext.loaded and hasattr(torch.ops.genfast, "conv_transpose2d")
+if CUDA_OP_LOADED:
+    _register("conv_transpose2d", "conv_transpose2d_epilogue_backward_triton")
 
 
 # ------------------------------------------------------------------------------------------- dispatch
@@ -187,9 +199,22 @@ def _triton_supports(device, dtype, groups=1, phases=1, **_):
     return None
 
 
-_dispatch = _backend.dispatcher(OP, _reference)
+def _cuda_supports(device, dtype, groups=1, phases=1, **_):
+    if not CUDA_OP_LOADED:
+        return "the compiled extension predates genfast::conv_transpose2d (rebuild it)"
+    if dtype is not None and dtype not in _checks.FLOAT_DTYPES:
+        return f"the CUDA kernel takes float32/float16/bfloat16, not {dtype}"
+    if groups > _GRID_LIMIT or phases > _GRID_LIMIT:
+        return f"groups and stride_h * stride_w must be at most {_GRID_LIMIT} (a CUDA grid axis)"
+    return None
+
+
+# auto prefers Triton on CUDA tensors until the C++ kernel has been verified and benchmarked on a GPU; "cuda" by
+# name runs the C++ kernel.
+_dispatch = _backend.dispatcher(OP, _reference, preference={"cuda": ("triton", "cuda"), "cpu": ("cpu",)})
 _dispatch.register("triton", supports=_triton_supports)(
     lambda *args: torch.ops.genfast.conv_transpose2d_triton(*args)[0])
+_dispatch.register("cuda", supports=_cuda_supports)(lambda *args: torch.ops.genfast.conv_transpose2d(*args)[0])
 
 
 # ------------------------------------------------------------------------------------------- checks
