@@ -104,10 +104,17 @@ def attention_varlen_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
     return (out, lse) if return_lse else out
 
 
-def _padded(t: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Packed [total, H, D] -> padded [B, H, Nmax, D] (rows ``index`` [B, Nmax]; invalid slots 0)."""
-    rows = t[index.clamp(0, max(t.shape[0] - 1, 0))]  # (B, Nmax, H, D)
-    return torch.where(valid[:, :, None, None], rows, 0.0).transpose(1, 2)
+def _padded(t: torch.Tensor, index: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Packed [total, H, D] -> padded [B, H, Nmax, D] (rows ``index`` [B, Nmax]); slots not ``valid`` set to 0.
+
+    Keys and values past a sequence's end are zeroed (a masked key still multiplies its value by 0, and a NaN
+    of another sequence must not leak in); padded query rows are masked in full and dropped afterwards, so they
+    keep whatever row the clamped index reads.
+    """
+    if valid is not None:  # invalid slots read an appended zero row (cheaper than zeroing the padded copy)
+        t = torch.cat([t, t.new_zeros((1,) + t.shape[1:])])
+        index = torch.where(valid, index, t.shape[0] - 1)
+    return t[index.clamp(0, t.shape[0] - 1)].transpose(1, 2)  # (B, H, Nmax, D)
 
 
 def _reference(q, k, v, cu_q, cu_k, max_q, max_k, seed, causal, dropout_p, scale, left, right, need_lse):
@@ -125,23 +132,22 @@ def _reference(q, k, v, cu_q, cu_k, max_q, max_k, seed, causal, dropout_p, scale
     i = torch.arange(max_q, device=q.device)
     j = torch.arange(max_k, device=q.device)
     valid_q, valid_k = i < len_q[:, None], j < len_k[:, None]  # (B, max_q), (B, max_k)
-    index_q = cu_q[:-1, None] + i
-    index_k = cu_k[:-1, None] + j
-    qp, kp, vp = _padded(q, index_q, valid_q), _padded(k, index_k, valid_k), _padded(v, index_k, valid_k)
-    # Positions aligned bottom-right within each sequence: query i sits at key position i + Nk_b - Nq_b.
-    pos = (i + (len_k - len_q)[:, None])[:, :, None]  # (B, max_q, 1)
-    ok = valid_q[:, :, None] & valid_k[:, None, :]
+    index_q, index_k = cu_q[:-1, None] + i, cu_k[:-1, None] + j
+    qp, kp, vp = _padded(q, index_q, None), _padded(k, index_k, valid_k), _padded(v, index_k, valid_k)
+    # Positions aligned bottom-right within each sequence: query i sits at key position i + Nk_b - Nq_b, and sees
+    # keys [first, last] (the window's edges, the causal limit and the sequence's keys).
+    pos = i + (len_k - len_q)[:, None]  # (B, max_q)
+    first = (pos - left).clamp(min=0) if left >= 0 else torch.zeros_like(pos)
     if causal:
-        ok = ok & (j <= pos)
-    if left >= 0:
-        ok = ok & (j >= pos - left)
+        right = 0 if right < 0 else min(right, 0)
+    last = (len_k[:, None] - 1).expand_as(pos)
     if right >= 0:
-        ok = ok & (j <= pos + right)
-    mask = ok[:, None]  # (B, 1, max_q, max_k)
+        last = torch.minimum(last, pos + right)
+    mask = ((j >= first[:, :, None]) & (j <= last[:, :, None]) & valid_q[:, :, None])[:, None]  # (B, 1, max_q, max_k)
     if dropout_p == 0.0 and not need_lse:
-        # torch's fused kernel in the input dtype; rows with no visible key set to 0 whatever SDPA gives there.
+        # torch's fused kernel in the input dtype; rows with no visible key are set to 0 below, whatever SDPA gives.
         out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale, enable_gqa=hq != k.shape[1])
-        out, lse = torch.where(mask.any(-1, keepdim=True), out, 0.0), None
+        lse = None
     else:
         keep = None
         if dropout_p:
@@ -155,9 +161,10 @@ def _reference(q, k, v, cu_q, cu_k, max_q, max_k, seed, causal, dropout_p, scale
     i_of = t - cu_q[b_of]
     covered = (i_of >= 0) & (i_of < max_q)
     i_of = i_of.clamp(0, max_q - 1)
-    out = torch.where(covered[:, None, None], out.transpose(1, 2)[b_of, i_of], 0.0)  # (total_q, Hq, D)
+    sees = covered & (first[b_of, i_of] <= last[b_of, i_of])  # (total_q,)
+    out = torch.where(sees[:, None, None], out.transpose(1, 2)[b_of, i_of], 0.0)  # (total_q, Hq, D)
     if lse is not None:
-        lse = torch.where(covered, lse.transpose(1, 2)[b_of, i_of].transpose(0, 1), NEG_INF)  # (Hq, total_q)
+        lse = torch.where(sees, lse.transpose(1, 2)[b_of, i_of].transpose(0, 1), NEG_INF)  # (Hq, total_q)
     return out, lse
 
 
