@@ -14,6 +14,14 @@ per query tile for dQ. Both recompute P from q, k and lse, and redraw the dropou
 Masks: an attn_mask arrives as a [B, Hq, Nq, Nk] view with stride 0 along broadcast dims, so a [Nq, Nk] or
 [B, 1, 1, Nk] mask is read without being materialised. Head dims are padded to a power of two >= 16
 (BLOCK_D) with masked loads, so D = 80 or 96 work. Offsets of batch/head are int64.
+
+Varlen (``VARLEN=True``, launched by genfast/kernels/attention_varlen.py): the same kernels on packed
+[total, H, D] tensors seen as [1, H, total, D] with batch stride 0; "batch" b is then a sequence whose rows
+[cu[b], cu[b + 1]) and lengths each program reads from cu_seqlens (Nq/Nk are the max lengths the grid is
+sized for), and programs whose tile starts past their sequence's length return at once. lse and the dropout
+counter use the row's flat index in lse, ``row0 + i`` ((b * Hq + h) * Nq + i, or h * total_q + cu_q[b] + i).
+
+Grids are one flat axis (tile index fastest), so B x H may pass the 65535 limit of a CUDA grid's axis 1.
 """
 
 from __future__ import annotations
@@ -120,6 +128,16 @@ def _extent(Cu, b, N, Total, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _tile_and_group(N, BLOCK: tl.constexpr):
+    """(tile index, batch x head index) of this program. The grid is one flat axis (tiles fastest, so programs
+    that run together share a head's K/V as a 2-D grid would): axis 1 of a CUDA grid stops at 65535, which
+    B x H passes with many short packed sequences."""
+    tiles = tl.cdiv(N, BLOCK)
+    pid = tl.program_id(0)
+    return pid % tiles, (pid // tiles).to(tl.int64)
+
+
+@triton.jit
 def _row0(b, h, Hq, Nq, TotalQ, q_start, VARLEN: tl.constexpr):
     """Flat index in lse (and in the dropout counter) of the sequence's query row 0 for head h."""
     if VARLEN:
@@ -150,8 +168,7 @@ def _fwd_kernel(Q, K, V, Mask, Seed, Out, Lse, CuQ, CuK,
                 MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, HAS_WINDOW: tl.constexpr,
                 PRECISION: tl.constexpr, F32_DOT: tl.constexpr, VARLEN: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    pid_m, bh = _tile_and_group(Nq, BLOCK_M)
     b = bh // Hq
     h = bh % Hq
     hk = h // group
@@ -221,8 +238,7 @@ def _fwd_kernel(Q, K, V, Mask, Seed, Out, Lse, CuQ, CuK,
 def _delta_kernel(Out, dOut, dLse, Delta, sob, soh, som, sdb, sdh, sdm, sdd, Hq, Nq, D,
                   HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """delta_i = sum_d dO_i * O_i - dlse_i: the row term of the softmax backward."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    pid_m, bh = _tile_and_group(Nq, BLOCK_M)
     b = bh // Hq
     h = bh % Hq
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -247,8 +263,7 @@ def _bwd_dkdv_kernel(Q, K, V, dOut, Lse, Delta, Mask, Seed, dK, dV, CuQ, CuK,
                      PRECISION: tl.constexpr, F32_DOT: tl.constexpr, VARLEN: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dK, dV of one key tile, summed over the query heads of its GQA group (no atomics)."""
-    pid_n = tl.program_id(0)
-    bhk = tl.program_id(1).to(tl.int64)
+    pid_n, bhk = _tile_and_group(Nk, BLOCK_N)
     b = bhk // Hk
     hk = bhk % Hk
     n0 = pid_n * BLOCK_N
@@ -326,8 +341,7 @@ def _bwd_dq_kernel(Q, K, V, dOut, Lse, Delta, Mask, Seed, dQ, CuQ, CuK,
                    PRECISION: tl.constexpr, F32_DOT: tl.constexpr, VARLEN: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ of one query tile; visits the same key runs as the forward."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    pid_m, bh = _tile_and_group(Nq, BLOCK_M)
     b = bh // Hq
     h = bh % Hq
     hk = h // group
@@ -450,7 +464,7 @@ def packed_view(t):
 
 def _launch_fwd(q4, k4, v4, out4, lse, lay, c, scale, dropout_p):
     def grid(meta):
-        return (triton.cdiv(lay.max_q, meta["BLOCK_M"]), lay.nseq * c["hq"])
+        return (triton.cdiv(lay.max_q, meta["BLOCK_M"]) * lay.nseq * c["hq"],)
 
     _fwd_kernel[grid](
         q4, k4, v4, c["mask"], c["seed"], out4, lse, lay.cu_q, lay.cu_k, *lay.strides(q4), *lay.strides(k4),
@@ -467,18 +481,18 @@ def _launch_bwd(grad_out4, grad_lse, q4, k4, v4, out4, lse, dq4, dk4, dv4, lay, 
     block_m = 64 if _AUTOTUNE else 16
     # delta for every stored row, whatever sequence it belongs to: lse is [B, Hq, Nq] (or [Hq, total_q], B = 1).
     rows = lse.shape[-1]
-    _delta_kernel[(triton.cdiv(rows, block_m), lse.numel() // max(rows, 1))](
+    _delta_kernel[(triton.cdiv(rows, block_m) * (lse.numel() // max(rows, 1)),)](
         out4, grad_out4, grad_lse.contiguous() if grad_lse is not None else lse, delta, *out4.stride()[:3],
         *grad_out4.stride(), c["hq"], rows, c["d"], HAS_DLSE=grad_lse is not None, BLOCK_M=block_m, BLOCK_D=block_d,
     )
     strides = (*lay.strides(q4), *lay.strides(k4), *lay.strides(v4), *lay.strides(grad_out4), *c["mask_strides"])
     consts = dict(VARLEN=lay.varlen, **c["consts"])
-    _bwd_dkdv_kernel[lambda meta: (triton.cdiv(lay.max_k, meta["BLOCK_N"]), lay.nseq * c["hk"])](
+    _bwd_dkdv_kernel[lambda meta: (triton.cdiv(lay.max_k, meta["BLOCK_N"]) * lay.nseq * c["hk"],)](
         q4, k4, v4, grad_out4, lse, delta, c["mask"], c["seed"], dk4, dv4, lay.cu_q, lay.cu_k, *strides,
         *lay.strides(dk4, 3), c["hq"], c["hk"], lay.max_q, lay.max_k, lay.total_q, lay.total_k, c["d"], c["group"],
         scale * LOG2E, scale, dropout_p, c["drop_scale"], c["left"], c["right"], **consts,
     )
-    _bwd_dq_kernel[lambda meta: (triton.cdiv(lay.max_q, meta["BLOCK_M"]), lay.nseq * c["hq"])](
+    _bwd_dq_kernel[lambda meta: (triton.cdiv(lay.max_q, meta["BLOCK_M"]) * lay.nseq * c["hq"],)](
         q4, k4, v4, grad_out4, lse, delta, c["mask"], c["seed"], dq4, lay.cu_q, lay.cu_k, *strides,
         *lay.strides(dq4, 3), c["hq"], lay.max_q, lay.max_k, lay.total_q, lay.total_k, c["d"], c["group"],
         scale * LOG2E, scale, dropout_p, c["drop_scale"], c["left"], c["right"], **consts,
