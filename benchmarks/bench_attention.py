@@ -13,6 +13,13 @@ not. On a CPU a small grid (fp32 and bf16, D 64, N 256 and 1024 with B * N = 204
 Decode (``attention_decode``, see ``decode_cases``): one new token per sequence over full caches, bytes = the
 K and V caches read once (memory bound), so GB/s compares directly with the copy bandwidth of the same run.
 Providers: genfast backends, auto, the reference, and torch's SDPA (default backend choice) on the cache.
+
+Varlen (``attention_varlen``, see ``varlen_cases``): packed self-attention sequences of mixed lengths (drawn
+uniformly in [1, 2 * mean), a fixed total of tokens), forward and backward. Providers: genfast backends, auto,
+the reference, ``torch-sdpa-padded`` (the same sequences padded to the longest, as a padded pipeline holds
+them; padding not timed: SDPA with a key-padding mask, or ``is_causal``, exact for causal self-attention
+padded at the end) and, where torch has it, ``torch-varlen-attn`` (torch.nn.attention.varlen). FLOPs count only
+the real pairs, 4 * H * D * sum(N_b^2) (halved when causal), so padding shows up as lost TFLOP/s.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import torch.nn.functional as F
 
 import genfast
 from benchmarks.harness import BenchCase, genfast_providers
-from genfast.ops import attention, attention_decode
+from genfast.ops import attention, attention_decode, attention_varlen
 
 FAMILY = "attention"
 SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
@@ -137,7 +144,7 @@ def cases(device: torch.device, quick: bool = False) -> list[BenchCase]:
             for provider, fn in providers.items():
                 out.append(BenchCase(FAMILY, op, label, provider, _timed(fn, device, dtype, (b, h, n, d), backward),
                                      flops=flops))
-    return out + decode_cases(device, quick)
+    return out + decode_cases(device, quick) + varlen_cases(device, quick)
 
 
 def _decode_grid(device: torch.device, quick: bool):
@@ -184,4 +191,100 @@ def decode_cases(device: torch.device, quick: bool = False) -> list[BenchCase]:
     return out
 
 
-__all__ = ["cases", "decode_cases"]
+def _varlen_lengths(total: int, mean: int) -> list[int]:
+    """Sequence lengths uniform in [1, 2 * mean), drawn with a fixed seed until they sum to ``total``."""
+    g = torch.Generator().manual_seed(mean)
+    lengths: list[int] = []
+    while sum(lengths) < total:
+        lengths.append(min(int(torch.randint(1, 2 * mean, (1,), generator=g)), total - sum(lengths)))
+    return lengths
+
+
+def _varlen_grid(device: torch.device, quick: bool):
+    """(dtype, D, H, total tokens, mean length, causal) per case."""
+    if device.type == "cuda":
+        means = [512] if quick else [128, 512, 2048]
+        return [(torch.bfloat16, 128, 16, 16384, m, causal) for m in means for causal in (False, True)]
+    means = [64] if quick else [64, 256]
+    return [(torch.float32, 64, 8, 2048, m, causal) for m in means for causal in (False, True)]
+
+
+def _torch_varlen_runs(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch.nn.attention.varlen serves a small call here (it is new and CUDA-only)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+
+        q = torch.randn(8, 2, 64, device=device, dtype=dtype)
+        cu = torch.tensor([0, 3, 8], dtype=torch.int32, device=device)
+        varlen_attn(q, q, q, cu, cu, 5, 5)
+        return True
+    except (ImportError, RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
+def varlen_cases(device: torch.device, quick: bool = False) -> list[BenchCase]:
+    out = []
+    torch_varlen = device.type == "cuda" and _torch_varlen_runs(device, torch.bfloat16)
+    for dtype, d, h, total, mean, causal in _varlen_grid(device, quick):
+        lengths = _varlen_lengths(total, mean)
+        b, n_max = len(lengths), max(lengths)
+        label = (f"{str(dtype).replace('torch.', '')} d{d} H{h} tokens{total} B{b} mean{mean} max{n_max}"
+                 f"{' causal' if causal else ''}")
+        flops_fwd = 4.0 * h * d * sum(n * n for n in lengths) / (2 if causal else 1)
+
+        def packed_setup(fn, backward, lengths=lengths, dtype=dtype, d=d, h=h):
+            def setup():
+                g = torch.Generator(device).manual_seed(0)
+                q, k, v = (torch.randn(sum(lengths), h, d, device=device, dtype=dtype, generator=g)
+                           .requires_grad_(backward) for _ in range(3))
+                cu = torch.tensor([0] + lengths, device=device).cumsum(0).to(torch.int32)
+                return _forward_or_backward(lambda: fn(q, k, v, cu, max(lengths)), (q, k, v), backward)
+            return setup
+
+        def padded_setup(backward, lengths=lengths, dtype=dtype, d=d, h=h, causal=causal):
+            def setup():
+                g = torch.Generator(device).manual_seed(0)
+                q, k, v = (torch.randn(len(lengths), h, max(lengths), d, device=device, dtype=dtype, generator=g)
+                           .requires_grad_(backward) for _ in range(3))
+                keys = torch.arange(max(lengths), device=device) < torch.tensor(lengths, device=device)[:, None]
+                mask = None if causal else keys[:, None, None, :]
+                return _forward_or_backward(
+                    lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal), (q, k, v),
+                    backward)
+            return setup
+
+        def ours(backend_name, causal=causal):
+            def run(q, k, v, cu, n_max):
+                with genfast.backend(backend_name):
+                    # validate=False: the timed loop must not include the host sync of the offsets check.
+                    return attention_varlen(q, k, v, cu, cu, n_max, n_max, causal=causal, validate=False)
+            return run
+
+        def theirs(q, k, v, cu, n_max, causal=causal):
+            from torch.nn.attention.varlen import varlen_attn
+
+            return varlen_attn(q, k, v, cu, cu, n_max, n_max, window_size=(-1, 0) if causal else (-1, -1))
+
+        providers = {f"genfast-{name}": ours(name) for name in genfast_providers("attention_varlen", device)}
+        providers["genfast-auto"] = ours("auto")
+        providers["reference"] = ours("reference")
+        if torch_varlen:
+            providers["torch-varlen-attn"] = theirs
+        for op, backward, flops in (("attention_varlen_fwd", False, flops_fwd),
+                                    ("attention_varlen_bwd", True, 2.5 * flops_fwd)):
+            for provider, fn in providers.items():
+                out.append(BenchCase(FAMILY, op, label, provider, packed_setup(fn, backward), flops=flops))
+            out.append(BenchCase(FAMILY, op, label, "torch-sdpa-padded", padded_setup(backward), flops=flops))
+    return out
+
+
+def _forward_or_backward(forward, leaves, backward: bool):
+    """The timed callable: the forward, or the backward of one saved forward (as ``_timed`` does)."""
+    if not backward:
+        return forward
+    out = forward()
+    dout = torch.randn_like(out)
+    return lambda: torch.autograd.grad(out, leaves, dout, retain_graph=True)
+
+
+__all__ = ["cases", "decode_cases", "varlen_cases"]

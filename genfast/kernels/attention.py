@@ -14,6 +14,14 @@ per query tile for dQ. Both recompute P from q, k and lse, and redraw the dropou
 Masks: an attn_mask arrives as a [B, Hq, Nq, Nk] view with stride 0 along broadcast dims, so a [Nq, Nk] or
 [B, 1, 1, Nk] mask is read without being materialised. Head dims are padded to a power of two >= 16
 (BLOCK_D) with masked loads, so D = 80 or 96 work. Offsets of batch/head are int64.
+
+Varlen (``VARLEN=True``, launched by genfast/kernels/attention_varlen.py): the same kernels on packed
+[total, H, D] tensors seen as [1, H, total, D] with batch stride 0; "batch" b is then a sequence whose rows
+[cu[b], cu[b + 1]) and lengths each program reads from cu_seqlens (Nq/Nk are the max lengths the grid is
+sized for), and programs whose tile starts past their sequence's length return at once. lse and the dropout
+counter use the row's flat index in lse, ``row0 + i`` ((b * Hq + h) * Nq + i, or h * total_q + cu_q[b] + i).
+
+Grids are one flat axis (tile index fastest), so B x H may pass the 65535 limit of a CUDA grid's axis 1.
 """
 
 from __future__ import annotations
@@ -55,7 +63,7 @@ def _tuned(key):
     return triton.autotune(configs=[triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4)], key=key)
 
 
-_KEY = ["Nq", "Nk", "BLOCK_D", "MASK_KIND", "DROPOUT", "HAS_WINDOW", "PRECISION"]
+_KEY = ["Nq", "Nk", "BLOCK_D", "MASK_KIND", "DROPOUT", "HAS_WINDOW", "PRECISION", "VARLEN"]
 
 
 @triton.jit
@@ -93,10 +101,50 @@ def _scores(q, kt, offs_m, offs_n, mask_ptr, smm, smn, Nq, Nk, end_n, shift, lef
 
 
 @triton.jit
-def _keep(seed, bh, offs_m, offs_n, Nq, Nk, dropout_p):
-    """The dropout keep mask of a [BLOCK_M, BLOCK_N] tile: Philox counter ((b * Hq + h) * Nq + i) * Nk + j."""
-    counter = (bh * Nq + offs_m[:, None].to(tl.int64)) * Nk + offs_n[None, :].to(tl.int64)
+def _keep(seed, row0, offs_m, offs_n, Nk, dropout_p):
+    """The dropout keep mask of a [BLOCK_M, BLOCK_N] tile: Philox counter (row0 + i) * Nk + j.
+
+    row0 + i is the row's flat index in lse: (b * Hq + h) * Nq + i, or h * total_q + cu_seqlens_q[b] + i in the
+    varlen layout, where Nk is max_seqlen_k.
+    """
+    counter = (row0 + offs_m[:, None].to(tl.int64)) * Nk + offs_n[None, :].to(tl.int64)
     return _philox.uniform(seed, counter.to(tl.uint64)) >= dropout_p
+
+
+@triton.jit
+def _extent(Cu, b, N, Total, VARLEN: tl.constexpr):
+    """(first row, length) of sequence b: packed rows [cu[b], cu[b + 1]) with the bounds clamped into [0, Total],
+    so that no cu_seqlens values (even unchecked ones) make a program read or write outside the tensors; or
+    (0, N) for the padded layout."""
+    if VARLEN:
+        start = tl.minimum(tl.maximum(tl.load(Cu + b), 0), Total)
+        end = tl.minimum(tl.maximum(tl.load(Cu + b + 1), start), Total)
+        length = end - start
+        start = start.to(tl.int64)  # packed row offsets times Hq * D can pass 2^31
+    else:
+        start = 0
+        length = N
+    return start, length
+
+
+@triton.jit
+def _tile_and_group(N, BLOCK: tl.constexpr):
+    """(tile index, batch x head index) of this program. The grid is one flat axis (tiles fastest, so programs
+    that run together share a head's K/V as a 2-D grid would): axis 1 of a CUDA grid stops at 65535, which
+    B x H passes with many short packed sequences."""
+    tiles = tl.cdiv(N, BLOCK)
+    pid = tl.program_id(0)
+    return pid % tiles, (pid // tiles).to(tl.int64)
+
+
+@triton.jit
+def _row0(b, h, Hq, Nq, TotalQ, q_start, VARLEN: tl.constexpr):
+    """Flat index in lse (and in the dropout counter) of the sequence's query row 0 for head h."""
+    if VARLEN:
+        row0 = h * TotalQ + q_start
+    else:
+        row0 = (b * Hq + h) * Nq
+    return row0
 
 
 @triton.jit
@@ -114,36 +162,41 @@ def _row_range(m0, Nq, Nk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, shift, 
 
 @_tuned(_KEY)
 @triton.jit
-def _fwd_kernel(Q, K, V, Mask, Seed, Out, Lse,
-                sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smh, smm, smn,
-                Hq, Nq, Nk, D, group, qk_scale, dropout_p, drop_scale, left, right,
+def _fwd_kernel(Q, K, V, Mask, Seed, Out, Lse, CuQ, CuK,
+                sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smh, smm, smn, sob, soh, som,
+                Hq, Nq, Nk, TotalQ, TotalK, D, group, qk_scale, dropout_p, drop_scale, left, right,
                 MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                PRECISION: tl.constexpr, F32_DOT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+                PRECISION: tl.constexpr, F32_DOT: tl.constexpr, VARLEN: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m, bh = _tile_and_group(Nq, BLOCK_M)
     b = bh // Hq
     h = bh % Hq
     hk = h // group
     m0 = pid_m * BLOCK_M
+    # Varlen: b is a sequence, Nq/Nk are the max lengths the grid was sized for, nq/nk this sequence's lengths.
+    q_start, nq = _extent(CuQ, b, Nq, TotalQ, VARLEN)
+    k_start, nk = _extent(CuK, b, Nk, TotalK, VARLEN)
+    if m0 >= nq:
+        return
+    row0 = _row0(b, h, Hq, Nq, TotalQ, q_start, VARLEN)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_j = tl.arange(0, BLOCK_N)
     d_ok = offs_d < D
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=(offs_m[:, None] < Nq) & d_ok[None, :], other=0.0)
-    k_base = K + b * skb + hk * skh
-    v_base = V + b * svb + hk * svh
+    q = tl.load(Q + b * sqb + h * sqh + (q_start + offs_m[:, None]) * sqm + offs_d[None, :] * sqd,
+                mask=(offs_m[:, None] < nq) & d_ok[None, :], other=0.0)
+    k_base = K + b * skb + hk * skh + k_start * skn
+    v_base = V + b * svb + hk * svh + k_start * svn
     mask_ptr = Mask + b * smb + h * smh
     seed = 0
     if DROPOUT:
         seed = tl.load(Seed).to(tl.uint64)
-    shift = Nk - Nq
+    shift = nk - nq
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo, a, mid, hi = _row_range(m0, Nq, Nk, BLOCK_M, BLOCK_N, shift, left, right)
+    lo, a, mid, hi = _row_range(m0, nq, nk, BLOCK_M, BLOCK_N, shift, left, right)
     for run in tl.static_range(3):
         if run == 0:
             start, end = lo, a
@@ -158,7 +211,7 @@ def _fwd_kernel(Q, K, V, Mask, Seed, Out, Lse,
                          other=0.0)
             v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=n_ok[:, None] & d_ok[None, :],
                         other=0.0)
-            s = _scores(q, kt, offs_m, offs_n, mask_ptr, smm, smn, Nq, Nk, end, shift, left, right, qk_scale,
+            s = _scores(q, kt, offs_m, offs_n, mask_ptr, smm, smn, nq, nk, end, shift, left, right, qk_scale,
                         1.4426950408889634, MASK_KIND, run != 1, PRECISION, F32_DOT)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # A row that has seen only -inf so far keeps a finite shift, so exp2 gives 0 rather than NaN.
@@ -167,32 +220,31 @@ def _fwd_kernel(Q, K, V, Mask, Seed, Out, Lse,
             p = tl.exp2(s - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             if DROPOUT:
-                p = tl.where(_keep(seed, bh, offs_m, offs_n, Nq, Nk, dropout_p), p, 0.0)
+                p = tl.where(_keep(seed, row0, offs_m, offs_n, Nk, dropout_p), p, 0.0)
             acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION, F32_DOT)
             m_i = m_new
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc * (drop_scale / l_safe)[:, None]
-    row_ok = offs_m < Nq
-    out_ptr = Out + bh * Nq * D + offs_m[:, None] * D + offs_d[None, :]
+    row_ok = offs_m < nq
+    out_ptr = Out + b * sob + h * soh + (q_start + offs_m[:, None]) * som + offs_d[None, :]
     tl.store(out_ptr, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
-    tl.store(Lse + bh * Nq + offs_m, lse, mask=row_ok)
+    tl.store(Lse + row0 + offs_m, lse, mask=row_ok)
 
 
 @triton.jit
-def _delta_kernel(Out, dOut, dLse, Delta, sdb, sdh, sdm, sdd, Hq, Nq, D,
+def _delta_kernel(Out, dOut, dLse, Delta, sob, soh, som, sdb, sdh, sdm, sdd, Hq, Nq, D,
                   HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """delta_i = sum_d dO_i * O_i - dlse_i: the row term of the softmax backward."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    pid_m, bh = _tile_and_group(Nq, BLOCK_M)
     b = bh // Hq
     h = bh % Hq
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     ok = (offs_m[:, None] < Nq) & (offs_d[None, :] < D)
-    o = tl.load(Out + bh * Nq * D + offs_m[:, None] * D + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
+    o = tl.load(Out + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
     do = tl.load(dOut + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd, mask=ok,
                  other=0.0).to(tl.float32)
     delta = tl.sum(o * do, 1)
@@ -203,64 +255,69 @@ def _delta_kernel(Out, dOut, dLse, Delta, sdb, sdh, sdm, sdd, Hq, Nq, D,
 
 @_tuned(_KEY)
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, dOut, Lse, Delta, Mask, Seed, dK, dV,
+def _bwd_dkdv_kernel(Q, K, V, dOut, Lse, Delta, Mask, Seed, dK, dV, CuQ, CuK,
                      sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
-                     smb, smh, smm, smn,
-                     Hq, Hk, Nq, Nk, D, group, qk_scale, scale, dropout_p, drop_scale, left, right,
+                     smb, smh, smm, smn, sgb, sgh, sgn,
+                     Hq, Hk, Nq, Nk, TotalQ, TotalK, D, group, qk_scale, scale, dropout_p, drop_scale, left, right,
                      MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                     PRECISION: tl.constexpr, F32_DOT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr):
+                     PRECISION: tl.constexpr, F32_DOT: tl.constexpr, VARLEN: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dK, dV of one key tile, summed over the query heads of its GQA group (no atomics)."""
-    pid_n = tl.program_id(0)
-    bhk = tl.program_id(1).to(tl.int64)
+    pid_n, bhk = _tile_and_group(Nk, BLOCK_N)
     b = bhk // Hk
     hk = bhk % Hk
     n0 = pid_n * BLOCK_N
+    q_start, nq = _extent(CuQ, b, Nq, TotalQ, VARLEN)
+    k_start, nk = _extent(CuK, b, Nk, TotalK, VARLEN)
+    if n0 >= nk:
+        return
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_i = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    n_ok = offs_n < Nk
+    n_ok = offs_n < nk
     kv_ok = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_ok, other=0.0)
-    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_ok, other=0.0)
+    k = tl.load(K + b * skb + hk * skh + (k_start + offs_n[:, None]) * skn + offs_d[None, :] * skd, mask=kv_ok,
+                other=0.0)
+    v = tl.load(V + b * svb + hk * svh + (k_start + offs_n[:, None]) * svn + offs_d[None, :] * svd, mask=kv_ok,
+                other=0.0)
     seed = 0
     if DROPOUT:
         seed = tl.load(Seed).to(tl.uint64)
-    shift = Nk - Nq
+    shift = nk - nq
     # Query rows that may see some key of this tile: j - shift - right <= i <= j - shift + left.
-    n_last = tl.minimum(n0 + BLOCK_N, Nk) - 1
+    n_last = tl.minimum(n0 + BLOCK_N, nk) - 1
     lo = tl.maximum(0, n0 - shift - right)
-    hi = tl.minimum(Nq, n_last - shift + left + 1)
+    hi = tl.minimum(nq, n_last - shift + left + 1)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for g in range(group):
         h = hk * group + g
-        bh = b * Hq + h
-        q_base = Q + b * sqb + h * sqh
-        do_base = dOut + b * sdb + h * sdh
+        row0 = _row0(b, h, Hq, Nq, TotalQ, q_start, VARLEN)
+        q_base = Q + b * sqb + h * sqh + q_start * sqm
+        do_base = dOut + b * sdb + h * sdh + q_start * sdm
         mask_ptr = Mask + b * smb + h * smh
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + offs_i
-            m_ok = offs_m < Nq
+            m_ok = offs_m < nq
             q = tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=m_ok[:, None] & d_ok[None, :],
                         other=0.0)
             do = tl.load(do_base + offs_m[:, None] * sdm + offs_d[None, :] * sdd,
                          mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-            lse = tl.load(Lse + bh * Nq + offs_m, mask=m_ok, other=0.0)
-            delta = tl.load(Delta + bh * Nq + offs_m, mask=m_ok, other=0.0)
+            lse = tl.load(Lse + row0 + offs_m, mask=m_ok, other=0.0)
+            delta = tl.load(Delta + row0 + offs_m, mask=m_ok, other=0.0)
             # Rows with no visible key have lse = -inf and only -inf scores: a zero shift gives P = 0 there.
             lse = tl.where(lse == float("-inf"), 0.0, lse)
             # Scores as [BLOCK_M, BLOCK_N] through the shared helper (bounds/positions always on here: the rows
             # of a key tile cross the diagonal at a different place per tile), then transposed views.
-            s = _scores(q, tl.trans(k), offs_m, offs_n, mask_ptr, smm, smn, Nq, Nk, Nk, shift, left, right,
+            s = _scores(q, tl.trans(k), offs_m, offs_n, mask_ptr, smm, smn, nq, nk, nk, shift, left, right,
                         scale, 1.0, MASK_KIND, True, PRECISION, F32_DOT)
             s = tl.where(m_ok[:, None], s, float("-inf"))
             p = tl.exp2((s - lse[:, None]) * 1.4426950408889634)
             dp = _mm(do, tl.trans(v), PRECISION, F32_DOT)
             if DROPOUT:
-                keep = _keep(seed, bh, offs_m, offs_n, Nq, Nk, dropout_p)
+                keep = _keep(seed, row0, offs_m, offs_n, Nk, dropout_p)
                 p_drop = tl.where(keep, p * drop_scale, 0.0)
                 dp = tl.where(keep, dp * drop_scale, 0.0)
             else:
@@ -269,49 +326,55 @@ def _bwd_dkdv_kernel(Q, K, V, dOut, Lse, Delta, Mask, Seed, dK, dV,
             ds = p * (dp - delta[:, None])
             dk += _mm(tl.trans(ds.to(q.dtype)), q, PRECISION, F32_DOT)
 
-    out_ptr = bhk * Nk * D + offs_n[:, None] * D + offs_d[None, :]
+    out_ptr = b * sgb + hk * sgh + (k_start + offs_n[:, None]) * sgn + offs_d[None, :]
     tl.store(dK + out_ptr, (dk * scale).to(dK.dtype.element_ty), mask=kv_ok)
     tl.store(dV + out_ptr, dv.to(dV.dtype.element_ty), mask=kv_ok)
 
 
 @_tuned(_KEY)
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, dOut, Lse, Delta, Mask, Seed, dQ,
+def _bwd_dq_kernel(Q, K, V, dOut, Lse, Delta, Mask, Seed, dQ, CuQ, CuK,
                    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
-                   smb, smh, smm, smn,
-                   Hq, Nq, Nk, D, group, qk_scale, scale, dropout_p, drop_scale, left, right,
+                   smb, smh, smm, smn, sob, soh, som,
+                   Hq, Nq, Nk, TotalQ, TotalK, D, group, qk_scale, scale, dropout_p, drop_scale, left, right,
                    MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                   PRECISION: tl.constexpr, F32_DOT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr):
+                   PRECISION: tl.constexpr, F32_DOT: tl.constexpr, VARLEN: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ of one query tile; visits the same key runs as the forward."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    pid_m, bh = _tile_and_group(Nq, BLOCK_M)
     b = bh // Hq
     h = bh % Hq
     hk = h // group
     m0 = pid_m * BLOCK_M
+    q_start, nq = _extent(CuQ, b, Nq, TotalQ, VARLEN)
+    k_start, nk = _extent(CuK, b, Nk, TotalK, VARLEN)
+    if m0 >= nq:
+        return
+    row0 = _row0(b, h, Hq, Nq, TotalQ, q_start, VARLEN)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_j = tl.arange(0, BLOCK_N)
     d_ok = offs_d < D
-    m_ok = offs_m < Nq
+    m_ok = offs_m < nq
     qo_ok = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=qo_ok, other=0.0)
-    do = tl.load(dOut + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd, mask=qo_ok, other=0.0)
-    lse = tl.load(Lse + bh * Nq + offs_m, mask=m_ok, other=0.0)
-    delta = tl.load(Delta + bh * Nq + offs_m, mask=m_ok, other=0.0)
+    q = tl.load(Q + b * sqb + h * sqh + (q_start + offs_m[:, None]) * sqm + offs_d[None, :] * sqd, mask=qo_ok,
+                other=0.0)
+    do = tl.load(dOut + b * sdb + h * sdh + (q_start + offs_m[:, None]) * sdm + offs_d[None, :] * sdd, mask=qo_ok,
+                 other=0.0)
+    lse = tl.load(Lse + row0 + offs_m, mask=m_ok, other=0.0)
+    delta = tl.load(Delta + row0 + offs_m, mask=m_ok, other=0.0)
     # P is recomputed as exp(s - lse) in the units lse is stored in (natural), then one multiply into base 2.
     lse = tl.where(lse == float("-inf"), 0.0, lse)
-    k_base = K + b * skb + hk * skh
-    v_base = V + b * svb + hk * svh
+    k_base = K + b * skb + hk * skh + k_start * skn
+    v_base = V + b * svb + hk * svh + k_start * svn
     mask_ptr = Mask + b * smb + h * smh
     seed = 0
     if DROPOUT:
         seed = tl.load(Seed).to(tl.uint64)
-    shift = Nk - Nq
+    shift = nk - nq
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo, a, mid, hi = _row_range(m0, Nq, Nk, BLOCK_M, BLOCK_N, shift, left, right)
+    lo, a, mid, hi = _row_range(m0, nq, nk, BLOCK_M, BLOCK_N, shift, left, right)
     for run in tl.static_range(3):
         if run == 0:
             start, end = lo, a
@@ -326,21 +389,24 @@ def _bwd_dq_kernel(Q, K, V, dOut, Lse, Delta, Mask, Seed, dQ,
                          other=0.0)
             vt = tl.load(v_base + offs_n[None, :] * svn + offs_d[:, None] * svd, mask=n_ok[None, :] & d_ok[:, None],
                          other=0.0)
-            s = _scores(q, kt, offs_m, offs_n, mask_ptr, smm, smn, Nq, Nk, end, shift, left, right, scale, 1.0,
+            s = _scores(q, kt, offs_m, offs_n, mask_ptr, smm, smn, nq, nk, end, shift, left, right, scale, 1.0,
                         MASK_KIND, run != 1, PRECISION, F32_DOT)
             p = tl.exp2((s - lse[:, None]) * 1.4426950408889634)
             dp = _mm(do, vt, PRECISION, F32_DOT)
             if DROPOUT:
-                dp = tl.where(_keep(seed, bh, offs_m, offs_n, Nq, Nk, dropout_p), dp * drop_scale, 0.0)
+                dp = tl.where(_keep(seed, row0, offs_m, offs_n, Nk, dropout_p), dp * drop_scale, 0.0)
             ds = p * (dp - delta[:, None])
             dq += _mm(ds.to(kt.dtype), tl.trans(kt), PRECISION, F32_DOT)
-    tl.store(dQ + bh * Nq * D + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(dQ.dtype.element_ty),
-             mask=qo_ok)
+    tl.store(dQ + b * sob + h * soh + (q_start + offs_m[:, None]) * som + offs_d[None, :],
+             (dq * scale).to(dQ.dtype.element_ty), mask=qo_ok)
 
 
 # ------------------------------------------------------------------------------------------ launchers
 def _common(q, k, attn_mask, seed, causal, dropout_p, window_left, window_right):
-    """Arguments shared by the kernels: mask view and strides, seed, position limits, constexprs."""
+    """Arguments shared by the kernels: mask view and strides, seed, position limits, constexprs.
+
+    ``q`` and ``k`` are [B, H, N, D] (for the varlen layout, the [1, H, total, D] views of the packed tensors).
+    """
     b, hq, nq, d = q.shape
     hk, nk = k.shape[1], k.shape[2]
     if attn_mask is None:
@@ -368,21 +434,78 @@ def _common(q, k, attn_mask, seed, causal, dropout_p, window_left, window_right)
     )
 
 
+class _Layout:
+    """Where the kernels find each sequence: padded [B, H, N, D] tensors (``cu_q is None``), or packed
+    [total, H, D] ones whose sequence b holds rows [cu[b], cu[b + 1]) (FlashAttention's varlen layout).
+
+    The kernels see both as [B, H, N, D] strides; packed tensors become [1, H, total, D] views whose batch
+    stride is passed as 0, the rows of sequence b being found from cu_seqlens instead.
+    """
+
+    def __init__(self, q4, k4, cu_q=None, cu_k=None, max_q=None, max_k=None):
+        self.varlen = cu_q is not None
+        if self.varlen:
+            self.nseq, self.max_q, self.max_k = cu_q.shape[0] - 1, max_q, max_k
+            self.cu_q, self.cu_k = cu_q, cu_k
+        else:
+            self.nseq, self.max_q, self.max_k = q4.shape[0], q4.shape[2], k4.shape[2]
+            self.cu_q = self.cu_k = q4  # never read (VARLEN is a constexpr False)
+        self.total_q, self.total_k = q4.shape[2], k4.shape[2]
+
+    def strides(self, t4, n=4):
+        st = t4.stride()
+        return ((0,) + st[1:n]) if self.varlen else st[:n]
+
+
+def packed_view(t):
+    """[total, H, D] -> [1, H, total, D], no copy."""
+    return t.transpose(0, 1).unsqueeze(0)
+
+
+def _launch_fwd(q4, k4, v4, out4, lse, lay, c, scale, dropout_p):
+    def grid(meta):
+        return (triton.cdiv(lay.max_q, meta["BLOCK_M"]) * lay.nseq * c["hq"],)
+
+    _fwd_kernel[grid](
+        q4, k4, v4, c["mask"], c["seed"], out4, lse, lay.cu_q, lay.cu_k, *lay.strides(q4), *lay.strides(k4),
+        *lay.strides(v4), *c["mask_strides"], *lay.strides(out4, 3), c["hq"], lay.max_q, lay.max_k, lay.total_q,
+        lay.total_k, c["d"], c["group"], scale * LOG2E, dropout_p, c["drop_scale"], c["left"], c["right"],
+        VARLEN=lay.varlen, **c["consts"],
+    )
+
+
+def _launch_bwd(grad_out4, grad_lse, q4, k4, v4, out4, lse, dq4, dk4, dv4, lay, c, scale, dropout_p):
+    lse = lse.contiguous()
+    delta = torch.empty_like(lse)
+    block_d = c["consts"]["BLOCK_D"]
+    block_m = 64 if _AUTOTUNE else 16
+    # delta for every stored row, whatever sequence it belongs to: lse is [B, Hq, Nq] (or [Hq, total_q], B = 1).
+    rows = lse.shape[-1]
+    _delta_kernel[(triton.cdiv(rows, block_m) * (lse.numel() // max(rows, 1)),)](
+        out4, grad_out4, grad_lse.contiguous() if grad_lse is not None else lse, delta, *out4.stride()[:3],
+        *grad_out4.stride(), c["hq"], rows, c["d"], HAS_DLSE=grad_lse is not None, BLOCK_M=block_m, BLOCK_D=block_d,
+    )
+    strides = (*lay.strides(q4), *lay.strides(k4), *lay.strides(v4), *lay.strides(grad_out4), *c["mask_strides"])
+    consts = dict(VARLEN=lay.varlen, **c["consts"])
+    _bwd_dkdv_kernel[lambda meta: (triton.cdiv(lay.max_k, meta["BLOCK_N"]) * lay.nseq * c["hk"],)](
+        q4, k4, v4, grad_out4, lse, delta, c["mask"], c["seed"], dk4, dv4, lay.cu_q, lay.cu_k, *strides,
+        *lay.strides(dk4, 3), c["hq"], c["hk"], lay.max_q, lay.max_k, lay.total_q, lay.total_k, c["d"], c["group"],
+        scale * LOG2E, scale, dropout_p, c["drop_scale"], c["left"], c["right"], **consts,
+    )
+    _bwd_dq_kernel[lambda meta: (triton.cdiv(lay.max_q, meta["BLOCK_M"]) * lay.nseq * c["hq"],)](
+        q4, k4, v4, grad_out4, lse, delta, c["mask"], c["seed"], dq4, lay.cu_q, lay.cu_k, *strides,
+        *lay.strides(dq4, 3), c["hq"], lay.max_q, lay.max_k, lay.total_q, lay.total_k, c["d"], c["group"],
+        scale * LOG2E, scale, dropout_p, c["drop_scale"], c["left"], c["right"], **consts,
+    )
+
+
 def attention_fwd(q, k, v, attn_mask, seed, causal, dropout_p, scale, window_left, window_right):
     c = _common(q, k, attn_mask, seed, causal, dropout_p, window_left, window_right)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-
-    def grid(meta):
-        return (triton.cdiv(c["nq"], meta["BLOCK_M"]), c["b"] * c["hq"])
-
-    _fwd_kernel[grid](
-        q, k, v, c["mask"], c["seed"], out, lse, *q.stride(), *k.stride(), *v.stride(), *c["mask_strides"],
-        c["hq"], c["nq"], c["nk"], c["d"], c["group"], scale * LOG2E, dropout_p, c["drop_scale"], c["left"],
-        c["right"], **c["consts"],
-    )
+    _launch_fwd(q, k, v, out, lse, _Layout(q, k), c, scale, dropout_p)
     return out, lse
 
 
@@ -394,26 +517,7 @@ def attention_bwd(grad_out, grad_lse, q, k, v, out, lse, attn_mask, seed, causal
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if dq.numel() == 0:
         return dq, dk.zero_(), dv.zero_()
-    out = out.contiguous()
-    lse = lse.contiguous()
-    delta = torch.empty_like(lse)
-    block_d = c["consts"]["BLOCK_D"]
-    block_m = 64 if _AUTOTUNE else 16
-    _delta_kernel[(triton.cdiv(c["nq"], block_m), c["b"] * c["hq"])](
-        out, grad_out, grad_lse.contiguous() if grad_lse is not None else lse, delta, *grad_out.stride(),
-        c["hq"], c["nq"], c["d"], HAS_DLSE=grad_lse is not None, BLOCK_M=block_m, BLOCK_D=block_d,
-    )
-    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *c["mask_strides"])
-    _bwd_dkdv_kernel[lambda meta: (triton.cdiv(c["nk"], meta["BLOCK_N"]), c["b"] * c["hk"])](
-        q, k, v, grad_out, lse, delta, c["mask"], c["seed"], dk, dv, *strides,
-        c["hq"], c["hk"], c["nq"], c["nk"], c["d"], c["group"], scale * LOG2E, scale, dropout_p, c["drop_scale"],
-        c["left"], c["right"], **c["consts"],
-    )
-    _bwd_dq_kernel[lambda meta: (triton.cdiv(c["nq"], meta["BLOCK_M"]), c["b"] * c["hq"])](
-        q, k, v, grad_out, lse, delta, c["mask"], c["seed"], dq, *strides,
-        c["hq"], c["nq"], c["nk"], c["d"], c["group"], scale * LOG2E, scale, dropout_p, c["drop_scale"],
-        c["left"], c["right"], **c["consts"],
-    )
+    _launch_bwd(grad_out, grad_lse, q, k, v, out, lse, dq, dk, dv, _Layout(q, k), c, scale, dropout_p)
     return dq, dk, dv
 
 

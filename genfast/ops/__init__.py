@@ -2,6 +2,7 @@
 
 from genfast.ops.attention import attention, attention_ref
 from genfast.ops.attention_decode import attention_decode, attention_decode_ref, kv_cache_append, kv_cache_append_ref
+from genfast.ops.attention_varlen import attention_varlen, attention_varlen_ref
 from genfast.ops.conv_transpose import conv_transpose1d, conv_transpose2d, conv_transpose2d_ref
 from genfast.ops.diffusion import cfg_combine, cfg_combine_ref, scheduler_step, scheduler_step_ref
 from genfast.ops.latent import (
@@ -23,4 +24,5 @@ __all__ = [
     "filter_logits", "filter_logits_ref", "sample_tokens", "sample_tokens_ref",
     "scheduler_step", "scheduler_step_ref", "cfg_combine", "cfg_combine_ref",
     "reparameterize", "reparameterize_ref", "gaussian_kl", "gaussian_kl_ref", "langevin_step", "langevin_step_ref",
+    "attention_varlen", "attention_varlen_ref",
 ]

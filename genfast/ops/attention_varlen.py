@@ -1,0 +1,350 @@
+"""Attention over packed variable-length sequences (FlashAttention's varlen layout), forward and backward.
+
+``attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)``: q [total_q, Hq, D],
+k and v [total_k, Hk, D] hold B sequences one after the other; sequence b owns query rows
+``[cu_seqlens_q[b], cu_seqlens_q[b + 1])`` and key rows ``[cu_seqlens_k[b], cu_seqlens_k[b + 1])``
+(cu_seqlens int32/int64 [B + 1], starting at 0, non-decreasing, ending at total_q / total_k).
+``max_seqlen_q`` / ``max_seqlen_k`` are Python ints bounding the lengths (they size the kernels' grids).
+
+Semantics, per sequence: exactly ``genfast.ops.attention`` on that sequence alone (the reference
+``attention_varlen_ref`` below, a loop over sequences, is the specification): scale defaulting to 1/sqrt(D),
+GQA when Hk divides Hq, causal and ``window=(left, right)`` aligned bottom-right *within the sequence*
+(query i of a sequence with Nq_b queries and Nk_b keys sits at key position i + Nk_b - Nq_b), lse the natural
+log in float32, and rows with no key to see (Nk_b = 0 included) get out 0 and lse -inf. Sequences of length 0
+are allowed on either side.
+
+Returns out [total_q, Hq, D] in q's dtype and, with ``return_lse``, lse [Hq, total_q] float32 (FlashAttention's
+varlen layout: head first, as in ``attention``'s [B, Hq, Nq]).
+
+Dropout: the element of packed query row t (of sequence b), query head h and key j *within the sequence*
+(0 <= j < Nk_b) is kept iff genfast's Philox ``uniform(seed, c) >= dropout_p`` with
+
+    c = (h * total_q + t) * max_seqlen_k + j
+
+i.e. element (h, t, j) of a [Hq, total_q, max_seqlen_k] stream (``varlen_dropout_keep``); the seed is drawn
+from ``generator``, kept probabilities are scaled by 1 / (1 - dropout_p), and lse is that of the undropped
+softmax. (h * total_q + t is the row's flat index in lse. With one sequence and max_seqlen_k = Nk this is
+``attention``'s counter for B = 1; the mask depends on the max_seqlen_k passed.)
+
+Validation: checking the values of cu_seqlens (start 0, non-decreasing, last = total, lengths <= max_seqlen)
+needs one host synchronisation on a GPU; ``validate=False`` skips it (torch.compile skips it too). The kernels
+stay memory-safe whatever the values: cu_seqlens are clamped into [0, total] on the device, and rows no
+program covers read 0 (lse -inf). The results for invalid cu_seqlens are otherwise unspecified.
+
+Backends: CPU tensors -> the reference (the sequences gathered into a padded [B, H, max_seqlen, D] batch with a
+per-sequence mask, no host sync: torch's SDPA in the input dtype, or the written-out math in fp32 when lse or
+dropout is wanted); CUDA tensors -> the Triton kernels of genfast/kernels/attention.py run in their varlen mode
+(custom ops ``genfast::attention_varlen_fwd_triton`` -> (out, lse), ``genfast::attention_varlen_bwd_triton``
+-> (dq, dk, dv)), O(N) memory.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+import torch.nn.functional as F
+
+from genfast import _backend
+from genfast.ops import _checks
+from genfast.ops.attention import _flag, _math, _window_pair
+from genfast.ops.random import philox_noise
+
+OP = "attention_varlen"
+NEG_INF = float("-inf")
+SEQLEN_DTYPES = (torch.int32, torch.int64)
+TRITON_MAX_HEAD_DIM = 256
+
+
+# ------------------------------------------------------------------------------------------ reference
+def varlen_dropout_keep(seed: torch.Tensor, hq: int, total_q: int, max_seqlen_k: int,
+                        dropout_p: float) -> torch.Tensor:
+    """Bool [Hq, total_q, max_seqlen_k]: the keep mask the kernels draw (element (h, t, j) = Philox counter
+    (h * total_q + t) * max_seqlen_k + j; key j counted within the row's sequence)."""
+    numel = hq * total_q * max_seqlen_k
+    return philox_noise(seed, numel).reshape(hq, total_q, max_seqlen_k) >= dropout_p
+
+
+def attention_varlen_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                         cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
+                         dropout_p: float = 0.0, scale: float | None = None,
+                         window: tuple[int | None, int | None] | None = None, return_lse: bool = False,
+                         seed: torch.Tensor | None = None, compute_dtype: torch.dtype | None = None):
+    """The specification of :func:`attention_varlen`: a host loop running ``attention_ref``'s math on each sequence.
+
+    Takes the arguments of ``attention_varlen`` (``seed``, an int64 one-element tensor, in place of
+    ``generator``); each sequence is the [1, Hq, Nq_b, D] batch ``attention_ref`` would take, its dropout mask the
+    slice of :func:`varlen_dropout_keep` that belongs to it. ``compute_dtype`` as in ``attention_ref``.
+    Differentiable by ordinary autograd.
+    """
+    total_q, hq, d = q.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    left, right = _window_pair(f"{OP}_ref", window)
+    compute_dtype = compute_dtype or torch.promote_types(q.dtype, torch.float32)
+    if dropout_p and seed is None:
+        raise ValueError(f"{OP}_ref: dropout_p > 0 needs seed")
+    keep = varlen_dropout_keep(seed, hq, total_q, max_seqlen_k, dropout_p) if dropout_p else None
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs, lses = [q.new_zeros(0, hq, d)], [q.new_zeros(hq, 0, dtype=torch.float32)]
+    for b in range(len(cq) - 1):
+        (q0, q1), (k0, k1) = cq[b:b + 2], ck[b:b + 2]
+        if q1 == q0:
+            continue
+        if k1 == k0:  # nothing to see: out 0, lse -inf
+            outs.append(q.new_zeros(q1 - q0, hq, d))
+            lses.append(torch.full((hq, q1 - q0), NEG_INF, device=q.device))
+            continue
+        qb, kb, vb = (t.transpose(0, 1).unsqueeze(0) for t in (q[q0:q1], k[k0:k1], v[k0:k1]))  # (1, H, N_b, D)
+        keep_b = keep[:, q0:q1, :k1 - k0].unsqueeze(0) if keep is not None else None
+        out, lse = _math(qb, kb, vb, None, keep_b, causal, dropout_p, scale, left, right, compute_dtype)
+        outs.append(out[0].transpose(0, 1))
+        lses.append(lse[0])
+    out, lse = torch.cat(outs), torch.cat(lses, dim=1)
+    return (out, lse) if return_lse else out
+
+
+def _padded(t: torch.Tensor, index: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Packed [total, H, D] -> padded [B, H, Nmax, D] (rows ``index`` [B, Nmax]); slots not ``valid`` set to 0.
+
+    Keys and values past a sequence's end are zeroed (a masked key still multiplies its value by 0, and a NaN
+    of another sequence must not leak in); padded query rows are masked in full and dropped afterwards, so they
+    keep whatever row the clamped index reads.
+    """
+    if valid is not None:  # invalid slots read an appended zero row (cheaper than zeroing the padded copy)
+        t = torch.cat([t, t.new_zeros((1,) + t.shape[1:])])
+        index = torch.where(valid, index, t.shape[0] - 1)
+    return t[index.clamp(0, t.shape[0] - 1)].transpose(1, 2)  # (B, H, Nmax, D)
+
+
+def _reference(q, k, v, cu_q, cu_k, max_q, max_k, seed, causal, dropout_p, scale, left, right, need_lse):
+    """The dispatcher's reference: one padded, masked batch (no host sync, so torch.compile traces it whole).
+
+    Memory is that of padded attention (B x H x max_seqlen_q x max_seqlen_k scores at most); it is the CPU path
+    and the ground the kernels are tested against, not the O(N) one.
+    """
+    total_q, hq, d = q.shape
+    nseq = cu_q.shape[0] - 1
+    if nseq == 0 or total_q == 0 or k.shape[0] == 0 or max_q == 0 or max_k == 0:
+        return q.new_zeros(q.shape), torch.full((hq, total_q), NEG_INF, device=q.device)
+    cu_q, cu_k = cu_q.long(), cu_k.long()
+    len_q, len_k = cu_q[1:] - cu_q[:-1], cu_k[1:] - cu_k[:-1]  # (B,)
+    i = torch.arange(max_q, device=q.device)
+    j = torch.arange(max_k, device=q.device)
+    valid_q, valid_k = i < len_q[:, None], j < len_k[:, None]  # (B, max_q), (B, max_k)
+    index_q, index_k = cu_q[:-1, None] + i, cu_k[:-1, None] + j
+    qp, kp, vp = _padded(q, index_q, None), _padded(k, index_k, valid_k), _padded(v, index_k, valid_k)
+    # Positions aligned bottom-right within each sequence: query i sits at key position i + Nk_b - Nq_b, and sees
+    # keys [first, last] (the window's edges, the causal limit and the sequence's keys).
+    pos = i + (len_k - len_q)[:, None]  # (B, max_q)
+    first = (pos - left).clamp(min=0) if left >= 0 else torch.zeros_like(pos)
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    last = (len_k[:, None] - 1).expand_as(pos)
+    if right >= 0:
+        last = torch.minimum(last, pos + right)
+    mask = ((j >= first[:, :, None]) & (j <= last[:, :, None]) & valid_q[:, :, None])[:, None]  # (B, 1, max_q, max_k)
+    if dropout_p == 0.0 and not need_lse:
+        # torch's fused kernel in the input dtype; rows with no visible key are set to 0 below, whatever SDPA gives.
+        out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale, enable_gqa=hq != k.shape[1])
+        lse = None
+    else:
+        keep = None
+        if dropout_p:
+            keep = varlen_dropout_keep(seed, hq, total_q, max_k, dropout_p)[:, index_q.clamp(0, total_q - 1)]
+            keep = keep.transpose(0, 1)  # (B, Hq, max_q, max_k)
+        out, lse = _math(qp, kp, vp, mask, keep, False, dropout_p, scale, -1, -1,
+                         torch.promote_types(q.dtype, torch.float32))
+    # Back to packed rows: row t belongs to sequence b(t), at index t - cu_q[b(t)] within it.
+    t = torch.arange(total_q, device=q.device)
+    b_of = torch.searchsorted(cu_q[1:], t, right=True).clamp(max=nseq - 1)
+    i_of = t - cu_q[b_of]
+    covered = (i_of >= 0) & (i_of < max_q)
+    i_of = i_of.clamp(0, max_q - 1)
+    sees = covered & (first[b_of, i_of] <= last[b_of, i_of])  # (total_q,)
+    out = torch.where(sees[:, None, None], out.transpose(1, 2)[b_of, i_of], 0.0)  # (total_q, Hq, D)
+    if lse is not None:
+        lse = torch.where(sees, lse.transpose(1, 2)[b_of, i_of].transpose(0, 1), NEG_INF)  # (Hq, total_q)
+    return out, lse
+
+
+# ------------------------------------------------------------------------------------------ Triton custom ops
+def _fwd_fake(q, k, v, cu_q, cu_k, max_q, max_k, seed, causal, dropout_p, scale, window_left, window_right):
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+def _bwd_fake(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, seed, causal, dropout_p, scale,
+              window_left, window_right):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+@torch.library.custom_op("genfast::attention_varlen_fwd_triton", mutates_args=())
+def _attention_varlen_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor,
+                                 cu_k: torch.Tensor, max_q: int, max_k: int, seed: torch.Tensor | None, causal: bool,
+                                 dropout_p: float, scale: float, window_left: int,
+                                 window_right: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from genfast.kernels import attention_varlen as kernels
+
+    return kernels.attention_varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, seed, causal, dropout_p, scale,
+                                        window_left, window_right)
+
+
+@torch.library.custom_op("genfast::attention_varlen_bwd_triton", mutates_args=())
+def _attention_varlen_bwd_triton(grad_out: torch.Tensor, grad_lse: torch.Tensor | None, q: torch.Tensor,
+                                 k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                                 cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int,
+                                 seed: torch.Tensor | None, causal: bool, dropout_p: float, scale: float,
+                                 window_left: int,
+                                 window_right: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from genfast.kernels import attention_varlen as kernels
+
+    return kernels.attention_varlen_bwd(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, seed,
+                                        causal, dropout_p, scale, window_left, window_right)
+
+
+_attention_varlen_fwd_triton.register_fake(_fwd_fake)
+_attention_varlen_bwd_triton.register_fake(_bwd_fake)
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, seed, causal, dropout_p, scale, window_left, window_right = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, seed)
+    ctx.options = (max_q, max_k)
+    ctx.flags = (causal, dropout_p, scale, window_left, window_right)
+
+
+def _fwd_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, cu_q, cu_k, seed = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    # As in attention: a gradient of lse is exact (d lse_i / d s_ij = P_ij), folded into the backward's delta.
+    dq, dk, dv = torch.ops.genfast.attention_varlen_bwd_triton(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k,
+                                                               *ctx.options, seed, *ctx.flags)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+
+
+_attention_varlen_fwd_triton.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+
+
+# ------------------------------------------------------------------------------------------ dispatch
+def _triton_supports(device, dtype=None, head_dim=None, **_):
+    if head_dim is not None and head_dim > TRITON_MAX_HEAD_DIM:
+        return f"the Triton kernels take head dims up to {TRITON_MAX_HEAD_DIM}, got {head_dim}"
+    return None
+
+
+def _triton_fwd(q, k, v, cu_q, cu_k, max_q, max_k, seed, causal, dropout_p, scale, left, right, need_lse):
+    return torch.ops.genfast.attention_varlen_fwd_triton(q, k, v, cu_q, cu_k, max_q, max_k, seed, causal, dropout_p,
+                                                         scale, left, right)
+
+
+_dispatch = _backend.dispatcher(OP, _reference, preference={"cuda": ("triton",), "cpu": ()})
+_dispatch.register("triton", supports=_triton_supports)(_triton_fwd)
+
+
+# ------------------------------------------------------------------------------------------ checks
+def _check_qkv(q, k, v) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _checks.tensor(OP, name, t, dtypes=_checks.FLOAT_DTYPES, ndim=3)
+    _checks.same_device(OP, "q", q, k=k, v=v)
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{OP}: {name} has dtype {t.dtype} but q has dtype {q.dtype}")
+    _checks.same_shape(OP, "k", k, v=v)
+    (_, hq, d), (_, hk, dk) = q.shape, k.shape
+    if dk != d:
+        raise ValueError(f"{OP}: q and k head dims differ: q has D={d}, k has D={dk} "
+                         "(q [total_q, Hq, D], k [total_k, Hk, D])")
+    if d == 0:
+        raise ValueError(f"{OP}: the head dim D must be >= 1, got q shape {tuple(q.shape)}")
+    if hk == 0 or hq % hk != 0:
+        raise ValueError(f"{OP}: the number of query heads Hq={hq} must be a multiple of the key heads Hk={hk}")
+
+
+def _check_cu(name: str, cu, device: torch.device) -> None:
+    _checks.tensor(OP, name, cu, dtypes=SEQLEN_DTYPES, ndim=1)
+    if cu.shape[0] == 0:
+        raise ValueError(f"{OP}: {name} must hold B + 1 offsets (at least the leading 0), got an empty tensor")
+    if cu.device != device:
+        raise ValueError(f"{OP}: {name} is on {cu.device} but q is on {device}")
+
+
+def _max_seqlen(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{OP}: {name} must be an int, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{OP}: {name} must be >= 0, got {value}")
+    return int(value)
+
+
+def _check_cu_values(cu_q, cu_k, total_q: int, total_k: int, max_q: int, max_k: int) -> None:
+    """cu_seqlens start at 0, never decrease, end at the totals, and no length passes max_seqlen: one host sync."""
+    stats = []
+    for cu in (cu_q, cu_k):
+        cu = cu.long()
+        lengths = cu[1:] - cu[:-1]
+        if lengths.numel() == 0:
+            lengths = cu.new_zeros(1)
+        stats += [cu[0], cu[-1], lengths.min(), lengths.max()]
+    values = torch.stack(stats).tolist()
+    for name, total, max_name, max_len, (first, last, shortest, longest) in (
+            ("cu_seqlens_q", total_q, "max_seqlen_q", max_q, values[:4]),
+            ("cu_seqlens_k", total_k, "max_seqlen_k", max_k, values[4:])):
+        tensor = "q" if name.endswith("q") else "k"
+        if first != 0:
+            raise ValueError(f"{OP}: {name} must start at 0, got {name}[0] = {first}")
+        if shortest < 0:
+            raise ValueError(f"{OP}: {name} must be non-decreasing (a sequence length would be {shortest})")
+        if last != total:
+            raise ValueError(f"{OP}: {name}[-1] = {last} must equal the number of packed rows of {tensor} ({total})")
+        if longest > max_len:
+            raise ValueError(f"{OP}: a sequence of {name} has length {longest} > {max_name} = {max_len}")
+
+
+# ------------------------------------------------------------------------------------------ public op
+def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
+                     dropout_p: float = 0.0, scale: float | None = None,
+                     window: tuple[int | None, int | None] | None = None, return_lse: bool = False,
+                     generator: torch.Generator | None = None, validate: bool = True):
+    """Attention over packed variable-length sequences, fused: O(N) memory, differentiable in q, k and v.
+
+    q [total_q, Hq, D]; k, v [total_k, Hk, D] with Hk dividing Hq; one float dtype (fp32/fp16/bf16) and device.
+    cu_seqlens_q, cu_seqlens_k: int32/int64 [B + 1] offsets of each sequence's rows (0, ..., total);
+    max_seqlen_q, max_seqlen_k: ints >= every sequence's length. ``causal`` and ``window=(left, right)`` are
+    aligned bottom-right within each sequence; ``dropout_p`` in [0, 1), seeded from ``generator``; ``scale``
+    defaults to 1/sqrt(D). ``validate`` checks the cu_seqlens values (one host sync; see the module docstring).
+    Returns out [total_q, Hq, D] in q's dtype, and with ``return_lse`` also lse [Hq, total_q] float32.
+    """
+    _check_qkv(q, k, v)
+    _check_cu("cu_seqlens_q", cu_seqlens_q, q.device)
+    _check_cu("cu_seqlens_k", cu_seqlens_k, q.device)
+    if cu_seqlens_k.shape[0] != cu_seqlens_q.shape[0]:
+        raise ValueError(f"{OP}: cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
+                         f"{cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]} offsets")
+    max_q = _max_seqlen("max_seqlen_q", max_seqlen_q)
+    max_k = _max_seqlen("max_seqlen_k", max_seqlen_k)
+    causal = _flag(OP, "causal", causal)
+    return_lse = _flag(OP, "return_lse", return_lse)
+    validate = _flag(OP, "validate", validate)
+    dropout_p = _checks.real_number(OP, "dropout_p", dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{OP}: dropout_p must be in [0, 1), got {dropout_p}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    else:
+        scale = _checks.real_number(OP, "scale", scale)
+        if not math.isfinite(scale):
+            raise ValueError(f"{OP}: scale must be finite, got {scale}")
+    left, right = _window_pair(OP, window)
+    _checks.generator(OP, generator, q.device)
+    if validate and not torch.compiler.is_compiling():
+        _check_cu_values(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_q, max_k)
+    seed = _checks.draw_seed(generator, q.device) if dropout_p > 0 else None
+    out, lse = _dispatch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, seed, causal, dropout_p, scale, left,
+                         right, return_lse, device=q.device, dtype=q.dtype, facts={"head_dim": q.shape[-1]})
+    return (out, lse) if return_lse else out
+
+
+__all__ = ["attention_varlen", "attention_varlen_ref", "varlen_dropout_keep"]
