@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from genfast.diffusion.schedulers import DDIMScheduler, DDPMScheduler, _Scheduler
+from genfast.models.unet import check_sample_size
 from genfast.ops import _checks
 from genfast.ops import diffusion as _ops
 
@@ -128,8 +129,6 @@ class DiffusionPipeline:
             raise ValueError(f"{op}: eta must be >= 0, got {eta}")
         cfg = self.unet.config
         size = cfg.image_size if image_size is None else image_size
-        from genfast.models.unet import check_sample_size  # models import diffusion-free modules only
-
         check_sample_size(cfg, size, "image_size")
         device = next(self.unet.parameters()).device
         _checks.generator(op, generator, device)
@@ -230,8 +229,11 @@ class DiffusionPipeline:
         torch.cuda.current_stream(device).wait_stream(side)
         state.x.copy_(start)
         state.index.zero_()
-        with torch.cuda.graph(state.graph):
-            step()
+        # Autocast's weight-cast cache would hand the graph tensors freed after capture: capture without it.
+        amp = torch.is_autocast_enabled("cuda")
+        with torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=amp, cache_enabled=False):
+            with torch.cuda.graph(state.graph):
+                step()
         return state
 
 
