@@ -211,7 +211,9 @@ class UNet(nn.Module):
         self.config = cfg = config
         ch = cfg.base_channels
         temb_dim = 4 * ch
-        self.time_mlp = nn.Sequential(nn.Linear(ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
+        # At least 32 sinusoids: with fewer, the frequencies are too sparse to tell 1000 timesteps apart.
+        self.time_dim = max(ch, 32)
+        self.time_mlp = nn.Sequential(nn.Linear(self.time_dim, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
         # One extra row: the null class, the "unconditional" label of classifier-free guidance.
         self.label_emb = nn.Embedding(cfg.num_classes + 1, temb_dim) if cfg.num_classes else None
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
@@ -294,7 +296,7 @@ class UNet(nn.Module):
         """x [B, C, H, W] (H, W multiples of 2**num_downsamples); timesteps [B] or scalar; class_labels [B] of
         0..num_classes (num_classes = the null class) or None. Returns [B, out_channels, H, W]."""
         timesteps, class_labels = self._check(x, timesteps, class_labels)
-        temb = self.time_mlp(timestep_embedding(timesteps, self.config.base_channels).to(x.dtype))
+        temb = self.time_mlp(timestep_embedding(timesteps, self.time_dim).to(x.dtype))
         if self.label_emb is not None:
             temb = temb + self.label_emb(class_labels)
         temb = F.silu(temb)  # every ResBlock applies its projection to SiLU(temb)

@@ -109,6 +109,7 @@ def _train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--channels", type=int, choices=(1, 3), default=None,
                         help="image channels (default: 1 for digits, 3 otherwise)")
     parser.add_argument("--num-images", type=int, default=2048, help="images drawn for --data shapes")
+    parser.add_argument("--base-channels", type=int, default=None, help="UNet width (default: the config's)")
     parser.add_argument("--upsample", default=None, choices=("conv_transpose", "nearest"),
                         help="UNet upsampling (default: the config's, a transposed convolution)")
     parser.add_argument("--prediction", default="epsilon", choices=PREDICTIONS)
@@ -156,6 +157,8 @@ def train_main(argv: list[str]) -> int:
                      num_classes=data.num_classes if args.class_cond else 0)
     if args.upsample:
         overrides["upsample"] = args.upsample
+    if args.base_channels:
+        overrides["base_channels"] = args.base_channels
     try:
         config = UNetConfig.preset(args.config, **overrides)
     except ValueError as exc:
