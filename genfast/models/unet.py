@@ -1,0 +1,320 @@
+"""A time-conditioned UNet for diffusion (Ho et al. 2020), with optional class conditioning.
+
+    cfg = UNetConfig.preset("32", num_classes=9)     # or "64", "tiny"
+    unet = UNet(cfg)
+    eps = unet(x_t, t, class_labels)                 # x_t [B, C, H, W], t [B] or a scalar, labels [B] or None
+
+Layout: conv_in -> down levels (ResBlocks, self-attention at ``attention_resolutions``, a stride-2 conv
+between levels) -> middle (ResBlock, attention, ResBlock) -> up levels (ResBlocks over the concatenated skip,
+attention, then a stride-2 transposed convolution through genfast.ops.conv_transpose2d, or nearest + conv)
+-> GroupNorm, SiLU, conv_out. Self-attention runs through genfast.ops.attention ([B, heads, H*W, head_dim]).
+
+Class conditioning: ``num_classes > 0`` adds a label embedding with one extra row, the *null class*
+(index ``num_classes``), to the time embedding. Training replaces labels by the null class with probability
+``label_dropout`` (``drop_labels``); sampling with classifier-free guidance runs the null class as the
+unconditional branch. ``class_labels=None`` on a class-conditional UNet means "unconditional" (null class).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from genfast import ops
+from genfast.nn.conv_transpose import ConvTranspose2d
+
+UPSAMPLE_MODES = ("conv_transpose", "nearest")
+
+
+@dataclass
+class UNetConfig:
+    image_size: int = 32
+    in_channels: int = 3
+    out_channels: int | None = None  # None: in_channels (epsilon / v / sample prediction has the input's shape)
+    base_channels: int = 64
+    channel_mults: tuple[int, ...] = (1, 2, 2, 2)  # one entry per resolution level; each level but the last halves
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (16,)  # feature-map sizes that get a self-attention block
+    attention_head_dim: int = 32
+    num_groups: int = 32  # GroupNorm groups
+    dropout: float = 0.0
+    num_classes: int = 0  # 0: unconditional
+    upsample: str = "conv_transpose"  # or "nearest" (nearest-neighbour x2 then a 3x3 conv)
+
+    def __post_init__(self) -> None:
+        self.channel_mults = tuple(self.channel_mults)
+        self.attention_resolutions = tuple(self.attention_resolutions)
+        if self.out_channels is None:
+            self.out_channels = self.in_channels
+        for name in ("image_size", "in_channels", "out_channels", "base_channels", "num_res_blocks",
+                     "attention_head_dim", "num_groups"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"UNetConfig: {name} must be a positive int, got {value!r}")
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 0:
+            raise ValueError(f"UNetConfig: num_classes must be an int >= 0, got {self.num_classes!r}")
+        if not self.channel_mults or any(isinstance(m, bool) or not isinstance(m, int) or m < 1
+                                         for m in self.channel_mults):
+            raise ValueError(f"UNetConfig: channel_mults must be a non-empty tuple of positive ints, "
+                             f"got {self.channel_mults!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"UNetConfig: dropout must be in [0, 1), got {self.dropout!r}")
+        if self.upsample not in UPSAMPLE_MODES:
+            raise ValueError(f"UNetConfig: upsample must be one of {', '.join(UPSAMPLE_MODES)}, got {self.upsample!r}")
+        check_sample_size(self, self.image_size, "image_size")
+        for level, mult in enumerate(self.channel_mults):
+            channels = self.base_channels * mult
+            if channels % self.num_groups:
+                raise ValueError(f"UNetConfig: num_groups={self.num_groups} must divide every level's channels "
+                                 f"(base_channels * mult = {channels})")
+            # The middle block (at the last level) always attends; other levels where their size is listed.
+            attends = level == len(self.channel_mults) - 1 or self.image_size // 2**level in self.attention_resolutions
+            if attends and channels % self.attention_head_dim:
+                raise ValueError(f"UNetConfig: attention_head_dim={self.attention_head_dim} must divide the "
+                                 f"channels of each attention level ({channels})")
+
+    @property
+    def num_downsamples(self) -> int:
+        return len(self.channel_mults) - 1
+
+    # ------------------------------------------------------------------------------------------ (de)serialising
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "UNetConfig":
+        """"32" (32x32, ~9M parameters), "64" (64x64), or "tiny" (8x8, for tests), with any fields overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"UNetConfig.preset: unknown preset {name!r}; known: {', '.join(PRESETS)}")
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "UNetConfig":
+        """A config from a dict (e.g. a checkpoint's config.json); an unknown key raises ValueError naming it."""
+        if not hasattr(values, "items"):
+            raise TypeError(f"UNetConfig.from_dict: need a dict, got {type(values).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"UNetConfig: unknown options {unknown} (known: {', '.join(sorted(known))})")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        values = dataclasses.asdict(self)
+        values["channel_mults"] = list(self.channel_mults)
+        values["attention_resolutions"] = list(self.attention_resolutions)
+        return values
+
+
+PRESETS: dict[str, dict] = {
+    "32": dict(image_size=32, base_channels=64, channel_mults=(1, 2, 2, 2), num_res_blocks=2,
+               attention_resolutions=(16,), attention_head_dim=32, num_groups=32),
+    "64": dict(image_size=64, base_channels=64, channel_mults=(1, 2, 3, 4), num_res_blocks=2,
+               attention_resolutions=(16, 8), attention_head_dim=32, num_groups=32),
+    # For tests (the Triton interpreter runs it in seconds) and smoke runs: 8x8, two levels, ~50k parameters.
+    "tiny": dict(image_size=8, base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
+                 attention_resolutions=(4,), attention_head_dim=8, num_groups=4),
+}
+
+
+def check_sample_size(config: UNetConfig, size: int, name: str = "sample size") -> None:
+    """ValueError unless ``size`` can be halved ``num_downsamples`` times exactly (the skips must line up)."""
+    factor = 2**config.num_downsamples
+    if isinstance(size, bool) or not isinstance(size, int) or size < factor or size % factor:
+        raise ValueError(f"UNet: {name} {size!r} cannot be halved {config.num_downsamples} times "
+                         f"(channel_mults={config.channel_mults}); it must be a positive multiple of {factor}")
+
+
+# ---------------------------------------------------------------------------------------------- blocks
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding [B, dim] (float32) of timesteps [B]: cos and sin of t at geometric frequencies."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
+    args = timesteps.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, dim % 2))
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv, plus the time embedding as a per-channel shift, then GroupNorm-SiLU-dropout-conv."""
+
+    def __init__(self, in_ch: int, out_ch: int, temb_dim: int, groups: int, dropout: float):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.temb = nn.Linear(temb_dim, out_ch)
+        self.norm2 = nn.GroupNorm(groups, out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.temb(temb)[:, :, None, None]  # temb is already SiLU'd by the UNet
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over the H*W positions of a feature map, residual, through genfast.ops.attention."""
+
+    def __init__(self, channels: int, head_dim: int, groups: int):
+        super().__init__()
+        self.heads = channels // head_dim
+        self.norm = nn.GroupNorm(groups, channels)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.proj = nn.Linear(channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, N, C), N = H*W
+        q, k, v = self.qkv(tokens).view(b, h * w, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        out = ops.attention(q, k, v)  # (B, heads, N, head_dim)
+        out = self.proj(out.transpose(1, 2).reshape(b, h * w, c))  # (B, N, C)
+        return x + out.transpose(1, 2).reshape(b, c, h, w)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """x2: a 4x4 stride-2 transposed convolution (genfast's kernel), or nearest-neighbour + 3x3 conv."""
+
+    def __init__(self, channels: int, mode: str):
+        super().__init__()
+        self.mode = mode
+        if mode == "conv_transpose":
+            self.conv = ConvTranspose2d(channels, channels, 4, stride=2, padding=1)
+        else:
+            self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "nearest":
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return self.conv(x)
+
+
+# ---------------------------------------------------------------------------------------------- UNet
+class UNet(nn.Module):
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        if not isinstance(config, UNetConfig):
+            raise TypeError(f"UNet: config must be a UNetConfig, got {type(config).__name__}")
+        self.config = cfg = config
+        ch = cfg.base_channels
+        temb_dim = 4 * ch
+        # At least 32 sinusoids: with fewer, the frequencies are too sparse to tell 1000 timesteps apart.
+        self.time_dim = max(ch, 32)
+        self.time_mlp = nn.Sequential(nn.Linear(self.time_dim, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
+        # One extra row: the null class, the "unconditional" label of classifier-free guidance.
+        self.label_emb = nn.Embedding(cfg.num_classes + 1, temb_dim) if cfg.num_classes else None
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+
+        def block(cin, cout, size):
+            attn = AttentionBlock(cout, cfg.attention_head_dim, cfg.num_groups) if size in cfg.attention_resolutions \
+                else None
+            return nn.ModuleDict({"res": ResBlock(cin, cout, temb_dim, cfg.num_groups, cfg.dropout),
+                                  **({"attn": attn} if attn is not None else {})})
+
+        size = cfg.image_size
+        skips = [ch]
+        self.down = nn.ModuleList()
+        for level, mult in enumerate(cfg.channel_mults):
+            out = cfg.base_channels * mult
+            for _ in range(cfg.num_res_blocks):
+                self.down.append(block(ch, out, size))
+                ch = out
+                skips.append(ch)
+            if level != len(cfg.channel_mults) - 1:
+                self.down.append(nn.ModuleDict({"down": Downsample(ch)}))
+                size //= 2
+                skips.append(ch)
+
+        self.mid_res1 = ResBlock(ch, ch, temb_dim, cfg.num_groups, cfg.dropout)
+        self.mid_attn = AttentionBlock(ch, cfg.attention_head_dim, cfg.num_groups)
+        self.mid_res2 = ResBlock(ch, ch, temb_dim, cfg.num_groups, cfg.dropout)
+
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mults))):
+            out = cfg.base_channels * mult
+            for _ in range(cfg.num_res_blocks + 1):
+                self.up.append(block(ch + skips.pop(), out, size))
+                ch = out
+            if level != 0:
+                self.up.append(nn.ModuleDict({"up": Upsample(ch, cfg.upsample)}))
+                size *= 2
+
+        self.norm_out = nn.GroupNorm(cfg.num_groups, ch)
+        self.conv_out = nn.Conv2d(ch, cfg.out_channels, 3, padding=1)
+
+    @property
+    def null_class(self) -> int:
+        """The label index of "no class" (classifier-free guidance's unconditional branch)."""
+        if not self.config.num_classes:
+            raise ValueError("UNet: this UNet is unconditional (num_classes=0): it has no null class")
+        return self.config.num_classes
+
+    def drop_labels(self, labels: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``labels`` with each entry replaced by the null class with probability ``p`` (label dropout)."""
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"UNet.drop_labels: p must be in [0, 1], got {p!r}")
+        drop = torch.rand(labels.shape, generator=generator, device=labels.device) < p
+        return torch.where(drop, torch.full_like(labels, self.null_class), labels)
+
+    def _check(self, x, timesteps, class_labels) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cfg = self.config
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != cfg.in_channels:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"UNet: x must be [B, {cfg.in_channels}, H, W], got {shape}")
+        check_sample_size(cfg, x.shape[2], "height")
+        check_sample_size(cfg, x.shape[3], "width")
+        if not isinstance(timesteps, torch.Tensor):
+            timesteps = torch.tensor(timesteps, device=x.device)
+        if timesteps.dim() == 0:
+            timesteps = timesteps.expand(x.shape[0])
+        if timesteps.shape != (x.shape[0],):
+            raise ValueError(f"UNet: timesteps must be a scalar or [B={x.shape[0]}], got {tuple(timesteps.shape)}")
+        if class_labels is not None:
+            if not cfg.num_classes:
+                raise ValueError("UNet: class_labels given but this UNet is unconditional (num_classes=0)")
+            if (not isinstance(class_labels, torch.Tensor) or class_labels.shape != (x.shape[0],)
+                    or class_labels.is_floating_point()):
+                raise ValueError(f"UNet: class_labels must be an integer tensor [B={x.shape[0]}]")
+        elif cfg.num_classes:
+            class_labels = torch.full((x.shape[0],), cfg.num_classes, dtype=torch.int64, device=x.device)
+        return timesteps, class_labels
+
+    def forward(self, x: torch.Tensor, timesteps, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, C, H, W] (H, W multiples of 2**num_downsamples); timesteps [B] or scalar; class_labels [B] of
+        0..num_classes (num_classes = the null class) or None. Returns [B, out_channels, H, W]."""
+        timesteps, class_labels = self._check(x, timesteps, class_labels)
+        temb = self.time_mlp(timestep_embedding(timesteps, self.time_dim).to(x.dtype))
+        if self.label_emb is not None:
+            temb = temb + self.label_emb(class_labels)
+        temb = F.silu(temb)  # every ResBlock applies its projection to SiLU(temb)
+
+        h = self.conv_in(x)
+        skips = [h]
+        for layer in self.down:
+            h = layer["down"](h) if "down" in layer else self._block(layer, h, temb)
+            skips.append(h)
+        h = self.mid_res2(self.mid_attn(self.mid_res1(h, temb)), temb)
+        for layer in self.up:
+            h = layer["up"](h) if "up" in layer else self._block(layer, torch.cat([h, skips.pop()], dim=1), temb)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+    @staticmethod
+    def _block(layer: nn.ModuleDict, h: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = layer["res"](h, temb)
+        return layer["attn"](h) if "attn" in layer else h
+
+
+__all__ = ["UNet", "UNetConfig", "PRESETS", "check_sample_size", "timestep_embedding"]
