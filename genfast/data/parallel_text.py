@@ -63,18 +63,20 @@ def split_pairs(pairs: list[Pair], valid_fraction: float = 0.05) -> tuple[list[P
 
     Hashing the text (CRC-32, fixed everywhere) rather than the line number keeps the split the same when the
     file is reordered or extended, and puts duplicates on the same side (no leak from train into valid).
-    At least one pair goes to each side when there are two or more.
+    Each side gets at least one pair when there are two or more distinct pairs.
     """
     if not 0.0 < valid_fraction < 1.0:
         raise ValueError(f"valid_fraction must be in (0, 1), got {valid_fraction}")
     if len(pairs) < 2:
         raise ValueError(f"pairs: need at least 2 pairs to split into train and valid, got {len(pairs)}")
+    hashes = [zlib.crc32(f"{s}\t{t}".encode()) for s, t in pairs]
     threshold = int(valid_fraction * 2**32)
-    held = [zlib.crc32(f"{s}\t{t}".encode()) < threshold for s, t in pairs]
-    if not any(held):
-        held[-1] = True
-    if all(held):
-        held[0] = False
+    if min(hashes) == max(hashes):
+        raise ValueError("pairs: need at least 2 distinct pairs to split into train and valid")
+    # Keep both sides non-empty, moving whole groups of duplicates: the smallest hash goes to valid, the
+    # largest to train.
+    threshold = min(max(threshold, min(hashes) + 1), max(hashes))
+    held = [h < threshold for h in hashes]
     train = [p for p, h in zip(pairs, held) if not h]
     valid = [p for p, h in zip(pairs, held) if h]
     return train, valid

@@ -34,6 +34,7 @@ from torch import nn
 
 from genfast import ops
 from genfast.nn.attention import KVCache, attend_cached
+from genfast.ops.attention import attention_ref
 
 NAME = "Transformer"
 
@@ -131,6 +132,27 @@ def sinusoidal_positions(n: int, d: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------- blocks
+def _attention(q, k, v, *, causal: bool = False, keep: torch.Tensor | None = None, dropout_p: float = 0.0):
+    """genfast.ops.attention; fp64 (which the kernels do not serve, and which tests use for ground truths) takes
+    its specification, attention_ref, with the kernels' dropout stream."""
+    if q.dtype != torch.float64:
+        return ops.attention(q, k, v, causal=causal, attn_mask=keep, dropout_p=dropout_p)
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device) if dropout_p else None
+    return attention_ref(q, k, v, causal=causal, attn_mask=keep, dropout_p=dropout_p, seed=seed)
+
+
+def _attend_cached(q: torch.Tensor, cache: KVCache, dropout_p: float) -> torch.Tensor:
+    """The new queries q (B, nh, T, hs) over the cache, which already holds them: genfast.nn's seam for a decode
+    kernel, or in fp64 the same masking spelled out."""
+    if q.dtype != torch.float64:
+        return attend_cached(q, cache, dropout_p)
+    t, n = q.shape[2], cache.bound
+    last = cache.lengths[:, None] - t + torch.arange(t, device=q.device)  # (B, T): each query's own position
+    keep = (torch.arange(n, device=q.device)[None, None, :] <= last[:, :, None])[:, None]  # (B, 1, T, n)
+    return _attention(q, cache.k[:, :, :n].to(q.dtype), cache.v[:, :, :n].to(q.dtype), keep=keep,
+                      dropout_p=dropout_p)
+
+
 def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     """(B, T, C) -> (B, nh, T, hs)."""
     b, t, c = x.shape
@@ -159,10 +181,10 @@ class SelfAttention(nn.Module):
         q, k, v = (_heads(z, self.n_heads) for z in self.qkv(x).chunk(3, dim=-1))  # (B, nh, T, hs)
         p = self.dropout if self.training else 0.0
         if cache is None:
-            y = ops.attention(q, k, v, causal=causal, attn_mask=keep, dropout_p=p)
+            y = _attention(q, k, v, causal=causal, keep=keep, dropout_p=p)
         else:
             cache.append(k, v)
-            y = attend_cached(q, cache, p)
+            y = _attend_cached(q, cache, p)
         return self.out(_merge(y))
 
 
@@ -184,8 +206,7 @@ class CrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], keep: torch.Tensor | None):
         q = _heads(self.q(x), self.n_heads)
         k, v = kv
-        y = ops.attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=keep,
-                          dropout_p=self.dropout if self.training else 0.0)
+        y = _attention(q, k.to(q.dtype), v.to(q.dtype), keep=keep, dropout_p=self.dropout if self.training else 0.0)
         return self.out(_merge(y))
 
 

@@ -133,10 +133,12 @@ def _check_lengths(pairs: list[Pair], src_vocab: Vocab, tgt_vocab: Vocab, max_po
 @torch.no_grad()
 def evaluate(model: Transformer, pairs: list[Pair], src_vocab: Vocab, tgt_vocab: Vocab, device, *,
              batch_size: int = 256, max_examples: int | None = None, max_len: int | None = None) -> dict:
-    """Valid loss (mean per target token) and exact-match accuracy of greedy translations."""
+    """Loss on all ``pairs`` (mean per target token) and the exact-match accuracy of greedy translations of the
+    first ``max_examples`` of them (all by default)."""
+    device = torch.device(device)
     was_training = model.training
     model.eval()
-    pairs = pairs[:max_examples] if max_examples else pairs
+    n_translate = len(pairs) if max_examples is None else min(max_examples, len(pairs))
     total_loss, total_tokens, exact = 0.0, 0, 0
     first = None
     for start in range(0, len(pairs), batch_size):
@@ -147,15 +149,18 @@ def evaluate(model: Transformer, pairs: list[Pair], src_vocab: Vocab, tgt_vocab:
                               reduction="sum")
         total_loss += float(loss)
         total_tokens += int((batch["tgt_out"] != PAD).sum())
+        k = max(0, min(len(chunk), n_translate - start))
+        if k == 0:
+            continue
         limit = max_len or min(model.config.max_positions, batch["tgt_in"].shape[1] + 8)
-        out = model.greedy_decode(batch["src"], max_len=limit, src_pad_mask=batch["src_pad_mask"])
+        out = model.greedy_decode(batch["src"][:k], max_len=limit, src_pad_mask=batch["src_pad_mask"][:k])
         for (s, t), ids in zip(chunk, out.tolist()):
             guess = tgt_vocab.decode(ids)
             exact += guess == t
             if first is None:
                 first = (s, t, guess)
     model.train(was_training)
-    return {"loss": total_loss / max(1, total_tokens), "exact": exact / len(pairs), "sample": first}
+    return {"loss": total_loss / max(1, total_tokens), "exact": exact / max(1, n_translate), "sample": first}
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -280,8 +285,9 @@ def train(args) -> int:
             return
         result = evaluate(model, valid_pairs, src_vocab, tgt_vocab, device, max_examples=args.eval_examples)
         src, ref, guess = result["sample"]
-        bar.write(f"step {step}: valid loss {result['loss']:.4f}, exact match {result['exact']:.1%} "
-                  f"({min(len(valid_pairs), args.eval_examples)} pairs); {src!r} -> {guess!r} (reference {ref!r})")
+        bar.write(f"step {step}: valid loss {result['loss']:.4f} ({len(valid_pairs)} pairs), exact match "
+                  f"{result['exact']:.1%} (first {min(len(valid_pairs), args.eval_examples)}); {src!r} -> {guess!r} "
+                  f"(reference {ref!r})")
 
     bar = progress_bar(args.steps, initial=step, desc="translator", enabled=dist.is_main and not args.quiet)
     model.train()
