@@ -198,6 +198,7 @@ def test_beam_at_least_as_likely_as_greedy(seed, steps):
     beam, score = model.beam_search(src, beam_size=5, max_len=10, length_penalty=0.0, src_pad_mask=pad)
     torch.testing.assert_close(score, model.sequence_log_prob(src, beam, pad))  # the score is the sequence's
     assert (score >= greedy_lp - 1e-5).all(), (score, greedy_lp)
+    assert (score > greedy_lp + 1e-2).any()  # and beats it somewhere: a beam stuck on the greedy path would fail
     cached = model.beam_search(src, beam_size=5, max_len=10, length_penalty=0.0, src_pad_mask=pad, use_cache=False)
     assert torch.equal(cached[0], beam)
 
@@ -406,3 +407,36 @@ def test_greedy_loss_sum_is_global_token_normalised():
                 for i in (0, 2))
     torch.testing.assert_close(parts / (tgt_out != 0).sum(), whole)
     assert math.isfinite(whole.item())
+
+
+def test_ddp_two_gloo_processes_equal_one_process(tmp_path):
+    """torchrun with 2 CPU processes (gloo) trains the weights one process trains on the whole batch: the loss is
+    normalised by the global token count, so DDP's averaged gradients are the whole batch's."""
+    import os
+    import subprocess
+    import sys
+
+    args = TINY + ["--steps", "3", "--batch-size", "8", "--dropout", "0", "--sample-every", "100"]
+    assert recipe.train_main(args + ["--out", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "genfast", "train", "translator", *args,
+                           "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = load_safetensors_state(tmp_path / "one" / "checkpoint" / "model.safetensors")
+    two = load_safetensors_state(tmp_path / "two" / "checkpoint" / "model.safetensors")
+    # The key biases get no gradient (softmax ignores a shift shared by all keys) but rounding noise, which Adam
+    # turns into lr-sized steps whose sign depends on the summation order: they are left out, the rest must agree.
+    d = TransformerConfig.preset("tiny").d_model
+    for state in (one, two):
+        for key in state:
+            if key.endswith("qkv.bias"):
+                state[key][d:2 * d] = 0
+            elif key.endswith("kv.bias"):
+                state[key][:d] = 0
+    bad = {}
+    for key in one:  # the all-reduce sums in another order: equal up to fp32 rounding
+        err = (two[key] - one[key]).abs().max().item()
+        if err > 1e-5 * one[key].abs().max().item() + 1e-6:
+            bad[key] = err
+    assert not bad, bad
