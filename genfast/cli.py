@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: genfast {argv[0]} <model> [options]   (genfast {argv[0]} <model> --help for the options)\n\n"
               f"models:\n{_models_help()}")
         return 0 if len(argv) > 1 else 2
+    if argv[:1] == ["translate"]:  # argparse's REMAINDER drops leading options (--ckpt): hand them over as they are
+        argv = ["translate", "--", *argv[1:]]
     args = parser.parse_args(argv)
 
     if args.command == "info":
@@ -63,5 +65,5 @@ def main(argv: list[str] | None = None) -> int:
             recipe = load_recipe("translator")
         except ValueError as exc:
             parser.error(str(exc))
-        return recipe.translate_main(args.rest)
+        return recipe.translate_main(args.rest[1:] if args.rest[:1] == ["--"] else args.rest)
     return 2

@@ -1,3 +1,5 @@
-"""genfast's models: one readable file per model, built on genfast's fused ops."""
+"""genfast's models: one readable file each, a dataclass config, all attention, convolution and sampling through
+genfast ops."""
 
+from genfast.models.transformer import Transformer, TransformerConfig  # noqa: F401
 from genfast.models.unet import UNet, UNetConfig  # noqa: F401

@@ -1,0 +1,404 @@
+"""`genfast train translator` and `genfast translate`: an encoder-decoder Transformer on sentence pairs.
+
+    genfast train translator                        # built-in English -> French number phrases
+    genfast train translator --data pairs.tsv       # your own source<TAB>target lines
+    genfast translate --ckpt runs/translator "three hundred and twenty-one"
+
+Training: AdamW, linear warmup then cosine decay, gradient clipping, bf16 autocast on a GPU, a progress bar
+with the loss and tokens/s, an eval (valid loss, exact-match accuracy of greedy translations, one sample
+translation) every --sample-every steps, checkpoints written atomically every --save-every steps and at the
+end, an exact --resume, Ctrl-C saving before it exits, and DDP under torchrun (each process takes its slice
+of every global batch; the loss is normalised by the global token count, so the gradients are those of one
+process on the whole batch).
+
+Tokens: character-level, one tokenizer per side (or one for both with --shared-vocab), after three special
+ids (pad, bos, eos). The tokenizers travel inside the checkpoint's config.json, so weights and vocabulary are
+written in the same atomic step and cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from genfast.data.number_phrases import number_phrase_splits, write_tsv
+from genfast.data.parallel_text import Pair, read_tsv, split_pairs
+from genfast.data.tokenizers import CharTokenizer
+from genfast.models.transformer import PRESETS, Transformer, TransformerConfig
+from genfast.recipes._common import add_common_train_args, autocast, check_positive, start_run
+from genfast.training import (
+    StopOnInterrupt,
+    batch_generator,
+    capture_rng_state,
+    find_checkpoint,
+    load_checkpoint,
+    progress_bar,
+    restore_rng_state,
+    save_checkpoint,
+    warmup_cosine_lr,
+)
+
+ARCHITECTURE = "transformer"
+PAD, BOS, EOS = 0, 1, 2
+N_SPECIAL = 3
+
+
+# ------------------------------------------------------------------------------------------- vocabulary
+class Vocab:
+    """A CharTokenizer behind the three special ids: token id = character id + 3."""
+
+    def __init__(self, tokenizer: CharTokenizer):
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def train(cls, texts: list[str]) -> "Vocab":
+        return cls(CharTokenizer.train(texts))
+
+    @property
+    def size(self) -> int:
+        return self.tokenizer.vocab_size + N_SPECIAL
+
+    def encode(self, text: str) -> list[int]:
+        return [i + N_SPECIAL for i in self.tokenizer.encode(text)]
+
+    def decode(self, ids) -> str:
+        """Text of ids up to the first eos, special ids skipped."""
+        chars = []
+        for i in ids:
+            i = int(i)
+            if i == EOS:
+                break
+            if i >= N_SPECIAL:
+                chars.append(i - N_SPECIAL)
+        return self.tokenizer.decode(chars)
+
+    def to_json(self) -> dict:
+        return {"type": "char", "itos": self.tokenizer.itos}
+
+    @classmethod
+    def from_json(cls, data) -> "Vocab":
+        if not isinstance(data, dict) or data.get("type") != "char" or not isinstance(data.get("itos"), list) \
+                or not data["itos"] or not all(isinstance(c, str) for c in data["itos"]):
+            raise ValueError("the checkpoint's tokenizer entry is not a genfast character tokenizer")
+        return cls(CharTokenizer(data["itos"][1:], unk=data["itos"][0]))
+
+
+def encode_batch(src_texts: list[str], tgt_texts: list[str] | None, src_vocab: Vocab, tgt_vocab: Vocab,
+                 device) -> dict[str, torch.Tensor]:
+    """Padded tensors: src (B, S), src_pad_mask (B, S); with targets also tgt_in / tgt_out (B, T)."""
+    src_ids = [src_vocab.encode(s) for s in src_texts]
+    width = max(len(s) for s in src_ids)
+    src = torch.full((len(src_ids), width), PAD, dtype=torch.long)
+    for i, ids in enumerate(src_ids):
+        src[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+    batch = {"src": src, "src_pad_mask": src == PAD}
+    if tgt_texts is not None:
+        tgt_ids = [[BOS] + tgt_vocab.encode(t) + [EOS] for t in tgt_texts]
+        width = max(len(t) for t in tgt_ids) - 1
+        tgt_in = torch.full((len(tgt_ids), width), PAD, dtype=torch.long)
+        tgt_out = torch.full((len(tgt_ids), width), PAD, dtype=torch.long)
+        for i, ids in enumerate(tgt_ids):
+            tgt_in[i, :len(ids) - 1] = torch.tensor(ids[:-1], dtype=torch.long)
+            tgt_out[i, :len(ids) - 1] = torch.tensor(ids[1:], dtype=torch.long)
+        batch.update(tgt_in=tgt_in, tgt_out=tgt_out)
+    return {name: t.to(device) for name, t in batch.items()}
+
+
+# ------------------------------------------------------------------------------------------- data
+def load_pairs(args) -> tuple[list[Pair], list[Pair]]:
+    """(train, valid): the user's TSV split by hash, or the built-in number phrases."""
+    if args.data is None:
+        return number_phrase_splits()
+    if args.valid_data is not None:
+        return read_tsv(args.data), read_tsv(args.valid_data)
+    return split_pairs(read_tsv(args.data), args.valid_fraction)
+
+
+def _check_lengths(pairs: list[Pair], src_vocab: Vocab, tgt_vocab: Vocab, max_positions: int, what: str) -> None:
+    for i, (s, t) in enumerate(pairs):
+        if len(src_vocab.encode(s)) > max_positions:
+            raise ValueError(f"{what} pair {i}: the source has {len(s)} characters, more than max_positions="
+                             f"{max_positions} (raise --max-positions)")
+        if len(tgt_vocab.encode(t)) + 1 > max_positions:
+            raise ValueError(f"{what} pair {i}: the target has {len(t)} characters; with bos that is more than "
+                             f"max_positions={max_positions} (raise --max-positions)")
+
+
+# ------------------------------------------------------------------------------------------- eval
+@torch.no_grad()
+def evaluate(model: Transformer, pairs: list[Pair], src_vocab: Vocab, tgt_vocab: Vocab, device, *,
+             batch_size: int = 256, max_examples: int | None = None, max_len: int | None = None) -> dict:
+    """Loss on all ``pairs`` (mean per target token) and the exact-match accuracy of greedy translations of the
+    first ``max_examples`` of them (all by default)."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    n_translate = len(pairs) if max_examples is None else min(max_examples, len(pairs))
+    total_loss, total_tokens, exact = 0.0, 0, 0
+    first = None
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        batch = encode_batch([s for s, _ in chunk], [t for _, t in chunk], src_vocab, tgt_vocab, device)
+        with autocast(device):
+            loss = model.loss(batch["src"], batch["tgt_in"], batch["tgt_out"], batch["src_pad_mask"],
+                              reduction="sum")
+        total_loss += float(loss)
+        total_tokens += int((batch["tgt_out"] != PAD).sum())
+        k = max(0, min(len(chunk), n_translate - start))
+        if k == 0:
+            continue
+        limit = max_len or min(model.config.max_positions, batch["tgt_in"].shape[1] + 8)
+        out = model.greedy_decode(batch["src"][:k], max_len=limit, src_pad_mask=batch["src_pad_mask"][:k])
+        for (s, t), ids in zip(chunk, out.tolist()):
+            guess = tgt_vocab.decode(ids)
+            exact += guess == t
+            if first is None:
+                first = (s, t, guess)
+    model.train(was_training)
+    return {"loss": total_loss / max(1, total_tokens), "exact": exact / max(1, n_translate), "sample": first}
+
+
+# ------------------------------------------------------------------------------------------- training
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="genfast train translator",
+                                     description="Train an encoder-decoder Transformer on sentence pairs.")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="TSV of source<TAB>target lines (default: built-in English -> French number phrases)")
+    parser.add_argument("--valid-data", type=Path, default=None, help="TSV of validation pairs (default: a hashed "
+                        "--valid-fraction of --data)")
+    parser.add_argument("--valid-fraction", type=float, default=0.05)
+    parser.add_argument("--config", default="small", choices=list(PRESETS), help="model size preset (default small)")
+    parser.add_argument("--max-positions", type=int, default=None, help="longest sequence (default: the preset's)")
+    parser.add_argument("--dropout", type=float, default=None, help="default: the preset's")
+    parser.add_argument("--post-norm", action="store_true", help="the paper's post-LayerNorm (default: pre-LN)")
+    parser.add_argument("--shared-vocab", action="store_true",
+                        help="one character vocabulary and embedding table for both sides")
+    parser.add_argument("--warmup", type=int, default=100, help="learning-rate warmup steps")
+    parser.add_argument("--min-lr", type=float, default=None, help="learning rate at the end (default lr / 10)")
+    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: no clipping)")
+    parser.add_argument("--label-smoothing", type=float, default=0.0)
+    parser.add_argument("--eval-examples", type=int, default=200,
+                        help="valid pairs translated for the exact-match accuracy at each eval")
+    parser.add_argument("--stop-at", type=int, default=None,
+                        help="save and stop after this step, as if interrupted (continue with --resume)")
+    add_common_train_args(parser, steps=3000, batch_size=64, lr=1e-3, out="runs/translator")
+    return parser
+
+
+def train_main(argv: list[str]) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_positive(parser, args, "steps", "batch_size", "lr", "save_every", "sample_every")
+    if not 0.0 < args.valid_fraction < 1.0:
+        parser.error(f"--valid-fraction must be in (0, 1), got {args.valid_fraction}")
+    if args.warmup < 0 or args.grad_clip < 0 or args.weight_decay < 0:
+        parser.error("--warmup, --grad-clip and --weight-decay must be >= 0")
+    if args.stop_at is not None and args.stop_at < 1:
+        parser.error(f"--stop-at must be >= 1, got {args.stop_at}")
+    if args.resume and find_checkpoint(args.out / "checkpoint") is None:
+        parser.error(f"--resume: no checkpoint in {args.out / 'checkpoint'}")
+    try:
+        return train(args)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"genfast train translator: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _model_setup(args, train_pairs, valid_pairs):
+    """(config, src_vocab, tgt_vocab): from the checkpoint on --resume, else built from the data."""
+    if args.resume:
+        _, saved = load_checkpoint(args.out / "checkpoint")
+        config, src_vocab, tgt_vocab = model_from_saved(saved)
+        return config, src_vocab, tgt_vocab
+    if args.shared_vocab:
+        src_vocab = tgt_vocab = Vocab.train([s for s, _ in train_pairs] + [t for _, t in train_pairs])
+    else:
+        src_vocab = Vocab.train([s for s, _ in train_pairs])
+        tgt_vocab = Vocab.train([t for _, t in train_pairs])
+    overrides = dict(src_vocab_size=src_vocab.size, tgt_vocab_size=tgt_vocab.size, pre_norm=not args.post_norm,
+                     share_embeddings=args.shared_vocab, pad_id=PAD, bos_id=BOS, eos_id=EOS)
+    if args.max_positions is not None:
+        overrides["max_positions"] = args.max_positions
+    if args.dropout is not None:
+        overrides["dropout"] = args.dropout
+    return TransformerConfig.preset(args.config, **overrides), src_vocab, tgt_vocab
+
+
+def model_from_saved(saved: dict) -> tuple[TransformerConfig, Vocab, Vocab]:
+    """The config and vocabularies a translator checkpoint's config.json holds; ValueError for anything else."""
+    arch = saved.get("architecture") if isinstance(saved, dict) else None
+    if arch != ARCHITECTURE:
+        raise ValueError(f"this checkpoint holds a {arch or 'non-genfast'} model, not a translator "
+                         f"({ARCHITECTURE}); train one with `genfast train translator`")
+    tokenizers = saved.get("tokenizers") or {}
+    return (TransformerConfig.from_dict(saved.get("model_config", {})), Vocab.from_json(tokenizers.get("source")),
+            Vocab.from_json(tokenizers.get("target")))
+
+
+def train(args) -> int:
+    dist = start_run(args)
+    device = dist.device
+    train_pairs, valid_pairs = load_pairs(args)
+    config, src_vocab, tgt_vocab = _model_setup(args, train_pairs, valid_pairs)
+    _check_lengths(train_pairs, src_vocab, tgt_vocab, config.max_positions, "training")
+    _check_lengths(valid_pairs, src_vocab, tgt_vocab, config.max_positions, "valid")
+    if args.batch_size % dist.world_size:
+        raise ValueError(f"--batch-size {args.batch_size} must divide evenly over {dist.world_size} processes")
+    if dist.is_main and args.data is None and not args.resume:
+        write_tsv(train_pairs, args.out / "data" / "train.tsv")  # the built-in corpus, for the user to read
+        write_tsv(valid_pairs, args.out / "data" / "valid.tsv")
+
+    model = Transformer(config).to(device)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98),
+                                  eps=1e-9)
+    step = 0
+    if args.resume:
+        trainer, _ = load_checkpoint(args.out / "checkpoint", modules={"model": model}, map_location=device)
+        optimizer.load_state_dict(trainer["optimizer"])
+        step = int(trainer["step"])
+        restore_rng_state(trainer["rng"])
+    saved_config = {"architecture": ARCHITECTURE, "model_config": config.to_dict(),
+                    "tokenizers": {"source": src_vocab.to_json(), "target": tgt_vocab.to_json()},
+                    "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    wrapped = dist.wrap(model)
+    min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
+    last = min(args.steps, args.stop_at) if args.stop_at is not None else args.steps
+
+    def save():
+        if dist.is_main:
+            save_checkpoint(args.out / "checkpoint", modules={"model": model}, config=saved_config,
+                            trainer_state={"optimizer": optimizer.state_dict(), "step": step,
+                                           "rng": capture_rng_state()})
+        dist.barrier()
+
+    def report_eval(bar):
+        if not dist.is_main:
+            return
+        result = evaluate(model, valid_pairs, src_vocab, tgt_vocab, device, max_examples=args.eval_examples)
+        src, ref, guess = result["sample"]
+        bar.write(f"step {step}: valid loss {result['loss']:.4f} ({len(valid_pairs)} pairs), exact match "
+                  f"{result['exact']:.1%} (first {min(len(valid_pairs), args.eval_examples)}); {src!r} -> {guess!r} "
+                  f"(reference {ref!r})")
+
+    bar = progress_bar(args.steps, initial=step, desc="translator", enabled=dist.is_main and not args.quiet)
+    model.train()
+    with StopOnInterrupt() as stop:
+        while step < last:
+            g = batch_generator(args.seed, step)  # the same global batch on every rank, sharded below
+            picks = torch.randint(len(train_pairs), (args.batch_size,), generator=g).tolist()
+            chunk = [train_pairs[i] for i in picks]
+            batch = encode_batch([s for s, _ in chunk], [t for _, t in chunk], src_vocab, tgt_vocab, device)
+            global_tokens = int((batch["tgt_out"] != PAD).sum())
+            local = {name: dist.shard(t) for name, t in batch.items()}
+            lr = warmup_cosine_lr(step, base_lr=args.lr, warmup_steps=args.warmup, total_steps=args.steps,
+                                  min_lr=min_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            started = time.perf_counter()
+            with autocast(device):
+                loss_sum = _summed_loss(wrapped, local, args.label_smoothing)
+            # DDP averages gradients over ranks: scale so the result is sum over all tokens / global token count.
+            (loss_sum * dist.world_size / global_tokens).backward()
+            if args.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss = dist.mean(float(loss_sum.detach()) / global_tokens * dist.world_size)
+            tokens = int((batch["src"] != PAD).sum()) + global_tokens
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}",
+                            tok_s=f"{tokens / max(time.perf_counter() - started, 1e-9):.0f}")
+            bar.update(1)
+            if not math.isfinite(loss):
+                raise ValueError(f"the loss became {loss} at step {step}: lower --lr or raise --warmup")
+            interrupted = dist.any(stop.requested)
+            if step % args.save_every == 0 or step == last or interrupted:
+                save()
+            if step % args.sample_every == 0 or step == args.steps:
+                report_eval(bar)
+            if interrupted:
+                break
+    bar.close()
+    dist.close()
+    return 0
+
+
+def _summed_loss(wrapped, batch, label_smoothing: float) -> torch.Tensor:
+    """The summed token loss through the (possibly DDP-wrapped) model's forward, so DDP sees the call."""
+    model = wrapped.module if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) else wrapped
+    logits = wrapped(batch["src"], batch["tgt_in"], batch["src_pad_mask"])
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch["tgt_out"].flatten(),
+                                             ignore_index=model.config.pad_id, label_smoothing=label_smoothing,
+                                             reduction="sum")
+
+
+# ------------------------------------------------------------------------------------------- translate
+def load_translator(ckpt: str | Path, device="cpu") -> tuple[Transformer, Vocab, Vocab]:
+    """A trained translator and its vocabularies from a --out folder (or its checkpoint/ folder)."""
+    ckpt = Path(ckpt)
+    directory = ckpt / "checkpoint" if find_checkpoint(ckpt / "checkpoint") is not None else ckpt
+    _, saved = load_checkpoint(directory)  # config only: the weights need the model built first
+    config, src_vocab, tgt_vocab = model_from_saved(saved)
+    model = Transformer(config)
+    load_checkpoint(directory, modules={"model": model})
+    return model.to(device).eval(), src_vocab, tgt_vocab
+
+
+def translate(model: Transformer, src_vocab: Vocab, tgt_vocab: Vocab, texts: list[str], *, beam: int = 1,
+              max_len: int | None = None, length_penalty: float = 1.0) -> list[str]:
+    """Translations of ``texts`` (one batch): greedy with beam=1, else beam search."""
+    if not texts or any(not isinstance(t, str) or not t.strip() for t in texts):
+        raise ValueError("texts: need one or more non-empty strings to translate")
+    device = model.positions.device
+    batch = encode_batch([t.strip() for t in texts], None, src_vocab, tgt_vocab, device)
+    limit = max_len or model.config.max_positions
+    if beam == 1:
+        out = model.greedy_decode(batch["src"], max_len=limit, src_pad_mask=batch["src_pad_mask"])
+    else:
+        out, _ = model.beam_search(batch["src"], beam_size=beam, max_len=limit, length_penalty=length_penalty,
+                                   src_pad_mask=batch["src_pad_mask"])
+    return [tgt_vocab.decode(ids) for ids in out.tolist()]
+
+
+def translate_main(argv: list[str], prog: str = "genfast translate") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description="Translate text with a trained translator (one line "
+                                     "of output per input; reads lines from stdin when no TEXT is given).")
+    parser.add_argument("--ckpt", type=Path, required=True, help="the --out folder of `genfast train translator`")
+    parser.add_argument("--beam", type=int, default=1, help="beam size (1: greedy decoding)")
+    parser.add_argument("--length-penalty", type=float, default=1.0, help="GNMT length penalty alpha for beams")
+    parser.add_argument("--max-len", type=int, default=None, help="longest output (default: max_positions)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("text", nargs="*", help="text to translate")
+    args = parser.parse_args(argv)
+    if args.beam < 1:
+        parser.error(f"--beam must be >= 1, got {args.beam}")
+    texts = args.text or [line for line in sys.stdin.read().splitlines() if line.strip()]
+    if not texts:
+        parser.error("nothing to translate: give TEXT arguments or lines on stdin")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        model, src_vocab, tgt_vocab = load_translator(args.ckpt, device)
+        for line in translate(model, src_vocab, tgt_vocab, texts, beam=args.beam, max_len=args.max_len,
+                              length_penalty=args.length_penalty):
+            print(line)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def sample_main(argv: list[str]) -> int:
+    """`genfast sample translator` is `genfast translate`."""
+    return translate_main(argv, prog="genfast sample translator")
+
+
+__all__ = ["train_main", "translate_main", "sample_main", "translate", "load_translator", "evaluate", "Vocab"]
