@@ -50,8 +50,8 @@ def start_run(args: argparse.Namespace) -> Distributed:
     return dist
 
 
-def autocast(device: torch.device):
+def autocast(device: torch.device | str):
     """bf16 autocast on CUDA (what the recipes train in on a GPU); nothing on CPU."""
-    if device.type == "cuda":
+    if torch.device(device).type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
