@@ -23,9 +23,10 @@ from genfast.recipes import _gan
 from genfast.recipes import cgan as cgan_recipe
 from genfast.recipes import dcgan as dcgan_recipe
 from genfast.training import load_checkpoint, load_safetensors_state, seed_everything
-from tests.conftest import serving_backends
+from tests.conftest import DEVICES, serving_backends
 
-TINY = ["--g-features", "8", "--d-features", "8", "--latent-dim", "8", "--batch-size", "8", "--quiet"]
+TINY = ["--device", "cpu", "--g-features", "8", "--d-features", "8", "--latent-dim", "8", "--batch-size", "8",
+        "--quiet"]
 
 
 @pytest.fixture(autouse=True)
@@ -124,19 +125,20 @@ def test_numbergan_sampling_backends_agree(backend):
 
 
 # ------------------------------------------------------------------------------------------- reference vs fused
-def _tiny(kind):
+def _tiny(kind, device="cpu"):
     if kind == "dcgan":
         config = dcgan.DCGANConfig(image_size=32, channels=1, latent_dim=8, g_features=4, d_features=4)
-        return dcgan.Generator(config), dcgan.Discriminator(config), ()
+        return dcgan.Generator(config).to(device), dcgan.Discriminator(config).to(device), ()
     config = cgan.CGANConfig(num_classes=3, image_size=32, channels=3, latent_dim=8, embed_dim=4, g_features=4,
                              d_features=4, class_names=("a", "b", "c"))
-    return cgan.Generator(config), cgan.Discriminator(config), (torch.tensor([0, 2]),)
+    return (cgan.Generator(config).to(device), cgan.Discriminator(config).to(device),
+            (torch.tensor([0, 2], device=device),))
 
 
 def _step(G, D, z, extra):
     """One generator update's gradients, and the generator's outputs in train and eval mode."""
     train_out = G.train()(z, *extra)
-    loss = F.binary_cross_entropy_with_logits(D(train_out, *extra), torch.ones(z.shape[0]))
+    loss = F.binary_cross_entropy_with_logits(D(train_out, *extra), torch.ones(z.shape[0], device=z.device))
     grads = torch.autograd.grad(loss, list(G.parameters()))
     with torch.no_grad():
         eval_out = G.eval()(z, *extra)
@@ -144,14 +146,15 @@ def _step(G, D, z, extra):
     return train_out.detach(), eval_out, d_out, grads, [b.clone() for b in G.buffers()]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["dcgan", "cgan"])
-def test_reference_and_fused_backends_agree(kind):
-    if "triton" not in serving_backends("conv_transpose2d", "cpu"):
-        pytest.skip("Triton does not serve conv_transpose2d here")
+def test_reference_and_fused_backends_agree(kind, device):
+    if "triton" not in serving_backends("conv_transpose2d", device):
+        pytest.skip(f"Triton does not serve conv_transpose2d on {device} here")
     torch.manual_seed(0)
-    G, D, extra = _tiny(kind)
+    G, D, extra = _tiny(kind, device)
     state_g, state_d = copy.deepcopy(G.state_dict()), copy.deepcopy(D.state_dict())  # not live views
-    z = torch.randn(2, 8)
+    z = torch.randn(2, 8, device=device)
     results = {}
     for name in ("reference", "triton"):
         G.load_state_dict(state_g)  # the same weights and running statistics for both
@@ -219,7 +222,7 @@ def _initial_generator(module, config):
 def test_dcgan_short_run_moves_toward_the_data(tmp_path):
     out = tmp_path / "run"
     args = ["--steps", "80", "--lr", "1e-3", "--g-features", "16", "--d-features", "16", "--latent-dim", "16",
-            "--batch-size", "32", "--quiet", "--out", str(out), "--sample-every", "40"]
+            "--batch-size", "32", "--quiet", "--out", str(out), "--sample-every", "40", "--device", "cpu"]
     assert dcgan_recipe.train_main(args) == 0
     config = dcgan.DCGANConfig(32, 1, 16, 16, 16)
     before = _initial_generator(dcgan, config).eval()
@@ -239,7 +242,8 @@ def test_dcgan_short_run_moves_toward_the_data(tmp_path):
 def test_cgan_short_run_moves_toward_the_data(tmp_path):
     out = tmp_path / "run"
     args = ["--steps", "100", "--lr", "1e-3", "--g-features", "16", "--d-features", "16", "--latent-dim", "16",
-            "--embed-dim", "8", "--batch-size", "32", "--quiet", "--out", str(out), "--sample-every", "1000"]
+            "--embed-dim", "8", "--batch-size", "32", "--quiet", "--out", str(out), "--sample-every", "1000",
+            "--device", "cpu"]
     assert cgan_recipe.train_main(args) == 0
     data = shapes(2048, 32, 3, seed=0)
     config = cgan.CGANConfig(9, 32, 3, 16, 8, 16, 16, data.class_names)
@@ -280,8 +284,9 @@ def test_resume_equals_uninterrupted(tmp_path, recipe):
     from genfast.recipes import numbergan as numbergan_recipe
 
     module = dcgan_recipe if recipe == "dcgan" else numbergan_recipe
-    extra = TINY if recipe == "dcgan" else ["--hidden", "16", "--latent-dim", "8", "--batch-size", "8", "--quiet",
-                                            "--sample-every", "2", "--eval-samples", "16", "--target", "0"]
+    extra = TINY if recipe == "dcgan" else ["--device", "cpu", "--hidden", "16", "--latent-dim", "8", "--batch-size",
+                                            "8", "--quiet", "--sample-every", "2", "--eval-samples", "16",
+                                            "--target", "0"]
     whole, split = tmp_path / "whole", tmp_path / "split"
     assert module.train_main(["--steps", "6", "--out", str(whole), *extra]) == 0
     assert module.train_main(["--steps", "3", "--out", str(split), *extra]) == 0
@@ -330,7 +335,8 @@ def test_cli_smoke(tmp_path, capsys):
     assert cli_main(["sample", "dcgan", "--ckpt", str(out), "--n", "4", "--out", str(grid)]) == 0
     assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ng = tmp_path / "ng"
-    assert cli_main(["train", "numbergan", "--steps", "2", "--out", str(ng), "--hidden", "16", "--quiet"]) == 0
+    assert cli_main(["train", "numbergan", "--steps", "2", "--out", str(ng), "--hidden", "16", "--quiet",
+                    "--device", "cpu"]) == 0
     capsys.readouterr()
     assert cli_main(["sample", "numbergan", "--ckpt", str(ng), "--n", "3", "--temperature", "0"]) == 0
     rows = capsys.readouterr().out.strip().splitlines()
@@ -391,8 +397,8 @@ def test_ddp_through_torchrun(tmp_path, recipe):
     import sys
 
     out = tmp_path / "run"
-    extra = TINY if recipe != "numbergan" else ["--hidden", "16", "--batch-size", "8", "--quiet", "--sample-every",
-                                                "2"]
+    extra = TINY if recipe != "numbergan" else ["--device", "cpu", "--hidden", "16", "--batch-size", "8", "--quiet",
+                                                "--sample-every", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "genfast", "train",
                     recipe, "--steps", "3", "--device", "cpu", "--out", str(out), *extra], check=True, env=env,
