@@ -159,8 +159,11 @@ def sample_main(argv: list[str]) -> int:
     else:
         labels = torch.arange(config.num_classes).repeat_interleave(args.n)
         z, nrow = G.latent(args.n, gen).repeat(config.num_classes, 1), args.n
-    with torch.no_grad():
-        images = G(z.to(device), labels.to(device))
+    try:
+        with torch.no_grad():
+            images = G(z.to(device), labels.to(device))
+    except genfast.BackendError as exc:
+        parser.error(f"--backend: {exc}")
     path = save_image_grid(images, args.out, nrow=nrow)
     if args.interpolate:
         what = "interpolation rows"

@@ -111,8 +111,11 @@ def sample_main(argv: list[str]) -> int:
         genfast.set_backend(args.backend)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     G = load_generator(parser, args.ckpt, device)
-    with torch.no_grad():
-        images = G(G.latent(args.n, torch.Generator().manual_seed(args.seed)))
+    try:
+        with torch.no_grad():
+            images = G(G.latent(args.n, torch.Generator().manual_seed(args.seed)))
+    except genfast.BackendError as exc:
+        parser.error(f"--backend: {exc}")
     path = save_image_grid(images, args.out, nrow=args.nrow)
     print(f"wrote {args.n} samples to {path}")
     return 0

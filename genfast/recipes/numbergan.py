@@ -118,7 +118,7 @@ def sample_main(argv: list[str]) -> int:
     try:
         samples = G.sample(args.n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                            generator=torch.Generator(device).manual_seed(args.seed))
-    except ValueError as exc:
+    except (ValueError, genfast.BackendError) as exc:
         parser.error(str(exc))
     for row in samples.tolist():
         print(" ".join(f"{v:2d}" for v in row))
