@@ -220,6 +220,13 @@ def _cpu_folded(x, weight, bias, stride, padding, output_padding, groups, dilati
     precisions take the reference, which computes in float32.
     """
     w, b = weight, bias
+    out_numel = x.shape[0] * weight.shape[1] * groups * (x.shape[2] * stride[0]) * (x.shape[3] * stride[1])
+    if (scale is not None or shift is not None) and weight.numel() >= out_numel:
+        # A weight larger than the output (a layer from a 1x1 latent): scaling the output is the cheaper pass.
+        y = conv_transpose2d_ref(x, weight, bias, stride, padding, output_padding, groups, dilation, scale=scale,
+                                 shift=shift)
+        return activate(y, activation, negative_slope) if _needs_grad(x, weight, bias, scale, shift) else \
+            _activate_inplace(y, activation, negative_slope)
     if scale is not None or shift is not None:
         c_out = weight.shape[1] * groups
         s = scale.to(weight.dtype) if scale is not None else weight.new_ones(c_out)
