@@ -22,6 +22,7 @@ None, "relu", "leaky_relu", "tanh", "sigmoid", "silu", "gelu" (exact, erf form).
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -220,7 +221,7 @@ def _cpu_folded(x, weight, bias, stride, padding, output_padding, groups, dilati
     precisions take the reference, which computes in float32.
     """
     w, b = weight, bias
-    out_numel = x.shape[0] * weight.shape[1] * groups * (x.shape[2] * stride[0]) * (x.shape[3] * stride[1])
+    out_numel = math.prod(_out_shape(x, weight, stride, padding, output_padding, groups, dilation))
     if (scale is not None or shift is not None) and weight.numel() >= out_numel:
         # A weight larger than the output (a layer from a 1x1 latent): scaling the output is the cheaper pass.
         y = conv_transpose2d_ref(x, weight, bias, stride, padding, output_padding, groups, dilation, scale=scale,
