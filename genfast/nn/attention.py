@@ -247,7 +247,7 @@ class KVCache:
             self.lengths = torch.zeros(batch_size, dtype=torch.int64, device=self.k.device)
             self.bound = 0
         else:
-            lengths = torch.as_tensor(lengths, dtype=torch.int64, device=self.k.device)
+            lengths = torch.as_tensor(lengths, dtype=torch.int64, device=self.k.device).clone()
             if lengths.shape != (batch_size,):
                 raise ValueError(f"KVCache: lengths must have shape [{batch_size}], got {tuple(lengths.shape)}")
             lo, hi = int(lengths.min()), int(lengths.max())  # one sync, at construction only
@@ -297,7 +297,8 @@ class KVCache:
             bound = self.bound
         if isinstance(bound, bool) or not isinstance(bound, int) or not 0 <= bound <= self.max_seq_len:
             raise ValueError(f"KVCache.set_lengths: bound must be an int in [0, {self.max_seq_len}], got {bound!r}")
-        self.lengths = lengths.to(device=self.k.device, dtype=torch.int64)
+        # A copy: append() advances lengths in place, and caches of different layers must not share one tensor.
+        self.lengths = lengths.to(device=self.k.device, dtype=torch.int64, copy=True)
         self.bound = bound
 
 

@@ -326,15 +326,13 @@ def load_for_sampling(ckpt: str | os.PathLike, device: torch.device) -> tuple[GP
     path = Path(ckpt)
     if not path.is_dir():
         raise FileNotFoundError(f"--ckpt: no directory at {path}")
-    hf_config = path / "config.json"
-    has_hf_weights = (path / "model.safetensors").is_file() or (path / "pytorch_model.bin").is_file()
-    if hf_config.is_file() and has_hf_weights:
-        model = GPT.from_pretrained(path, device=device)
-        return model, load_tokenizer(path)
-    run_dir = path if (path / CHECKPOINT_DIR).exists() or (path / (CHECKPOINT_DIR + ".old")).exists() \
-        else path.parent
-    found = find_checkpoint(run_dir / CHECKPOINT_DIR)
-    if found is None:
+    if find_checkpoint(path / CHECKPOINT_DIR) is not None:  # a training output directory
+        run_dir, found = path, find_checkpoint(path / CHECKPOINT_DIR)
+    elif find_checkpoint(path) is not None:  # its checkpoint/ directory (config.json + trainer.pt)
+        run_dir, found = path.parent, find_checkpoint(path)
+    elif (path / "config.json").is_file():  # a Hugging Face GPT-2 directory
+        return GPT.from_pretrained(path, device=device), load_tokenizer(path)
+    else:
         raise FileNotFoundError(f"--ckpt: no GPT checkpoint in {path} (expected {CHECKPOINT_DIR}/ from "
                                 "`genfast train gpt`, or a Hugging Face GPT-2 directory)")
     config_data = json.loads((found / "config.json").read_text())
