@@ -4,6 +4,7 @@ gradients == one process, and clear errors for bad input."""
 
 import json
 import os
+import signal
 import socket
 from pathlib import Path
 
@@ -336,24 +337,43 @@ def test_sample_cli(trained, capsys):
         recipe.sample_main(["--ckpt", str(out), "--prompt", "x" * 40, "--device", "cpu"])
 
 
-def test_resume_equals_uninterrupted(tmp_path):
+def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
+    """Stopped after 7 steps (--stop-after), or by Ctrl-C during step 3, then resumed: the final weights equal
+    those of the uninterrupted run bit for bit (dropout on, so the restored RNG state matters too)."""
+    from safetensors.torch import load_file
+
     data = tmp_path / "rhyme.txt"
     data.write_text(TEXT * 4)
     common = ("--steps", "12", "--eval-every", "5", "--dropout", "0.1", "--eval-batches", "1", "--seed", "3")
+    weights = lambda run: load_file(str(tmp_path / run / "checkpoint" / "model.safetensors"))  # noqa: E731
     assert _train(tmp_path / "whole", data, *common) == 0
-    assert _train(tmp_path / "split", data, *common, "--stop-after", "7") == 0
-    from safetensors.torch import load_file
+    whole = weights("whole")
 
-    state, _ = genfast.training.load_checkpoint(tmp_path / "split" / "checkpoint")
-    assert state["step"] == 7
-    at_7 = load_file(str(tmp_path / "split" / "checkpoint" / "model.safetensors"))
+    assert _train(tmp_path / "split", data, *common, "--stop-after", "7") == 0
+    assert genfast.training.load_checkpoint(tmp_path / "split" / "checkpoint")[0]["step"] == 7
+    at_7 = weights("split")
     assert _train(tmp_path / "split", data, *common, "--resume") == 0
-    a = load_file(str(tmp_path / "whole" / "checkpoint" / "model.safetensors"))
-    b = load_file(str(tmp_path / "split" / "checkpoint" / "model.safetensors"))
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
-    assert not all(torch.equal(at_7[name], b[name]) for name in b)  # the resumed run did train on
+
+    real_get_batch, calls = recipe.get_batch, []
+
+    def interrupting_get_batch(*args):
+        calls.append(1)
+        if len(calls) == 3:  # Ctrl-C while step 3 (index 2) is being prepared: it finishes, saves, stops
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_get_batch(*args)
+
+    monkeypatch.setattr(recipe, "get_batch", interrupting_get_batch)
+    assert _train(tmp_path / "ctrl_c", data, *common) == 130
+    monkeypatch.undo()
+    assert genfast.training.load_checkpoint(tmp_path / "ctrl_c" / "checkpoint")[0]["step"] == 3
+    assert _train(tmp_path / "ctrl_c", data, *common, "--resume") == 0
+
+    for run in ("split", "ctrl_c"):
+        got = weights(run)
+        assert got.keys() == whole.keys()
+        for name in whole:
+            assert torch.equal(got[name], whole[name]), (run, name)
+    assert not all(torch.equal(at_7[name], whole[name]) for name in whole)  # the resumed run did train on
 
 
 def test_train_errors(tmp_path):
