@@ -1,8 +1,8 @@
 """Training text for the language models: a user's file, or by default Python's own standard library source.
 
 The standard library's .py files are present wherever Python is, so ``genfast train gpt`` works offline on any
-machine without a download. They are read in a fixed order (sorted relative paths) and capped in size, so the
-same Python version always gives the same text.
+machine without a download. They are read in a fixed order (sorted names, directory by directory) and capped
+in size, so the same Python version always gives the same text.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sysconfig
 from pathlib import Path
+from typing import Iterator
 
 DEFAULT_MAX_CHARS = 2_000_000
 # Third-party packages live under the standard library directory on some layouts; they are not "Python's own".
@@ -25,20 +26,22 @@ def stdlib_directory() -> Path:
                             "pass a text file with --data")
 
 
-def stdlib_source_files(directory: str | os.PathLike | None = None) -> list[Path]:
-    """The .py files under the standard library directory, sorted by their path relative to it."""
+def stdlib_source_files(directory: str | os.PathLike | None = None) -> Iterator[Path]:
+    """The .py files under the standard library directory, lazily, in a fixed order: each directory's files
+    sorted by name, then its subdirectories in sorted order (so the first files come without a full walk)."""
     root = Path(directory) if directory is not None else stdlib_directory()
-    files = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in SKIPPED_DIRS)
-        files.extend(Path(dirpath) / name for name in filenames if name.endswith(".py"))
-    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+        for name in sorted(filenames):
+            if name.endswith(".py"):
+                yield Path(dirpath) / name
 
 
 def stdlib_text(max_chars: int = DEFAULT_MAX_CHARS, directory: str | os.PathLike | None = None) -> str:
     """The standard library's source files concatenated (files that are not UTF-8 skipped), cut at ``max_chars``.
 
-    Deterministic for a given Python installation: files in sorted order, separated by a blank line.
+    Deterministic for a given Python installation: files in ``stdlib_source_files`` order, separated by a blank
+    line.
     """
     if isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars < 1:
         raise ValueError(f"max_chars must be an int >= 1, got {max_chars!r}")
