@@ -321,6 +321,10 @@ class GPT(nn.Module):
             cache.set_lengths(lengths)
         logits = self.lm_head(hidden[torch.arange(b, device=device), lengths - 1])  # (B, V): each prompt's last
         penalize = not (isinstance(repetition_penalty, numbers.Real) and repetition_penalty == 1.0)
+        # Scalar knobs become per-row tensors once, rather than being re-created by sample_tokens at every step.
+        knobs = {name: value if isinstance(value, torch.Tensor) else
+                 torch.full((b,), value, device=device, dtype=torch.int64 if name == "top_k" else torch.float32)
+                 for name, value in knobs.items()}
         # Token ids the repetition penalty looks at: the prompt's (padding as -1, which sample_tokens ignores).
         seen = torch.where(cols[None, :] < lengths[:, None], ids, -1) if penalize else None
         finished = torch.zeros(b, dtype=torch.bool, device=device)
