@@ -462,3 +462,26 @@ def test_kv_cache_errors():
         KVCache(2, 2, 0, 16)
     with pytest.raises(ValueError, match="KVCache.append: k and v"):
         cache.append(torch.randn(B, H, 1, 8), torch.randn(B, H, 1, 8))
+
+
+def test_kv_cache_set_lengths_rewinds_and_copies():
+    """set_lengths forgets tokens (later appends overwrite them) and copies its argument, so caches of several
+    layers given one lengths tensor do not advance each other's lengths."""
+    m = gpt_attention()
+    x = torch.randn(B, 6, E)
+    with torch.no_grad():
+        shared = torch.tensor([2, 4])
+        caches = [m.new_cache(B), m.new_cache(B)]
+        for cache in caches:
+            m(x[:, :4], kv_cache=cache)
+            cache.set_lengths(shared)
+        out = [m(x[:, 5:6], kv_cache=cache) for cache in caches]
+        assert shared.tolist() == [2, 4] and all(c.lengths.tolist() == [3, 5] and c.bound == 5 for c in caches)
+        for i, n in enumerate((2, 4)):  # row i == its own prefix of n tokens, then token 5
+            want = m(torch.cat([x[i:i + 1, :n], x[i:i + 1, 5:6]], dim=1))[:, -1:]
+            torch.testing.assert_close(out[0][i:i + 1], want, **TOL)
+            torch.testing.assert_close(out[1][i:i + 1], want, **TOL)
+    with pytest.raises(ValueError, match="set_lengths: lengths must be a tensor of shape"):
+        caches[0].set_lengths(torch.tensor([1]))
+    with pytest.raises(ValueError, match="set_lengths: bound must be an int"):
+        caches[0].set_lengths(torch.tensor([1, 1]), bound=10**6)

@@ -2,5 +2,6 @@
 genfast ops."""
 
 from genfast.models import cgan, dcgan, numbergan  # noqa: F401
+from genfast.models.gpt import GPT, GPTConfig  # noqa: F401
 from genfast.models.transformer import Transformer, TransformerConfig  # noqa: F401
 from genfast.models.unet import UNet, UNetConfig  # noqa: F401

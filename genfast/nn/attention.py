@@ -5,7 +5,8 @@
   default) writes the softmax out, because the weights it returns are exactly the N x N matrix the fused path
   never holds.
 - ``CausalSelfAttention``: the GPT block's attention (nanoGPT names ``c_attn``/``c_proj``), with a ``KVCache`` for
-  generation. Attention of new tokens against the cache goes through one seam, ``attend_cached``.
+  generation. Attention of new tokens against the cache goes through one seam, ``attend_cached``
+  (genfast.ops.attention_decode when decoding; appends through genfast.ops.kv_cache_append).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genfast import ops
+from genfast.ops.attention_decode import MAX_NEW_TOKENS as DECODE_MAX_NEW_TOKENS
 
 _MHA = "MultiheadAttention"
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -245,7 +247,7 @@ class KVCache:
             self.lengths = torch.zeros(batch_size, dtype=torch.int64, device=self.k.device)
             self.bound = 0
         else:
-            lengths = torch.as_tensor(lengths, dtype=torch.int64, device=self.k.device)
+            lengths = torch.as_tensor(lengths, dtype=torch.int64, device=self.k.device).clone()
             if lengths.shape != (batch_size,):
                 raise ValueError(f"KVCache: lengths must have shape [{batch_size}], got {tuple(lengths.shape)}")
             lo, hi = int(lengths.min()), int(lengths.max())  # one sync, at construction only
@@ -267,24 +269,54 @@ class KVCache:
         if self.bound + t > self.max_seq_len:
             raise ValueError(f"KVCache.append: {t} new tokens after up to {self.bound} overflow max_seq_len="
                              f"{self.max_seq_len}")
-        pos = self.lengths[:, None] + torch.arange(t, device=self.k.device)  # (B, T)
-        rows = torch.arange(k.shape[0], device=self.k.device)[:, None]
-        # Advanced indexing on dims 0 and 2 puts (B, T) first: the source is laid out (B, T, H, D).
-        self.k[rows, :, pos] = k.transpose(1, 2).to(self.k.dtype)
-        self.v[rows, :, pos] = v.transpose(1, 2).to(self.v.dtype)
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            # The fused append is inference-only (no autograd); indexed assignment keeps the graph.
+            pos = self.lengths[:, None] + torch.arange(t, device=self.k.device)  # (B, T)
+            rows = torch.arange(k.shape[0], device=self.k.device)[:, None]
+            # Advanced indexing on dims 0 and 2 puts (B, T) first: the source is laid out (B, T, H, D).
+            self.k[rows, :, pos] = k.transpose(1, 2)
+            self.v[rows, :, pos] = v.transpose(1, 2)
+        else:
+            # validate=False: the host-side bound above already rules out an overflow, without a GPU sync.
+            ops.kv_cache_append(self.k, self.v, k, v, self.lengths, validate=False)
         self.lengths += t
         self.bound += t
+
+    def set_lengths(self, lengths: torch.Tensor, bound: int | None = None) -> None:
+        """Forget every token of sequence b from position ``lengths[b]`` on (later appends overwrite them).
+
+        ``lengths`` int64 [B] on the cache's device, each at most the current ``bound`` (not checked against the
+        values on the device, which would synchronise); ``bound`` (default: unchanged) is the new host-side upper
+        bound. A batched generation uses this after prefilling right-padded prompts of different lengths.
+        """
+        if not isinstance(lengths, torch.Tensor) or lengths.shape != self.lengths.shape:
+            raise ValueError(f"KVCache.set_lengths: lengths must be a tensor of shape {list(self.lengths.shape)}, got "
+                             f"{tuple(lengths.shape) if isinstance(lengths, torch.Tensor) else type(lengths).__name__}")
+        if bound is None:
+            bound = self.bound
+        if isinstance(bound, bool) or not isinstance(bound, int) or not 0 <= bound <= self.max_seq_len:
+            raise ValueError(f"KVCache.set_lengths: bound must be an int in [0, {self.max_seq_len}], got {bound!r}")
+        # A copy: append() advances lengths in place, and caches of different layers must not share one tensor.
+        self.lengths = lengths.to(device=self.k.device, dtype=torch.int64, copy=True)
+        self.bound = bound
 
 
 def attend_cached(q: torch.Tensor, cache: KVCache, dropout_p: float = 0.0) -> torch.Tensor:
     """Attention of T new queries q [B, H, T, D] over ``cache``, which already holds them as its last T tokens.
 
-    Query t of sequence b sits at position lengths[b] - T + t and sees the keys at positions <= its own. This is
-    the one place a decode kernel (genfast.ops.attention_decode, split-K over the cache) plugs in; until then it
-    runs genfast.ops.attention over the cached prefix up to the host-side bound, with a per-sequence mask.
+    Query t of sequence b sits at position lengths[b] - T + t and sees the keys at positions <= its own. Up to
+    16 new tokens without gradient or dropout (decoding) go through genfast.ops.attention_decode (split-K over
+    the cache); a longer prefill, or a call that needs gradients, runs genfast.ops.attention over the cached
+    prefix with a per-sequence mask. Either way only the prefix up to the host-side bound is read.
     """
     t, n = q.shape[2], cache.bound
     k, v = cache.k[:, :, :n], cache.v[:, :, :n]
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    if t <= DECODE_MAX_NEW_TOKENS and dropout_p == 0.0 and not needs_grad:
+        # validate=False: lengths >= T holds by construction (the queries were just appended); no GPU sync.
+        out = ops.attention_decode(q.to(k.dtype), k, v, cache.lengths, causal=True, validate=False)
+        return out.to(q.dtype)
     j = torch.arange(n, device=q.device)
     last = cache.lengths[:, None] - t + torch.arange(t, device=q.device)  # (B, T): each query's own position
     keep = (j[None, None, :] <= last[:, :, None])[:, None]  # (B, 1, T, n)

@@ -1,0 +1,487 @@
+"""GPT: the GPT-2 architecture on genfast's attention, KV-cache decode and sampling ops.
+
+Learned token and position embeddings, pre-LayerNorm blocks (causal self-attention, then a GELU(tanh) MLP, each
+added to the residual stream), a final LayerNorm and an output projection tied to the token embedding. Module
+names follow Hugging Face's GPT2LMHeadModel (``transformer.h.0.attn.c_attn`` ...), so ``from_pretrained`` loads a
+local GPT-2 checkpoint by transposing its Conv1D weights, and ``save_pretrained`` writes one transformers loads.
+
+    model = GPT(GPTConfig.preset("tiny", vocab_size=tokenizer.vocab_size))
+    logits, loss = model(idx, targets)                       # idx, targets int64 [B, T]
+    out = model.generate(prompt, 100, temperature=0.8, top_k=50)
+
+Attention runs through genfast.nn.CausalSelfAttention (genfast.ops.attention; with a KV cache,
+genfast.ops.attention_decode and kv_cache_append); sampling through genfast.ops.sample_tokens. The backend is
+chosen per call by genfast's dispatcher (``with genfast.backend("reference"): ...`` runs the plain-PyTorch path).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import numbers
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from genfast import ops
+from genfast.nn.attention import CausalSelfAttention, KVCache
+
+# Presets: the sizes of OpenAI's GPT-2 models, and a tiny one that trains in minutes on a CPU.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=256),
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024, vocab_size=50257),
+}
+# Conv1D modules of transformers' GPT-2 store their weight as [in, out], the transpose of nn.Linear's.
+CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# Buffers of older transformers checkpoints (the causal mask), not weights.
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+# How often (in decoded tokens) generate() asks the device whether every sequence has met eos_token_id.
+EOS_CHECK_EVERY = 8
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50257
+    block_size: int = 1024  # the context: the number of learned positions
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    n_inner: int | None = None  # the MLP's hidden width; None means 4 * n_embd
+    dropout: float = 0.0
+    bias: bool = True
+    layer_norm_epsilon: float = 1e-5
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"GPTConfig: {name} must be an int >= 1, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"GPTConfig: n_embd={self.n_embd} must be a multiple of n_head={self.n_head}")
+        if self.n_inner is not None and (isinstance(self.n_inner, bool) or not isinstance(self.n_inner, int)
+                                         or self.n_inner < 1):
+            raise ValueError(f"GPTConfig: n_inner must be None or an int >= 1, got {self.n_inner!r}")
+        if not isinstance(self.dropout, numbers.Real) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig: dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.bias, bool):
+            raise ValueError(f"GPTConfig: bias must be a bool, got {self.bias!r}")
+        if not isinstance(self.layer_norm_epsilon, numbers.Real) or not self.layer_norm_epsilon > 0:
+            raise ValueError(f"GPTConfig: layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "GPTConfig":
+        """The config of a named size (``tiny``, ``gpt2``, ``gpt2-medium``), with any field overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"GPTConfig.preset: unknown preset {name!r}; known: {', '.join(PRESETS)}")
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "GPTConfig":
+        """A config from a dict of its fields; unknown keys raise ValueError naming them (catches typos)."""
+        if not isinstance(values, dict):
+            raise TypeError(f"GPTConfig.from_dict: need a dict, got {type(values).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"GPTConfig: unknown config keys {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def mlp_width(self) -> int:
+        return self.n_inner or 4 * self.n_embd
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.mlp_width, bias=config.bias)
+        self.c_proj = nn.Linear(config.mlp_width, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # GPT-2's "gelu_new" is the tanh approximation.
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.attn = CausalSelfAttention(config.n_embd, config.n_head, config.dropout, config.bias,
+                                        max_seq_len=config.block_size)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), kv_cache=kv_cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """GPT-2. forward(idx [B, T] int64, targets [B, T] int64 or None) -> (logits [B, T, V], loss or None).
+
+    targets equal to -1 are ignored by the loss (cross-entropy averaged over the others).
+    """
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        if not isinstance(config, GPTConfig):
+            raise TypeError(f"GPT: config must be a GPTConfig, got {type(config).__name__}")
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        self.apply(self._init_weights)
+        # GPT-2's scaled init of the projections into the residual stream (one per sublayer: 2 per block).
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_parameters(self, non_embedding: bool = True) -> int:
+        """Parameters counted once (the tied head is the token embedding); without the positions by default."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    # ------------------------------------------------------------------------------------------ forward
+    def _check_idx(self, idx, name: str = "idx") -> None:
+        if not isinstance(idx, torch.Tensor):
+            raise TypeError(f"GPT: {name} must be a torch.Tensor, got {type(idx).__name__}")
+        if idx.dtype != torch.int64 or idx.dim() != 2 or idx.shape[1] == 0:
+            raise ValueError(f"GPT: {name} must be int64 [B, T] with T >= 1, got {idx.dtype} {tuple(idx.shape)}")
+
+    def hidden_states(self, idx: torch.Tensor, positions: torch.Tensor | None = None,
+                      kv_caches: list[KVCache] | None = None) -> torch.Tensor:
+        """The final hidden states [B, T, C] (after ln_f) of tokens idx [B, T] at ``positions`` ([T] or [B, T],
+        default 0..T-1); with ``kv_caches`` (one per block) the tokens follow the ones cached."""
+        b, t = idx.shape
+        if positions is None:
+            positions = torch.arange(t, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, None if kv_caches is None else kv_caches[i])
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        self._check_idx(idx)
+        t = idx.shape[1]
+        if t > self.config.block_size:
+            raise ValueError(f"GPT: a sequence of {t} tokens is longer than the context "
+                             f"(block_size={self.config.block_size})")
+        logits = self.lm_head(self.hidden_states(idx))  # (B, T, V)
+        loss = None
+        if targets is not None:
+            self._check_idx(targets, "targets")
+            if targets.shape != idx.shape:
+                raise ValueError(f"GPT: targets must have idx's shape {tuple(idx.shape)}, got {tuple(targets.shape)}")
+            # fp32 loss: under bf16 autocast the logits are bf16, too coarse for a log-softmax over the vocabulary.
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+        return logits, loss
+
+    # ------------------------------------------------------------------------------------------ generation
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature=1.0, top_k=0, top_p=1.0,
+                 min_p=0.0, repetition_penalty=1.0, eos_token_id: int | None = None,
+                 attention_mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                 stream: bool = False):
+        """Continue the prompts ``input_ids`` [B, T] int64 by up to ``max_new_tokens`` tokens.
+
+        Returns [B, T + n] (the prompts, then the n <= max_new_tokens new tokens); with ``stream=True`` an
+        iterator that yields each step's new tokens [B] (int64, on the model's device) as they are drawn.
+        Sampling knobs are those of genfast.ops.sample_tokens (temperature 0: greedy); the repetition penalty
+        sees each prompt (without its padding) and the tokens generated so far. ``attention_mask`` [B, T]
+        (1 = token, 0 = padding) allows prompts of different lengths, padded on the left: every sequence is
+        then continued exactly as if it were alone. With ``eos_token_id`` a sequence that emits it is
+        finished (later tokens are eos_token_id) and generation stops once every sequence has finished.
+
+        The prompt is run once (prefill), filling a KV cache per block; each new token then costs one decode
+        step (attention_decode over the cache, sample_tokens over the logits) without waiting for the host:
+        the only synchronisation is the check whether all sequences met eos_token_id, every few tokens
+        (every token when streaming, whose consumer waits for each token anyway). Dropout applies if the
+        model is in training mode: call ``model.eval()`` first.
+        """
+        if not isinstance(stream, bool):
+            raise TypeError(f"GPT.generate: stream must be a bool, got {type(stream).__name__}")
+        knobs = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                     repetition_penalty=repetition_penalty)
+        # Checked here, not in the step generator, so that a streaming call fails at once rather than on next().
+        self._check_generate(input_ids, max_new_tokens, eos_token_id, attention_mask, generator, knobs)
+        steps = self._generate_steps(input_ids, max_new_tokens, knobs, eos_token_id, attention_mask, generator,
+                                     stream)
+        if stream:
+            return steps
+        new = list(steps)
+        if not new:
+            return input_ids.clone()
+        generated = torch.stack(new, dim=1)  # (B, n)
+        if eos_token_id is not None:
+            # Sequences are only checked every few tokens: drop the steps after the one where all had finished.
+            all_done = (generated == eos_token_id).all(dim=0)
+            if bool(all_done.any()):
+                generated = generated[:, :int(all_done.int().argmax()) + 1]
+        return torch.cat([input_ids, generated], dim=1)
+
+    def _check_generate(self, input_ids, max_new_tokens, eos_token_id, attention_mask, generator, knobs):
+        op = "GPT.generate"
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"{op}: input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+        if input_ids.dtype != torch.int64 or input_ids.dim() != 2 or 0 in input_ids.shape:
+            raise ValueError(f"{op}: input_ids must be int64 [B, T] with B, T >= 1, got {input_ids.dtype} "
+                             f"{tuple(input_ids.shape)}")
+        device = self.transformer.wte.weight.device
+        if input_ids.device != device:
+            raise ValueError(f"{op}: input_ids is on {input_ids.device} but the model is on {device}")
+        b, t = input_ids.shape
+        ctx = self.config.block_size
+        if t > ctx:
+            raise ValueError(f"{op}: the prompt has {t} tokens, longer than the context (block_size={ctx})")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
+            raise ValueError(f"{op}: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if t + max_new_tokens > ctx:
+            raise ValueError(f"{op}: the prompt ({t} tokens) and max_new_tokens={max_new_tokens} do not fit in the "
+                             f"context (block_size={ctx}); ask for at most {ctx - t} new tokens")
+        vocab = self.config.vocab_size
+        bad_eos = isinstance(eos_token_id, bool) or not isinstance(eos_token_id, numbers.Integral)
+        if eos_token_id is not None and (bad_eos or not 0 <= eos_token_id < vocab):
+            raise ValueError(f"{op}: eos_token_id must be None or an int in [0, {vocab}), got {eos_token_id!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"{op}: generator must be a torch.Generator or None, got {type(generator).__name__}")
+        if generator is not None and generator.device.type != device.type:
+            raise ValueError(f"{op}: generator is on {generator.device} but the model is on {device}")
+        # The knobs are checked once here, so that every step can run sample_tokens with validate=False (a check
+        # per step would synchronise with the GPU per token). filter_logits on a dummy row checks the same rules.
+        ops.filter_logits(torch.zeros(b, 1, device=device), **knobs, validate=True)
+        lo_hi = [input_ids.min(), input_ids.max()]
+        if attention_mask is not None:
+            if not isinstance(attention_mask, torch.Tensor):
+                raise TypeError(f"{op}: attention_mask must be a torch.Tensor or None, got "
+                                f"{type(attention_mask).__name__}")
+            if attention_mask.shape != input_ids.shape or attention_mask.device != device:
+                raise ValueError(f"{op}: attention_mask must be [B, T] = {list(input_ids.shape)} on {device}, got "
+                                 f"{tuple(attention_mask.shape)} on {attention_mask.device}")
+            m = attention_mask
+            lo_hi += [((m != 0) & (m != 1)).any(), (m[:, 1:] < m[:, :-1]).any(), (m[:, -1] != 1).any()]
+        flags = torch.stack([v.to(torch.int64) for v in lo_hi]).tolist()  # one host sync for every check
+        if flags[0] < 0 or flags[1] >= vocab:
+            raise ValueError(f"{op}: input_ids must hold token ids in [0, {vocab}), got values in "
+                             f"[{flags[0]}, {flags[1]}]")
+        if attention_mask is not None and any(flags[2:]):
+            raise ValueError(f"{op}: attention_mask must hold 0 (padding) and 1 (token), with each prompt padded "
+                             "on the left (its zeros first) and ending in a token")
+
+    @torch.no_grad()
+    def _generate_steps(self, input_ids, max_new_tokens, knobs, eos_token_id, attention_mask, generator,
+                        stream) -> Iterator[torch.Tensor]:
+        """Yields each step's new tokens [B]; the arguments were checked by generate()."""
+        repetition_penalty = knobs["repetition_penalty"]
+        if max_new_tokens == 0:
+            return
+        b, t = input_ids.shape
+        device = input_ids.device
+        cols = torch.arange(t, device=device)
+        if attention_mask is None:
+            lengths = torch.full((b,), t, dtype=torch.int64, device=device)
+            ids = input_ids
+        else:
+            # Left padding -> right padding: roll each row left by its padding, so that token i of every prompt
+            # sits at position i and plain causal attention serves the prefill. Each cache then forgets the
+            # padding tokens (set_lengths), and the decoded tokens overwrite them.
+            lengths = attention_mask.to(torch.int64).sum(dim=1)
+            ids = input_ids.gather(1, (cols[None, :] + (t - lengths)[:, None]) % t)
+        cfg = self.config
+        dtype = self.transformer.wte.weight.dtype
+        caches = [KVCache(b, cfg.n_head, t + max_new_tokens, cfg.n_embd // cfg.n_head, dtype=dtype, device=device)
+                  for _ in range(cfg.n_layer)]
+        hidden = self.hidden_states(ids, cols, caches)  # (B, T, C)
+        for cache in caches:
+            cache.set_lengths(lengths)
+        logits = self.lm_head(hidden[torch.arange(b, device=device), lengths - 1])  # (B, V): each prompt's last
+        penalize = not (isinstance(repetition_penalty, numbers.Real) and repetition_penalty == 1.0)
+        # Scalar knobs become per-row tensors once, rather than being re-created by sample_tokens at every step.
+        knobs = {name: value if isinstance(value, torch.Tensor) else
+                 torch.full((b,), value, device=device, dtype=torch.int64 if name == "top_k" else torch.float32)
+                 for name, value in knobs.items()}
+        # Token ids the repetition penalty looks at: the prompt's (padding as -1, which sample_tokens ignores).
+        seen = torch.where(cols[None, :] < lengths[:, None], ids, -1) if penalize else None
+        finished = torch.zeros(b, dtype=torch.bool, device=device)
+        positions = lengths.clone()
+        for step in range(max_new_tokens):
+            token = ops.sample_tokens(logits, **knobs, prev_tokens=seen, generator=generator, validate=False)
+            if eos_token_id is not None:
+                token = torch.where(finished, eos_token_id, token)
+                finished |= token == eos_token_id
+            yield token
+            if step + 1 == max_new_tokens:
+                break
+            if eos_token_id is not None and (stream or (step + 1) % EOS_CHECK_EVERY == 0) and bool(finished.all()):
+                break
+            if penalize:
+                seen = torch.cat([seen, token[:, None]], dim=1)
+            hidden = self.hidden_states(token[:, None], positions[:, None], caches)  # (B, 1, C)
+            logits = self.lm_head(hidden[:, -1])
+            positions += 1
+
+    # ------------------------------------------------------------------------------------------ Hugging Face
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                        device: str | torch.device | None = None) -> "GPT":
+        """A GPT with the weights of a local Hugging Face GPT-2 checkpoint directory (never a download).
+
+        The directory holds config.json (model_type "gpt2") and model.safetensors, or pytorch_model.bin (read
+        with torch.load(weights_only=True), which runs no pickled code). The model gives the logits that
+        transformers' GPT2LMHeadModel gives on the same checkpoint. Dropout is 0 (an inference model; set
+        ``model.config``'s and the modules' dropout yourself to fine-tune with it).
+        """
+        path = Path(path)
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"GPT.from_pretrained: no config.json in {path}")
+        try:
+            hf = json.loads(config_file.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"GPT.from_pretrained: {config_file} is not valid JSON: {exc}") from exc
+        config = _config_from_hf(hf, config_file)
+        state = _read_hf_weights(path)
+        model = cls(config)
+        model.load_state_dict(_state_from_hf(state, model, path), strict=True)
+        return model.to(device=device, dtype=dtype)
+
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        """Write config.json and model.safetensors in Hugging Face's GPT-2 format (each file atomically)."""
+        cfg = self.config
+        if not cfg.bias:
+            raise ValueError("GPT.save_pretrained: transformers' GPT-2 has biases everywhere; a GPT with "
+                             "bias=False has no Hugging Face equivalent")
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        hf_config = {
+            "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.vocab_size,
+            "n_positions": cfg.block_size, "n_ctx": cfg.block_size, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer,
+            "n_head": cfg.n_head, "n_inner": cfg.n_inner, "activation_function": "gelu_new",
+            "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
+            "layer_norm_epsilon": cfg.layer_norm_epsilon, "initializer_range": 0.02, "tie_word_embeddings": True,
+            "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
+            "torch_dtype": str(self.transformer.wte.weight.dtype).replace("torch.", ""),
+        }
+        tensors = {}
+        for name, tensor in self.state_dict().items():
+            if name == "lm_head.weight":  # tied to transformer.wte.weight; transformers ties it again on load
+                continue
+            tensor = tensor.detach().to("cpu")
+            tensors[name] = (tensor.t() if name.endswith(CONV1D_SUFFIXES) else tensor).contiguous()
+        from safetensors.torch import save as safetensors_bytes
+
+        _write_atomic(path / "model.safetensors", safetensors_bytes(tensors, metadata={"format": "pt"}))
+        _write_atomic(path / "config.json", json.dumps(hf_config, indent=2, sort_keys=True).encode())
+        return path
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _config_from_hf(hf: dict, source: Path) -> GPTConfig:
+    """GPTConfig of a transformers GPT2Config dict; ValueError for another architecture or unsupported options."""
+    where = f"GPT.from_pretrained: {source}"
+    if not isinstance(hf, dict) or hf.get("model_type") != "gpt2":
+        kind = hf.get("model_type") if isinstance(hf, dict) else None
+        raise ValueError(f"{where} describes a {kind!r} model, not GPT-2 (model_type 'gpt2'): another architecture")
+    unsupported = {
+        "activation_function": (hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh")),
+        "scale_attn_weights": hf.get("scale_attn_weights", True) is not True,
+        "scale_attn_by_inverse_layer_idx": bool(hf.get("scale_attn_by_inverse_layer_idx", False)),
+        "add_cross_attention": bool(hf.get("add_cross_attention", False)),
+        "tie_word_embeddings": hf.get("tie_word_embeddings", True) is not True,
+    }
+    bad = [f"{k}={hf.get(k)!r}" for k, is_bad in unsupported.items() if is_bad]
+    if bad:
+        raise ValueError(f"{where}: options genfast's GPT does not implement: {', '.join(bad)}")
+    try:
+        return GPTConfig(vocab_size=hf.get("vocab_size", 50257), block_size=hf.get("n_positions", 1024),
+                         n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12), n_embd=hf.get("n_embd", 768),
+                         n_inner=hf.get("n_inner"), dropout=0.0,
+                         layer_norm_epsilon=float(hf.get("layer_norm_epsilon", 1e-5)))
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from exc
+
+
+def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
+    safetensors_file, bin_file = path / "model.safetensors", path / "pytorch_model.bin"
+    if safetensors_file.is_file():
+        from genfast.training.checkpoint import load_safetensors_state
+
+        return load_safetensors_state(safetensors_file)
+    if bin_file.is_file():
+        try:
+            state = torch.load(bin_file, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"GPT.from_pretrained: {bin_file} could not be loaded safely: {exc}") from exc
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"GPT.from_pretrained: {bin_file} does not hold a state dict of tensors")
+        return state
+    raise FileNotFoundError(f"GPT.from_pretrained: no model.safetensors or pytorch_model.bin in {path}")
+
+
+def _state_from_hf(state: dict[str, torch.Tensor], model: GPT, source: Path) -> dict[str, torch.Tensor]:
+    """Our state dict from transformers' GPT-2 keys (with or without the ``transformer.`` prefix)."""
+    ours = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        if key.endswith(IGNORED_SUFFIXES):
+            continue
+        name = key if key.startswith(("transformer.", "lm_head.")) else f"transformer.{key}"
+        if name.endswith(CONV1D_SUFFIXES) and tensor.dim() == 2:
+            tensor = tensor.t()
+        out[name] = tensor
+    head = out.pop("lm_head.weight", None)
+    unexpected = sorted(set(out) - set(ours))
+    missing = sorted(set(ours) - set(out) - {"lm_head.weight"})
+    if unexpected or missing:
+        raise ValueError(f"GPT.from_pretrained: the weights in {source} are not GPT-2's for this config "
+                         f"(another architecture?): unexpected {unexpected[:5]}, missing {missing[:5]}")
+    for name, tensor in out.items():
+        if tensor.shape != ours[name].shape:
+            raise ValueError(f"GPT.from_pretrained: {name} in {source} has shape {tuple(tensor.shape)}, the config "
+                             f"needs {tuple(ours[name].shape)}")
+    wte = out["transformer.wte.weight"]
+    if head is not None and (head.shape != wte.shape or not torch.equal(head, wte)):
+        raise ValueError(f"GPT.from_pretrained: lm_head.weight in {source} differs from the token embedding; "
+                         "genfast's GPT ties them, as GPT-2 does")
+    out["lm_head.weight"] = wte
+    return out
+
+
+__all__ = ["GPT", "GPTConfig", "PRESETS"]

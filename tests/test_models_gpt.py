@@ -1,0 +1,430 @@
+"""genfast.models.GPT: backends agree, Hugging Face GPT-2 checkpoints load and save, generation with the KV cache
+(greedy == no cache, left padding == separate runs, streaming), training reaches a loss bound, exact resume, DDP
+gradients == one process, and clear errors for bad input."""
+
+import json
+import os
+import signal
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+import genfast
+from genfast.models import GPT, GPTConfig
+from genfast.recipes import gpt as recipe
+from tests.conftest import serving_backends
+
+V, CTX = 61, 48
+SMALL = dict(vocab_size=V, block_size=CTX, n_layer=2, n_head=2, n_embd=32)
+FUSED = serving_backends("attention", "cpu") + ["auto"]  # on CPU: Triton in its interpreter, and what auto picks
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # These models are tiny: on a shared 2-core machine extra intra-op threads only contend (10x slower).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def small_gpt(seed: int = 0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**{**SMALL, **overrides})).eval()
+
+
+def tokens(b: int, t: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, V, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+def hf_model(model: GPT, directory: Path, dtype=torch.float64):
+    """transformers' GPT2LMHeadModel on ``model``'s weights (through save_pretrained), in ``dtype``."""
+    transformers = pytest.importorskip("transformers")
+    model.save_pretrained(directory)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(directory, attn_implementation="eager")
+    return hf.to(dtype).eval()
+
+
+# ------------------------------------------------------------------------------------------ config
+def test_presets_have_gpt2_sizes():
+    with torch.device("meta"):  # shapes only: no memory, no init cost
+        assert GPT(GPTConfig.preset("gpt2")).num_parameters(non_embedding=False) == 124_439_808
+        assert GPT(GPTConfig.preset("gpt2-medium")).num_parameters(non_embedding=False) == 354_823_168
+    tiny = GPTConfig.preset("tiny", vocab_size=100)
+    assert (tiny.n_layer, tiny.n_embd, tiny.vocab_size) == (4, 128, 100)
+    assert GPTConfig.from_dict(tiny.to_dict()) == tiny
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match=r"unknown config keys \['n_embed', 'nlayers'\]"):
+        GPTConfig.from_dict({"n_embed": 64, "nlayers": 2})
+    with pytest.raises(ValueError, match="unknown preset 'gpt5'"):
+        GPTConfig.preset("gpt5")
+    with pytest.raises(ValueError, match="unknown config keys"):
+        GPTConfig.preset("tiny", heads=3)
+    with pytest.raises(ValueError, match="n_embd=30 must be a multiple of n_head=4"):
+        GPTConfig(n_embd=30, n_head=4)
+    with pytest.raises(ValueError, match="vocab_size must be an int >= 1"):
+        GPTConfig(vocab_size=0)
+    with pytest.raises(ValueError, match="dropout must be in"):
+        GPTConfig(dropout=1.0)
+    with pytest.raises(TypeError, match="config must be a GPTConfig"):
+        GPT({"n_layer": 2})
+
+
+# ------------------------------------------------------------------------------------------ backends
+@pytest.mark.parametrize("backend", FUSED)
+def test_backends_agree_logits_loss_grads(backend, tmp_path):
+    """Each backend's logits, loss and gradients are within 2x the reference's error (+ a small atol) of
+    transformers' GPT-2 computed in float64 on the same weights."""
+    model = small_gpt()
+    hf = hf_model(model, tmp_path)
+    idx, targets = tokens(2, 13), tokens(2, 13, seed=2)
+    targets[0, :3] = -1  # ignored positions
+
+    out = hf(idx, labels=None)
+    truth_loss = torch.nn.functional.cross_entropy(out.logits[:, :].flatten(0, 1), targets.flatten(), ignore_index=-1)
+    truth_loss.backward()
+    truth = {"logits": out.logits.detach(), "loss": truth_loss.detach()}
+    for name, p in hf.named_parameters():
+        g = p.grad.t() if name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) else p.grad
+        truth[name] = g
+
+    def run(backend_name):
+        model.zero_grad()
+        with genfast.backend(backend_name):
+            logits, loss = model(idx, targets)
+            loss.backward()
+        got = {"logits": logits.detach(), "loss": loss.detach()}
+        params = dict(model.named_parameters())
+        for name in truth:
+            if name in params:
+                got[name] = params[name].grad.clone()
+        return got
+
+    ref, fused = run("reference"), run(backend)
+    assert set(ref) == set(truth), set(truth) ^ set(ref)
+    for name, want in truth.items():
+        err_ref = (ref[name].double() - want).abs().max().item()
+        err = (fused[name].double() - want).abs().max().item()
+        assert err <= 2 * err_ref + 1e-6, (name, err, err_ref)
+    assert ref["loss"].item() == pytest.approx(truth["loss"].item(), abs=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ Hugging Face
+@pytest.mark.parametrize("weights", ["safetensors", "bin"])
+def test_from_pretrained_matches_transformers(weights, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(3)
+    config = transformers.GPT2Config(vocab_size=V, n_positions=CTX, n_embd=32, n_layer=2, n_head=4, n_inner=48,
+                                     layer_norm_epsilon=1e-4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    if weights == "safetensors":
+        hf.save_pretrained(tmp_path)
+        assert (tmp_path / "model.safetensors").is_file()
+    else:
+        # The layout of OpenAI's original files: GPT2Model keys (no "transformer." prefix), the causal-mask buffer.
+        config.save_pretrained(tmp_path)
+        state = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+        state["h.0.attn.bias"] = torch.ones(1, 1, CTX, CTX).tril()
+        torch.save(state, tmp_path / "pytorch_model.bin")
+    model = GPT.from_pretrained(tmp_path)
+    assert model.config.n_inner == 48 and model.config.layer_norm_epsilon == 1e-4
+    assert model.lm_head.weight is model.transformer.wte.weight
+    idx = tokens(3, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[0], hf(idx).logits, rtol=1e-5, atol=1e-5)
+        # and greedy generation gives transformers' greedy tokens
+        want = hf.generate(idx, max_new_tokens=8, do_sample=False, attention_mask=torch.ones_like(idx),
+                           pad_token_id=0)
+    assert torch.equal(model.generate(idx, 8, temperature=0.0), want)
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    model = small_gpt(seed=4)
+    hf = hf_model(model, tmp_path, dtype=torch.float32)  # transformers loads what we wrote
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "gpt2" and config["n_positions"] == CTX
+    assert not list(tmp_path.glob(".*"))  # no temporary file left behind
+    idx = tokens(2, 11)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, model(idx)[0], rtol=1e-5, atol=1e-5)
+    again = GPT.from_pretrained(tmp_path)
+    for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_from_pretrained_rejects_other_architectures(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    neo = tmp_path / "neo"
+    transformers.GPTNeoConfig(vocab_size=V, hidden_size=32, num_layers=2, num_heads=2,
+                              attention_types=[[["global"], 2]]).save_pretrained(neo)
+    torch.save({"x": torch.zeros(1)}, neo / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="'gpt_neo' model, not GPT-2"):
+        GPT.from_pretrained(neo)
+    # a config that says gpt2 over the weights of something else
+    wrong = tmp_path / "wrong"
+    small_gpt().save_pretrained(wrong)
+    from safetensors.torch import save_file
+
+    save_file({"encoder.layer.0.weight": torch.zeros(2, 2)}, str(wrong / "model.safetensors"))
+    with pytest.raises(ValueError, match="not GPT-2's for this config"):
+        GPT.from_pretrained(wrong)
+    # a genfast training checkpoint is not a Hugging Face directory
+    genfast.training.save_checkpoint(tmp_path / "ckpt", modules={"model": small_gpt()}, config={"model": SMALL})
+    with pytest.raises(ValueError, match="not GPT-2"):
+        GPT.from_pretrained(tmp_path / "ckpt")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        GPT.from_pretrained(tmp_path / "nothing")
+    bad = tmp_path / "exact_gelu"
+    small_gpt().save_pretrained(bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, "activation_function": "relu"}))
+    with pytest.raises(ValueError, match="activation_function='relu'"):
+        GPT.from_pretrained(bad)
+
+
+# ------------------------------------------------------------------------------------------ generation
+def greedy_without_cache(model: GPT, idx: torch.Tensor, n: int) -> torch.Tensor:
+    with torch.no_grad():
+        for _ in range(n):
+            logits, _ = model(idx)
+            idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return idx
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FUSED)
+def test_generate_with_cache_equals_without(backend):
+    model = small_gpt(seed=5)
+    idx = tokens(2, 19)  # a prefill longer than the decode kernel's 16 new tokens
+    with genfast.backend(backend):
+        got = model.generate(idx, 10, temperature=0.0)
+    assert torch.equal(got, greedy_without_cache(model, idx, 10))
+    short = tokens(2, 3, seed=6)  # a prefill that the decode kernel serves
+    with genfast.backend(backend):
+        assert torch.equal(model.generate(short, 6, temperature=0.0), greedy_without_cache(model, short, 6))
+
+
+@pytest.mark.parametrize("knobs", [dict(temperature=0.0), dict(temperature=0.9, top_k=10, top_p=0.9),
+                                   dict(temperature=0.7, repetition_penalty=1.3, min_p=0.05)])
+def test_left_padded_batch_equals_separate_runs(knobs):
+    """Row i of a left-padded batch == prompt i run without padding. Sampling draws row b's noise from the step's
+    seed at offset b * V, so the unpadded run is a batch of prompt i repeated, whose row i sees the same noise."""
+    model = small_gpt(seed=7)
+    prompts = [tokens(1, n, seed=10 + n)[0] for n in (9, 4, 12)]
+    b, t = len(prompts), max(len(p) for p in prompts)
+    idx = torch.full((b, t), 5, dtype=torch.int64)  # padding ids must not matter (nor count for the penalty)
+    mask = torch.zeros(b, t, dtype=torch.int64)
+    for i, p in enumerate(prompts):
+        idx[i, t - len(p):], mask[i, t - len(p):] = p, 1
+    batch = model.generate(idx, 7, attention_mask=mask, generator=torch.Generator().manual_seed(0), **knobs)
+    assert torch.equal(batch[:, :t], idx)
+    for i, p in enumerate(prompts):
+        alone = model.generate(p[None].repeat(b, 1), 7, generator=torch.Generator().manual_seed(0), **knobs)
+        assert torch.equal(batch[i, t:], alone[i, len(p):]), i
+
+
+def test_left_padded_greedy_matches_transformers(tmp_path):
+    model = small_gpt(seed=8)
+    hf = hf_model(model, tmp_path, dtype=torch.float32)
+    idx, mask = tokens(2, 10), torch.ones(2, 10, dtype=torch.int64)
+    mask[1, :4] = 0
+    with torch.no_grad():
+        want = hf.generate(idx, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(idx, 6, temperature=0.0, attention_mask=mask), want)
+
+
+def test_stream_yields_the_same_tokens():
+    model = small_gpt(seed=9)
+    idx = tokens(2, 5)
+    knobs = dict(temperature=0.8, top_k=20)
+    whole = model.generate(idx, 9, generator=torch.Generator().manual_seed(3), **knobs)
+    stream = model.generate(idx, 9, generator=torch.Generator().manual_seed(3), stream=True, **knobs)
+    assert not isinstance(stream, torch.Tensor)
+    steps = list(stream)
+    assert len(steps) == 9 and all(s.shape == (2,) and s.dtype == torch.int64 for s in steps)
+    assert torch.equal(torch.stack(steps, dim=1), whole[:, 5:])
+
+
+def test_eos_stops_and_fills():
+    model = small_gpt(seed=10)
+    idx = tokens(2, 6)
+    free = model.generate(idx, 20, temperature=0.0)[:, 6:]
+    eos = int(free[0, 2])  # row 0 emits it at step 2
+    got = model.generate(idx, 20, temperature=0.0, eos_token_id=eos)[:, 6:]
+    row1_hits = (free[1] == eos).nonzero()
+    stop = max(2, int(row1_hits[0]) if len(row1_hits) else 19)
+    assert got.shape[1] == stop + 1  # stopped right after the step where both had finished
+    assert (got[0, 3:] == eos).all() and torch.equal(got[0, :3], free[0, :3])
+    streamed = torch.stack(list(model.generate(idx, 20, temperature=0.0, eos_token_id=eos, stream=True)), 1)
+    assert torch.equal(streamed, got)
+
+
+def test_generate_errors():
+    model = small_gpt()
+    with pytest.raises(ValueError, match=rf"prompt has {CTX + 1} tokens, longer than the context"):
+        model.generate(tokens(1, CTX + 1), 1)
+    with pytest.raises(ValueError, match="do not fit in the context"):
+        model.generate(tokens(1, CTX - 2), 3)
+    with pytest.raises(ValueError, match="input_ids must be int64"):
+        model.generate(tokens(1, 4).int(), 2)
+    with pytest.raises(ValueError, match="token ids in"):
+        model.generate(torch.tensor([[0, V]]), 2)
+    with pytest.raises(ValueError, match="padded on the left"):
+        model.generate(tokens(1, 4), 2, attention_mask=torch.tensor([[1, 1, 0, 0]]))
+    with pytest.raises(ValueError, match="top_p must be in"):
+        model.generate(tokens(1, 4), 2, top_p=0.0)
+    with pytest.raises(ValueError, match="eos_token_id"):
+        model.generate(tokens(1, 4), 2, eos_token_id=V)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate(tokens(1, 4), -1)
+    with pytest.raises(ValueError, match="prompt has"):  # a streaming call fails at once, not on next()
+        model.generate(tokens(1, CTX + 1), 1, stream=True)
+    with pytest.raises(ValueError, match="longer than the context"):
+        model(tokens(1, CTX + 1))
+    assert torch.equal(model.generate(tokens(1, 4), 0), tokens(1, 4))
+
+
+# ------------------------------------------------------------------------------------------ training
+TEXT = ("Twinkle, twinkle, little star, how I wonder what you are! Up above the world so high, like a diamond in "
+        "the sky. When the blazing sun is gone, when he nothing shines upon, then you show your little light, "
+        "twinkle, twinkle, all the night.\n")
+
+
+def _train(out: Path, data: Path, *extra: str) -> int:
+    args = ["--data", str(data), "--out", str(out), "--device", "cpu", "--quiet", "--block-size", "32",
+            "--batch-size", "8", "--warmup", "10", *extra]
+    return recipe.train_main(args)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny GPT trained through `genfast train gpt` for 200 steps on a short repeated rhyme."""
+    root = tmp_path_factory.mktemp("gpt_train")
+    data = root / "rhyme.txt"
+    data.write_text(TEXT * 8)
+    assert _train(root / "run", data, "--steps", "200", "--eval-every", "200", "--lr", "3e-3") == 0
+    return root / "run", data
+
+
+def test_training_reaches_loss_bound(trained):
+    """Loss below 0.5 nats/char, where a model of character frequencies alone cannot go below the text's unigram
+    entropy (about 3 nats/char here): the model has learned the rhyme from its context."""
+    out, data = trained
+    model, tokenizer = recipe.load_for_sampling(out, torch.device("cpu"))
+    ids = torch.tensor(tokenizer.encode(data.read_text()))
+    counts = torch.bincount(ids).double()
+    unigram_entropy = -(counts / counts.sum() * (counts / counts.sum()).clamp_min(1e-12).log()).sum().item()
+    assert unigram_entropy > 2.5
+    x, y = recipe.get_batch(ids, 16, 32, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        _, loss = model.eval()(x, y)
+    assert loss.item() < 0.5, loss.item()
+
+
+def test_sample_cli(trained, capsys):
+    out, _ = trained
+    assert recipe.sample_main(["--ckpt", str(out), "--prompt", "Up above the w", "--max-new-tokens", "30",
+                               "--temperature", "0", "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("Up above the world so high, like"), text
+    assert recipe.sample_main(["--ckpt", str(out / "checkpoint"), "--prompt", "Up above the w", "--max-new-tokens",
+                               "30", "--temperature", "0", "--stream", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == text
+    with pytest.raises(SystemExit, match="longer than the model's context"):
+        recipe.sample_main(["--ckpt", str(out), "--prompt", "x" * 40, "--device", "cpu"])
+
+
+def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
+    """Stopped after 7 steps (--stop-after), or by Ctrl-C during step 3, then resumed: the final weights equal
+    those of the uninterrupted run bit for bit (dropout on, so the restored RNG state matters too)."""
+    from safetensors.torch import load_file
+
+    data = tmp_path / "rhyme.txt"
+    data.write_text(TEXT * 4)
+    common = ("--steps", "12", "--eval-every", "5", "--dropout", "0.1", "--eval-batches", "1", "--seed", "3")
+    weights = lambda run: load_file(str(tmp_path / run / "checkpoint" / "model.safetensors"))  # noqa: E731
+    assert _train(tmp_path / "whole", data, *common) == 0
+    whole = weights("whole")
+
+    assert _train(tmp_path / "split", data, *common, "--stop-after", "7") == 0
+    assert genfast.training.load_checkpoint(tmp_path / "split" / "checkpoint")[0]["step"] == 7
+    at_7 = weights("split")
+    assert _train(tmp_path / "split", data, *common, "--resume") == 0
+
+    real_get_batch, calls = recipe.get_batch, []
+
+    def interrupting_get_batch(*args):
+        calls.append(1)
+        if len(calls) == 3:  # Ctrl-C while step 3 (index 2) is being prepared: it finishes, saves, stops
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_get_batch(*args)
+
+    monkeypatch.setattr(recipe, "get_batch", interrupting_get_batch)
+    assert _train(tmp_path / "ctrl_c", data, *common) == 130
+    monkeypatch.undo()
+    assert genfast.training.load_checkpoint(tmp_path / "ctrl_c" / "checkpoint")[0]["step"] == 3
+    assert _train(tmp_path / "ctrl_c", data, *common, "--resume") == 0
+
+    for run in ("split", "ctrl_c"):
+        got = weights(run)
+        assert got.keys() == whole.keys()
+        for name in whole:
+            assert torch.equal(got[name], whole[name]), (run, name)
+    assert not all(torch.equal(at_7[name], whole[name]) for name in whole)  # the resumed run did train on
+
+
+def test_train_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no file at"):
+        _train(tmp_path / "o", tmp_path / "missing.txt")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(ValueError, match="is empty"):
+        _train(tmp_path / "o", empty)
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("café".encode("latin-1"))
+    with pytest.raises(ValueError, match="not UTF-8"):
+        _train(tmp_path / "o", latin)
+    short = tmp_path / "short.txt"
+    short.write_text("abc def")
+    with pytest.raises(ValueError, match="too few"):
+        _train(tmp_path / "o", short)
+
+
+# ------------------------------------------------------------------------------------------ DDP
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist = genfast.training.Distributed.from_environment("cpu")
+    try:
+        model = small_gpt(seed=11).train()
+        ddp = dist.wrap(model)
+        x, y = tokens(4, 12, seed=20), tokens(4, 12, seed=21)
+        _, loss = ddp(dist.shard(x), dist.shard(y))
+        loss.backward()
+        if dist.is_main:
+            torch.save({n: p.grad for n, p in model.named_parameters()}, os.path.join(out_dir, "grads.pt"))
+        dist.barrier()
+    finally:
+        dist.close()
+
+
+def test_ddp_two_processes_equal_one_process_on_the_whole_batch(tmp_path):
+    mp = pytest.importorskip("torch.multiprocessing")
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ddp_grads = torch.load(tmp_path / "grads.pt", weights_only=True)
+    model = small_gpt(seed=11).train()
+    _, loss = model(tokens(4, 12, seed=20), tokens(4, 12, seed=21))
+    loss.backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(ddp_grads[name], p.grad, rtol=1e-5, atol=1e-6)
+

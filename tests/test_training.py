@@ -1,0 +1,233 @@
+"""genfast.training: atomic checkpoints (and recovery from a crash mid-swap), safe loading, schedules, RNG
+capture for exact resume, batch generators, PNG grids, and StopOnInterrupt."""
+
+import math
+import os
+import random
+import signal
+import struct
+import zlib
+
+import pytest
+import torch
+from torch import nn
+
+from genfast.training import (
+    StopOnInterrupt,
+    batch_generator,
+    capture_rng_state,
+    find_checkpoint,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+    save_image_grid,
+    warmup_cosine_lr,
+)
+from genfast.training import checkpoint as checkpoint_module
+from genfast.training.images import encode_png
+
+
+def _net(seed: int = 0, width: int = 4) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, width), nn.LayerNorm(width))
+
+
+def _weights(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+def test_checkpoint_round_trip(tmp_path):
+    net = _net()
+    opt = torch.optim.AdamW(net.parameters(), lr=0.1)
+    net(torch.randn(2, 3)).sum().backward()
+    opt.step()
+    state = {"optimizer": opt.state_dict(), "step": 7, "rng": capture_rng_state()}
+    path = save_checkpoint(tmp_path / "ck", modules={"net": net}, trainer_state=state, config={"width": 4})
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "net.safetensors", "trainer.pt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]  # no temporary or .old directory left
+    other = _net(seed=1)
+    trainer, config = load_checkpoint(path, modules={"net": other})
+    assert config == {"width": 4} and trainer["step"] == 7
+    for k, v in _weights(net).items():
+        assert torch.equal(other.state_dict()[k], v)
+    opt2 = torch.optim.AdamW(other.parameters(), lr=0.1)
+    opt2.load_state_dict(trainer["optimizer"])
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+
+
+def test_checkpoint_overwrite_keeps_tied_weights(tmp_path):
+    emb = nn.Embedding(5, 4)
+    head = nn.Linear(4, 5, bias=False)
+    head.weight = emb.weight
+    model = nn.ModuleDict({"emb": emb, "head": head})
+    save_checkpoint(tmp_path / "ck", modules={"m": _net()})
+    save_checkpoint(tmp_path / "ck", modules={"m": model})  # replaces the first one
+    fresh = nn.ModuleDict({"emb": nn.Embedding(5, 4), "head": nn.Linear(4, 5, bias=False)})
+    load_checkpoint(tmp_path / "ck", modules={"m": fresh})
+    assert torch.equal(fresh["head"].weight, emb.weight) and torch.equal(fresh["emb"].weight, emb.weight)
+
+
+def test_crash_mid_swap_keeps_a_complete_checkpoint(tmp_path, monkeypatch):
+    """Kill the save between its two renames (old -> .old done, new -> place not yet): the old one is found."""
+    first = _net(seed=0)
+    save_checkpoint(tmp_path / "ck", modules={"net": first}, trainer_state={"step": 1})
+    real_replace = os.replace
+    calls = []
+
+    def crashing_replace(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:  # the second rename puts the new checkpoint in place
+            raise OSError("simulated crash")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint_module.os, "replace", crashing_replace)
+    with pytest.raises(OSError, match="simulated crash"):
+        save_checkpoint(tmp_path / "ck", modules={"net": _net(seed=1)}, trainer_state={"step": 2})
+    monkeypatch.setattr(checkpoint_module.os, "replace", real_replace)
+    assert not (tmp_path / "ck").exists() and (tmp_path / "ck.old").is_dir()
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # the half-written new one was removed
+    assert find_checkpoint(tmp_path / "ck") == tmp_path / "ck.old"
+    loaded = _net(seed=5)
+    trainer, _ = load_checkpoint(tmp_path / "ck", modules={"net": loaded})
+    assert trainer["step"] == 1
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in _weights(first).items())
+    # The next save succeeds and cleans up.
+    save_checkpoint(tmp_path / "ck", modules={"net": _net(seed=1)}, trainer_state={"step": 3})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+    assert load_checkpoint(tmp_path / "ck")[0]["step"] == 3
+
+
+def test_crash_while_writing_leaves_old_checkpoint(tmp_path, monkeypatch):
+    save_checkpoint(tmp_path / "ck", modules={"net": _net()}, trainer_state={"step": 1})
+
+    def failing_save(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", failing_save)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_checkpoint(tmp_path / "ck", modules={"net": _net()}, trainer_state={"step": 2})
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+    assert load_checkpoint(tmp_path / "ck")[0]["step"] == 1
+
+
+def test_load_rejects_non_matching_weights(tmp_path):
+    save_checkpoint(tmp_path / "ck", modules={"net": _net(width=4)})
+    with pytest.raises(ValueError, match="does not fit the net module"):
+        load_checkpoint(tmp_path / "ck", modules={"net": _net(width=5)})
+    with pytest.raises(ValueError, match="does not fit the net module"):
+        load_checkpoint(tmp_path / "ck", modules={"net": nn.Linear(3, 4)})
+    with pytest.raises(FileNotFoundError, match="no weights file"):
+        load_checkpoint(tmp_path / "ck", modules={"other": _net()})
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        load_checkpoint(tmp_path / "missing")
+
+
+def test_load_refuses_pickled_code(tmp_path):
+    save_checkpoint(tmp_path / "ck", modules={"net": _net()})
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    torch.save({"x": Evil()}, tmp_path / "ck" / "trainer.pt")
+    with pytest.raises(ValueError, match="could not be loaded safely"):
+        load_checkpoint(tmp_path / "ck")
+    (tmp_path / "ck" / "net.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        load_checkpoint(tmp_path / "ck", modules={"net": _net()})
+
+
+def test_save_checkpoint_errors(tmp_path):
+    with pytest.raises(ValueError, match="at least one module"):
+        save_checkpoint(tmp_path / "ck", modules={})
+    with pytest.raises(ValueError, match="must be an identifier"):
+        save_checkpoint(tmp_path / "ck", modules={"my net": _net()})
+    assert not (tmp_path / "ck").exists() and not list(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------------------------ schedule, RNG
+def test_warmup_cosine_values():
+    lr = lambda s: warmup_cosine_lr(s, base_lr=1.0, warmup_steps=10, total_steps=110, min_lr=0.1)  # noqa: E731
+    assert lr(0) == pytest.approx(0.1) and lr(4) == pytest.approx(0.5) and lr(9) == pytest.approx(1.0)
+    assert lr(10) == pytest.approx(1.0)
+    assert lr(60) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.5)))  # halfway: the mean
+    assert lr(109) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.99)))
+    assert lr(110) == 0.1 and lr(1000) == 0.1
+    assert all(lr(s) >= lr(s + 1) for s in range(10, 120))  # decreasing after warmup
+    assert warmup_cosine_lr(0, base_lr=2.0, warmup_steps=0, total_steps=5) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="warmup_steps must be >= 0"):
+        warmup_cosine_lr(0, base_lr=1.0, warmup_steps=-1, total_steps=5)
+
+
+def test_rng_capture_restore_and_batch_generator():
+    state = capture_rng_state()
+    a = (torch.rand(3), random.random())
+    restore_rng_state(state)
+    b = (torch.rand(3), random.random())
+    assert torch.equal(a[0], b[0]) and a[1] == b[1]
+    x = torch.randint(100, (5,), generator=batch_generator(3, 17))
+    assert torch.equal(x, torch.randint(100, (5,), generator=batch_generator(3, 17)))
+    assert not torch.equal(x, torch.randint(100, (5,), generator=batch_generator(3, 18)))
+    assert not torch.equal(x, torch.randint(100, (5,), generator=batch_generator(3, 17, rank=1)))
+
+
+# ------------------------------------------------------------------------------------------ images
+def _png_chunks(data: bytes):
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, []
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
+        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF
+        chunks.append((kind, body))
+        pos += 12 + length
+    return chunks
+
+
+def test_png_grid_is_valid(tmp_path):
+    images = torch.linspace(-1, 1, 5 * 3 * 6 * 7).reshape(5, 3, 6, 7)
+    path = save_image_grid(images, tmp_path / "grid.png", nrow=3, padding=1)
+    chunks = _png_chunks(path.read_bytes())
+    assert [k for k, _ in chunks] == [b"IHDR", b"IDAT", b"IEND"]
+    width, height = struct.unpack(">II", chunks[0][1][:8])
+    assert (width, height) == (1 + 3 * (7 + 1), 1 + 2 * (6 + 1))
+    PIL = pytest.importorskip("PIL.Image")
+    with PIL.open(path) as img:
+        assert img.size == (width, height) and img.mode == "RGB"
+        # every pixel of image i (row i // 3, column i % 3) holds its value mapped from [-1, 1] to 0..255
+        want = ((images + 1) / 2 * 255 + 0.5).to(torch.uint8)
+        for i, (x, y) in enumerate([(0, 0), (6, 5), (3, 2), (0, 5), (6, 0)]):
+            px, py = 1 + (i % 3) * 8 + x, 1 + (i // 3) * 7 + y
+            assert img.getpixel((px, py)) == tuple(want[i, :, y, x].tolist()), (i, x, y)
+        assert img.getpixel((0, 0)) == (0, 0, 0)  # padding
+    gray = save_image_grid(torch.zeros(1, 1, 2, 2), tmp_path / "g.png", padding=0)
+    with PIL.open(gray) as img:
+        assert img.mode == "L" and img.size == (2, 2) and img.getpixel((0, 0)) == 128
+
+
+def test_png_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"images: need a tensor \[N, C, H, W\]"):
+        save_image_grid(torch.zeros(2, 2, 4, 4), tmp_path / "x.png")
+    with pytest.raises(ValueError, match="value_range"):
+        save_image_grid(torch.zeros(1, 3, 4, 4), tmp_path / "x.png", value_range=(1.0, 1.0))
+    with pytest.raises(ValueError, match="pixels: need uint8"):
+        encode_png(torch.zeros(2, 2))
+    assert not list(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------------------------ interrupts
+def test_stop_on_interrupt_sets_the_flag_then_restores():
+    before = signal.getsignal(signal.SIGINT)
+    with StopOnInterrupt(message="test") as stop:
+        assert not stop.requested
+        os.kill(os.getpid(), signal.SIGINT)  # delivered to the main thread before the next bytecode
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C aborts at once
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before
+    with StopOnInterrupt(message="test") as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested
