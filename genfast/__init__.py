@@ -10,12 +10,12 @@
 
 # _ext before the rest: loading genfast._C registers the C++ op schemas that the ops modules refer to.
 from genfast import _ext  # noqa: F401, I001
-from genfast import diffusion, nn, ops
+from genfast import diffusion, models, nn, ops
 from genfast._backend import BACKENDS, BackendError, backend, get_backend, set_backend
 from genfast._info import info
 from genfast.nn.fuse import fuse
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "nn", "fuse", "diffusion", "BACKENDS", "BackendError", "backend", "get_backend", "set_backend",
-           "info", "__version__"]
+__all__ = ["ops", "nn", "fuse", "diffusion", "models", "BACKENDS", "BackendError", "backend", "get_backend",
+           "set_backend", "info", "__version__"]
