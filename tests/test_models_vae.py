@@ -254,3 +254,29 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert not torch.equal(a["to_posterior.weight"], halfway["to_posterior.weight"])  # steps 3-4 did change it
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_ctrl_c_saves_and_resumes(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from genfast.training import load_checkpoint
+
+    pytest.importorskip("sklearn")
+    calls = {"n": 0}
+
+    def interrupting_loss(*args, **kwargs):  # Ctrl-C arrives during the second step
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return vae_loss(*args, **kwargs)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(recipe, "vae_loss", interrupting_loss)
+    assert recipe.train_main(["--steps", "50", "--out", str(out), *TRAIN_ARGS]) == 0
+    state, _ = load_checkpoint(out / "checkpoint")
+    assert state["step"] == 2  # the step in flight finished, was saved, and training stopped
+    assert not (out / "samples.png").exists()
+    monkeypatch.setattr(recipe, "vae_loss", vae_loss)
+    assert recipe.train_main(["--steps", "3", "--resume", "--out", str(out), *TRAIN_ARGS]) == 0
+    assert load_checkpoint(out / "checkpoint")[0]["step"] == 3
