@@ -262,3 +262,15 @@ def test_resume_equals_uninterrupted(tmp_path):
             assert torch.equal(a[key], b[key]), (name, key)
     final = load_file(whole / "checkpoint" / "discriminators.safetensors")
     assert any(not torch.equal(final[k], halfway[k]) for k in final)
+
+
+def test_autocast_bf16():
+    # What the recipes train in on a GPU; genfast's transposed convolution runs in the parameters' dtype there.
+    model = CycleGAN(SMALL)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.generators(x, x)
+        losses = generator_losses(model.discriminators, out, x, x, SMALL)
+    losses["loss"].backward()
+    assert torch.isfinite(losses["loss"]) and out["fake_b"].shape == x.shape
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.generators.parameters())

@@ -280,3 +280,14 @@ def test_ctrl_c_saves_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(recipe, "vae_loss", vae_loss)
     assert recipe.train_main(["--steps", "3", "--resume", "--out", str(out), *TRAIN_ARGS]) == 0
     assert load_checkpoint(out / "checkpoint")[0]["step"] == 3
+
+
+def test_autocast_bf16():
+    # What the recipe trains in on a GPU; genfast's transposed convolution runs in the parameters' dtype there.
+    model = VAE(TINY16)
+    x = torch.rand(3, 1, 16, 16) * 2 - 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model.loss(x, generator=torch.Generator().manual_seed(0))
+    losses["loss"].backward()
+    assert torch.isfinite(losses["loss"])
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

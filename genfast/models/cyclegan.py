@@ -95,16 +95,23 @@ class ResnetGenerator(nn.Module):
                        nn.ReLU(True)]
             width *= 2
         layers += [ResidualBlock(width) for _ in range(config.n_residual)]
+        self.encode = nn.Sequential(*layers)
+        up: list[nn.Module] = []
         for _ in range(config.n_downsample):  # (N, w, H, W) -> (N, w/2, 2H, 2W): genfast's transposed convolution
-            layers.append(ConvTranspose2dNormAct(width, width // 2, 3, stride=2, padding=1, output_padding=1,
-                                                 norm="instance", activation="relu"))
+            up.append(ConvTranspose2dNormAct(width, width // 2, 3, stride=2, padding=1, output_padding=1,
+                                             norm="instance", activation="relu"))
             width //= 2
-        layers += [nn.ReflectionPad2d(3), nn.Conv2d(width, c, 7), nn.Tanh()]
-        self.net = nn.Sequential(*layers)
+        self.upsample = nn.Sequential(*up)
+        self.head = nn.Sequential(nn.ReflectionPad2d(3), nn.Conv2d(width, c, 7), nn.Tanh())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_images("x", x, self.config.channels, 2 ** self.config.n_downsample)
-        return self.net(x)
+        h = self.encode(x)
+        # genfast's conv_transpose2d takes no part in autocast (its input and weight must share a dtype), so the
+        # upsampling runs in the parameters' dtype whatever autocast made of h.
+        if self.config.n_downsample:
+            h = h.to(self.upsample[0].conv.weight.dtype)
+        return self.head(self.upsample(h))
 
 
 class PatchDiscriminator(nn.Module):
