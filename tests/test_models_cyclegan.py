@@ -274,3 +274,50 @@ def test_autocast_bf16():
     losses["loss"].backward()
     assert torch.isfinite(losses["loss"]) and out["fake_b"].shape == x.shape
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.generators.parameters())
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equal_one(tmp_path):
+    """torchrun with 2 CPU processes (gloo) trains the same weights as one process on the whole batch (no image
+    pool: each process keeps its own, so with pools the runs differ by design)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    args = ["--steps", "3", "--pool-size", "0", "--batch-size", "4", "--image-size", "16", "--ngf", "4", "--ndf", "4",
+            "--n-residual", "1", "--disc-layers", "2", "--quiet", "--device", "cpu"]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+                    "genfast", "train", "cyclegan", *args, "--out", str(tmp_path / "ddp")], cwd=root, env=env,
+                   check=True, timeout=300)
+    assert recipe.train_main([*args, "--out", str(tmp_path / "one")]) == 0
+    config = CycleGANConfig(ngf=4, ndf=4, n_residual=1, disc_layers=2)
+    models = {"ddp": CycleGAN(config), "one": CycleGAN(config)}
+    for run, model in models.items():
+        for name in ("generators", "discriminators"):
+            getattr(model, name).load_state_dict(load_file(tmp_path / run / "checkpoint" / f"{name}.safetensors"))
+    # A convolution's bias right before an InstanceNorm cancels out: its exact gradient is 0, so Adam turns the
+    # rounding noise of its gradient into full-size steps that differ between the runs. Every other parameter, and
+    # the outputs, must agree.
+    cancelled = set()
+    for prefix, module in models["one"].named_modules():
+        if isinstance(module, torch.nn.Sequential):
+            for i, (child, following) in enumerate(zip(module, list(module)[1:])):
+                if isinstance(child, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)) and \
+                        isinstance(following, torch.nn.InstanceNorm2d):
+                    cancelled.add(f"{prefix}.{i}.bias")
+    assert len(cancelled) == 18
+    ddp_params = dict(models["ddp"].named_parameters())
+    for key, value in models["one"].named_parameters():
+        if key not in cancelled:
+            torch.testing.assert_close(ddp_params[key], value, atol=1e-5, rtol=1e-4, msg=key)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(models["ddp"].translate_a_to_b(x), models["one"].translate_a_to_b(x), atol=1e-5,
+                                   rtol=1e-4)
+        torch.testing.assert_close(models["ddp"].discriminators(x, x), models["one"].discriminators(x, x),
+                                   atol=1e-5, rtol=1e-4)
