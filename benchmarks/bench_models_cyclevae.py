@@ -63,7 +63,9 @@ def model_flops(fn, x_shape) -> float:
             n, c_in, h, w = inputs[0].shape
             total += 2.0 * n * c_in * module.out_channels // module.groups * module.weight[0, 0].numel() * h * w
 
-    meta = copy.deepcopy(fn).to("meta")
+    # Traced on torch's twin: ConvTranspose2dNormAct calls the op with its conv's weights, not the conv module, so
+    # hooks on genfast's blocks would not fire.
+    meta = torch_twin(fn).to("meta")
     kinds = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)
     handles = [m.register_forward_hook(hook) for m in meta.modules() if isinstance(m, kinds)]
     with torch.no_grad(), genfast.backend("reference"):

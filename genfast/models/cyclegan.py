@@ -110,7 +110,7 @@ class ResnetGenerator(nn.Module):
         # genfast's conv_transpose2d takes no part in autocast (its input and weight must share a dtype), so the
         # upsampling runs in the parameters' dtype whatever autocast made of h.
         if self.config.n_downsample:
-            h = h.to(self.upsample[0].conv.weight.dtype)
+            h = h.to(self.upsample[0][0].weight.dtype)
         return self.head(self.upsample(h))
 
 

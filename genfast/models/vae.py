@@ -121,7 +121,7 @@ class VAE(nn.Module):
         h = self.from_latent(z).view(z.shape[0], -1, 4, 4)  # (N, width(n-1), 4, 4)
         # genfast's conv_transpose2d takes no part in autocast (its input and weight must share a dtype), so the
         # decoder runs in its parameters' dtype whatever autocast made of h.
-        return self.decoder(h.to(self.decoder[0].conv.weight.dtype))
+        return self.decoder(h.to(self.decoder[0][0].weight.dtype))
 
     def forward(self, x: torch.Tensor, *, generator: torch.Generator | None = None,
                 noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
