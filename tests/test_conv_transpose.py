@@ -337,3 +337,21 @@ def test_compile_fullgraph(device, backend):
     torch.testing.assert_close(compiled, eager)
     for a, b in zip(compiled_grads, eager_grads):
         torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------------------------------------- autocast
+def test_autocast_casts_like_torch():
+    """Under torch.autocast the op runs in the autocast dtype, as torch's conv_transpose2d does (fp32 weights with a
+    bf16 activation from an autocast layer must not raise), and agrees with torch's result there."""
+    x, weight, bias, scale, shift = inputs((2, 8, 4, 4), (8, 6, 4, 4), {}, "bn", torch.float32, "cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv_transpose2d(x.bfloat16(), weight, bias, 2, 1, scale=scale, shift=shift, activation="relu")
+        want = F.conv_transpose2d(x, weight, bias, 2, 1)
+    assert out.dtype == want.dtype == torch.bfloat16
+    low = F.relu(want.float() * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))
+    ref = reference64(x, weight, bias, scale, shift, "relu", stride=2, padding=1)
+    assert_close_to_ref(out, ref, low, 1e-2, 1e-2)
+    out1d = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out1d = conv_transpose1d(x[:, :, 0], weight[:, :, 0], bias, 2, 1)
+    assert out1d.dtype == torch.bfloat16

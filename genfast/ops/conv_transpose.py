@@ -354,6 +354,17 @@ def _run(x, weight, bias, stride, padding, output_padding, groups, dilation, sca
 
 
 # ------------------------------------------------------------------------------------------- public ops
+def _autocast(x, weight, bias):
+    """Under torch.autocast, cast x, weight and bias to the autocast dtype, as autocast does for torch's own
+    conv_transpose (a lower-precision op); scale and shift may stay float32 (the kernels take any float dtype)."""
+    device_type = x.device.type if isinstance(x, torch.Tensor) else None
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return x, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+    cast = lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
+    return cast(x), cast(weight), cast(bias)
+
+
 def conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
                      output_padding=0, groups: int = 1, dilation=1, *, scale: torch.Tensor | None = None,
                      shift: torch.Tensor | None = None, activation: str | None = None,
@@ -369,6 +380,7 @@ def conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     dtype and memory format. Differentiable in x, weight, bias, scale and shift.
     """
     op = "conv_transpose2d"
+    x, weight, bias = _autocast(x, weight, bias)
     unbatched = isinstance(x, torch.Tensor) and x.dim() == 3
     if unbatched:
         x = x.unsqueeze(0)
@@ -393,6 +405,7 @@ def conv_transpose1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     (ints or 1-sequences). Returns [N, C_out, L_out] in x's dtype.
     """
     op = "conv_transpose1d"
+    x, weight, bias = _autocast(x, weight, bias)
     unbatched = isinstance(x, torch.Tensor) and x.dim() == 2
     if unbatched:
         x = x.unsqueeze(0)
