@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 import genfast
-from genfast.training import Distributed, seed_everything
+from genfast.training import Distributed, find_checkpoint, load_checkpoint, seed_everything
 
 
 def add_common_train_args(parser: argparse.ArgumentParser, *, steps: int, batch_size: int, lr: float,
@@ -55,3 +55,16 @@ def autocast(device: torch.device | str):
     if torch.device(device).type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
+
+
+def checkpoint_config(ckpt: str | Path, model: str, label: str) -> tuple[Path, dict]:
+    """(checkpoint directory, saved config) for ``--ckpt``, which may be a training --out folder or its
+    checkpoint/ folder; the config must say it is a ``model`` checkpoint (``label`` names it in errors)."""
+    ckpt = Path(ckpt)
+    directory = ckpt / "checkpoint" if find_checkpoint(ckpt / "checkpoint") is not None else ckpt
+    if find_checkpoint(directory) is None:
+        raise FileNotFoundError(f"no {label} checkpoint at {ckpt}")
+    _, config = load_checkpoint(directory)  # config only: the weights need the model built first
+    if config.get("model") != model:
+        raise ValueError(f"{ckpt} holds a {config.get('model')!r} checkpoint, not a {label}")
+    return directory, config

@@ -30,7 +30,7 @@ from genfast.models.cyclegan import (
     discriminator_losses,
     generator_losses,
 )
-from genfast.recipes._common import add_common_train_args, autocast, check_positive, start_run
+from genfast.recipes._common import add_common_train_args, autocast, check_positive, checkpoint_config, start_run
 from genfast.training import (
     StopOnInterrupt,
     batch_generator,
@@ -257,13 +257,7 @@ def _sample_parser() -> argparse.ArgumentParser:
 
 def load_cyclegan(ckpt: Path, device: torch.device | str = "cpu") -> tuple[CycleGAN, dict]:
     """The CycleGAN of a checkpoint folder (the training --out folder or its checkpoint/) and its metadata."""
-    ckpt = Path(ckpt)
-    directory = ckpt / "checkpoint" if find_checkpoint(ckpt / "checkpoint") is not None else ckpt
-    if find_checkpoint(directory) is None:
-        raise FileNotFoundError(f"no CycleGAN checkpoint at {ckpt}")
-    _, meta = load_checkpoint(directory)
-    if meta.get("model") != "cyclegan":
-        raise ValueError(f"{ckpt} holds a {meta.get('model')!r} checkpoint, not a CycleGAN")
+    directory, meta = checkpoint_config(ckpt, "cyclegan", "CycleGAN")
     model = CycleGAN(CycleGANConfig(**meta["config"]))
     load_checkpoint(directory, modules={"generators": model.generators, "discriminators": model.discriminators})
     return model.to(device).eval(), meta

@@ -29,7 +29,7 @@ import genfast
 from genfast.data.images import ImageData, batch_indices, load_images
 from genfast.diffusion.pipeline import SCHEDULERS, DiffusionPipeline, make_scheduler
 from genfast.models.unet import PRESETS, UNet, UNetConfig
-from genfast.recipes._common import add_common_train_args, autocast, check_positive, start_run
+from genfast.recipes._common import add_common_train_args, autocast, check_positive, checkpoint_config, start_run
 from genfast.training import (
     StopOnInterrupt,
     batch_generator,
@@ -261,13 +261,7 @@ def _train(args, config: UNetConfig, scheduler_options: dict, data: ImageData, m
 def load_ddpm(ckpt: str | Path, device: torch.device | str = "cpu", *, use_ema: bool = True) -> tuple[UNet, dict]:
     """The UNet of a checkpoint folder (the training --out folder or its checkpoint/), EMA weights by default,
     and its saved metadata (``unet``, ``scheduler`` options, ``class_names``)."""
-    ckpt = Path(ckpt)
-    directory = ckpt / "checkpoint" if find_checkpoint(ckpt / "checkpoint") is not None else ckpt
-    if find_checkpoint(directory) is None:
-        raise FileNotFoundError(f"no DDPM checkpoint at {ckpt}")
-    _, meta = load_checkpoint(directory)
-    if meta.get("model") != "ddpm":
-        raise ValueError(f"{ckpt} holds a {meta.get('model')!r} checkpoint, not a DDPM one")
+    directory, meta = checkpoint_config(ckpt, "ddpm", "DDPM")
     unet = UNet(UNetConfig.from_dict(meta["unet"]))
     load_checkpoint(directory, modules={"ema" if use_ema else "unet": unet})
     return unet.to(device).eval(), meta

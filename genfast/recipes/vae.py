@@ -22,7 +22,7 @@ import torch
 import genfast
 from genfast.data.images import ImageData, batch_indices, load_images
 from genfast.models.vae import VAE, VAEConfig, vae_loss
-from genfast.recipes._common import add_common_train_args, autocast, check_positive, start_run
+from genfast.recipes._common import add_common_train_args, autocast, check_positive, checkpoint_config, start_run
 from genfast.training import (
     StopOnInterrupt,
     batch_generator,
@@ -200,13 +200,7 @@ def _sample_parser() -> argparse.ArgumentParser:
 
 def load_vae(ckpt: Path, device: torch.device | str = "cpu") -> tuple[VAE, dict]:
     """The VAE of a checkpoint folder (the training --out folder or its checkpoint/) and its saved metadata."""
-    ckpt = Path(ckpt)
-    directory = ckpt / "checkpoint" if find_checkpoint(ckpt / "checkpoint") is not None else ckpt
-    if find_checkpoint(directory) is None:
-        raise FileNotFoundError(f"no VAE checkpoint at {ckpt}")
-    _, meta = load_checkpoint(directory)
-    if meta.get("model") != "vae":
-        raise ValueError(f"{ckpt} holds a {meta.get('model')!r} checkpoint, not a VAE")
+    directory, meta = checkpoint_config(ckpt, "vae", "VAE")
     model = VAE(VAEConfig(**meta["config"]))
     load_checkpoint(directory, modules={"vae": model})
     return model.to(device).eval(), meta
