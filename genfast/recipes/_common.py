@@ -68,3 +68,14 @@ def checkpoint_config(ckpt: str | Path, model: str, label: str) -> tuple[Path, d
     if config.get("model") != model:
         raise ValueError(f"{ckpt} holds a {config.get('model')!r} checkpoint, not a {label}")
     return directory, config
+
+
+def checkpoint_and_sample(step: int, args: argparse.Namespace, dist: Distributed, *, stopping: bool, save,
+                          sample_grid, samples_dir: Path) -> bool:
+    """The end of a training step: save on --save-every, at the last step and when stopping; on the main process
+    write a sample grid on --sample-every and at the last step. Returns ``stopping`` (break the loop when True)."""
+    if step % args.save_every == 0 or step == args.steps or stopping:
+        save()
+    if dist.is_main and (step % args.sample_every == 0 or step == args.steps):
+        sample_grid(samples_dir / f"step_{step:06d}.png")
+    return stopping

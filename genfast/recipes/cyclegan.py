@@ -30,7 +30,14 @@ from genfast.models.cyclegan import (
     discriminator_losses,
     generator_losses,
 )
-from genfast.recipes._common import add_common_train_args, autocast, check_positive, checkpoint_config, start_run
+from genfast.recipes._common import (
+    add_common_train_args,
+    autocast,
+    check_positive,
+    checkpoint_and_sample,
+    checkpoint_config,
+    start_run,
+)
 from genfast.training import (
     StopOnInterrupt,
     batch_generator,
@@ -225,11 +232,8 @@ def _train(args, config: CycleGANConfig, domain_a: ImageData, domain_b: ImageDat
             bar.update(1)
             bar.set_postfix({k: f"{v:.3f}" for k, v in figures.items()})
             stopping = dist.any(stop.requested)
-            if step % args.save_every == 0 or step == args.steps or stopping:
-                save()
-            if dist.is_main and (step % args.sample_every == 0 or step == args.steps):
-                sample_grid(samples_dir / f"step_{step:06d}.png")
-            if stopping:
+            if checkpoint_and_sample(step, args, dist, stopping=stopping, save=save, sample_grid=sample_grid,
+                                     samples_dir=samples_dir):
                 break
     bar.close()
     if dist.is_main and step >= args.steps:

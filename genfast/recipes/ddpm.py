@@ -29,7 +29,14 @@ import genfast
 from genfast.data.images import ImageData, batch_indices, load_images
 from genfast.diffusion.pipeline import SCHEDULERS, DiffusionPipeline, make_scheduler
 from genfast.models.unet import PRESETS, UNet, UNetConfig
-from genfast.recipes._common import add_common_train_args, autocast, check_positive, checkpoint_config, start_run
+from genfast.recipes._common import (
+    add_common_train_args,
+    autocast,
+    check_positive,
+    checkpoint_and_sample,
+    checkpoint_config,
+    start_run,
+)
 from genfast.training import (
     StopOnInterrupt,
     batch_generator,
@@ -244,11 +251,8 @@ def _train(args, config: UNetConfig, scheduler_options: dict, data: ImageData, m
                     return 1
                 bar.set_postfix(loss=f"{value:.4f}")
             stopping = dist.any(stop.requested) or step == args.stop_at
-            if step % args.save_every == 0 or step == args.steps or stopping:
-                save()
-            if dist.is_main and (step % args.sample_every == 0 or step == args.steps):
-                sample_grid(samples_dir / f"step_{step:06d}.png")
-            if stopping:
+            if checkpoint_and_sample(step, args, dist, stopping=stopping, save=save, sample_grid=sample_grid,
+                                     samples_dir=samples_dir):
                 break
     bar.close()
     if dist.is_main and step >= args.steps:

@@ -22,7 +22,14 @@ import torch
 import genfast
 from genfast.data.images import ImageData, batch_indices, load_images
 from genfast.models.vae import VAE, VAEConfig, vae_loss
-from genfast.recipes._common import add_common_train_args, autocast, check_positive, checkpoint_config, start_run
+from genfast.recipes._common import (
+    add_common_train_args,
+    autocast,
+    check_positive,
+    checkpoint_and_sample,
+    checkpoint_config,
+    start_run,
+)
 from genfast.training import (
     StopOnInterrupt,
     batch_generator,
@@ -150,11 +157,8 @@ def _train(args, config: VAEConfig, data: ImageData, meta: dict, dist) -> int:
             bar.set_postfix(loss=f"{loss:.2f}", recon=f"{losses['recon'].item():.2f}",
                             kl=f"{losses['kl'].item():.2f}")
             stopping = dist.any(stop.requested)
-            if step % args.save_every == 0 or step == args.steps or stopping:
-                save()
-            if dist.is_main and (step % args.sample_every == 0 or step == args.steps):
-                sample_grid(samples_dir / f"step_{step:06d}.png")
-            if stopping:
+            if checkpoint_and_sample(step, args, dist, stopping=stopping, save=save, sample_grid=sample_grid,
+                                     samples_dir=samples_dir):
                 break
     bar.close()
     if dist.is_main and step >= args.steps:
