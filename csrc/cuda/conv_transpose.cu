@@ -39,6 +39,7 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "float_convert.cuh"
 #include "conv_transpose.cuh"
 
 // WMMA for fp16 and bf16 needs sm_80 (bf16 fragments); older targets run the fp32-accumulating SIMT path.
@@ -78,24 +79,6 @@ static_assert(kBlockK % kFrag == 0, "K step is a whole number of WMMA fragments"
 constexpr float kInvSqrt2 = 0.7071067811865476f;
 
 __host__ __device__ __forceinline__ int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 // The epilogue's activation in fp32, as the Triton kernel and the reference define it (gelu: exact, erf form;
 // relu'(0) conventions do not matter here, only the values).

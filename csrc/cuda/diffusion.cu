@@ -8,6 +8,7 @@
 #include <cuda_fp16.h>
 
 #include "../philox.h"
+#include "float_convert.cuh"
 #include "diffusion.cuh"
 
 namespace genfast::cuda {
@@ -16,25 +17,6 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kMaxBlocks = 65535;
 enum NoiseMode { kNoNoise = 0, kNoiseTensor = 1, kNoiseSeed = 2 };
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 template <typename T, int kVec>
 struct alignas(sizeof(T) * kVec) Pack {

@@ -9,6 +9,7 @@
 
 #include "../philox.h"
 #include "latent.cuh"
+#include "float_convert.cuh"
 
 namespace genfast::cuda::latent {
 namespace {
@@ -20,24 +21,6 @@ constexpr int64_t kKlTargetBlocks = 1024;
 constexpr int64_t kKlMinChunk = 2048;
 constexpr int64_t kKlMaxSplits = 1024;
 constexpr int64_t kKlChunkAlign = 1024;  // a multiple of every vector width, and Triton's KL_BLOCK
-
-template <typename T>
-__device__ __forceinline__ float to_float(T v);
-template <>
-__device__ __forceinline__ float to_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // VEC elements moved by one 16-byte (or smaller) load or store.
 template <typename T, int VEC>

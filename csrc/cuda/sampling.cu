@@ -18,6 +18,7 @@
 
 #include "../philox.h"
 #include "sampling.cuh"
+#include "float_convert.cuh"
 
 namespace genfast::cuda {
 namespace {
@@ -25,10 +26,6 @@ namespace {
 constexpr int kThreads = 512;
 constexpr int kPivots = 32;
 constexpr double kFixedOne = 1099511627776.0;  // 2^40: weights in [0, 1] as integers; V * 2^40 < 2^64
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 // Order-preserving int32 key of a float (signed compare); -0.0 shares +0.0's key, as the values tie.
 __device__ __forceinline__ int32_t float_key(float y) {
