@@ -275,6 +275,24 @@ def _check_mask(op: str, attn_mask, q, k) -> None:
 
 
 # ------------------------------------------------------------------------------------------ public op
+def softmax_scale(op: str, scale, head_dim: int) -> float:
+    """``scale`` checked (a finite real number), or 1 / sqrt(head_dim) when None."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    scale = _checks.real_number(op, "scale", scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"{op}: scale must be finite, got {scale}")
+    return scale
+
+
+def dropout_probability(op: str, dropout_p) -> float:
+    """``dropout_p`` checked: a real number in [0, 1)."""
+    dropout_p = _checks.real_number(op, "dropout_p", dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
+    return dropout_p
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
               attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, scale: float | None = None,
               window: tuple[int | None, int | None] | None = None, return_lse: bool = False,
@@ -292,15 +310,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     causal = _flag(OP, "causal", causal)
     return_lse = _flag(OP, "return_lse", return_lse)
     _check_mask(OP, attn_mask, q, k)
-    dropout_p = _checks.real_number(OP, "dropout_p", dropout_p)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"{OP}: dropout_p must be in [0, 1), got {dropout_p}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    else:
-        scale = _checks.real_number(OP, "scale", scale)
-        if not math.isfinite(scale):
-            raise ValueError(f"{OP}: scale must be finite, got {scale}")
+    dropout_p = dropout_probability(OP, dropout_p)
+    scale = softmax_scale(OP, scale, q.shape[-1])
     left, right = _window_pair(OP, window)
     _checks.generator(OP, generator, q.device)
     seed = _checks.draw_seed(generator, q.device) if dropout_p > 0 else None

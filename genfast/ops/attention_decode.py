@@ -22,7 +22,6 @@ when lse is wanted).
 
 from __future__ import annotations
 
-import math
 import numbers
 
 import torch
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 
 from genfast import _backend, _ext
 from genfast.ops import _checks
-from genfast.ops.attention import _flag, _math, _window_pair, attention_ref
+from genfast.ops.attention import _flag, _math, _window_pair, attention_ref, softmax_scale
 
 OP = "attention_decode"
 APPEND = "kv_cache_append"
@@ -236,12 +235,7 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _check_seqlens(OP, cache_seqlens, b, q.device)
     causal = _flag(OP, "causal", causal)
     return_lse = _flag(OP, "return_lse", return_lse)
-    if scale is None:
-        scale = 1.0 / math.sqrt(d)
-    else:
-        scale = _checks.real_number(OP, "scale", scale)
-        if not math.isfinite(scale):
-            raise ValueError(f"{OP}: scale must be finite, got {scale}")
+    scale = softmax_scale(OP, scale, d)
     left, right = _window_pair(OP, window)
     if num_splits is None:
         num_splits = 0

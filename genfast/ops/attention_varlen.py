@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from genfast import _backend
 from genfast.ops import _checks
-from genfast.ops.attention import _flag, _math, _window_pair
+from genfast.ops.attention import _flag, _math, _window_pair, dropout_probability, softmax_scale
 from genfast.ops.random import philox_noise
 
 OP = "attention_varlen"
@@ -328,15 +328,8 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     causal = _flag(OP, "causal", causal)
     return_lse = _flag(OP, "return_lse", return_lse)
     validate = _flag(OP, "validate", validate)
-    dropout_p = _checks.real_number(OP, "dropout_p", dropout_p)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"{OP}: dropout_p must be in [0, 1), got {dropout_p}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    else:
-        scale = _checks.real_number(OP, "scale", scale)
-        if not math.isfinite(scale):
-            raise ValueError(f"{OP}: scale must be finite, got {scale}")
+    dropout_p = dropout_probability(OP, dropout_p)
+    scale = softmax_scale(OP, scale, q.shape[-1])
     left, right = _window_pair(OP, window)
     _checks.generator(OP, generator, q.device)
     if validate and not torch.compiler.is_compiling():
