@@ -413,6 +413,9 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         loss.backward()
         if dist.is_main:
             torch.save({n: p.grad for n, p in model.named_parameters()}, os.path.join(out_dir, "grads.pt"))
+        # The DDP wrapper (its reducer holds gloo work) goes before the process group; the other order can abort
+        # a process at exit ("terminate called without an active exception").
+        del ddp
         dist.barrier()
     finally:
         dist.close()

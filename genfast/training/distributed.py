@@ -97,6 +97,8 @@ class Distributed:
             torch_dist.barrier()
 
     def close(self) -> None:
+        """Leave the process group (if this object joined it). Drop DDP wrappers first: a reducer that outlives
+        its process group can abort the process at exit."""
         if self.initialized_here and torch_dist.is_initialized():
             torch_dist.destroy_process_group()
             self.initialized_here = False
