@@ -52,6 +52,11 @@ TORCH_LIBRARY(genfast, m) {
   m.def(
       "attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, bool causal, float scale, "
       "int window_left, int window_right, int num_splits) -> (Tensor, Tensor)");
+  // In place: k_cache[b, :, L_b + t] = k_new[b, :, t] (same for v) with L = cache_seqlens; slots outside
+  // [0, Nmax) are dropped. CPU kernel in csrc/cpu/attention_decode.cpp (GPUs use the Triton twin).
+  m.def(
+      "kv_cache_append(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k_new, Tensor v_new, "
+      "Tensor cache_seqlens) -> ()");
 
   // Transposed convolution with a fused epilogue (genfast/ops/conv_transpose.py), the signature of its Triton
   // twin conv_transpose2d_triton: x [N, C_in, H, W], weight [C_in, C_out/groups, KH, KW], bias [C_out] in x's

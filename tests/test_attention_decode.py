@@ -59,6 +59,7 @@ CASES = {
     "window-left": (2, 2, 1, 2, 64, 16, [2, 60], {"window": (9, None)}),
     "window-both-noncausal": (2, 2, 2, 5, 50, 16, [7, 50], {"window": (4, 2), "causal": False}),
     "d80-scale-16-new": (2, 2, 1, 16, 40, 80, [16, 33], {"scale": 0.2}),
+    "odd-d97-n97": (3, 3, 1, 1, 97, 97, [1, 17, 97], {}),
 }
 
 
@@ -192,9 +193,12 @@ def test_append_bad_input():
 def test_opcheck(device, backend):
     q, k, v = _make(2, 4, 2, 3, 20, 16, torch.float32, device, seed=5)
     lengths = torch.tensor([3, 20], dtype=torch.int32, device=device)
-    op = torch.ops.genfast.attention_decode if backend == "cuda" else torch.ops.genfast.attention_decode_triton
+    op = torch.ops.genfast.attention_decode if backend in ("cuda", "cpu") else torch.ops.genfast.attention_decode_triton
     torch.library.opcheck(op, (q, k, v, lengths, True, 0.25, 4, -1, 2))
-    for op in (torch.ops.genfast.kv_cache_append_triton, torch.ops.genfast.kv_cache_append_torch):
+    appends = [torch.ops.genfast.kv_cache_append_triton, torch.ops.genfast.kv_cache_append_torch]
+    if backend == "cpu":
+        appends.append(torch.ops.genfast.kv_cache_append)
+    for op in appends:
         torch.library.opcheck(op, (k.clone(), v.clone(), q[:, :2], q[:, 2:], lengths - 3))
 
 
@@ -223,3 +227,57 @@ def test_append_ref_matches_slots():
     kv_cache_append_ref(cache, cache, new, new, torch.tensor([1, 4]))
     assert torch.equal(cache[0, 0, 1:3], new[0, 0]) and torch.equal(cache[1, 0, 4:6], new[1, 0])
     assert cache[0, 0, [0, 3, 4, 5]].eq(0).all() and cache[1, 0, :4].eq(0).all()
+
+
+@pytest.mark.parametrize("device,backend", APPEND_PARAMS)
+def test_append_refuses_caches_that_share_memory(device, backend):
+    """Issue 18 #1: an expanded cache (rows share memory) or k_cache aliasing v_cache would take writes meant for
+    another slot; every backend refuses them before writing."""
+    new = torch.ones(2, 1, 1, 4, device=device)
+    lengths = torch.tensor([0, 1], device=device)
+    shared_rows = torch.zeros(1, 1, 8, 4, device=device).expand(2, 1, 8, 4)
+    own = torch.zeros(2, 1, 8, 4, device=device)
+    flat = torch.zeros(2 * 8 * 4 + 8, device=device)  # two views of it, 8 elements apart, overlap
+    cases = [(shared_rows, own, "k_cache has elements that share memory"),
+             (own, shared_rows, "v_cache has elements that share memory"),
+             (own, own, "k_cache and v_cache overlap"),
+             (flat[:64].view(2, 1, 8, 4), flat[8:].view(2, 1, 8, 4), "k_cache and v_cache overlap")]
+    with genfast.backend(backend):
+        for k_cache, v_cache, match in cases:
+            with pytest.raises(ValueError, match=match):
+                kv_cache_append(k_cache, v_cache, new, new, lengths)
+        assert not own.any() and not shared_rows.any() and not flat.any()
+        # Disjoint halves of one buffer are two caches, not an alias.
+        both = torch.zeros(2, 2, 1, 8, 4, device=device)
+        kv_cache_append(both[0], both[1], new, 2 * new, lengths)
+    assert both[0, 0, 0, 0].eq(1).all() and both[1, 1, 0, 1].eq(2).all() and both.sum() == 2 * 4 * 3
+
+
+@pytest.mark.parametrize("device,backend", PARAMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_unwritten_slots_are_never_read(device, backend, dtype):
+    """NaN past each sequence's length (torch.empty caches) leaves the answer unchanged."""
+    q, k, v = _make(3, 4, 2, 2, 33, 16, dtype, device, seed=7)
+    lengths = torch.tensor([2, 17, 33], device=device)
+    k_nan, v_nan = k.clone(), v.clone()
+    for i, n in enumerate(lengths.tolist()):
+        k_nan[i, :, n:], v_nan[i, :, n:] = float("nan"), float("nan")
+    with genfast.backend(backend):
+        want = attention_decode(q, k, v, lengths)
+        got = attention_decode(q, k_nan, v_nan, lengths)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(not genfast._ext.loaded, reason="needs the compiled extension")
+def test_cpu_kernels_guard_direct_calls():
+    """torch.ops.genfast.* called directly (no Python checks) still refuses aliasing and bad shapes."""
+    cache = torch.zeros(2, 1, 8, 4)
+    new, lengths = torch.ones(2, 1, 1, 4), torch.tensor([0, 1])
+    with pytest.raises(RuntimeError, match="overlap|same memory"):
+        torch.ops.genfast.kv_cache_append(cache, cache, new, new, lengths)
+    with pytest.raises(RuntimeError, match="overlap|single memory location"):
+        torch.ops.genfast.kv_cache_append(cache[:1].expand(2, 1, 8, 4), cache[1:].clone().expand(2, 1, 8, 4), new,
+                                          new, lengths)
+    with pytest.raises(RuntimeError, match="Hk must divide Hq"):
+        torch.ops.genfast.attention_decode(torch.zeros(2, 3, 1, 4), torch.zeros(2, 2, 8, 4), torch.zeros(2, 2, 8, 4),
+                                           lengths, True, 0.5, -1, -1, 0)

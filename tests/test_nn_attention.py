@@ -13,6 +13,7 @@ from torch import nn
 
 import genfast
 from genfast.nn import CausalSelfAttention, KVCache, MultiheadAttention
+from genfast.nn.attention import attend_cached
 from genfast.ops.attention import attention_ref
 from tests.conftest import backend_params
 
@@ -485,3 +486,34 @@ def test_kv_cache_set_lengths_rewinds_and_copies():
         caches[0].set_lengths(torch.tensor([1]))
     with pytest.raises(ValueError, match="set_lengths: bound must be an int"):
         caches[0].set_lengths(torch.tensor([1, 1]), bound=10**6)
+
+
+@pytest.mark.parametrize("new_tokens", [1, 17])  # the decode path and the prefill path
+def test_kv_cache_set_lengths_past_the_bound_is_followed(new_tokens):
+    """Issue 18 #8: lengths set past the host-side bound (slots the caller filled itself) are attended, the new
+    tokens' own keys included: the bound follows the lengths."""
+    gen = torch.Generator().manual_seed(0)
+    cache = KVCache(2, 2, 40, 8)
+    cache.append(*(torch.randn(2, 2, 2, 8, generator=gen) for _ in range(2)))
+    cache.k[:, :, 2:9], cache.v[:, :, 2:9] = torch.randn(2, 2, 2, 7, 8, generator=gen)  # filled by the caller
+    cache.set_lengths(torch.tensor([5, 9]))
+    assert cache.bound == 9
+    k, v, q = (torch.randn(2, 2, new_tokens, 8, generator=gen) for _ in range(3))
+    with torch.no_grad():
+        cache.append(k, v)
+        got = attend_cached(q, cache)
+    for i, n in enumerate((5, 9)):
+        keys = torch.cat([cache.k[i:i + 1, :, :n], k[i:i + 1]], dim=2)
+        values = torch.cat([cache.v[i:i + 1, :, :n], v[i:i + 1]], dim=2)
+        want = nn.functional.scaled_dot_product_attention(q[i:i + 1], keys, values,
+                                                          attn_mask=torch.ones(new_tokens, n + new_tokens,
+                                                                               dtype=torch.bool).tril(n))
+        torch.testing.assert_close(got[i:i + 1], want, **TOL)
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, max_seq_len=40\]"):
+        cache.set_lengths(torch.tensor([-1, 3]))
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, max_seq_len=40\]"):
+        cache.set_lengths(torch.tensor([41, 3]))
+    with pytest.raises(ValueError, match=r"bound must be an int in \[max\(lengths\)=7, 40\]"):
+        cache.set_lengths(torch.tensor([7, 3]), bound=5)
+    with pytest.raises(TypeError, match="lengths must hold integers"):
+        cache.set_lengths(torch.tensor([1.0, 3.0]))

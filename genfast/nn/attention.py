@@ -231,8 +231,10 @@ class KVCache:
     """Keys and values of the tokens seen so far, preallocated: k, v [B, H, Nmax, D] and ``lengths`` [B] int64.
 
     ``append`` writes T new tokens after each sequence's current length (sequences may start at different
-    lengths, for prompts of different lengths). ``bound`` is a host-side upper bound on ``lengths`` (kept so
-    that neither appending nor attending synchronises with the GPU); it is what overflow is checked against.
+    lengths, for prompts of different lengths). The shapes never change and ``lengths`` is one device tensor
+    updated in place, so a decode step over the cache is the same computation at every token (capturable as a
+    CUDA graph). ``bound`` is a host-side upper bound on ``lengths`` (so that appending needs no GPU
+    synchronisation): overflow is checked against it, and a prefill reads the cache only up to it.
     """
 
     def __init__(self, batch_size: int, num_heads: int, max_seq_len: int, head_dim: int, *,
@@ -286,37 +288,46 @@ class KVCache:
     def set_lengths(self, lengths: torch.Tensor, bound: int | None = None) -> None:
         """Forget every token of sequence b from position ``lengths[b]`` on (later appends overwrite them).
 
-        ``lengths`` int64 [B] on the cache's device, each at most the current ``bound`` (not checked against the
-        values on the device, which would synchronise); ``bound`` (default: unchanged) is the new host-side upper
-        bound. A batched generation uses this after prefilling right-padded prompts of different lengths.
+        ``lengths`` int [B], each in [0, max_seq_len] (checked, with one host synchronisation); the host-side
+        ``bound`` follows it (``max(lengths)``), or is ``bound`` where given, which must then be at least that.
+        A batched generation uses this once, after prefilling right-padded prompts of different lengths.
+        ``lengths`` is copied into the cache's own tensor, in place (a captured decode step keeps reading it).
         """
+        op = "KVCache.set_lengths"
         if not isinstance(lengths, torch.Tensor) or lengths.shape != self.lengths.shape:
-            raise ValueError(f"KVCache.set_lengths: lengths must be a tensor of shape {list(self.lengths.shape)}, got "
+            raise ValueError(f"{op}: lengths must be a tensor of shape {list(self.lengths.shape)}, got "
                              f"{tuple(lengths.shape) if isinstance(lengths, torch.Tensor) else type(lengths).__name__}")
-        if bound is None:
-            bound = self.bound
-        if isinstance(bound, bool) or not isinstance(bound, int) or not 0 <= bound <= self.max_seq_len:
-            raise ValueError(f"KVCache.set_lengths: bound must be an int in [0, {self.max_seq_len}], got {bound!r}")
-        # A copy: append() advances lengths in place, and caches of different layers must not share one tensor.
-        self.lengths = lengths.to(device=self.k.device, dtype=torch.int64, copy=True)
-        self.bound = bound
+        if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+            raise TypeError(f"{op}: lengths must hold integers, got {lengths.dtype}")
+        if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int)):
+            raise ValueError(f"{op}: bound must be None or an int, got {bound!r}")
+        lo, hi = (int(x) for x in torch.aminmax(lengths.to(torch.int64)))  # one sync, once per generation
+        if lo < 0 or hi > self.max_seq_len:
+            raise ValueError(f"{op}: lengths must lie in [0, max_seq_len={self.max_seq_len}], got values in "
+                             f"[{lo}, {hi}]")
+        if bound is not None and not hi <= bound <= self.max_seq_len:
+            raise ValueError(f"{op}: bound must be an int in [max(lengths)={hi}, {self.max_seq_len}], got {bound}")
+        self.lengths.copy_(lengths)  # in place: caches of different layers each keep their own tensor
+        self.bound = hi if bound is None else bound
 
 
 def attend_cached(q: torch.Tensor, cache: KVCache, dropout_p: float = 0.0) -> torch.Tensor:
     """Attention of T new queries q [B, H, T, D] over ``cache``, which already holds them as its last T tokens.
 
     Query t of sequence b sits at position lengths[b] - T + t and sees the keys at positions <= its own. Up to
-    16 new tokens without gradient or dropout (decoding) go through genfast.ops.attention_decode (split-K over
-    the cache); a longer prefill, or a call that needs gradients, runs genfast.ops.attention over the cached
-    prefix with a per-sequence mask. Either way only the prefix up to the host-side bound is read.
+    16 new tokens without gradient or dropout (decoding) go through genfast.ops.attention_decode over the whole
+    cache: static shapes, the per-row lengths read on the device (the kernels read only the visible slots), so
+    every decode step is the same computation. A longer prefill, or a call that needs gradients, runs
+    genfast.ops.attention over the cached prefix up to the host-side bound, with a per-sequence mask.
     """
-    t, n = q.shape[2], cache.bound
-    k, v = cache.k[:, :, :n], cache.v[:, :, :n]
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    t = q.shape[2]
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or cache.k.requires_grad)
     if t <= DECODE_MAX_NEW_TOKENS and dropout_p == 0.0 and not needs_grad:
         # validate=False: lengths >= T holds by construction (the queries were just appended); no GPU sync.
-        out = ops.attention_decode(q.to(k.dtype), k, v, cache.lengths, causal=True, validate=False)
+        out = ops.attention_decode(q.to(cache.k.dtype), cache.k, cache.v, cache.lengths, causal=True, validate=False)
         return out.to(q.dtype)
+    n = cache.bound
+    k, v = cache.k[:, :, :n], cache.v[:, :, :n]
     j = torch.arange(n, device=q.device)
     last = cache.lengths[:, None] - t + torch.arange(t, device=q.device)  # (B, T): each query's own position
     keep = (j[None, None, :] <= last[:, :, None])[:, None]  # (B, 1, T, n)

@@ -16,8 +16,11 @@ device and rows that then see no key give 0 (lse -inf); appends past Nmax are dr
 
 Backends: CUDA tensors -> the Triton split-K kernels (genfast/kernels/attention_decode.py), or the CUDA C++
 kernel (csrc/cuda/attention.cu, custom op ``genfast::attention_decode``) when asked for by name; CPU tensors ->
-the reference (masked math over the cache: torch's SDPA in the input dtype, or the written-out math in fp32
-when lse is wanted).
+the C++ kernel (csrc/cpu/attention_decode.cpp: reads only each sequence's visible slots, once per GQA group),
+else the reference (masked math over the whole cache: torch's SDPA in the input dtype, or the written-out math
+in fp32 when lse is wanted). ``kv_cache_append`` is an in-place copy on every backend (custom op
+``genfast::kv_cache_append`` on the CPU, its Triton twin on GPUs); caches whose rows share memory, or a key cache
+that overlaps the value cache, are refused (the writes would land on each other).
 """
 
 from __future__ import annotations
@@ -115,7 +118,7 @@ def _attention_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
 
 
 _attention_decode_triton.register_fake(_decode_fake)
-if _ext.loaded:  # the schema genfast::attention_decode comes with the extension (csrc/genfast.cpp)
+if _ext.loaded:  # the schemas genfast::attention_decode and kv_cache_append come with the extension (csrc/genfast.cpp)
     torch.library.register_fake("genfast::attention_decode")(_decode_fake)
 
 
@@ -141,6 +144,8 @@ def _append_fake(k_cache, v_cache, k_new, v_new, cache_seqlens):
 
 
 _kv_cache_append_torch.register_fake(_append_fake)
+if _ext.loaded:
+    torch.library.register_fake("genfast::kv_cache_append")(_append_fake)
 
 
 # ------------------------------------------------------------------------------------------ dispatch
@@ -155,20 +160,23 @@ def _triton_decode(q, k_cache, v_cache, cache_seqlens, causal, scale, left, righ
                                                      num_splits)
 
 
-def _cuda_decode(q, k_cache, v_cache, cache_seqlens, causal, scale, left, right, num_splits, need_lse):
+def _compiled_decode(q, k_cache, v_cache, cache_seqlens, causal, scale, left, right, num_splits, need_lse):
+    """genfast::attention_decode: the CUDA kernel for CUDA tensors, the C++ CPU kernel for CPU ones."""
     return torch.ops.genfast.attention_decode(q, k_cache, v_cache, cache_seqlens, causal, scale, left, right,
                                               num_splits)
 
 
 # The CUDA C++ kernel (csrc/cuda/attention.cu) serves calls that name the "cuda" backend; auto prefers Triton,
 # whose kernels are the tested algorithm the C++ one mirrors.
-_dispatch = _backend.dispatcher(OP, _reference, preference={"cuda": ("triton", "cuda"), "cpu": ()})
+_dispatch = _backend.dispatcher(OP, _reference, preference={"cuda": ("triton", "cuda"), "cpu": ("cpu",)})
 _dispatch.register("triton", supports=_head_dim_supports)(_triton_decode)
-_dispatch.register("cuda", supports=_head_dim_supports)(_cuda_decode)
+_dispatch.register("cuda", supports=_head_dim_supports)(_compiled_decode)
+_dispatch.register("cpu")(_compiled_decode)
 
 _append_dispatch = _backend.dispatcher(APPEND, lambda *a: torch.ops.genfast.kv_cache_append_torch(*a),
-                                       preference={"cuda": ("triton",), "cpu": ()})
+                                       preference={"cuda": ("triton",), "cpu": ("cpu",)})
 _append_dispatch.register("triton")(lambda *a: torch.ops.genfast.kv_cache_append_triton(*a))
+_append_dispatch.register("cpu")(lambda *a: torch.ops.genfast.kv_cache_append(*a))
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -205,6 +213,39 @@ def _check_range(op: str, name: str, values: torch.Tensor, low: int, high: int, 
     lo, hi = torch.stack([values.min(), values.max()]).tolist()
     if lo < low or hi > high:
         raise ValueError(f"{op}: {name} must be in [{low}, {high}] ({what}), got values in [{lo}, {hi}]")
+
+
+def _byte_span(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last + 1) bytes of memory ``t`` can touch (t non-empty, strides >= 0)."""
+    first = t.data_ptr()
+    last = first + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) * t.element_size()
+    return first, last + t.element_size()
+
+
+def _rows_overlap(t: torch.Tensor) -> bool:
+    """Whether two elements of ``t`` may share memory (a cache made with .expand, say). Conservative: the
+    dims sorted by stride must each step over the whole extent of the ones below, as any dense layout does."""
+    extent = 1
+    for n, s in sorted(((n, s) for n, s in zip(t.shape, t.stride()) if n > 1), key=lambda p: p[1]):
+        if s < extent:
+            return True
+        extent = s * n
+    return False
+
+
+def _check_no_aliasing(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.numel() and _rows_overlap(t):
+            raise ValueError(f"{APPEND}: {name} has elements that share memory (strides {tuple(t.stride())}, "
+                             "e.g. made with .expand): appends to one sequence would overwrite another; pass a "
+                             "cache with its own memory per slot (.contiguous())")
+    if torch.compiler.is_compiling():  # fake tensors have no memory to compare
+        return
+    if k_cache.numel() and k_cache.untyped_storage().data_ptr() == v_cache.untyped_storage().data_ptr():
+        (k0, k1), (v0, v1) = _byte_span(k_cache), _byte_span(v_cache)
+        if k0 < v1 and v0 < k1:
+            raise ValueError(f"{APPEND}: k_cache and v_cache overlap in memory: the values would overwrite the "
+                             "keys; give each its own tensor")
 
 
 def _validate_flag(op: str, validate) -> bool:
@@ -260,6 +301,7 @@ def kv_cache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.T
     cache_seqlens int32/int64 [B], the current lengths: ``cache[b, :, L_b + t] = new[b, :, t]``.
     ``cache_seqlens`` is not changed (advance it by Nnew yourself). With ``validate`` (one host sync) an
     overflow (``L_b + Nnew > Nmax``) or a negative length raises; without it such tokens are dropped.
+    Caches whose slots share memory (made with ``.expand``) or that overlap each other raise ValueError.
     """
     for name, t in (("k_new", k_new), ("v_new", v_new)):
         _check_cache(APPEND, t, k_cache, v_cache, q_name=name)
@@ -270,6 +312,7 @@ def kv_cache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.T
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if t.requires_grad and torch.is_grad_enabled():
             raise ValueError(f"{APPEND}: {name} must not require grad (it is written in place)")
+    _check_no_aliasing(k_cache, v_cache)
     if _validate_flag(APPEND, validate):
         nmax, nnew = k_cache.shape[2], k_new.shape[2]
         _check_range(APPEND, "cache_seqlens", cache_seqlens, 0, nmax - nnew,
