@@ -19,10 +19,10 @@ import genfast
 from genfast.cli import main as cli_main
 from genfast.data.images import digits, shapes
 from genfast.models import cgan, dcgan, numbergan
-from genfast.recipes import _gan
 from genfast.recipes import cgan as cgan_recipe
 from genfast.recipes import dcgan as dcgan_recipe
-from genfast.training import load_checkpoint, load_safetensors_state, seed_everything
+from genfast.training import INTERRUPTED_EXIT, load_checkpoint, load_safetensors_state, seed_everything
+from genfast.training import loop as training_loop
 from tests.conftest import DEVICES, serving_backends
 
 TINY = ["--device", "cpu", "--g-features", "8", "--d-features", "8", "--latent-dim", "8", "--batch-size", "8",
@@ -236,7 +236,7 @@ def test_dcgan_short_run_moves_toward_the_data(tmp_path):
     assert torch.isfinite(fake_after).all()
     assert mmd2(fake_after, real) < mmd2(fake_before, real) / 2
     for name in ("step_000040.png", "final.png"):
-        assert (tmp_path / "run_samples" / name).is_file()
+        assert (out / "samples" / name).is_file()
 
 
 def test_cgan_short_run_moves_toward_the_data(tmp_path):
@@ -264,7 +264,7 @@ def test_sample_grids_are_png(tmp_path):
     out = tmp_path / "run"
     assert cgan_recipe.train_main(["--steps", "2", *TINY, "--embed-dim", "4", "--out", str(out),
                                    "--n-samples", "18"]) == 0
-    with Image.open(tmp_path / "run_samples" / "final.png") as im:
+    with Image.open(out / "samples" / "final.png") as im:
         im.load()
         assert im.mode == "RGB" and im.size == (2 + 2 * 34, 2 + 9 * 34)  # 9 classes x 2 columns of 32x32
     assert cli_main(["sample", "cgan", "--ckpt", str(out), "--label", "blue square", "--n", "5",
@@ -292,8 +292,8 @@ def test_resume_equals_uninterrupted(tmp_path, recipe):
     assert module.train_main(["--steps", "3", "--out", str(split), *extra]) == 0
     assert module.train_main(["--steps", "6", "--out", str(split), "--resume", *extra]) == 0
     for name in ("generator", "discriminator"):
-        a = load_safetensors_state(whole / f"{name}.safetensors")
-        b = load_safetensors_state(split / f"{name}.safetensors")
+        a = load_safetensors_state(whole / "checkpoint" / f"{name}.safetensors")
+        b = load_safetensors_state(split / "checkpoint" / f"{name}.safetensors")
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), f"{name}.{key} differs after resume"
@@ -318,18 +318,18 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path, monkeypatch):
             self.checks += 1
             return self.checks >= 2
 
-    monkeypatch.setattr(_gan, "StopOnInterrupt", InterruptedAfterTwoSteps)
+    monkeypatch.setattr(training_loop, "StopOnInterrupt", InterruptedAfterTwoSteps)
     out = tmp_path / "run"
-    assert dcgan_recipe.train_main(["--steps", "50", "--out", str(out), *TINY]) == 0
+    assert dcgan_recipe.train_main(["--steps", "50", "--out", str(out), *TINY]) == INTERRUPTED_EXIT
     trainer, config = load_checkpoint(out)
     assert trainer["step"] == 2 and config["recipe"] == "dcgan"
-    assert (tmp_path / "run_samples" / "final.png").is_file()
+    assert (out / "samples" / "final.png").is_file()
 
 
 def test_cli_smoke(tmp_path, capsys):
     out = tmp_path / "dc"
     assert cli_main(["train", "dcgan", "--steps", "2", "--out", str(out), "--image-size", "64", *TINY]) == 0
-    config = json.loads((out / "config.json").read_text())
+    config = json.loads((out / "checkpoint" / "config.json").read_text())
     assert config["model"]["image_size"] == 64 and config["model"]["channels"] == 1
     grid = tmp_path / "grid.png"
     assert cli_main(["sample", "dcgan", "--ckpt", str(out), "--n", "4", "--out", str(grid)]) == 0

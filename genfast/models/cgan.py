@@ -13,11 +13,13 @@ linearly or along the great circle (slerp, which keeps the norm of Gaussian late
 from __future__ import annotations
 
 import numbers
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from genfast.models._checkpoint import build_and_load, read_run
+from genfast.models._config import ModelConfig, check_ints
 from genfast.models.dcgan import (
     build_discriminator_layers,
     build_generator_layers,
@@ -28,7 +30,7 @@ from genfast.models.dcgan import (
 
 
 @dataclass
-class CGANConfig:
+class CGANConfig(ModelConfig):
     num_classes: int = 9
     image_size: int = 32  # 32 or 64
     channels: int = 3  # 1 or 3
@@ -39,22 +41,16 @@ class CGANConfig:
     class_names: tuple[str, ...] = ()  # optional names of the classes, index order
 
     def __post_init__(self):
-        check_image_config(self, "CGANConfig")
-        for name in ("num_classes", "embed_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"CGANConfig.{name} must be a positive int, got {value!r}")
+        check_image_config(self)
+        check_ints(self, ("num_classes", "embed_dim"))
+        if not isinstance(self.class_names, (list, tuple)):
+            raise ValueError(f"CGANConfig.class_names must be a list of names, got {self.class_names!r}")
         self.class_names = tuple(str(n) for n in self.class_names)
         if self.class_names and len(self.class_names) != self.num_classes:
             raise ValueError(f"CGANConfig.class_names has {len(self.class_names)} names for "
                              f"{self.num_classes} classes")
         if len(set(self.class_names)) != len(self.class_names):
             raise ValueError("CGANConfig.class_names must be unique")
-
-    def to_dict(self) -> dict:
-        out = asdict(self)
-        out["class_names"] = list(self.class_names)
-        return out
 
 
 def resolve_label(label: int | str, class_names: tuple[str, ...] | list[str] = (), num_classes: int | None = None
@@ -146,6 +142,13 @@ class Generator(nn.Module):
         index = self.label_index(label)
         z = self.latent(n, generator)
         return self(z, torch.full((n,), index, dtype=torch.int64, device=z.device))
+
+    @classmethod
+    def from_checkpoint(cls, path, device: str | torch.device = "cpu") -> "Generator":
+        """The generator of a `genfast train cgan` run folder (or its checkpoint folder), in eval mode."""
+        directory, saved = read_run(path, "cgan")
+        config = CGANConfig.from_dict(saved["model"])
+        return build_and_load(lambda: cls(config), directory, "generator").to(device).eval()
 
 
 class Discriminator(nn.Module):

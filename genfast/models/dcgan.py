@@ -15,18 +15,20 @@ Weights start as the paper's N(0, 0.02) (BatchNorm scales N(1, 0.02), shifts 0):
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from genfast.models._checkpoint import build_and_load, read_run
+from genfast.models._config import ModelConfig, check_choice, check_ints
 from genfast.nn import ConvTranspose2dNormAct
 
 IMAGE_SIZES = (32, 64)
 
 
 @dataclass
-class DCGANConfig:
+class DCGANConfig(ModelConfig):
     image_size: int = 32  # 32 or 64
     channels: int = 1  # 1 (grayscale) or 3 (RGB)
     latent_dim: int = 100  # nz
@@ -34,21 +36,13 @@ class DCGANConfig:
     d_features: int = 64  # ndf: channels of the discriminator's first layer
 
     def __post_init__(self):
-        check_image_config(self, "DCGANConfig")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+        check_image_config(self)
 
 
-def check_image_config(config, name: str) -> None:
-    if config.image_size not in IMAGE_SIZES:
-        raise ValueError(f"{name}.image_size must be one of {IMAGE_SIZES}, got {config.image_size!r}")
-    if config.channels not in (1, 3):
-        raise ValueError(f"{name}.channels must be 1 or 3, got {config.channels!r}")
-    for field in ("latent_dim", "g_features", "d_features"):
-        value = getattr(config, field)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}.{field} must be a positive int, got {value!r}")
+def check_image_config(config) -> None:
+    check_choice(config, "image_size", IMAGE_SIZES)
+    check_choice(config, "channels", (1, 3))
+    check_ints(config, ("latent_dim", "g_features", "d_features"))
 
 
 def _doublings(image_size: int) -> int:
@@ -119,6 +113,13 @@ class Generator(nn.Module):
     def latent(self, batch: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         """Standard normal latents [batch, latent_dim] on the model's device (drawn on ``generator``'s device)."""
         return latent(batch, self.config.latent_dim, generator, device or next(self.parameters()).device)
+
+    @classmethod
+    def from_checkpoint(cls, path, device: str | torch.device = "cpu") -> "Generator":
+        """The generator of a `genfast train dcgan` run folder (or its checkpoint folder), in eval mode."""
+        directory, saved = read_run(path, "dcgan")
+        config = DCGANConfig.from_dict(saved["model"])
+        return build_and_load(lambda: cls(config), directory, "generator").to(device).eval()
 
 
 class Discriminator(nn.Module):

@@ -22,17 +22,19 @@ integer is a multiple of 5, 6 for uniform integers. ``EarlyStopping`` stops trai
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from genfast import ops
+from genfast.models._checkpoint import build_and_load, read_run
+from genfast.models._config import ModelConfig, check_int, check_ints, check_number
 
 
 @dataclass
-class NumberGANConfig:
+class NumberGANConfig(ModelConfig):
     seq_len: int = 10  # integers per sequence
     vocab: int = 100  # integers 0 .. vocab-1
     modulus: int = 5  # the pattern: multiples of this
@@ -42,17 +44,9 @@ class NumberGANConfig:
     tau: float = 1.0  # Gumbel-softmax temperature of the relaxed backward pass
 
     def __post_init__(self):
-        for name in ("seq_len", "vocab", "modulus", "latent_dim", "hidden", "embed_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"NumberGANConfig.{name} must be a positive int, got {value!r}")
-        if self.modulus > self.vocab:
-            raise ValueError(f"NumberGANConfig.modulus ({self.modulus}) must be <= vocab ({self.vocab})")
-        if not (isinstance(self.tau, (int, float)) and self.tau > 0 and math.isfinite(self.tau)):
-            raise ValueError(f"NumberGANConfig.tau must be a positive number, got {self.tau!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+        check_ints(self, ("seq_len", "vocab", "latent_dim", "hidden", "embed_dim"))
+        check_int(self, "modulus", maximum=self.vocab)
+        check_number(self, "tau", minimum=1e-6)
 
 
 def real_sequences(batch: int, config: NumberGANConfig, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -130,6 +124,13 @@ class Generator(nn.Module):
         tokens = ops.sample_tokens(logits, temperature=temperature, top_k=top_k, top_p=top_p,
                                    generator=None if noise is not None else generator, noise=noise)
         return tokens.view(batch, self.config.seq_len)
+
+    @classmethod
+    def from_checkpoint(cls, path, device: str | torch.device = "cpu") -> "Generator":
+        """The generator of a `genfast train numbergan` run folder (or its checkpoint folder), in eval mode."""
+        directory, saved = read_run(path, "numbergan")
+        config = NumberGANConfig.from_dict(saved["model"])
+        return build_and_load(lambda: cls(config), directory, "generator").to(device).eval()
 
 
 class Discriminator(nn.Module):

@@ -1,179 +1,108 @@
-"""The adversarial training loop the GAN recipes share (numbergan, dcgan, cgan).
-
-Each recipe describes its model as a :class:`GANTask` (its two networks, how to draw a real batch, how to make
-fakes, what to do at each evaluation) and calls :func:`train_gan`, which owns everything else: Adam for both
-networks, the non-saturating GAN losses, the progress bar, atomic checkpoints with exact resume, Ctrl-C and DDP.
+"""The adversarial training step the GAN recipes share (numbergan, dcgan, cgan), as a genfast.training.TrainTask.
 
 One step (Goodfellow et al.'s non-saturating form, as in the DCGAN paper):
     D: minimise BCE(D(x_real), 1) + BCE(D(G(z).detach()), 0)      real and fake as separate batches (BatchNorm)
     G: minimise BCE(D(G(z)), 1)                                     the same fakes, through the updated D
 Resume is exact for a single process: the real batch of step s is a pure function of (seed, s) and the noise
-comes from the global RNG, whose state every checkpoint stores. Under DDP the global batch of step s is the same
-and each rank takes its slice; ranks other than 0 reseed their noise from (seed, rank, step) on resume.
+comes from the global RNG, whose state every checkpoint stores (the loop restores it). Under DDP the global batch
+of step s is the same and each rank takes its slice.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genfast.recipes._common import autocast
-from genfast.training import (
-    Distributed,
-    StopOnInterrupt,
-    capture_rng_state,
-    find_checkpoint,
-    load_checkpoint,
-    progress_bar,
-    restore_rng_state,
-    save_checkpoint,
-    seed_everything,
-)
-from genfast.training.checkpoint import CONFIG_FILE
-
-
-@dataclass
-class GANTask:
-    """What one GAN recipe contributes to the shared loop.
-
-    real(step, batch) -> (x_real, extra): this rank's real batch of ``step`` and the conditioning tensors passed to
-        both networks after the sample (``()`` or ``(labels,)``).
-    fake(G, batch, extra) -> what D sees of G's output for a batch of fresh noise (G may be DDP-wrapped).
-    evaluate(step, final) -> bool: called every --sample-every steps and at the end on every rank (write grids on
-        the main rank only); True asks training to stop early (every rank must return the same).
-    state / load_state: anything extra the task wants in the checkpoint (early-stopping counters).
-    """
-
-    name: str
-    generator: nn.Module
-    discriminator: nn.Module
-    model_config: dict
-    real: Callable[[int, int], tuple[torch.Tensor, tuple]]
-    fake: Callable[[nn.Module, int, tuple], torch.Tensor]
-    evaluate: Callable[[int, bool], bool]
-    state: Callable[[], dict] = field(default=lambda: {})
-    load_state: Callable[[dict], None] = field(default=lambda state: None)
+from genfast.training import Run, TrainTask, positive_int, probability
 
 
 def add_gan_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--beta1", type=float, default=0.5, help="Adam beta1 (default 0.5, as in DCGAN)")
-    parser.add_argument("--beta2", type=float, default=0.999, help="Adam beta2 (default 0.999)")
-
-
-def checkpoint_config(directory: Path, recipe: str) -> dict:
-    """The config.json of the checkpoint at ``directory``, checked to come from ``recipe``."""
-    found = find_checkpoint(directory)
-    if found is None:
-        raise FileNotFoundError(f"no checkpoint at {directory} (train one with `genfast train {recipe} --out DIR`)")
-    try:
-        config = json.loads((found / CONFIG_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{found / CONFIG_FILE} is not valid JSON: {exc}") from exc
-    if config.get("recipe") != recipe or not isinstance(config.get("model"), dict):
-        raise ValueError(f"{directory} holds a {config.get('recipe')!r} checkpoint, not a {recipe} one")
-    return config
-
-
-def _jsonable(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    parser.add_argument("--beta1", type=probability, default=0.5, help="Adam beta1 (default 0.5, as in DCGAN)")
+    parser.add_argument("--beta2", type=probability, default=0.999, help="Adam beta2 (default 0.999)")
 
 
 def _bce(logits: torch.Tensor, target: float) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits.float(), torch.full_like(logits, target, dtype=torch.float32))
 
 
-def train_gan(args: argparse.Namespace, dist: Distributed, task: GANTask) -> int:
-    """Train ``task`` for ``args.steps`` optimizer steps; returns the process exit status (0)."""
-    device = dist.device
-    G, D = task.generator.to(device), task.discriminator.to(device)
-    betas = (args.beta1, args.beta2)
-    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=betas)
-    opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=betas)
-    modules = {"generator": G, "discriminator": D}
-    config = {"recipe": task.name, "model": task.model_config, "args": _jsonable(args)}
-    step = 0
-    if args.resume:
-        trainer, _ = load_checkpoint(args.out, modules=modules, map_location=device)
-        opt_g.load_state_dict(trainer["opt_g"])
-        opt_d.load_state_dict(trainer["opt_d"])
-        step = int(trainer["step"])
-        task.load_state(trainer.get("task", {}))
-        if dist.is_main:
-            restore_rng_state(trainer["rng"])
-        else:
-            seed_everything((args.seed * 1_000_003 + step) * 4099 + dist.rank)
+class GANTask(TrainTask):
+    """A generator and a discriminator trained against each other.
 
-    def save() -> None:
-        if dist.is_main:
-            trainer = {"step": step, "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
-                       "rng": capture_rng_state(), "task": task.state()}
-            save_checkpoint(args.out, modules=modules, trainer_state=trainer, config=config)
-        dist.barrier()
+    real(step, batch) -> (x_real, extra): this rank's real batch of ``step`` and the conditioning tensors passed to
+        both networks after the sample (``()`` or ``(labels,)``).
+    fake(G, batch, extra) -> what D sees of G's output for a batch of fresh noise (G may be DDP-wrapped).
+    evaluate(step) -> bool: every --sample-every steps and the last, on every rank (write files on the main rank
+        only); True stops training early (every rank must return the same).
+    finish(step, completed): after training (the final grid).
+    """
 
-    per_rank = args.batch_size // dist.world_size
-    Gw, Dw = dist.wrap(G), dist.wrap(D)
-    bar = progress_bar(args.steps, initial=step, desc=f"train {task.name}", enabled=dist.is_main and not args.quiet)
-    stopped_early = interrupted = False
-    with StopOnInterrupt() as stop:
-        while step < args.steps:
-            x_real, extra = task.real(step, per_rank)
-            with autocast(device):
-                x_fake = task.fake(Gw, per_rank, extra)
-                loss_d = _bce(Dw(x_real, *extra), 1.0) + _bce(Dw(x_fake.detach(), *extra), 0.0)
-            opt_d.zero_grad(set_to_none=True)
-            loss_d.backward()
-            opt_d.step()
-            with autocast(device):
-                loss_g = _bce(Dw(x_fake, *extra), 1.0)
-            opt_g.zero_grad(set_to_none=True)
-            loss_g.backward()
-            opt_g.step()
-            step += 1
-            d_value, g_value = float(loss_d.detach()), float(loss_g.detach())
-            if not (math.isfinite(d_value) and math.isfinite(g_value)):
-                raise FloatingPointError(f"{task.name}: non-finite loss at step {step} (D {d_value}, G {g_value}); "
-                                         "try a lower --lr")
-            bar.update(1)
-            bar.set_postfix(D=f"{d_value:.3f}", G=f"{g_value:.3f}")
-            if step % args.sample_every == 0 or step == args.steps:
-                stopped_early = task.evaluate(step, step == args.steps) and step < args.steps
-            if step % args.save_every == 0 and step < args.steps and not stopped_early:
-                save()
-            interrupted = dist.any(stop.requested)
-            if stopped_early or interrupted:
-                break
-        bar.close()
-        if stopped_early or interrupted:
-            task.evaluate(step, True)
-        save()
-    if dist.is_main and not args.quiet:
-        why = " (stopped early)" if stopped_early else " (interrupted)" if interrupted else ""
-        print(f"{task.name}: step {step}{why}; checkpoint in {args.out}")
-    return 0
+    def __init__(self, run: Run, generator: nn.Module, discriminator: nn.Module, model_config: dict, *,
+                 real: Callable, fake: Callable, evaluate: Callable[[int], bool],
+                 finish: Callable[[int, bool], None] = lambda step, completed: None,
+                 extras: dict | None = None, state: Callable[[], dict] = dict,
+                 load_state: Callable[[dict], None] = lambda state: None):
+        self.run = run
+        device = run.device
+        self.G, self.D = generator.to(device), discriminator.to(device)
+        betas = (run.args.beta1, run.args.beta2)
+        self.modules = {"generator": self.G, "discriminator": self.D}
+        self.optimizers = {"generator": torch.optim.Adam(self.G.parameters(), lr=run.args.lr, betas=betas),
+                           "discriminator": torch.optim.Adam(self.D.parameters(), lr=run.args.lr, betas=betas)}
+        self.Gw, self.Dw = run.dist.wrap(self.G), run.dist.wrap(self.D)
+        self.model_config, self.extras = model_config, extras or {}
+        self.per_rank = run.args.batch_size // run.dist.world_size
+        self._real, self._fake, self._evaluate, self._finish = real, fake, evaluate, finish
+        self._state, self._load_state = state, load_state
+
+    def config_dict(self) -> dict:
+        return {"model": self.model_config, **self.extras}
+
+    def train_step(self, step: int) -> dict:
+        x_real, extra = self._real(step, self.per_rank)
+        opt_g, opt_d = self.optimizers["generator"], self.optimizers["discriminator"]
+        with self.run.autocast():
+            x_fake = self._fake(self.Gw, self.per_rank, extra)
+            loss_d = _bce(self.Dw(x_real, *extra), 1.0) + _bce(self.Dw(x_fake.detach(), *extra), 0.0)
+        opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        opt_d.step()
+        with self.run.autocast():
+            loss_g = _bce(self.Dw(x_fake, *extra), 1.0)
+        opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        opt_g.step()
+        return {"D": loss_d.detach(), "G": loss_g.detach()}
+
+    def evaluate(self, step: int) -> bool:
+        return self._evaluate(step)
+
+    def finish(self, step: int, completed: bool) -> None:
+        self._finish(step, completed)
+
+    def state_dict(self) -> dict:
+        return self._state()
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self._load_state(state)
 
 
 # ------------------------------------------------------------------------------------------- image GANs
 def add_image_args(parser: argparse.ArgumentParser, *, data: str) -> None:
-    """--data --image-size --channels --latent-dim --g-features --d-features --n-samples --samples-dir."""
+    """--data --image-size --channels --latent-dim --g-features --d-features --n-samples."""
     parser.add_argument("--data", default=data,
                         help=f"'digits' (scikit-learn's), 'shapes' (generated) or a folder of images (default {data})")
     parser.add_argument("--image-size", type=int, default=32, choices=(32, 64))
     parser.add_argument("--channels", type=int, default=None, choices=(1, 3),
                         help="1 (grayscale) or 3 (RGB); default 1 for digits, 3 otherwise")
-    parser.add_argument("--latent-dim", type=int, default=100)
-    parser.add_argument("--g-features", type=int, default=64, help="generator width (DCGAN's ngf)")
-    parser.add_argument("--d-features", type=int, default=64, help="discriminator width (DCGAN's ndf)")
-    parser.add_argument("--n-samples", type=int, default=64, help="images in each sample grid")
-    parser.add_argument("--samples-dir", type=Path, default=None,
-                        help="where the PNG sample grids go (default: <out>_samples)")
+    parser.add_argument("--latent-dim", type=positive_int, default=100)
+    parser.add_argument("--g-features", type=positive_int, default=64, help="generator width (DCGAN's ngf)")
+    parser.add_argument("--d-features", type=positive_int, default=64, help="discriminator width (DCGAN's ndf)")
+    parser.add_argument("--n-samples", type=positive_int, default=64, help="images in each sample grid")
 
 
 def load_image_data(parser: argparse.ArgumentParser, source: str, image_size: int, channels: int, seed: int):
@@ -186,19 +115,46 @@ def load_image_data(parser: argparse.ArgumentParser, source: str, image_size: in
         parser.error(f"--data {source}: {exc}")
 
 
-def samples_dir(args: argparse.Namespace) -> Path:
-    # Not inside --out: the checkpoint directory is replaced as a whole at every save.
-    return args.samples_dir or args.out.with_name(args.out.name + "_samples")
-
-
-def real_images(images: torch.Tensor, labels: torch.Tensor | None, args: argparse.Namespace, dist: Distributed):
-    """task.real for image data: the global batch of a step drawn from (seed, step), this rank's slice of it."""
+def real_images(images: torch.Tensor, labels: torch.Tensor | None, run: Run):
+    """GANTask's ``real`` for image data: the global batch of a step drawn from (seed, step), this rank's slice."""
     from genfast.data.images import batch_indices
     from genfast.training import batch_generator
 
     def real(step: int, batch: int) -> tuple[torch.Tensor, tuple]:
-        index = dist.shard(batch_indices(images.shape[0], args.batch_size, batch_generator(args.seed, step)))
-        x = images[index].to(dist.device, non_blocking=True)
-        return x, (() if labels is None else (labels[index].to(dist.device),))
+        index = run.dist.shard(batch_indices(images.shape[0], run.args.batch_size,
+                                             batch_generator(run.args.seed, step)))
+        x = images[index].to(run.device, non_blocking=True)
+        return x, (() if labels is None else (labels[index].to(run.device),))
 
     return real
+
+
+def grid_writer(run: Run, draw: Callable[[], torch.Tensor], nrow: int | None = None):
+    """(evaluate, finish) for an image GAN: the grid of ``draw()`` (G in eval mode, no grad) written to
+    <out>/samples/step_<N>.png at each evaluation and <out>/samples/final.png at the end."""
+    def write(name: str) -> None:
+        if run.dist.is_main:
+            from genfast.training import save_image_grid
+
+            save_image_grid(draw(), run.samples_dir / name, nrow=nrow)
+
+    def evaluate(step: int) -> bool:
+        write(f"step_{step:06d}.png")
+        return False
+
+    def finish(step: int, completed: bool) -> None:
+        write("final.png")
+
+    return evaluate, finish
+
+
+def in_eval_mode(module: nn.Module, fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    def call() -> torch.Tensor:
+        was = module.training
+        module.eval()
+        try:
+            with torch.no_grad():
+                return fn()
+        finally:
+            module.train(was)
+    return call

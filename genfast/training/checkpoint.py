@@ -1,32 +1,40 @@
 """Training checkpoints: a directory written atomically, loaded without trusting its author.
 
-Layout of a checkpoint directory::
+Layout of a run folder (``--out``) and of its checkpoint (format_version 2)::
 
-    config.json                      the model config and anything JSON the recipe wants back (``meta``)
-    <name>.safetensors               one per module (weights only: safetensors cannot run code)
-    trainer.pt                       optimizer / scheduler states, step counters, RNG states
-                                     (torch.save; loaded with weights_only=True, so no pickled code runs)
+    <out>/checkpoint/config.json         {"format_version": 2, "recipe": "<name>", "model": {...}, ...extras}
+    <out>/checkpoint/<role>.safetensors  weights, one file per module ("model", or "generator", "ema" ...)
+    <out>/checkpoint/trainer.pt          optimizer states, the step, RNG states (torch.save; loaded with
+                                         weights_only=True, so no pickled code runs)
+    <out>/checkpoint/<side files>        e.g. the tokenizer, written in the same atomic step as the weights
+    <out>/samples/                       sample grids
 
-Atomicity: everything is written into a temporary sibling directory, which then replaces the old checkpoint by
-two renames (old -> ``<dir>.old``, new -> ``<dir>``). An interruption at any moment leaves either the old or
-the new checkpoint complete; ``find_checkpoint`` also recovers the ``.old`` one if the process died between the
-two renames.
+Atomicity: everything is written into a temporary sibling directory (``.checkpoint.tmp-*``), which then replaces
+the old checkpoint by two renames (old -> ``checkpoint.old``, new -> ``checkpoint``). An interruption at any
+moment leaves either the old or the new checkpoint complete; ``find_checkpoint`` recovers ``checkpoint.old`` only
+when ``checkpoint`` itself is absent (the process died between the two renames), never in place of a broken one.
+Files and folders are created with the user's umask.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from genfast._io import load_safetensors_state, read_json_config
+
+FORMAT_VERSION = 2
+CHECKPOINT_DIR = "checkpoint"
 TRAINER_FILE = "trainer.pt"
 CONFIG_FILE = "config.json"
+TMP_MARKER = ".tmp-"
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -55,41 +63,59 @@ def _write_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
     save_file(tensors, str(path))
 
 
-def load_safetensors_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A state dict from a .safetensors file (raises FileNotFoundError / ValueError with the path)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no weights file at {path}")
-    from safetensors.torch import load_file
+def make_temp_dir(parent: Path, name: str) -> Path:
+    """A new empty directory ``parent/.<name>.tmp-<random>``, created with the user's umask (mkdtemp's is 0700)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        tmp = parent / f".{name}{TMP_MARKER}{secrets.token_hex(6)}"
+        try:
+            tmp.mkdir()
+            return tmp
+        except FileExistsError:
+            continue
 
-    try:
-        return load_file(str(path))
-    except Exception as exc:  # safetensors raises its own error types for corrupt files
-        raise ValueError(f"{path} is not a readable safetensors file: {exc}") from exc
+
+def remove_stale_temp_dirs(parent: str | os.PathLike, name: str = CHECKPOINT_DIR) -> list[Path]:
+    """Delete ``parent/.<name>.tmp-*`` folders left by a save that was killed; returns what was removed.
+
+    Only genfast writes these names (see make_temp_dir), so nothing of the user's is touched."""
+    parent = Path(parent)
+    removed = []
+    if parent.is_dir():
+        for child in parent.iterdir():
+            if child.name.startswith(f".{name}{TMP_MARKER}") and child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+                removed.append(child)
+    return removed
 
 
 def save_checkpoint(directory: str | os.PathLike, *, modules: dict[str, nn.Module],
-                    trainer_state: dict[str, Any] | None = None, config: dict[str, Any] | None = None) -> Path:
+                    trainer_state: dict[str, Any] | None = None, config: dict[str, Any] | None = None,
+                    side_files: Callable[[Path], None] | None = None) -> Path:
     """Write a checkpoint directory atomically and return its path.
 
     modules: name -> module; each is saved as ``<name>.safetensors`` (DDP / compile wrappers are unwrapped).
     trainer_state: anything torch.save can write that ``torch.load(weights_only=True)`` reads back: tensors,
     numbers, strings, lists, dicts — optimizer.state_dict(), step counters, capture_rng_state().
     config: JSON-serialisable (the model config and recipe arguments).
+    side_files: called with the folder being written, to add files (a tokenizer) that must change together with
+    the weights.
     """
     if not modules:
         raise ValueError("modules: need at least one module to save")
+    for name in modules:
+        if not name.isidentifier():
+            raise ValueError(f"modules: name {name!r} must be an identifier (it becomes a file name)")
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    tmp = make_temp_dir(directory.parent, directory.name)
     try:
         for name, module in modules.items():
-            if not name.isidentifier():
-                raise ValueError(f"modules: name {name!r} must be an identifier (it becomes a file name)")
             _write_safetensors(_unwrap(module).state_dict(), tmp / f"{name}.safetensors")
         torch.save(trainer_state or {}, tmp / TRAINER_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps(config or {}, indent=2, sort_keys=True))
-        _fsync_dir(tmp)
+        if side_files is not None:
+            side_files(tmp)
+        _fsync_tree(tmp)
         old = directory.with_name(directory.name + ".old")
         if directory.exists():  # (if only .old exists, a crash mid-swap left it: keep it until the new is in place)
             if old.exists():
@@ -104,11 +130,15 @@ def save_checkpoint(directory: str | os.PathLike, *, modules: dict[str, nn.Modul
     return directory
 
 
-def _fsync_dir(path: Path) -> None:
-    for child in path.iterdir() if path.is_dir() else ():
+def _fsync_tree(path: Path) -> None:
+    for child in path.rglob("*"):
         if child.is_file():
             with open(child, "rb") as fh:
                 os.fsync(fh.fileno())
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # some filesystems do not open directories
@@ -119,29 +149,65 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def find_checkpoint(directory: str | os.PathLike) -> Path | None:
-    """The complete checkpoint at ``directory`` (or its ``.old`` twin after a crash mid-swap), else None."""
-    directory = Path(directory)
-    for candidate in (directory, directory.with_name(directory.name + ".old")):
-        if (candidate / CONFIG_FILE).is_file() and (candidate / TRAINER_FILE).is_file():
-            return candidate
+def _resolve(directory: Path) -> Path | None:
+    """``directory`` if it is a complete checkpoint; its ``.old`` twin if it is absent after a crash mid-swap;
+    ValueError naming the missing file if it is a checkpoint with a file missing; else None."""
+    old = directory.with_name(directory.name + ".old")
+    if not directory.exists():
+        if (old / CONFIG_FILE).is_file() and (old / TRAINER_FILE).is_file():
+            return old
+        return None
+    if not directory.is_dir():
+        return None
+    has_config, has_trainer = (directory / CONFIG_FILE).is_file(), (directory / TRAINER_FILE).is_file()
+    if has_config and has_trainer:
+        return directory
+    meant_as_checkpoint = has_trainer or directory.name == CHECKPOINT_DIR or old.exists() or any(
+        directory.glob("*.safetensors")) and has_config and _has_format_version(directory / CONFIG_FILE)
+    if meant_as_checkpoint and (has_config or has_trainer or old.exists()):
+        missing = TRAINER_FILE if has_config else CONFIG_FILE
+        raise ValueError(f"{directory / missing} is missing: the checkpoint in {directory} is incomplete "
+                         "(copy the whole folder, or start again with --overwrite)")
     return None
+
+
+def _has_format_version(path: Path) -> bool:
+    try:
+        return "format_version" in read_json_config(path)
+    except (ValueError, FileNotFoundError):
+        return False
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path | None:
+    """The complete checkpoint of ``path``: a run folder (``path/checkpoint``) or a checkpoint folder itself.
+
+    None when there is none; ValueError naming the file when a checkpoint is there but incomplete."""
+    path = Path(path)
+    inner = path / CHECKPOINT_DIR
+    if inner.exists() or inner.with_name(CHECKPOINT_DIR + ".old").exists():
+        return _resolve(inner)
+    return _resolve(path)
+
+
+def read_checkpoint_config(directory: str | os.PathLike) -> dict:
+    """The config.json of a complete checkpoint (``find_checkpoint``'s rules); FileNotFoundError if none."""
+    found = find_checkpoint(directory)
+    if found is None:
+        raise FileNotFoundError(f"no checkpoint at {directory} (expected {CONFIG_FILE} and {TRAINER_FILE})")
+    return read_json_config(found / CONFIG_FILE)
 
 
 def load_checkpoint(directory: str | os.PathLike, *, modules: dict[str, nn.Module] | None = None,
                     map_location: str | torch.device = "cpu", strict: bool = True) -> tuple[dict, dict]:
     """Load the weights of ``modules`` (in place) and return ``(trainer_state, config)``.
 
-    Raises FileNotFoundError when there is no complete checkpoint at ``directory`` and ValueError when a file
-    is unreadable or its weights do not fit the module (another architecture or config).
+    ``directory`` is a run folder or a checkpoint folder. Raises FileNotFoundError when there is no checkpoint
+    there and ValueError when a file is missing or unreadable or its weights do not fit the module.
     """
     found = find_checkpoint(directory)
     if found is None:
         raise FileNotFoundError(f"no checkpoint at {directory} (expected {CONFIG_FILE} and {TRAINER_FILE})")
-    try:
-        config = json.loads((found / CONFIG_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{found / CONFIG_FILE} is not valid JSON: {exc}") from exc
+    config = read_json_config(found / CONFIG_FILE)
     for name, module in (modules or {}).items():
         state = load_safetensors_state(found / f"{name}.safetensors")
         try:
@@ -154,3 +220,7 @@ def load_checkpoint(directory: str | os.PathLike, *, modules: dict[str, nn.Modul
     except Exception as exc:
         raise ValueError(f"{found / TRAINER_FILE} could not be loaded safely: {exc}") from exc
     return trainer_state, config
+
+
+__all__ = ["FORMAT_VERSION", "CHECKPOINT_DIR", "save_checkpoint", "load_checkpoint", "find_checkpoint",
+           "read_checkpoint_config", "load_safetensors_state", "remove_stale_temp_dirs", "make_temp_dir"]

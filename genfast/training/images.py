@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import math
 import os
+import secrets
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 
@@ -37,9 +37,12 @@ def encode_png(pixels: torch.Tensor) -> bytes:
 
 
 def make_grid(images: torch.Tensor, *, nrow: int | None = None, padding: int = 2,
-              value_range: tuple[float, float] = (-1.0, 1.0)) -> torch.Tensor:
+              value_range: tuple[float, float] = (-1.0, 1.0), scale: int = 1) -> torch.Tensor:
     """uint8 [H, W, 3] (or [H, W] for one channel) tiling images [N, C, H, W] (C = 1 or 3) in rows of
-    ``nrow`` (default: a near-square grid), values mapped from ``value_range`` to 0..255 and clamped."""
+    ``nrow`` (default: a near-square grid), values mapped from ``value_range`` to 0..255 and clamped; ``scale``
+    enlarges every pixel to a scale x scale block (nearest neighbour: small images stay sharp)."""
+    if isinstance(scale, bool) or not isinstance(scale, int) or not 1 <= scale <= 64:
+        raise ValueError(f"scale must be an int in [1, 64], got {scale!r}")
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] not in (1, 3):
         shape = list(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"images: need a tensor [N, C, H, W] with C = 1 or 3, got {shape}")
@@ -60,16 +63,20 @@ def make_grid(images: torch.Tensor, *, nrow: int | None = None, padding: int = 2
         r, col = divmod(i, nrow)
         y, x = padding + r * (h + padding), padding + col * (w + padding)
         grid[:, y:y + h, x:x + w] = pixels[i]
+    if scale > 1:
+        grid = grid.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
     return grid[0] if c == 1 else grid.permute(1, 2, 0).contiguous()
 
 
 def save_image_grid(images: torch.Tensor, path: str | os.PathLike, *, nrow: int | None = None, padding: int = 2,
-                    value_range: tuple[float, float] = (-1.0, 1.0)) -> Path:
+                    value_range: tuple[float, float] = (-1.0, 1.0), scale: int = 1) -> Path:
     """Write images [N, C, H, W] as one PNG grid at ``path`` (atomically) and return the path."""
-    data = encode_png(make_grid(images, nrow=nrow, padding=padding, value_range=value_range))
+    data = encode_png(make_grid(images, nrow=nrow, padding=padding, value_range=value_range, scale=scale))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    # os.open with 0o666 (not mkstemp's 0600): the file gets the user's umask, like any file they write.
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)

@@ -1,0 +1,389 @@
+"""The one training loop of every `genfast train <model>`.
+
+A recipe (genfast/recipes/<model>.py) parses its flags, asks :func:`start_run` for a :class:`Run`, builds its
+model(s) and optimizer(s) (from ``run.saved_config`` when resuming), describes them as a :class:`TrainTask`, and
+hands that to ``run.train(task)``::
+
+    def train_main(argv):
+        parser = argparse.ArgumentParser(prog="genfast train mymodel")
+        add_train_args(parser, recipe="mymodel", steps=1000, batch_size=64, lr=1e-3, ops=("conv_transpose2d",))
+        parser.add_argument("--width", type=positive_int, default=32)          # the recipe's own flags
+        args = parser.parse_args(argv)
+        with start_run(parser, args, recipe="mymodel", ops=("conv_transpose2d",)) as run:
+            config = MyConfig.from_dict(run.saved_config["model"]) if run.resuming else MyConfig(width=args.width)
+            return run.train(MyTask(run, config))
+
+    class MyTask(TrainTask):
+        def __init__(self, run, config):
+            self.run, self.config = run, config
+            self.model = MyModel(config).to(run.device)
+            self.modules = {"model": self.model}                      # saved as <role>.safetensors
+            self.optimizers = {"model": torch.optim.Adam(self.model.parameters(), lr=run.args.lr)}
+            self.ddp = run.dist.wrap(self.model)
+
+        def config_dict(self):                                          # config.json: {"model": ..., extras}
+            return {"model": self.config.to_dict()}
+
+        def train_step(self, step):                                     # one optimizer step
+            x = self.run.dist.shard(batch_of(step)).to(self.run.device)   # a pure function of (seed, step)
+            with self.run.autocast():
+                loss = self.ddp(x)
+            opt = self.optimizers["model"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return {"loss": loss.detach()}                              # shown on the bar, checked for NaN
+
+        def evaluate(self, step):                                       # every --sample-every steps and the last
+            save_image_grid(..., self.run.samples_dir / f"step_{step:06d}.png")
+            return False                                                # True: stop early (and save)
+
+What the loop owns, so that every recipe behaves alike:
+- the --out folder: checked usable at the start (before any data loads), stale temporary checkpoint folders of
+  genfast's own removed, an existing checkpoint never replaced without --resume or --overwrite (a usage error that
+  names both), nothing written there but ``checkpoint/`` and ``samples/``;
+- resume: config.json's ``format_version`` and ``recipe``, trainer.pt's keys and step checked (a clear error naming
+  the file), optimizers, RNG states and the task's extra state restored, "resumed from step N" printed;
+- the progress bar (losses read every ``task.log_every`` steps: reading waits for the device), the --save-every
+  and --sample-every cadence, --stop-after, Ctrl-C and SIGTERM (finish the step, save, exit 130);
+- the NaN policy: a non-finite loss stops training with exit status 1 and a message, and nothing is saved after
+  it, so the last good checkpoint stays;
+- atomic checkpoints in the run folder layout of genfast.training.checkpoint (with the task's side files);
+- DDP (through ``run.dist``: each rank takes ``dist.shard`` of every global batch), bf16 autocast on CUDA
+  (``run.autocast()``), and "saved step N in <dir>" at every stop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import genfast
+from genfast._backend import BackendError
+from genfast._io import read_json_config
+from genfast.training.checkpoint import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    FORMAT_VERSION,
+    TRAINER_FILE,
+    find_checkpoint,
+    load_checkpoint,
+    make_temp_dir,
+    remove_stale_temp_dirs,
+    save_checkpoint,
+)
+from genfast.training.distributed import Distributed
+from genfast.training.interrupt import StopOnInterrupt
+from genfast.training.options import check_backend, resolve_device
+from genfast.training.progress import progress_bar
+from genfast.training.rng import capture_rng_state, restore_rng_state, seed_everything
+
+SAMPLES_DIR = "samples"
+INTERRUPTED_EXIT = 130  # what a shell reports for a process stopped by Ctrl-C
+
+
+class TrainTask:
+    """What one recipe contributes to the loop (subclass it; see the module docstring).
+
+    modules: role -> module, each saved as ``<role>.safetensors`` (a DDP wrapper is unwrapped on save).
+    optimizers: name -> optimizer, saved and restored with the checkpoint.
+    log_every: steps between reading the losses on the host (the bar, the NaN check); also at every save.
+    """
+
+    modules: dict[str, nn.Module]
+    optimizers: dict[str, torch.optim.Optimizer]
+    log_every: int = 1
+
+    def config_dict(self) -> dict[str, Any]:
+        """config.json's content besides format_version and recipe: ``{"model": <the config's dict>, ...}``."""
+        raise NotImplementedError
+
+    def train_step(self, step: int) -> dict[str, torch.Tensor | float]:
+        """Run optimizer step ``step`` (0-based) and return the figures to show (each checked to be finite)."""
+        raise NotImplementedError
+
+    def evaluate(self, step: int) -> bool:
+        """Every --sample-every steps and at the last step: write samples / print an eval. True stops early."""
+        return False
+
+    def finish(self, step: int, completed: bool) -> None:
+        """After the loop (completed: --steps reached): final grids and the like."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Extra state for trainer.pt (image pools, early-stopping counters); weights_only-loadable values."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def write_side_files(self, directory: Path) -> None:
+        """Write files that belong with the weights (a tokenizer) into the checkpoint folder being written."""
+
+
+class _Diverged(Exception):
+    pass
+
+
+class Run:
+    """One training run: its flags, process group, --out folder and, when resuming, the saved checkpoint."""
+
+    def __init__(self, args: argparse.Namespace, recipe: str, dist: Distributed, saved_config: dict | None,
+                 trainer_state: dict | None, checkpoint_found: Path | None):
+        self.args, self.recipe, self.dist = args, recipe, dist
+        self.saved_config, self.trainer_state, self.checkpoint_found = saved_config, trainer_state, checkpoint_found
+        self.out = Path(args.out)
+        self._bar = None
+
+    @property
+    def resuming(self) -> bool:
+        return self.saved_config is not None
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out / CHECKPOINT_DIR
+
+    @property
+    def samples_dir(self) -> Path:
+        return self.out / SAMPLES_DIR
+
+    @property
+    def verbose(self) -> bool:
+        return self.dist.is_main and not self.args.quiet
+
+    def autocast(self):
+        """bf16 autocast on CUDA (what the recipes train in on a GPU); nothing on CPU."""
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def log(self, message: str) -> None:
+        """A line on stderr from the main process (not with --quiet), above the progress bar."""
+        if self.verbose:
+            (self._bar.write if self._bar is not None else _stderr)(message)
+
+    def say(self, message: str) -> None:
+        """A line on stderr from the main process, even with --quiet (where things were saved, resume)."""
+        if self.dist.is_main:
+            _stderr(message)
+
+    # ------------------------------------------------------------------------------------------- the loop
+    def train(self, task: TrainTask) -> int:
+        """Train ``task`` to --steps (or --stop-after, Ctrl-C, an early stop); returns the exit status."""
+        args, dist = self.args, self.dist
+        step = self._restore(task) if self.resuming else 0
+        if self.resuming:
+            self.say(f"resumed from step {step} ({self.checkpoint_found})")
+        end = args.steps if args.stop_after is None else min(args.steps, step + args.stop_after)
+        config = {"format_version": FORMAT_VERSION, "recipe": self.recipe, **task.config_dict()}
+        saved_at = step if self.resuming else None
+        losses: dict[str, Any] = {}
+
+        def check(at: int) -> None:
+            figures = {name: dist.mean(value.detach() if isinstance(value, torch.Tensor) else value)
+                       for name, value in losses.items()}
+            if not all(math.isfinite(v) for v in figures.values()):
+                raise _Diverged(f"{', '.join(f'{k} {v:.4g}' for k, v in figures.items())} at step {at}")
+            if self._bar is not None:
+                self._bar.set_postfix({k: f"{v:.4g}" for k, v in figures.items()})
+
+        def save(at: int) -> None:
+            nonlocal saved_at
+            trainer = {"recipe": self.recipe, "step": at, "rng": capture_rng_state(), "task": task.state_dict(),
+                       "optimizers": {name: opt.state_dict() for name, opt in task.optimizers.items()}}
+            if dist.is_main:
+                save_checkpoint(self.checkpoint_dir, modules=task.modules, trainer_state=trainer, config=config,
+                                side_files=task.write_side_files)
+            dist.barrier()
+            saved_at = at
+
+        interrupted = stopped_early = False
+        self._bar = progress_bar(args.steps, initial=step, desc=f"train {self.recipe}", enabled=self.verbose)
+        try:
+            with StopOnInterrupt() as stop:
+                while step < end:
+                    losses = task.train_step(step)
+                    step += 1
+                    self._bar.update(1)
+                    checked = False
+                    if step % task.log_every == 0 or step % args.save_every == 0 or step == end:
+                        check(step)
+                        checked = True
+                    if step % args.sample_every == 0 or step == args.steps:
+                        stopped_early = bool(task.evaluate(step)) and step < args.steps
+                    interrupted = dist.any(stop.requested)
+                    if step % args.save_every == 0 or step == end or stopped_early or interrupted:
+                        if not checked:
+                            check(step)
+                        save(step)
+                    if stopped_early or interrupted:
+                        break
+        except _Diverged as exc:
+            self._close_bar()
+            kept = f"the last good checkpoint (step {saved_at}) stays in {self.checkpoint_dir}" \
+                if saved_at is not None else "no checkpoint was written"
+            self.say(f"genfast train {self.recipe}: error: non-finite loss ({exc}); stopped, {kept}. "
+                     "Try a lower --lr.")
+            return 1
+        except BackendError as exc:
+            self._close_bar()
+            self.say(f"genfast train {self.recipe}: error: --backend {args.backend}: {exc}")
+            return 2
+        self._close_bar()
+        task.finish(step, completed=step >= args.steps)
+        why = " (interrupted)" if interrupted else " (stopped early)" if stopped_early else \
+            " (--stop-after; continue with --resume)" if step < args.steps else ""
+        if saved_at is not None:
+            self.say(f"{self.recipe}: saved step {saved_at}{why} in {self.checkpoint_dir}")
+        return INTERRUPTED_EXIT if interrupted else 0
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def _restore(self, task: TrainTask) -> int:
+        """Load weights, optimizers, RNG and the task's state from the checkpoint; returns the step."""
+        state = self.trainer_state
+        where = self.checkpoint_found / TRAINER_FILE
+        try:
+            load_checkpoint(self.checkpoint_found, modules=task.modules, map_location=self.device)
+        except ValueError as exc:
+            raise SystemExit(f"genfast train {self.recipe}: error: --resume: {exc}") from None
+        saved_opts = state["optimizers"]
+        if set(saved_opts) != set(task.optimizers):
+            raise SystemExit(f"genfast train {self.recipe}: error: --resume: {where} holds optimizers "
+                             f"{sorted(saved_opts)}, this run has {sorted(task.optimizers)}")
+        try:
+            for name, opt in task.optimizers.items():
+                opt.load_state_dict(saved_opts[name])
+            task.load_state_dict(state.get("task") or {})
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise SystemExit(f"genfast train {self.recipe}: error: --resume: {where} does not fit this run: "
+                             f"{exc}") from None
+        step = state["step"]
+        if self.dist.is_main:
+            restore_rng_state(state["rng"])
+        else:  # other ranks' RNG is not saved: reseed as a function of the step
+            seed_everything((self.args.seed * 1_000_003 + step) * 4099 + self.dist.rank)
+        return step
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------- start_run
+def _prepare_out(parser: argparse.ArgumentParser, out: Path) -> None:
+    """Make --out (and check it is writable) before any data loads; remove genfast's stale temporary folders."""
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        make_temp_dir(out, CHECKPOINT_DIR).rmdir()  # a real write: os.access says yes to root on read-only mounts
+    except OSError as exc:
+        parser.error(f"--out {out} is not a folder genfast can write: {exc.strerror or exc}")
+    remove_stale_temp_dirs(out, CHECKPOINT_DIR)
+
+
+LEGACY_HINT = ("it was written by an earlier genfast (before checkpoint format {version}); convert it with "
+               "`python -m genfast.training.convert {path}`, or start afresh with --overwrite")
+
+
+def check_checkpoint_config(config: dict, path: Path, recipe: str) -> None:
+    """ValueError unless ``config`` (read from ``path``) is a format-2 checkpoint of ``recipe``."""
+    if config.get("format_version") != FORMAT_VERSION:
+        if "format_version" not in config:
+            raise ValueError(f"{path}: " + LEGACY_HINT.format(version=FORMAT_VERSION, path=path.parent.parent
+                                                               if path.parent.name == CHECKPOINT_DIR else path.parent))
+        raise ValueError(f"{path}: checkpoint format_version {config.get('format_version')!r}; this genfast reads "
+                         f"{FORMAT_VERSION}")
+    if config.get("recipe") != recipe:
+        raise ValueError(f"{path} holds a {config.get('recipe')!r} checkpoint, not a {recipe} one")
+    if not isinstance(config.get("model"), dict):
+        raise ValueError(f"{path}: the 'model' entry must be an object with the model's config")
+
+
+def _read_trainer_state(path: Path, recipe: str) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{path} could not be loaded safely: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} does not hold a dict of trainer state")
+    missing = [key for key in ("recipe", "step", "optimizers", "rng") if key not in state]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}: not a genfast trainer state")
+    if state["recipe"] != recipe:
+        raise ValueError(f"{path} is the trainer state of a {state['recipe']!r} run, not a {recipe} one")
+    step = state["step"]
+    if type(step) is not int or step < 0:
+        raise ValueError(f"{path}: step must be an int >= 0, got {step!r}")
+    if not isinstance(state["optimizers"], dict) or not isinstance(state["rng"], dict):
+        raise ValueError(f"{path}: optimizers and rng must be dicts")
+    return state
+
+
+class start_run(contextlib.AbstractContextManager):
+    """``with start_run(parser, args, recipe=..., ops=...) as run:``: check the common flags and the --out folder
+    (usage errors through ``parser.error``), read the checkpoint to resume, join torchrun's process group, seed and
+    choose the backend. Leaving the block leaves the process group.
+
+    ops: the public genfast ops the model calls (checked against --backend on the device).
+    """
+
+    def __init__(self, parser: argparse.ArgumentParser, args: argparse.Namespace, *, recipe: str,
+                 ops: tuple[str, ...] = ()):
+        device = resolve_device(parser, args.device)
+        check_backend(parser, args.backend, device, ops)
+        if args.resume and args.overwrite:
+            parser.error("--resume and --overwrite contradict each other: continue the run, or start it over")
+        out = Path(args.out)
+        _prepare_out(parser, out)
+        try:
+            found = find_checkpoint(out)
+        except ValueError as exc:
+            parser.error(str(exc))
+        saved_config = trainer_state = None
+        if found is not None and not args.resume and not args.overwrite:
+            parser.error(f"--out {out} already holds a checkpoint ({found}): pass --resume to continue that run, "
+                         "--overwrite to start over, or another --out")
+        if args.resume:
+            if found is None:
+                parser.error(f"--resume: no checkpoint in {out}")
+            try:
+                saved_config = read_json_config(found / CONFIG_FILE)
+                check_checkpoint_config(saved_config, found / CONFIG_FILE, recipe)
+                trainer_state = _read_trainer_state(found / TRAINER_FILE, recipe)
+            except (ValueError, FileNotFoundError) as exc:
+                parser.error(f"--resume: {exc}")
+            if trainer_state["step"] > args.steps:
+                parser.error(f"--resume: the checkpoint is at step {trainer_state['step']}, past --steps "
+                             f"{args.steps}")
+        dist = Distributed.from_environment(device)
+        if args.batch_size % dist.world_size:
+            dist.close()
+            parser.error(f"--batch-size {args.batch_size} must be divisible by the {dist.world_size} processes")
+        seed_everything(args.seed + dist.rank)
+        if args.backend:
+            genfast.set_backend(args.backend)
+        self.run = Run(args, recipe, dist, saved_config, trainer_state, found)
+
+    def __enter__(self) -> Run:
+        return self.run
+
+    def __exit__(self, *exc) -> None:
+        self.run.dist.close()
+
+
+__all__ = ["TrainTask", "Run", "start_run", "check_checkpoint_config", "SAMPLES_DIR", "INTERRUPTED_EXIT"]
