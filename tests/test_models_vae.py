@@ -183,10 +183,10 @@ def test_cli_train_and_sample(tmp_path, capsys):
     pytest.importorskip("sklearn")
     out = tmp_path / "run"
     assert recipe.train_main(["--steps", "3", "--out", str(out), "--sample-every", "2", *TRAIN_ARGS]) == 0
-    assert (out / "checkpoint" / "vae.safetensors").is_file()
+    assert (out / "checkpoint" / "model.safetensors").is_file()
     _png_ok(out / "samples" / "step_000002.png")
-    _png_ok(out / "samples.png")
-    _png_ok(out / "reconstructions.png")
+    _png_ok(out / "samples" / "final.png")
+    _png_ok(out / "samples" / "reconstructions.png")
     for mode in ("prior", "reconstruct", "interpolate", "arithmetic"):
         path = tmp_path / f"{mode}.png"
         assert recipe.sample_main(["--ckpt", str(out), "--mode", mode, "--n", "4", "--steps", "3", "--out",
@@ -220,7 +220,7 @@ def test_cli_bad_input(tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         recipe.sample_main(["--ckpt", str(tmp_path / "nothing"), "--mode", "prior"])
-    assert "no VAE checkpoint" in capsys.readouterr().err
+    assert "no checkpoint at" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         recipe.sample_main(["--ckpt", str(tmp_path), "--mode", "dream"])
     assert "invalid choice: 'dream'" in capsys.readouterr().err
@@ -246,10 +246,10 @@ def test_resume_equals_uninterrupted(tmp_path):
     whole, split = tmp_path / "whole", tmp_path / "split"
     assert recipe.train_main(["--steps", "4", "--out", str(whole), *TRAIN_ARGS]) == 0
     assert recipe.train_main(["--steps", "2", "--out", str(split), *TRAIN_ARGS]) == 0
-    halfway = load_file(split / "checkpoint" / "vae.safetensors")
+    halfway = load_file(split / "checkpoint" / "model.safetensors")
     assert recipe.train_main(["--steps", "4", "--resume", "--out", str(split), *TRAIN_ARGS]) == 0
-    a = load_file(whole / "checkpoint" / "vae.safetensors")
-    b = load_file(split / "checkpoint" / "vae.safetensors")
+    a = load_file(whole / "checkpoint" / "model.safetensors")
+    b = load_file(split / "checkpoint" / "model.safetensors")
     assert a.keys() == b.keys()
     assert not torch.equal(a["to_posterior.weight"], halfway["to_posterior.weight"])  # steps 3-4 did change it
     for key in a:
@@ -273,10 +273,10 @@ def test_ctrl_c_saves_and_resumes(tmp_path, monkeypatch):
 
     out = tmp_path / "run"
     monkeypatch.setattr(recipe, "vae_loss", interrupting_loss)
-    assert recipe.train_main(["--steps", "50", "--out", str(out), *TRAIN_ARGS]) == 0
+    assert recipe.train_main(["--steps", "50", "--out", str(out), *TRAIN_ARGS]) == 130
     state, _ = load_checkpoint(out / "checkpoint")
     assert state["step"] == 2  # the step in flight finished, was saved, and training stopped
-    assert not (out / "samples.png").exists()
+    assert not (out / "samples" / "final.png").exists()
     monkeypatch.setattr(recipe, "vae_loss", vae_loss)
     assert recipe.train_main(["--steps", "3", "--resume", "--out", str(out), *TRAIN_ARGS]) == 0
     assert load_checkpoint(out / "checkpoint")[0]["step"] == 3

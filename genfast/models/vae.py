@@ -21,17 +21,19 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from genfast import ops
+from genfast.models._checkpoint import build_and_load, read_run
+from genfast.models._config import ModelConfig, check_choice, check_int, check_number
 from genfast.nn import ConvTranspose2dNormAct
 
 
 @dataclass
-class VAEConfig:
+class VAEConfig(ModelConfig):
     image_size: int = 32     # a power of two, 8..256
     channels: int = 1
     latent_dim: int = 16
@@ -39,17 +41,12 @@ class VAEConfig:
     beta: float = 1.0        # weight of the KL term (beta-VAE)
 
     def __post_init__(self) -> None:
-        size = self.image_size
-        if isinstance(size, bool) or not isinstance(size, int) or size < 8 or size > 256 or size & (size - 1):
-            raise ValueError(f"VAEConfig.image_size must be a power of two in [8, 256], got {size!r}")
-        if self.channels not in (1, 3):
-            raise ValueError(f"VAEConfig.channels must be 1 or 3, got {self.channels!r}")
-        for name in ("latent_dim", "base_channels"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"VAEConfig.{name} must be an int >= 1, got {value!r}")
-        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not self.beta >= 0:
-            raise ValueError(f"VAEConfig.beta must be a number >= 0, got {self.beta!r}")
+        if isinstance(self.image_size, bool) or self.image_size not in (8, 16, 32, 64, 128, 256):
+            raise ValueError(f"VAEConfig.image_size must be a power of two in [8, 256], got {self.image_size!r}")
+        check_choice(self, "channels", (1, 3))
+        check_int(self, "latent_dim")
+        check_int(self, "base_channels")
+        check_number(self, "beta", minimum=0.0)
 
     @property
     def num_stages(self) -> int:
@@ -58,9 +55,6 @@ class VAEConfig:
 
     def width(self, stage: int) -> int:
         return self.base_channels * min(2 ** stage, 8)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class VAE(nn.Module):
@@ -87,6 +81,13 @@ class VAE(nn.Module):
         dec.append(ConvTranspose2dNormAct(cfg.width(0), cfg.channels, 4, stride=2, padding=1, norm=None,
                                           activation="tanh"))
         self.decoder = nn.Sequential(*dec)
+
+    @classmethod
+    def from_checkpoint(cls, path, device: str | torch.device = "cpu") -> "VAE":
+        """The VAE of a `genfast train vae` run folder (or its checkpoint folder), in eval mode."""
+        directory, saved = read_run(path, "vae")
+        config = VAEConfig.from_dict(saved["model"])
+        return build_and_load(lambda: cls(config), directory, "model").to(device).eval()
 
     # --------------------------------------------------------------------------------------------- checks
     def _check_images(self, name: str, x) -> None:
