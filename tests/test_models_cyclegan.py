@@ -198,7 +198,7 @@ def test_cli_train_and_sample(tmp_path):
         assert (out / "checkpoint" / f"{name}.safetensors").is_file()
     # 4 rows (real A, A->B, real B, B->A) of 8 images of 16x16, 2-pixel padding
     assert _png_size(out / "samples" / "step_000001.png") == (2 + 8 * 18, 2 + 4 * 18)
-    assert _png_size(out / "samples.png") == (2 + 8 * 18, 2 + 4 * 18)
+    assert _png_size(out / "samples" / "final.png") == (2 + 8 * 18, 2 + 4 * 18)
     assert recipe.sample_main(["--ckpt", str(out), "--input", "b", "--direction", "b2a", "--n", "3", "--out",
                                str(tmp_path / "b2a.png"), "--device", "cpu"]) == 0
     assert _png_size(tmp_path / "b2a.png") == (2 + 3 * 18, 2 + 2 * 18)
@@ -242,7 +242,7 @@ def test_cli_folders_and_bad_input(tmp_path, capsys):
     assert "--input: data: no images" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         recipe.sample_main(["--ckpt", str(tmp_path / "nothing"), "--input", "a"])
-    assert "no CycleGAN checkpoint" in capsys.readouterr().err
+    assert "no checkpoint at" in capsys.readouterr().err
 
 
 def test_resume_equals_uninterrupted(tmp_path):

@@ -56,25 +56,29 @@ def read_run(path: str | os.PathLike, recipe: str | tuple[str, ...]) -> tuple[Pa
     return directory, config
 
 
-def build_and_load(factory: Callable[[], nn.Module], directory: Path, role: str) -> nn.Module:
+def build_and_load(factory: Callable[[], nn.Module], directory: Path,
+                   roles: str | dict[str, Callable[[nn.Module], nn.Module]]) -> nn.Module:
     """``factory()`` with the weights of ``directory/<role>.safetensors``, after checking on the meta device (no
-    memory) that the module's parameter names and shapes are the file's."""
-    path = directory / f"{role}.safetensors"
-    header = read_safetensors_header(path)
+    memory) that the parameter names and shapes are the files'. ``roles``: one role for the whole module, or
+    role -> the part of the module it holds (e.g. ``{"generators": lambda m: m.generators, ...}``)."""
+    parts = {roles: lambda m: m} if isinstance(roles, str) else roles
     with torch.device("meta"):
         shell = factory()
-    expected = {name: tuple(t.shape) for name, t in shell.state_dict().items()}
-    found = {name: info.shape for name, info in header.items()}
-    if expected != found:
-        missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
-        wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
-        detail = "; ".join(part for part in (
-            f"missing {missing[:3]}" if missing else "", f"unexpected {unexpected[:3]}" if unexpected else "",
-            f"{wrong[0]} is {list(found[wrong[0]])} in the file, {list(expected[wrong[0]])} for the config"
-            if wrong else "") if part)
-        raise ValueError(f"{path} does not fit the config in {directory / CONFIG_FILE}: {detail}")
+    for role, part in parts.items():
+        path = directory / f"{role}.safetensors"
+        expected = {name: tuple(t.shape) for name, t in part(shell).state_dict().items()}
+        found = {name: info.shape for name, info in read_safetensors_header(path).items()}
+        if expected != found:
+            missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+            wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
+            detail = "; ".join(text for text in (
+                f"missing {missing[:3]}" if missing else "", f"unexpected {unexpected[:3]}" if unexpected else "",
+                f"{wrong[0]} is {list(found[wrong[0]])} in the file, {list(expected[wrong[0]])} for the config"
+                if wrong else "") if text)
+            raise ValueError(f"{path} does not fit the config in {directory / CONFIG_FILE}: {detail}")
     module = factory()
-    module.load_state_dict(load_safetensors_state(path))
+    for role, part in parts.items():
+        part(module).load_state_dict(load_safetensors_state(directory / f"{role}.safetensors"))
     return module
 
 

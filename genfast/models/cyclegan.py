@@ -19,17 +19,19 @@ Images are [N, C, H, W] in [-1, 1]; H and W must divide by 2 ** n_downsample.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genfast.models._checkpoint import build_and_load, read_run
+from genfast.models._config import ModelConfig, check_int, check_ints, check_number
 from genfast.nn import ConvTranspose2dNormAct
 
 
 @dataclass
-class CycleGANConfig:
+class CycleGANConfig(ModelConfig):
     channels: int = 3            # image channels of both domains
     ngf: int = 64                # generator width after the stem
     ndf: int = 64                # discriminator width of its first layer
@@ -40,18 +42,10 @@ class CycleGANConfig:
     lambda_identity: float = 0.5  # identity weight relative to lambda_cycle (0 disables the identity loss)
 
     def __post_init__(self) -> None:
-        for name in ("channels", "ngf", "ndf", "n_residual", "n_downsample", "disc_layers"):
-            value = getattr(self, name)
-            minimum = 0 if name == "n_residual" else 1
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"CycleGANConfig.{name} must be an int >= {minimum}, got {value!r}")
-        for name in ("lambda_cycle", "lambda_identity"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
-                raise ValueError(f"CycleGANConfig.{name} must be a number >= 0, got {value!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+        check_ints(self, ("channels", "ngf", "ndf", "n_downsample", "disc_layers"))
+        check_int(self, "n_residual", minimum=0)
+        check_number(self, "lambda_cycle", minimum=0.0)
+        check_number(self, "lambda_identity", minimum=0.0)
 
 
 def _check_images(name: str, x, channels: int, multiple: int = 1) -> None:
@@ -186,6 +180,14 @@ class CycleGAN(nn.Module):
         self.config = config or CycleGANConfig()
         self.generators = CycleGenerators(self.config)
         self.discriminators = CycleDiscriminators(self.config)
+
+    @classmethod
+    def from_checkpoint(cls, path, device: str | torch.device = "cpu") -> "CycleGAN":
+        """The CycleGAN of a `genfast train cyclegan` run folder (or its checkpoint folder), in eval mode."""
+        directory, saved = read_run(path, "cyclegan")
+        config = CycleGANConfig.from_dict(saved["model"])
+        roles = {"generators": lambda m: m.generators, "discriminators": lambda m: m.discriminators}
+        return build_and_load(lambda: cls(config), directory, roles).to(device).eval()
 
     def translate_a_to_b(self, images: torch.Tensor) -> torch.Tensor:
         return self.generators.g_ab(images)
