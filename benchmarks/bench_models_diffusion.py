@@ -17,8 +17,7 @@ import torch
 
 from benchmarks.harness import BenchCase, with_backend
 from genfast.diffusion import DDIMScheduler, DiffusionPipeline
-from genfast.models.unet import UNet, UNetConfig
-from genfast.recipes.ddpm import diffusion_loss
+from genfast.models.unet import UNet, UNetConfig, diffusion_loss
 
 FAMILY = "models_diffusion"
 

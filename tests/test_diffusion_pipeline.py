@@ -11,6 +11,7 @@ import genfast
 from genfast.data.images import shapes
 from genfast.diffusion import DDIMScheduler, DDPMScheduler, DiffusionPipeline, make_scheduler
 from genfast.models import UNet, UNetConfig
+from genfast.models import unet as unet_module
 from genfast.recipes import ddpm as recipe
 from genfast.training import load_safetensors_state
 from tests.conftest import serving_backends
@@ -109,7 +110,7 @@ class _Oracle(nn.Module):
     def forward(self, x, t, labels=None):
         a = self.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
         eps = (x - a.sqrt() * self.x0) / (1 - a).sqrt()
-        return eps if self.prediction == "epsilon" else recipe.velocity(self.scheduler, self.x0, eps, t)
+        return eps if self.prediction == "epsilon" else unet_module.velocity(self.scheduler, self.x0, eps, t)
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
@@ -128,7 +129,7 @@ def test_velocity_matches_diffusers():
     ours = DDPMScheduler()
     x0, noise = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
     t = torch.tensor([0, 10, 500, 999])
-    torch.testing.assert_close(recipe.velocity(ours, x0, noise, t), theirs.get_velocity(x0, noise, t))
+    torch.testing.assert_close(unet_module.velocity(ours, x0, noise, t), theirs.get_velocity(x0, noise, t))
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -144,7 +145,7 @@ def test_short_training_run_gets_the_loss_down():
         losses = []
         for _ in range(120 if prediction == "epsilon" else 60):
             batch = data[torch.randint(0, 256, (32,), generator=gen)]
-            loss = recipe.diffusion_loss(unet, scheduler, batch, None, gen, prediction=prediction)
+            loss = unet_module.diffusion_loss(unet, scheduler, batch, None, gen, prediction=prediction)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -162,10 +163,10 @@ def _train_args(out, *extra):
 def test_resume_equals_uninterrupted_run(tmp_path):
     args = ("--steps", "4", "--class-cond", "--label-dropout", "0.5", "--prediction", "v_prediction")
     assert recipe.train_main(_train_args(tmp_path / "straight", *args)) == 0
-    assert recipe.train_main(_train_args(tmp_path / "split", *args, "--stop-at", "2")) == 0
-    first_half = load_safetensors_state(tmp_path / "split" / "checkpoint" / "unet.safetensors")
+    assert recipe.train_main(_train_args(tmp_path / "split", *args, "--stop-after", "2")) == 0
+    first_half = load_safetensors_state(tmp_path / "split" / "checkpoint" / "model.safetensors")
     assert recipe.train_main(_train_args(tmp_path / "split", *args, "--resume")) == 0
-    for name in ("unet", "ema"):
+    for name in ("model", "ema"):
         a = load_safetensors_state(tmp_path / "straight" / "checkpoint" / f"{name}.safetensors")
         b = load_safetensors_state(tmp_path / "split" / "checkpoint" / f"{name}.safetensors")
         assert a.keys() == b.keys()
@@ -182,15 +183,15 @@ def test_cli_train_then_sample_writes_a_png(tmp_path, capsys):
 
     assert main(["train", "ddpm", *_train_args(tmp_path, "--steps", "3", "--class-cond")]) == 0
     config = json.loads((tmp_path / "checkpoint" / "config.json").read_text())
-    assert config["class_names"][0] == "red circle" and config["unet"]["num_classes"] == 9
-    assert (tmp_path / "samples.png").is_file() and (tmp_path / "samples" / "step_000003.png").is_file()
+    assert config["class_names"][0] == "red circle" and config["model"]["num_classes"] == 9
+    assert (tmp_path / "samples" / "final.png").is_file() and (tmp_path / "samples" / "step_000003.png").is_file()
     out = tmp_path / "grid.png"
     assert main(["sample", "ddpm", "--ckpt", str(tmp_path), "--n", "6", "--steps", "3", "--scheduler", "ddpm",
                  "--guidance", "2.0", "--label", "blue square", "--out", str(out), "--quiet"]) == 0
     with image_module.open(out) as im:
         im.verify()
     with image_module.open(out) as im:
-        assert im.size == (2 + 3 * 10, 2 + 2 * 10) and im.mode == "RGB"  # 3 columns of 8x8 images, padding 2
+        assert im.size == (3 * (2 + 3 * 10), 3 * (2 + 2 * 10)) and im.mode == "RGB"  # 3 columns of 8x8, padding 2, x3
     with pytest.raises(SystemExit):
         main(["sample", "ddpm", "--ckpt", str(tmp_path), "--n", "2", "--steps", "2", "--label", "purple circle",
               "--out", str(out)])

@@ -25,11 +25,19 @@ import torch
 from torch import nn
 
 from genfast.diffusion.schedulers import DDIMScheduler, DDPMScheduler, _Scheduler
-from genfast.models.unet import check_sample_size
 from genfast.ops import _checks
 from genfast.ops import diffusion as _ops
 
 SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
+
+
+def _progress_bar(total: int, desc: str, enabled: bool):
+    """A tqdm bar on stderr over the sampling steps (tqdm directly: the library does not import genfast.training)."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", disable=not enabled, dynamic_ncols=True, file=sys.stderr)
 
 
 def make_scheduler(kind: str, **options) -> _Scheduler:
@@ -129,6 +137,8 @@ class DiffusionPipeline:
             raise ValueError(f"{op}: eta must be >= 0, got {eta}")
         cfg = self.unet.config
         size = cfg.image_size if image_size is None else image_size
+        from genfast.models.unet import check_sample_size  # here: `import genfast` does not load the models
+
         check_sample_size(cfg, size, "image_size")
         device = next(self.unet.parameters()).device
         _checks.generator(op, generator, device)
@@ -155,10 +165,8 @@ class DiffusionPipeline:
         return {"eta": eta} if isinstance(self.scheduler, DDIMScheduler) else {}
 
     def _sample_eager(self, x, labels, g, guided, eta, generator, progress):
-        from genfast.training.progress import progress_bar
-
         timesteps = self.scheduler.timesteps
-        with progress_bar(len(timesteps), desc="sampling", enabled=progress) as bar:
+        with _progress_bar(len(timesteps), "sampling", progress) as bar:
             for t in timesteps:
                 out, uncond = self._model_outputs(x, t, labels, guided)
                 x = self.scheduler.step(out, t, x, generator=generator, model_output_uncond=uncond,
@@ -192,9 +200,7 @@ class DiffusionPipeline:
                 if sigma != 0.0:
                     state.seeds[i].copy_(_checks.draw_seed(generator, x.device))
         state.index.zero_()
-        from genfast.training.progress import progress_bar
-
-        with progress_bar(len(sigmas), desc="sampling (CUDA graph)", enabled=progress) as bar:
+        with _progress_bar(len(sigmas), "sampling (CUDA graph)", progress) as bar:
             for _ in range(len(sigmas)):
                 state.graph.replay()
                 bar.update(1)

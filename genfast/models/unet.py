@@ -17,7 +17,6 @@ unconditional branch. ``class_labels=None`` on a class-conditional UNet means "u
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -26,13 +25,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from genfast import ops
+from genfast.models._checkpoint import build_and_load, read_run
+from genfast.models._config import ModelConfig
 from genfast.nn.conv_transpose import ConvTranspose2d
 
 UPSAMPLE_MODES = ("conv_transpose", "nearest")
 
 
 @dataclass
-class UNetConfig:
+class UNetConfig(ModelConfig):
     image_size: int = 32
     in_channels: int = 3
     out_channels: int | None = None  # None: in_channels (epsilon / v / sample prediction has the input's shape)
@@ -82,30 +83,8 @@ class UNetConfig:
     def num_downsamples(self) -> int:
         return len(self.channel_mults) - 1
 
-    # ------------------------------------------------------------------------------------------ (de)serialising
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "UNetConfig":
-        """"32" (32x32, ~9M parameters), "64" (64x64), or "tiny" (8x8, for tests), with any fields overridden."""
-        if name not in PRESETS:
-            raise ValueError(f"UNetConfig.preset: unknown preset {name!r}; known: {', '.join(PRESETS)}")
-        return cls.from_dict({**PRESETS[name], **overrides})
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "UNetConfig":
-        """A config from a dict (e.g. a checkpoint's config.json); an unknown key raises ValueError naming it."""
-        if not hasattr(values, "items"):
-            raise TypeError(f"UNetConfig.from_dict: need a dict, got {type(values).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"UNetConfig: unknown options {unknown} (known: {', '.join(sorted(known))})")
-        return cls(**values)
-
-    def to_dict(self) -> dict:
-        values = dataclasses.asdict(self)
-        values["channel_mults"] = list(self.channel_mults)
-        values["attention_resolutions"] = list(self.attention_resolutions)
-        return values
+    # from_dict, to_dict and preset ("32": 32x32, ~9M parameters; "64"; "tiny": 8x8, for tests) come from
+    # ModelConfig; PRESETS is attached below, once defined.
 
 
 PRESETS: dict[str, dict] = {
@@ -316,5 +295,51 @@ class UNet(nn.Module):
         h = layer["res"](h, temb)
         return layer["attn"](h) if "attn" in layer else h
 
+    @classmethod
+    def from_checkpoint(cls, path, device: str | torch.device = "cpu", *, ema: bool = True) -> "UNet":
+        """The UNet of a `genfast train ddpm` run folder (or its checkpoint folder), in eval mode: its EMA weights
+        (what the recipe samples with), or the raw ones with ``ema=False``. The sampling schedule is in the run's
+        config.json under "scheduler" (``genfast.models.load`` returns a ready DiffusionPipeline)."""
+        directory, saved = read_run(path, "ddpm")
+        config = UNetConfig.from_dict(saved["model"])
+        return build_and_load(lambda: cls(config), directory, "ema" if ema else "model").to(device).eval()
 
-__all__ = ["UNet", "UNetConfig", "PRESETS", "check_sample_size", "timestep_embedding"]
+
+# ---------------------------------------------------------------------------------------------- training loss
+PREDICTIONS = ("epsilon", "v_prediction")
+
+
+def velocity(scheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """The v-prediction target ``sqrt(a_t) * noise - sqrt(1 - a_t) * x0`` (Salimans & Ho 2022), float32."""
+    a = scheduler.alphas_cumprod.to(x0.device)[timesteps].view(-1, *([1] * (x0.dim() - 1)))
+    return a.sqrt() * noise.float() - (1 - a).sqrt() * x0.float()
+
+
+def diffusion_loss(unet: nn.Module, scheduler, x0: torch.Tensor, labels: torch.Tensor | None,
+                   generator: torch.Generator | None, *, prediction: str = "epsilon",
+                   label_dropout: float = 0.0) -> torch.Tensor:
+    """The mean squared error of one training batch x0 [B, C, H, W] (labels [B] or None).
+
+    x_t = scheduler.add_noise(x0, noise, t) at a uniformly drawn timestep; the UNet predicts the noise
+    (``epsilon``) or v (``v_prediction``). Noise, timesteps and label dropout come from ``generator`` (on x0's
+    device), in that order. ``unet`` may be wrapped (DDP); label dropout needs the plain UNet's null class, found
+    through ``.module``. The UNet runs under bf16 autocast on CUDA; the loss is taken in float32.
+    """
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {', '.join(PREDICTIONS)}, got {prediction!r}")
+    plain = unet.module if isinstance(unet, nn.parallel.DistributedDataParallel) else unet
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+    t = torch.randint(0, len(scheduler), (x0.shape[0],), generator=generator, device=x0.device)
+    if labels is not None and label_dropout > 0:
+        labels = plain.drop_labels(labels, label_dropout, generator=generator)
+    x_t = scheduler.add_noise(x0, noise, t)
+    target = noise if prediction == "epsilon" else velocity(scheduler, x0, noise, t)
+    with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=x0.device.type == "cuda"):
+        pred = unet(x_t, t, labels)
+    return F.mse_loss(pred.float(), target.float())
+
+
+UNetConfig.PRESETS = PRESETS
+
+__all__ = ["UNet", "UNetConfig", "PRESETS", "PREDICTIONS", "check_sample_size", "timestep_embedding", "velocity",
+           "diffusion_loss"]
