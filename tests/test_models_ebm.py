@@ -156,6 +156,8 @@ def test_contrastive_divergence_on_digits_separates_data_from_noise_and_fills_th
 def test_bad_arguments_name_themselves():
     with pytest.raises(ValueError, match="image_size"):
         EBMConfig(image_size=20)
+    with pytest.raises(ValueError, match="features"):
+        EBMConfig.from_dict({"features": 10**9})
     with pytest.raises(ValueError, match="reinit_fraction"):
         EBMConfig(reinit_fraction=1.5)
     model = EBM(EBMConfig(**TINY))

@@ -21,18 +21,20 @@ Activations are SiLU: Langevin needs a smooth gradient, which ReLU's kinks would
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from genfast.models._checkpoint import build_and_load, read_run
+from genfast.models._config import ModelConfig, check_choice, check_int, check_number
 from genfast.ops import langevin_step
 
 IMAGE_SIZES = (16, 32, 64)
 
 
 @dataclass
-class EBMConfig:
+class EBMConfig(ModelConfig):
     image_size: int = 32  # 16, 32 or 64
     channels: int = 1  # 1 (grayscale) or 3 (RGB)
     features: int = 32  # channels of the first convolution; doubled at each halving of the image
@@ -44,26 +46,17 @@ class EBMConfig:
     reinit_fraction: float = 0.05  # fraction of chains started from fresh noise rather than the buffer
 
     def __post_init__(self):
-        if self.image_size not in IMAGE_SIZES:
-            raise ValueError(f"EBMConfig.image_size must be one of {IMAGE_SIZES}, got {self.image_size!r}")
-        if self.channels not in (1, 3):
-            raise ValueError(f"EBMConfig.channels must be 1 or 3, got {self.channels!r}")
-        for field in ("features", "buffer_size"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1 << 20:
-                raise ValueError(f"EBMConfig.{field} must be an int in [1, 2**20], got {value!r}")
+        check_choice(self, "image_size", IMAGE_SIZES)
+        check_choice(self, "channels", (1, 3))
+        check_int(self, "features", maximum=1024)
+        check_int(self, "buffer_size", maximum=1 << 20)
         if not isinstance(self.spectral_norm, bool):
-            raise ValueError(f"EBMConfig.spectral_norm must be a bool, got {self.spectral_norm!r}")
-        for field in ("step_size", "noise_scale", "grad_clip"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
-                raise ValueError(f"EBMConfig.{field} must be a finite number >= 0, got {value!r}")
-        value = self.reinit_fraction
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-            raise ValueError(f"EBMConfig.reinit_fraction must be a number in [0, 1], got {value!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+            raise ValueError(f"EBMConfig.spectral_norm must be true or false, got {self.spectral_norm!r}")
+        for name in ("step_size", "noise_scale", "grad_clip"):
+            check_number(self, name, minimum=0.0)
+        check_number(self, "reinit_fraction", minimum=0.0)
+        if self.reinit_fraction > 1:
+            raise ValueError(f"EBMConfig.reinit_fraction must be in [0, 1], got {self.reinit_fraction!r}")
 
 
 def build_energy_net(config: EBMConfig) -> nn.Sequential:
@@ -165,6 +158,14 @@ class EBM(nn.Module):
         start, _ = self.initial_chains(n, generator=generator, from_buffer=from_buffer)
         return self.langevin(start, steps, generator=generator)
 
+    def negatives(self, n: int, steps: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Training's model samples: n buffer chains (some restarted from noise) run ``steps`` Langevin steps and
+        stored back into the buffer, so that the next training step continues them."""
+        start, slots = self.initial_chains(n, generator=generator)
+        samples = self.langevin(start, steps, generator=generator)
+        self.store(samples, slots)
+        return samples
+
     def contrastive_divergence(self, data: torch.Tensor, steps: int, *, alpha: float = 0.1,
                                generator: torch.Generator | None = None
                                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -172,11 +173,22 @@ class EBM(nn.Module):
 
         Returns (loss, stats): stats holds the mean positive (data) and negative (sample) energies as detached
         0-d tensors (no host sync here); their gap E(neg) - E(pos) is what training widens at first.
+        (`genfast train ebm` does the same with the energy evaluated through its DDP wrapper.)
         """
-        start, slots = self.initial_chains(data.shape[0], generator=generator)
-        negatives = self.langevin(start, steps, generator=generator)
-        self.store(negatives, slots)
+        negatives = self.negatives(data.shape[0], steps, generator=generator)
         energies = self.energy(torch.cat([data, negatives.to(data.dtype)]))
-        e_pos, e_neg = energies.float().chunk(2)
-        loss = e_pos.mean() - e_neg.mean() + alpha * (e_pos.pow(2) + e_neg.pow(2)).mean()
-        return loss, {"e_pos": e_pos.mean().detach(), "e_neg": e_neg.mean().detach()}
+        return contrastive_divergence_loss(energies, alpha)
+
+    @classmethod
+    def from_checkpoint(cls, path, device: str | torch.device = "cpu") -> "EBM":
+        """The model (energy net and replay buffer) of a `genfast train ebm` run folder or its checkpoint folder."""
+        directory, saved = read_run(path, "ebm")
+        config = EBMConfig.from_dict(saved["model"])
+        return build_and_load(lambda: cls(config), directory, "model").to(device)
+
+
+def contrastive_divergence_loss(energies: torch.Tensor, alpha: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """energies [2B]: the data's B then the samples' B. Returns (loss, {"e_pos", "e_neg"}), see the module doc."""
+    e_pos, e_neg = energies.float().chunk(2)
+    loss = e_pos.mean() - e_neg.mean() + alpha * (e_pos.pow(2) + e_neg.pow(2)).mean()
+    return loss, {"e_pos": e_pos.mean().detach(), "e_neg": e_neg.mean().detach()}
