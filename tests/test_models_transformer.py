@@ -342,7 +342,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     on, so the RNG state must come back too)."""
     common = TINY + ["--steps", "6", "--dropout", "0.1", "--save-every", "2", "--sample-every", "4"]
     assert recipe.train_main(common + ["--out", str(tmp_path / "a")]) == 0
-    assert recipe.train_main(common + ["--out", str(tmp_path / "b"), "--stop-at", "3"]) == 0
+    assert recipe.train_main(common + ["--out", str(tmp_path / "b"), "--stop-after", "3"]) == 0
     mid = load_safetensors_state(tmp_path / "b" / "checkpoint" / "model.safetensors")
     assert recipe.train_main(common + ["--out", str(tmp_path / "b"), "--resume"]) == 0
     a = load_safetensors_state(tmp_path / "a" / "checkpoint" / "model.safetensors")
@@ -381,9 +381,10 @@ def test_cli_errors(tmp_path, capsys):
     assert "no parallel-text file" in capsys.readouterr().err
     # A checkpoint of another architecture.
     other = tmp_path / "gpt"
-    save_checkpoint(other, modules={"model": torch.nn.Linear(2, 2)}, config={"architecture": "gpt"})
+    save_checkpoint(other / "checkpoint", modules={"model": torch.nn.Linear(2, 2)},
+                    config={"format_version": 2, "recipe": "gpt", "model": {}})
     assert main(["translate", "--ckpt", str(other), "one"]) == 2
-    assert "holds a gpt model, not a translator" in capsys.readouterr().err
+    assert "holds a 'gpt' checkpoint, not a translator one" in capsys.readouterr().err
     with pytest.raises(ValueError, match="not a translator"):
         recipe.load_translator(other)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):

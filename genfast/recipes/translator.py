@@ -19,31 +19,33 @@ written in the same atomic step and cannot drift apart.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from genfast.data.number_phrases import number_phrase_splits, write_tsv
+from genfast.data.number_phrases import number_phrase_splits
 from genfast.data.parallel_text import Pair, read_tsv, split_pairs
 from genfast.data.tokenizers import CharTokenizer
+from genfast.models._checkpoint import build_and_load, read_run
 from genfast.models.transformer import PRESETS, Transformer, TransformerConfig
-from genfast.recipes._common import add_common_train_args, autocast, check_positive, start_run
 from genfast.training import (
-    StopOnInterrupt,
+    CommandParser,
+    Run,
+    TrainTask,
+    add_train_args,
     batch_generator,
-    capture_rng_state,
-    find_checkpoint,
-    load_checkpoint,
-    progress_bar,
-    restore_rng_state,
-    save_checkpoint,
+    non_negative_float,
+    non_negative_int,
+    open_probability,
+    positive_int,
+    resolve_device,
     warmup_cosine_lr,
 )
+from genfast.training.loop import start_run
 
-ARCHITECTURE = "transformer"
+OPS = ("attention",)
 PAD, BOS, EOS = 0, 1, 2
 N_SPECIAL = 3
 
@@ -132,19 +134,22 @@ def _check_lengths(pairs: list[Pair], src_vocab: Vocab, tgt_vocab: Vocab, max_po
 # ------------------------------------------------------------------------------------------- eval
 @torch.no_grad()
 def evaluate(model: Transformer, pairs: list[Pair], src_vocab: Vocab, tgt_vocab: Vocab, device, *,
-             batch_size: int = 256, max_examples: int | None = None, max_len: int | None = None) -> dict:
+             batch_size: int = 256, max_examples: int | None = None, max_len: int | None = None,
+             sample_index: int = 0) -> dict:
     """Loss on all ``pairs`` (mean per target token) and the exact-match accuracy of greedy translations of the
-    first ``max_examples`` of them (all by default)."""
+    first ``max_examples`` of them (all by default); ``sample`` is (source, reference, translation) of the
+    translated pair ``sample_index`` (modulo their number: successive evals can show different pairs)."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
     n_translate = len(pairs) if max_examples is None else min(max_examples, len(pairs))
     total_loss, total_tokens, exact = 0.0, 0, 0
     first = None
+    shown = sample_index % max(1, n_translate)
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
         batch = encode_batch([s for s, _ in chunk], [t for _, t in chunk], src_vocab, tgt_vocab, device)
-        with autocast(device):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = model.loss(batch["src"], batch["tgt_in"], batch["tgt_out"], batch["src_pad_mask"],
                               reduction="sum")
         total_loss += float(loss)
@@ -154,10 +159,10 @@ def evaluate(model: Transformer, pairs: list[Pair], src_vocab: Vocab, tgt_vocab:
             continue
         limit = max_len or min(model.config.max_positions, batch["tgt_in"].shape[1] + 8)
         out = model.greedy_decode(batch["src"][:k], max_len=limit, src_pad_mask=batch["src_pad_mask"][:k])
-        for (s, t), ids in zip(chunk, out.tolist()):
+        for i, ((s, t), ids) in enumerate(zip(chunk, out.tolist())):
             guess = tgt_vocab.decode(ids)
             exact += guess == t
-            if first is None:
+            if start + i == shown:
                 first = (s, t, guess)
     model.train(was_training)
     return {"loss": total_loss / max(1, total_tokens), "exact": exact / max(1, n_translate), "sample": first}
@@ -165,57 +170,53 @@ def evaluate(model: Transformer, pairs: list[Pair], src_vocab: Vocab, tgt_vocab:
 
 # ------------------------------------------------------------------------------------------- training
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="genfast train translator",
-                                     description="Train an encoder-decoder Transformer on sentence pairs.")
+    parser = CommandParser(prog="genfast train translator",
+                           description="Train an encoder-decoder Transformer on sentence pairs.")
     parser.add_argument("--data", type=Path, default=None,
                         help="TSV of source<TAB>target lines (default: built-in English -> French number phrases)")
     parser.add_argument("--valid-data", type=Path, default=None, help="TSV of validation pairs (default: a hashed "
                         "--valid-fraction of --data)")
-    parser.add_argument("--valid-fraction", type=float, default=0.05)
+    parser.add_argument("--valid-fraction", type=open_probability, default=0.05)
     parser.add_argument("--config", default="small", choices=list(PRESETS), help="model size preset (default small)")
-    parser.add_argument("--max-positions", type=int, default=None, help="longest sequence (default: the preset's)")
-    parser.add_argument("--dropout", type=float, default=None, help="default: the preset's")
+    parser.add_argument("--max-positions", type=positive_int, default=None,
+                        help="longest sequence (default: the preset's)")
+    parser.add_argument("--dropout", type=open_probability, default=None, help="default: the preset's")
     parser.add_argument("--post-norm", action="store_true", help="the paper's post-LayerNorm (default: pre-LN)")
     parser.add_argument("--shared-vocab", action="store_true",
                         help="one character vocabulary and embedding table for both sides")
-    parser.add_argument("--warmup", type=int, default=100, help="learning-rate warmup steps")
-    parser.add_argument("--min-lr", type=float, default=None, help="learning rate at the end (default lr / 10)")
-    parser.add_argument("--weight-decay", type=float, default=0.01)
-    parser.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: no clipping)")
-    parser.add_argument("--label-smoothing", type=float, default=0.0)
-    parser.add_argument("--eval-examples", type=int, default=200,
+    parser.add_argument("--warmup", type=non_negative_int, default=100, help="learning-rate warmup steps")
+    parser.add_argument("--min-lr", type=non_negative_float, default=None,
+                        help="learning rate at the end (default lr / 10)")
+    parser.add_argument("--weight-decay", type=non_negative_float, default=0.01)
+    parser.add_argument("--grad-clip", type=non_negative_float, default=1.0, help="max gradient norm (0: no clipping)")
+    parser.add_argument("--label-smoothing", type=open_probability, default=0.0)
+    parser.add_argument("--eval-examples", type=positive_int, default=200,
                         help="valid pairs translated for the exact-match accuracy at each eval")
-    parser.add_argument("--stop-at", type=int, default=None,
-                        help="save and stop after this step, as if interrupted (continue with --resume)")
-    add_common_train_args(parser, steps=3000, batch_size=64, lr=1e-3, out="runs/translator")
+    add_train_args(parser, recipe="translator", steps=3000, batch_size=64, lr=1e-3, ops=OPS)
     return parser
 
 
 def train_main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    check_positive(parser, args, "steps", "batch_size", "lr", "save_every", "sample_every")
-    if not 0.0 < args.valid_fraction < 1.0:
-        parser.error(f"--valid-fraction must be in (0, 1), got {args.valid_fraction}")
-    if args.warmup < 0 or args.grad_clip < 0 or args.weight_decay < 0:
-        parser.error("--warmup, --grad-clip and --weight-decay must be >= 0")
-    if args.stop_at is not None and args.stop_at < 1:
-        parser.error(f"--stop-at must be >= 1, got {args.stop_at}")
-    if args.resume and find_checkpoint(args.out / "checkpoint") is None:
-        parser.error(f"--resume: no checkpoint in {args.out / 'checkpoint'}")
-    try:
-        return train(args)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"genfast train translator: error: {exc}", file=sys.stderr)
-        return 2
+    if args.valid_fraction == 0:
+        parser.error("--valid-fraction must be in (0, 1), got 0")
+    with start_run(parser, args, recipe="translator", ops=OPS) as run:
+        try:
+            train_pairs, valid_pairs = load_pairs(args)
+            config, src_vocab, tgt_vocab = _model_setup(args, run, train_pairs)
+            _check_lengths(train_pairs, src_vocab, tgt_vocab, config.max_positions, "training")
+            _check_lengths(valid_pairs, src_vocab, tgt_vocab, config.max_positions, "valid")
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"genfast train translator: error: {exc}", file=sys.stderr)
+            return 2
+        return run.train(TranslatorTask(run, config, src_vocab, tgt_vocab, train_pairs, valid_pairs))
 
 
-def _model_setup(args, train_pairs, valid_pairs):
+def _model_setup(args, run: Run, train_pairs):
     """(config, src_vocab, tgt_vocab): from the checkpoint on --resume, else built from the data."""
-    if args.resume:
-        _, saved = load_checkpoint(args.out / "checkpoint")
-        config, src_vocab, tgt_vocab = model_from_saved(saved)
-        return config, src_vocab, tgt_vocab
+    if run.resuming:
+        return model_from_saved(run.saved_config)
     if args.shared_vocab:
         src_vocab = tgt_vocab = Vocab.train([s for s, _ in train_pairs] + [t for _, t in train_pairs])
     else:
@@ -231,105 +232,75 @@ def _model_setup(args, train_pairs, valid_pairs):
 
 
 def model_from_saved(saved: dict) -> tuple[TransformerConfig, Vocab, Vocab]:
-    """The config and vocabularies a translator checkpoint's config.json holds; ValueError for anything else."""
-    arch = saved.get("architecture") if isinstance(saved, dict) else None
-    if arch != ARCHITECTURE:
-        raise ValueError(f"this checkpoint holds a {arch or 'non-genfast'} model, not a translator "
-                         f"({ARCHITECTURE}); train one with `genfast train translator`")
-    tokenizers = saved.get("tokenizers") or {}
-    return (TransformerConfig.from_dict(saved.get("model_config", {})), Vocab.from_json(tokenizers.get("source")),
+    """The config and vocabularies a translator checkpoint's config.json holds (checked by read_run)."""
+    tokenizers = saved.get("tokenizers")
+    if not isinstance(tokenizers, dict):
+        raise ValueError("the checkpoint's config.json has no 'tokenizers' entry: not a translator checkpoint")
+    return (TransformerConfig.from_dict(saved["model"]), Vocab.from_json(tokenizers.get("source")),
             Vocab.from_json(tokenizers.get("target")))
 
 
-def train(args) -> int:
-    dist = start_run(args)
-    device = dist.device
-    train_pairs, valid_pairs = load_pairs(args)
-    config, src_vocab, tgt_vocab = _model_setup(args, train_pairs, valid_pairs)
-    _check_lengths(train_pairs, src_vocab, tgt_vocab, config.max_positions, "training")
-    _check_lengths(valid_pairs, src_vocab, tgt_vocab, config.max_positions, "valid")
-    if args.batch_size % dist.world_size:
-        raise ValueError(f"--batch-size {args.batch_size} must divide evenly over {dist.world_size} processes")
-    if dist.is_main and args.data is None and not args.resume:
-        write_tsv(train_pairs, args.out / "data" / "train.tsv")  # the built-in corpus, for the user to read
-        write_tsv(valid_pairs, args.out / "data" / "valid.tsv")
+class TranslatorTask(TrainTask):
+    def __init__(self, run: Run, config: TransformerConfig, src_vocab: Vocab, tgt_vocab: Vocab,
+                 train_pairs: list[Pair], valid_pairs: list[Pair]):
+        args = run.args
+        self.run, self.config, self.src_vocab, self.tgt_vocab = run, config, src_vocab, tgt_vocab
+        self.train_pairs, self.valid_pairs = train_pairs, valid_pairs
+        self.model = model = Transformer(config).to(run.device)
+        decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+        no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+        self.modules = {"model": model}
+        self.optimizers = {"model": torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                                       {"params": no_decay, "weight_decay": 0.0}], lr=args.lr,
+                                                      betas=(0.9, 0.98), eps=1e-9)}
+        self.wrapped = run.dist.wrap(model)
+        self.min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
+        model.train()
 
-    model = Transformer(config).to(device)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98),
-                                  eps=1e-9)
-    step = 0
-    if args.resume:
-        trainer, _ = load_checkpoint(args.out / "checkpoint", modules={"model": model}, map_location=device)
-        optimizer.load_state_dict(trainer["optimizer"])
-        step = int(trainer["step"])
-        restore_rng_state(trainer["rng"])
-    saved_config = {"architecture": ARCHITECTURE, "model_config": config.to_dict(),
-                    "tokenizers": {"source": src_vocab.to_json(), "target": tgt_vocab.to_json()},
-                    "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
-    wrapped = dist.wrap(model)
-    min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
-    last = min(args.steps, args.stop_at) if args.stop_at is not None else args.steps
+    def config_dict(self) -> dict:
+        args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(self.run.args).items()}
+        return {"model": self.config.to_dict(), "args": args,
+                "tokenizers": {"source": self.src_vocab.to_json(), "target": self.tgt_vocab.to_json()}}
 
-    def save():
-        if dist.is_main:
-            save_checkpoint(args.out / "checkpoint", modules={"model": model}, config=saved_config,
-                            trainer_state={"optimizer": optimizer.state_dict(), "step": step,
-                                           "rng": capture_rng_state()})
-        dist.barrier()
+    def train_step(self, step: int) -> dict:
+        run, args, dist = self.run, self.run.args, self.run.dist
+        g = batch_generator(args.seed, step)  # the same global batch on every rank, sharded below
+        picks = torch.randint(len(self.train_pairs), (args.batch_size,), generator=g).tolist()
+        chunk = [self.train_pairs[i] for i in picks]
+        batch = encode_batch([s for s, _ in chunk], [t for _, t in chunk], self.src_vocab, self.tgt_vocab,
+                             run.device)
+        global_tokens = int((batch["tgt_out"] != PAD).sum())
+        local = {name: dist.shard(t) for name, t in batch.items()}
+        lr = warmup_cosine_lr(step, base_lr=args.lr, warmup_steps=args.warmup, total_steps=args.steps,
+                              min_lr=self.min_lr)
+        optimizer = self.optimizers["model"]
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        started = time.perf_counter()
+        with run.autocast():
+            loss_sum = _summed_loss(self.wrapped, local, args.label_smoothing)
+        # DDP averages gradients over ranks: scale so the result is sum over all tokens / global token count.
+        (loss_sum * dist.world_size / global_tokens).backward()
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens = int((batch["src"] != PAD).sum()) + global_tokens
+        return {"loss": loss_sum.detach() / global_tokens * dist.world_size, "lr": lr,
+                "tok_s": tokens / max(time.perf_counter() - started, 1e-9)}
 
-    def report_eval(bar):
-        if not dist.is_main:
-            return
-        result = evaluate(model, valid_pairs, src_vocab, tgt_vocab, device, max_examples=args.eval_examples)
+    def evaluate(self, step: int) -> bool:
+        run, args = self.run, self.run.args
+        if not run.verbose:
+            return False
+        # A different valid pair at each eval: one fixed example (the first is "zero") would hide progress.
+        result = evaluate(self.model, self.valid_pairs, self.src_vocab, self.tgt_vocab, run.device,
+                          max_examples=args.eval_examples, sample_index=step // args.sample_every * 37)
         src, ref, guess = result["sample"]
-        bar.write(f"step {step}: valid loss {result['loss']:.4f} ({len(valid_pairs)} pairs), exact match "
-                  f"{result['exact']:.1%} (first {min(len(valid_pairs), args.eval_examples)}); {src!r} -> {guess!r} "
-                  f"(reference {ref!r})")
-
-    bar = progress_bar(args.steps, initial=step, desc="translator", enabled=dist.is_main and not args.quiet)
-    model.train()
-    with StopOnInterrupt() as stop:
-        while step < last:
-            g = batch_generator(args.seed, step)  # the same global batch on every rank, sharded below
-            picks = torch.randint(len(train_pairs), (args.batch_size,), generator=g).tolist()
-            chunk = [train_pairs[i] for i in picks]
-            batch = encode_batch([s for s, _ in chunk], [t for _, t in chunk], src_vocab, tgt_vocab, device)
-            global_tokens = int((batch["tgt_out"] != PAD).sum())
-            local = {name: dist.shard(t) for name, t in batch.items()}
-            lr = warmup_cosine_lr(step, base_lr=args.lr, warmup_steps=args.warmup, total_steps=args.steps,
-                                  min_lr=min_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            started = time.perf_counter()
-            with autocast(device):
-                loss_sum = _summed_loss(wrapped, local, args.label_smoothing)
-            # DDP averages gradients over ranks: scale so the result is sum over all tokens / global token count.
-            (loss_sum * dist.world_size / global_tokens).backward()
-            if args.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            loss = dist.mean(float(loss_sum.detach()) / global_tokens * dist.world_size)
-            tokens = int((batch["src"] != PAD).sum()) + global_tokens
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}",
-                            tok_s=f"{tokens / max(time.perf_counter() - started, 1e-9):.0f}")
-            bar.update(1)
-            if not math.isfinite(loss):
-                raise ValueError(f"the loss became {loss} at step {step}: lower --lr or raise --warmup")
-            interrupted = dist.any(stop.requested)
-            if step % args.save_every == 0 or step == last or interrupted:
-                save()
-            if step % args.sample_every == 0 or step == args.steps:
-                report_eval(bar)
-            if interrupted:
-                break
-    bar.close()
-    dist.close()
-    return 0
+        run.log(f"step {step}: valid loss {result['loss']:.4f} ({len(self.valid_pairs)} pairs), exact match "
+                f"{result['exact']:.1%} (first {min(len(self.valid_pairs), args.eval_examples)}); {src!r} -> "
+                f"{guess!r} (reference {ref!r})")
+        return False
 
 
 def _summed_loss(wrapped, batch, label_smoothing: float) -> torch.Tensor:
@@ -343,13 +314,10 @@ def _summed_loss(wrapped, batch, label_smoothing: float) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------- translate
 def load_translator(ckpt: str | Path, device="cpu") -> tuple[Transformer, Vocab, Vocab]:
-    """A trained translator and its vocabularies from a --out folder (or its checkpoint/ folder)."""
-    ckpt = Path(ckpt)
-    directory = ckpt / "checkpoint" if find_checkpoint(ckpt / "checkpoint") is not None else ckpt
-    _, saved = load_checkpoint(directory)  # config only: the weights need the model built first
+    """A trained translator and its vocabularies from a run folder (or its checkpoint/ folder)."""
+    directory, saved = read_run(ckpt, "translator")
     config, src_vocab, tgt_vocab = model_from_saved(saved)
-    model = Transformer(config)
-    load_checkpoint(directory, modules={"model": model})
+    model = build_and_load(lambda: Transformer(config), directory, "model")
     return model.to(device).eval(), src_vocab, tgt_vocab
 
 
@@ -370,21 +338,20 @@ def translate(model: Transformer, src_vocab: Vocab, tgt_vocab: Vocab, texts: lis
 
 
 def translate_main(argv: list[str], prog: str = "genfast translate") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description="Translate text with a trained translator (one line "
-                                     "of output per input; reads lines from stdin when no TEXT is given).")
+    parser = CommandParser(prog=prog, description="Translate text with a trained translator (one line of output "
+                           "per input; reads lines from stdin when no TEXT is given).")
     parser.add_argument("--ckpt", type=Path, required=True, help="the --out folder of `genfast train translator`")
-    parser.add_argument("--beam", type=int, default=1, help="beam size (1: greedy decoding)")
-    parser.add_argument("--length-penalty", type=float, default=1.0, help="GNMT length penalty alpha for beams")
-    parser.add_argument("--max-len", type=int, default=None, help="longest output (default: max_positions)")
+    parser.add_argument("--beam", type=positive_int, default=1, help="beam size (1: greedy decoding)")
+    parser.add_argument("--length-penalty", type=non_negative_float, default=1.0,
+                        help="GNMT length penalty alpha for beams")
+    parser.add_argument("--max-len", type=positive_int, default=None, help="longest output (default: max_positions)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("text", nargs="*", help="text to translate")
     args = parser.parse_args(argv)
-    if args.beam < 1:
-        parser.error(f"--beam must be >= 1, got {args.beam}")
     texts = args.text or [line for line in sys.stdin.read().splitlines() if line.strip()]
     if not texts:
         parser.error("nothing to translate: give TEXT arguments or lines on stdin")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(parser, args.device)
     try:
         model, src_vocab, tgt_vocab = load_translator(args.ckpt, device)
         for line in translate(model, src_vocab, tgt_vocab, texts, beam=args.beam, max_len=args.max_len,
