@@ -167,3 +167,74 @@ def test_bad_arguments_name_themselves():
         model.langevin(torch.zeros(1, 1, 16, 16), -1)
     with pytest.raises(ValueError, match="buffer_size"):
         model.sample(65, 1)
+
+
+# ----------------------------------------------------------------------------------- the recipe
+def read_png_size(path) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk."""
+    header = path.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+
+
+RECIPE_TINY = ["--device", "cpu", "--quiet", "--image-size", "16", "--features", "8", "--buffer-size", "32",
+               "--batch-size", "8", "--langevin-steps", "3", "--sample-steps", "2", "--n-samples", "4",
+               "--sample-every", "2"]
+
+
+def test_recipe_resume_is_bitwise_and_writes_the_grids(tmp_path):
+    from genfast.recipes import ebm as recipe
+    from genfast.training import load_safetensors_state
+
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert recipe.train_main(["--steps", "4", "--out", str(whole), *RECIPE_TINY]) == 0
+    assert recipe.train_main(["--steps", "4", "--stop-after", "2", "--out", str(split), *RECIPE_TINY]) == 0
+    assert recipe.train_main(["--steps", "4", "--resume", "--out", str(split), *RECIPE_TINY]) == 0
+    a = load_safetensors_state(whole / "checkpoint" / "model.safetensors")
+    b = load_safetensors_state(split / "checkpoint" / "model.safetensors")
+    assert "replay" in a and a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs after resume"
+    names = {p.name for p in (whole / "samples").iterdir()}
+    assert {"buffer_000002.png", "chains_000002.png", "buffer_final.png", "chains_final.png"} <= names
+    model = EBM.from_checkpoint(whole)
+    assert torch.equal(model.replay, a["replay"])
+
+
+def test_recipe_sample_grid_and_chain_rows(tmp_path, capsys):
+    from genfast.recipes import ebm as recipe
+
+    run = tmp_path / "run"
+    assert recipe.train_main(["--steps", "1", "--out", str(run), *RECIPE_TINY]) == 0
+    grid, chain = tmp_path / "grid.png", tmp_path / "chain.png"
+    assert recipe.sample_main(["--ckpt", str(run), "--n", "4", "--steps", "2", "--out", str(grid)]) == 0
+    assert recipe.sample_main(["--ckpt", str(run), "--n", "3", "--steps", "20", "--chain", "--scale", "1",
+                               "--start", "noise", "--out", str(chain)]) == 0
+    err = capsys.readouterr().err
+    assert "each row one chain from uniform noise" in err
+    # 3 chains x (start + 10 states) of 16x16 images, 2-pixel padding: 11 columns, 3 rows.
+    assert read_png_size(chain) == (2 + 11 * 18, 2 + 3 * 18)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--langevin-steps", "0"], "--langevin-steps"),
+    (["--image-size", "20"], "--image-size"),
+    (["--alpha", "-1"], "--alpha"),
+    (["--batch-size", "64"], "--buffer-size"),
+    (["--data", "/no/such/folder"], "--data"),
+])
+def test_recipe_bad_arguments_are_usage_errors(tmp_path, capsys, argv, needle):
+    from genfast.recipes import ebm as recipe
+
+    with pytest.raises(SystemExit) as exit_info:
+        recipe.train_main(["--out", str(tmp_path / "run"), *RECIPE_TINY, *argv])
+    assert exit_info.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_sample_refuses_another_models_run(tmp_path, capsys):
+    from genfast.recipes import ebm as recipe
+
+    with pytest.raises(SystemExit) as exit_info:
+        recipe.sample_main(["--ckpt", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.png")])
+    assert exit_info.value.code == 2 and "--ckpt" in capsys.readouterr().err
