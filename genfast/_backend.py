@@ -10,12 +10,16 @@ Choosing:
   supports the call; the reference last, so ``auto`` never fails where the reference works.
 - a backend by name (``set_backend``, ``with backend(...)``, ``GENFAST_BACKEND``): used if it can
   serve the call, else :class:`BackendError` says why. It never falls back silently.
+
+Thread safety: ``set_backend`` and ``GENFAST_BACKEND`` choose for the whole process; ``with backend(...)``
+chooses for its own thread only, and restores the previous choice on exit.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -40,29 +44,44 @@ def _checked(name: str, source: str) -> str:
     return name
 
 
-# A stack rather than a ContextVar: Dynamo guards on a module-level list cleanly, and backend
-# choice is a per-process setting in practice. Not thread-local: set it once per process.
-_stack: list[str] = [_checked(os.environ.get("GENFAST_BACKEND", "auto"), "GENFAST_BACKEND")]
+class _ThreadChoices(threading.local):
+    """The ``with backend(...)`` blocks open in the current thread, innermost last."""
+
+    def __init__(self) -> None:
+        # Set per thread in __init__ (not as a class attribute): TorchDynamo then guards on this thread's value, so
+        # a compiled function retraces when the choice differs, in whichever thread calls it. (It cannot trace
+        # ContextVar.get, and a class-level default would go unguarded.)
+        self.blocks: tuple[str, ...] = ()
+
+
+# The process-wide choice (set_backend, GENFAST_BACKEND) sits in a one-item list; ``with backend(...)`` blocks are
+# per thread, so a block changes the backend of its own thread only: another thread never sees it.
+_process_choice: list[str] = [_checked(os.environ.get("GENFAST_BACKEND", "auto"), "GENFAST_BACKEND")]
+_thread = _ThreadChoices()
 
 
 def set_backend(name: str) -> None:
-    """Choose the backend for every genfast op from now on: 'auto', 'reference', 'triton', 'cuda' or 'cpu'."""
-    _stack[0] = _checked(name, "set_backend(name)")
+    """Choose the backend for every genfast op from now on, in every thread: 'auto', 'reference', 'triton', 'cuda'
+    or 'cpu'. A ``with backend(...)`` block still overrides it inside that block's own thread."""
+    _process_choice[0] = _checked(name, "set_backend(name)")
 
 
 def get_backend() -> str:
-    """The backend in force: the innermost ``with backend(...)``, else the ``set_backend`` choice."""
-    return _stack[-1]
+    """The backend in force here: the innermost ``with backend(...)`` of this thread, else the ``set_backend``
+    choice."""
+    blocks = _thread.blocks
+    return blocks[-1] if blocks else _process_choice[0]
 
 
 @contextlib.contextmanager
 def backend(name: str) -> Iterator[None]:
-    """``with genfast.backend("triton"): ...`` runs the block with that backend."""
-    _stack.append(_checked(name, "backend(name)"))
+    """``with genfast.backend("triton"): ...`` runs the block with that backend, in this thread only."""
+    outer = _thread.blocks
+    _thread.blocks = outer + (_checked(name, "backend(name)"),)
     try:
         yield
     finally:
-        _stack.pop()
+        _thread.blocks = outer
 
 
 def _triton_why_not() -> str | None:
@@ -138,7 +157,7 @@ class Dispatcher:
 
     def select(self, device: torch.device, dtype: torch.dtype | None = None, **facts) -> tuple[str, Callable]:
         """The (backend name, function) that serves this call under the backend in force."""
-        chosen = _stack[-1]
+        chosen = get_backend()
         if chosen == "reference":
             return "reference", self.reference
         if chosen != "auto":

@@ -87,3 +87,79 @@ def test_info_lists_every_op_and_the_extension():
         assert op in text
     out = subprocess.run([sys.executable, "-m", "genfast", "info"], capture_output=True, text=True, check=True)
     assert "backends that can serve it" in out.stdout
+
+
+def test_backend_block_is_per_thread():
+    # A block in one thread must not change what another thread sees, on entry or on exit (issue: a shared stack
+    # let thread A's `with backend("reference")` leak into thread B, and A's exit popped B's choice).
+    import threading
+
+    genfast.set_backend("auto")
+    entered, checked, left = threading.Event(), threading.Event(), threading.Event()
+    seen_in_thread = []
+
+    def other():
+        with genfast.backend("reference"):
+            seen_in_thread.append(genfast.get_backend())
+            entered.set()
+            checked.wait(10)
+        left.set()
+
+    worker = threading.Thread(target=other)
+    worker.start()
+    try:
+        assert entered.wait(10)
+        assert genfast.get_backend() == "auto"
+        with genfast.backend("cpu"):
+            checked.set()
+            assert left.wait(10)
+            assert genfast.get_backend() == "cpu"
+            assert genfast.ops.philox_noise(1, 4).equal(genfast.ops.philox_noise_ref(torch.tensor([1]), 4))
+        assert genfast.get_backend() == "auto"
+    finally:
+        checked.set()
+        worker.join(10)
+    assert seen_in_thread == ["reference"]
+
+
+def test_set_backend_is_process_wide_and_threads_inherit_it():
+    import threading
+
+    seen = []
+    genfast.set_backend("reference")
+    try:
+        worker = threading.Thread(target=lambda: seen.append(genfast.get_backend()))
+        worker.start()
+        worker.join(10)
+    finally:
+        genfast.set_backend("auto")
+    assert seen == ["reference"]
+
+
+def test_compiled_function_follows_the_calling_threads_choice():
+    # Dynamo guards on the per-thread choice: the same compiled function retraces for another thread's backend
+    # instead of reusing a graph traced under a different one.
+    import threading
+
+    calls = []
+    dispatch = _backend.Dispatcher("toy_thread", reference=lambda x: x + 1)
+    dispatch.register("cpu")(lambda x: x + 2)
+
+    def fn(x):
+        return dispatch(x, device=x.device)
+
+    compiled = torch.compile(fn, fullgraph=True)
+    x = torch.zeros(1)
+    with genfast.backend("reference"):
+        calls.append(compiled(x).item())
+
+    def other():
+        with genfast.backend("cpu" if _ext.loaded else "reference"):
+            calls.append(compiled(x).item())
+
+    worker = threading.Thread(target=other)
+    worker.start()
+    worker.join(60)
+    calls.append(compiled(x).item())  # auto here: cpu when the extension is loaded
+    expected_cpu = 2.0 if _ext.loaded else 1.0
+    assert calls == [1.0, expected_cpu, expected_cpu]
