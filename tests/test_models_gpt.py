@@ -170,9 +170,9 @@ def test_from_pretrained_rejects_other_architectures(tmp_path):
     from safetensors.torch import save_file
 
     save_file({"encoder.layer.0.weight": torch.zeros(2, 2)}, str(wrong / "model.safetensors"))
-    with pytest.raises(ValueError, match="not GPT-2's for this config"):
+    with pytest.raises(ValueError, match="not a GPT's for its config.json"):
         GPT.from_pretrained(wrong)
-    # a genfast training checkpoint is not a Hugging Face directory
+    # a folder with neither a run's config (format_version, recipe) nor a Hugging Face one
     genfast.training.save_checkpoint(tmp_path / "ckpt", modules={"model": small_gpt()}, config={"model": SMALL})
     with pytest.raises(ValueError, match="not GPT-2"):
         GPT.from_pretrained(tmp_path / "ckpt")
@@ -184,6 +184,94 @@ def test_from_pretrained_rejects_other_architectures(tmp_path):
     (bad / "config.json").write_text(json.dumps({**cfg, "activation_function": "relu"}))
     with pytest.raises(ValueError, match="activation_function='relu'"):
         GPT.from_pretrained(bad)
+
+
+def _run_folder(out: Path, model: GPT, **config_overrides) -> Path:
+    """A run folder in the layout `genfast train gpt` writes: <out>/checkpoint/{config.json, model.safetensors}."""
+    config = {"format_version": 2, "recipe": "gpt", "model": model.config.to_dict(), "tokenizer": "bytes",
+              **config_overrides}
+    genfast.training.save_checkpoint(out / "checkpoint", modules={"model": model}, config=config)
+    return out
+
+
+def test_from_pretrained_reads_a_run_folder(tmp_path):
+    """GPT.from_pretrained(run_dir), or its checkpoint folder: the model that was saved."""
+    model = small_gpt(seed=3, dropout=0.1)
+    out = _run_folder(tmp_path / "run", model)
+    for path in (out, out / "checkpoint"):
+        again = GPT.from_pretrained(path)
+        assert again.config == GPTConfig(**{**SMALL, "dropout": 0.0})
+        for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+            assert torch.equal(a, b), name
+        assert again.lm_head.weight is again.transformer.wte.weight
+
+
+def _hostile_hf(tmp_path, **overrides) -> Path:
+    folder = tmp_path / "hf"
+    small_gpt().save_pretrained(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, **overrides}))
+    return folder
+
+
+@pytest.mark.parametrize("layout", ["hf", "run"])
+@pytest.mark.parametrize("overrides, match", [
+    ({"n_layer": 100000}, r"key '(model\.)?n_layer' must be an int in \[1, 1024\], got 100000"),
+    ({"vocab_size": 10**12}, r"key '(model\.)?vocab_size' must be an int in \[1, 16777216\]"),
+    ({"n_layer": "12"}, r"key '(model\.)?n_layer' must be an int .* got '12'"),
+    ({"n_embd": [[[[1]]]]}, r"key '(model\.)?n_embd' must be an int"),
+    ({"n_layer": 3}, r"missing \['transformer\.h\.2\."),  # in bounds, but not what the weights hold
+    ({"vocab_size": V + 1}, r"transformer\.wte\.weight \(61, 32\) \(config.json needs \(62, 32\)\)"),
+])
+def test_from_pretrained_checks_config_before_allocating(tmp_path, monkeypatch, layout, overrides, match):
+    """Issue 18 #12: a hostile config.json is refused from the file and the weights' header alone: the model is
+    never built (today n_layer=100000 or vocab_size=10**12 exhaust memory first)."""
+    if layout == "hf":
+        folder = _hostile_hf(tmp_path, **{{"block_size": "n_positions"}.get(k, k): v for k, v in overrides.items()})
+    else:
+        model = small_gpt()
+        folder = _run_folder(tmp_path / "run", model)
+        config_file = folder / "checkpoint" / "config.json"
+        config = json.loads(config_file.read_text())
+        config["model"].update(overrides)
+        config_file.write_text(json.dumps(config))
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was built before the config was checked against the weights")
+
+    monkeypatch.setattr(GPT, "__init__", never)
+    with pytest.raises(ValueError, match=match) as info:
+        GPT.from_pretrained(folder)
+    assert "config.json" in str(info.value) or "model.safetensors" in str(info.value)
+
+
+@pytest.mark.parametrize("config, match", [
+    ("[" * 50000 + "]" * 50000, "nested too deeply"),  # RecursionError today
+    ('{"model_type": "gpt2", "n_layer": ' + "[" * 100 + "]" * 100 + "}", "nested more than"),
+    ('{"model_type": "gpt2", "layer_norm_epsilon": "small"}', "key 'layer_norm_epsilon' must be a number"),
+    ('{"format_version": 2, "recipe": "translator", "model": {}}', "key 'recipe' is 'translator'"),
+    ('{"format_version": 7, "recipe": "gpt", "model": {}}', "key 'format_version' is 7"),
+    ('{"format_version": 2, "recipe": "gpt", "model": [1]}', "key 'model' must be an object"),
+    ('{"format_version": 2, "recipe": "gpt", "model": {"n_layers": 2}}', r"unknown fields \['n_layers'\]"),
+    ('{"format_version": 2, "recipe": "gpt", "model": {"bias": "yes"}}', "key 'model': GPTConfig: bias"),
+    ("[1, 2]", "must hold a JSON object"),
+])
+def test_from_pretrained_malformed_config_names_file_and_key(tmp_path, config, match):
+    small_gpt().save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(config)
+    with pytest.raises(ValueError, match=match) as info:
+        GPT.from_pretrained(tmp_path)
+    assert "config.json" in str(info.value)
+
+
+def test_forward_refuses_token_ids_outside_the_vocabulary():
+    """Issue 18 #11: an id >= vocab_size (or < 0) is a ValueError naming idx, not a raw IndexError."""
+    model = small_gpt()
+    for bad in (V, V + 100, -1):
+        idx = tokens(2, 5)
+        idx[1, 3] = bad
+        with pytest.raises(ValueError, match=rf"idx must hold token ids in \[0, vocab_size={V}\)"):
+            model(idx)
 
 
 # ------------------------------------------------------------------------------------------ generation
@@ -285,6 +373,66 @@ def test_generate_errors():
     with pytest.raises(ValueError, match="longer than the context"):
         model(tokens(1, CTX + 1))
     assert torch.equal(model.generate(tokens(1, 4), 0), tokens(1, 4))
+    with pytest.raises(ValueError, match="cuda_graph=True needs a model on a CUDA device"):
+        model.generate(tokens(1, 4), 2, cuda_graph=True)
+    with pytest.raises(TypeError, match="cuda_graph must be None or a bool"):
+        model.generate(tokens(1, 4), 2, cuda_graph="yes")
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-45])
+def test_generate_tiny_temperature_is_checked_on_the_real_logits(temperature):
+    """Issue 18 #4: logits / temperature overflows float32 on the real logits (the old check ran on a row of
+    zeros and the tokens came out random): a clear error, not random tokens."""
+    model = small_gpt(seed=2)
+    with pytest.raises(ValueError, match="temperature is so small that logits / temperature overflows"):
+        model.generate(tokens(2, 4), 3, temperature=temperature)
+    # A small temperature that does not overflow samples the greedy tokens.
+    assert torch.equal(model.generate(tokens(2, 4), 3, temperature=1e-30), model.generate(tokens(2, 4), 3,
+                                                                                          temperature=0.0))
+
+
+class _NoHostSync:
+    """Fails the test if the code inside asks the device for a value (a host synchronisation on a GPU)."""
+
+    NAMES = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy")
+
+    def __enter__(self):
+        self.saved = {name: getattr(torch.Tensor, name) for name in self.NAMES}
+
+        def refuse(name):
+            def fn(*args, **kwargs):
+                raise AssertionError(f"Tensor.{name} called inside the decode step")
+            return fn
+
+        for name in self.NAMES:
+            setattr(torch.Tensor, name, refuse(name))
+
+    def __exit__(self, *exc):
+        for name, fn in self.saved.items():
+            setattr(torch.Tensor, name, fn)
+
+
+def test_decode_step_has_static_shapes_and_no_host_sync():
+    """The step the CUDA graph captures, checked on the CPU: it reads nothing back from the device, keeps every
+    cache tensor at its address (lengths advanced in place), and gives the logits of a full forward pass."""
+    model = small_gpt(seed=4)
+    idx = tokens(3, 7)
+    lengths = torch.tensor([7, 4, 6])  # ragged rows, as a left-padded batch has after its prefill
+    caches = model.new_caches(3, 12)
+    with torch.no_grad():
+        model.hidden_states(idx, torch.arange(7), caches)
+        for cache in caches:
+            cache.set_lengths(lengths)
+        addresses = [(c.k.data_ptr(), c.v.data_ptr(), c.lengths.data_ptr(), id(c.lengths)) for c in caches]
+        step = model._decode_step(caches)
+        token, positions = tokens(3, 1, seed=9)[:, 0], lengths.clone()
+        with _NoHostSync():
+            logits = step(token, positions)
+        assert [(c.k.data_ptr(), c.v.data_ptr(), c.lengths.data_ptr(), id(c.lengths)) for c in caches] == addresses
+        assert all(c.lengths.tolist() == [8, 5, 7] for c in caches)
+        for i, n in enumerate(lengths.tolist()):
+            full, _ = model(torch.cat([idx[i:i + 1, :n], token[i:i + 1, None]], dim=1))
+            torch.testing.assert_close(logits[i], full[0, -1], atol=2e-5, rtol=2e-5)
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -376,21 +524,28 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
     assert not all(torch.equal(at_7[name], whole[name]) for name in whole)  # the resumed run did train on
 
 
-def test_train_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no file at"):
-        _train(tmp_path / "o", tmp_path / "missing.txt")
+def test_train_errors(tmp_path, capsys):
+    """Bad --data is a usage error: exit status 2 and one line naming the problem, no traceback."""
+    def usage_error(data: Path, message: str) -> None:
+        with pytest.raises(SystemExit) as exc:
+            _train(tmp_path / "o", data)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+    usage_error(tmp_path / "missing.txt", "no file at")
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
-    with pytest.raises(ValueError, match="is empty"):
-        _train(tmp_path / "o", empty)
+    usage_error(empty, "is empty")
     latin = tmp_path / "latin1.txt"
     latin.write_bytes("café".encode("latin-1"))
-    with pytest.raises(ValueError, match="not UTF-8"):
-        _train(tmp_path / "o", latin)
+    usage_error(latin, "not UTF-8")
+    binary = tmp_path / "binary.bin"
+    binary.write_bytes(b"\x00\x01\x02 some text " * 50)
+    usage_error(binary, "binary file")
     short = tmp_path / "short.txt"
     short.write_text("abc def")
-    with pytest.raises(ValueError, match="too few"):
-        _train(tmp_path / "o", short)
+    usage_error(short, "too few")
 
 
 # ------------------------------------------------------------------------------------------ DDP

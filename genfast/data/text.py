@@ -75,6 +75,8 @@ def read_text_file(path: str | os.PathLike, max_chars: int | None = None) -> str
         raise ValueError(f"data: {path} is not UTF-8 text (byte {exc.start}: {exc.reason})") from exc
     if not text.strip():
         raise ValueError(f"data: {path} is empty")
+    if "\x00" in text:
+        raise ValueError(f"data: {path} holds NUL bytes: a binary file, not text")
     return text if max_chars is None else text[:max_chars]
 
 

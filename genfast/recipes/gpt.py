@@ -5,20 +5,18 @@
     torchrun --nproc_per_node 8 -m genfast train gpt --config gpt2 ...      # DDP over 8 GPUs
     genfast sample gpt --ckpt runs/gpt --prompt "def main(" --stream
 
-The output directory holds ``checkpoint/`` (written atomically by genfast.training.save_checkpoint: the weights,
-the optimizer, the step and the RNG states, so that ``--resume`` continues exactly) and ``tokenizer/``.
-``--ckpt`` may also name a Hugging Face GPT-2 directory (config.json, model.safetensors, vocab.json, merges.txt).
+The run folder holds ``checkpoint/`` (written atomically by genfast.training: config.json whose "model" is the
+GPTConfig, model.safetensors, trainer.pt with the optimizer, the step and the RNG states so that ``--resume``
+continues exactly, and the tokenizer, written in the same atomic step as the weights). In Python:
+``GPT.from_pretrained("runs/gpt")``. ``--ckpt`` may also name a Hugging Face GPT-2 directory (config.json,
+model.safetensors, vocab.json, merges.txt).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,107 +24,60 @@ import torch
 
 from genfast.data.text import DEFAULT_MAX_CHARS, read_text_file, stdlib_text
 from genfast.data.tokenizers import CharTokenizer, HFTokenizer, load_tokenizer
+from genfast.models._checkpoint import build_and_load, read_run
 from genfast.models.gpt import GPT, PRESETS, GPTConfig
+from genfast.recipes._common import backend_errors, load_or_exit, sample_device
 from genfast.training import (
-    Distributed,
-    StopOnInterrupt,
+    CommandParser,
+    Run,
+    TrainTask,
+    add_device_args,
+    add_train_args,
     batch_generator,
-    capture_rng_state,
-    find_checkpoint,
-    load_checkpoint,
-    progress_bar,
-    restore_rng_state,
-    save_checkpoint,
-    seed_everything,
+    non_negative_float,
+    non_negative_int,
+    open_probability,
+    positive_float,
+    positive_int,
+    start_run,
+    unit_interval,
     warmup_cosine_lr,
 )
 
-CHECKPOINT_DIR = "checkpoint"
-TOKENIZER_DIR = "tokenizer"
 VAL_FRACTION = 0.1
+LOG_EVERY = 10  # steps between reading the loss on the host (it waits for the device)
+TRAIN_OPS = ("attention",)
+SAMPLE_OPS = ("attention", "attention_decode", "kv_cache_append", "sample_tokens")
 
 
 # ------------------------------------------------------------------------------------------ arguments
-def _positive(kind):
-    def parse(text: str):
-        value = kind(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-    return parse
-
-
-def _non_negative(kind):
-    def parse(text: str):
-        value = kind(text)
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-        return value
-    return parse
-
-
 def train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="genfast train gpt", description="Train a GPT-2-style language model.")
+    p = CommandParser(prog="genfast train gpt", description="Train a GPT-2-style language model.")
     p.add_argument("--data", help="a UTF-8 text file (default: the Python standard library's own .py source)")
-    p.add_argument("--max-chars", type=_positive(int), default=DEFAULT_MAX_CHARS,
+    p.add_argument("--max-chars", type=positive_int, default=DEFAULT_MAX_CHARS,
                    help="at most this many characters of the default text (default %(default)s)")
     p.add_argument("--config", default="tiny", choices=sorted(PRESETS), help="model size (default %(default)s)")
     p.add_argument("--tokenizer", default="char", choices=("char", "bpe"),
                    help="characters, or a byte-level BPE trained on the data (default %(default)s)")
-    p.add_argument("--vocab-size", type=_positive(int), default=1024, help="BPE vocabulary size (default %(default)s)")
-    p.add_argument("--steps", type=_positive(int), default=2000, help="optimizer steps in all (default %(default)s)")
-    p.add_argument("--batch-size", type=_positive(int), default=32,
-                   help="sequences per step, over all processes (default %(default)s)")
-    p.add_argument("--block-size", type=_positive(int), default=None,
+    p.add_argument("--vocab-size", type=positive_int, default=1024, help="BPE vocabulary size (default %(default)s)")
+    p.add_argument("--block-size", type=positive_int, default=None,
                    help="tokens per sequence (default: the preset's context)")
-    p.add_argument("--dropout", type=_non_negative(float), default=None, help="dropout (default: the preset's)")
-    p.add_argument("--lr", type=_positive(float), default=1e-3, help="peak learning rate (default %(default)s)")
-    p.add_argument("--min-lr", type=_non_negative(float), default=None, help="final learning rate (default lr/10)")
-    p.add_argument("--warmup", type=_non_negative(int), default=100, help="warmup steps (default %(default)s)")
-    p.add_argument("--weight-decay", type=_non_negative(float), default=0.1, help="AdamW (default %(default)s)")
-    p.add_argument("--grad-clip", type=_non_negative(float), default=1.0,
+    p.add_argument("--dropout", type=open_probability, default=None, help="dropout in [0, 1) (default: the preset's)")
+    p.add_argument("--min-lr", type=non_negative_float, default=None, help="final learning rate (default lr/10)")
+    p.add_argument("--warmup", type=non_negative_int, default=100, help="warmup steps (default %(default)s)")
+    p.add_argument("--weight-decay", type=non_negative_float, default=0.1, help="AdamW (default %(default)s)")
+    p.add_argument("--grad-clip", type=non_negative_float, default=1.0,
                    help="max gradient norm, 0 for none (default %(default)s)")
-    p.add_argument("--eval-every", type=_positive(int), default=250,
-                   help="steps between eval loss, a sample and a checkpoint (default %(default)s)")
-    p.add_argument("--eval-batches", type=_positive(int), default=10, help="batches per eval (default %(default)s)")
-    p.add_argument("--sample-tokens", type=_non_negative(int), default=200,
+    p.add_argument("--eval-every", dest="sample_every", type=positive_int, help=argparse.SUPPRESS)  # old name
+    p.add_argument("--eval-batches", type=positive_int, default=10, help="batches per eval (default %(default)s)")
+    p.add_argument("--sample-tokens", type=non_negative_int, default=200,
                    help="tokens of the sample printed at each eval, 0 for none (default %(default)s)")
-    p.add_argument("--out", default="runs/gpt", help="output directory (default %(default)s)")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    p.add_argument("--stop-after", type=_positive(int), default=None,
-                   help="save and stop after this many steps of this run (for time-limited jobs; --resume later)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--seed", type=_non_negative(int), default=0, help="seed of the data order and init")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or samples")
+    add_train_args(p, recipe="gpt", steps=2000, batch_size=32, lr=1e-3, ops=TRAIN_OPS, save_every=250,
+                   sample_every=250)
     return p
 
 
 # ------------------------------------------------------------------------------------------ data
-def _tokenizer_for(args, text: str, out: Path, resume: bool):
-    """The run's tokenizer: the saved one on resume, else trained on ``text`` (the caller saves it)."""
-    saved = out / TOKENIZER_DIR
-    if resume and saved.is_dir():
-        return load_tokenizer(saved)
-    if args.tokenizer == "char":
-        return CharTokenizer.train(text)
-    return HFTokenizer.train_bpe(text, vocab_size=args.vocab_size)
-
-
-def _save_tokenizer(tokenizer, out: Path) -> None:
-    """Write ``out/tokenizer`` atomically (a temporary directory, then a rename)."""
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{TOKENIZER_DIR}.tmp-", dir=out))
-    try:
-        tokenizer.save(tmp)
-        target = out / TOKENIZER_DIR
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def split_tokens(ids: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Train / validation split (the last 10% for validation, at least one block + 1 tokens each)."""
     n_val = max(block_size + 1, int(len(ids) * VAL_FRACTION))
@@ -154,12 +105,6 @@ def make_optimizer(model: GPT, lr: float, weight_decay: float, device: torch.dev
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
 
 
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 @torch.no_grad()
 def evaluate(model: GPT, data: torch.Tensor, args, block_size: int, device: torch.device) -> float:
     """Mean loss over ``args.eval_batches`` fixed batches of ``data`` (the same batches at every eval)."""
@@ -169,7 +114,7 @@ def evaluate(model: GPT, data: torch.Tensor, args, block_size: int, device: torc
     losses = []
     for _ in range(args.eval_batches):
         x, y = get_batch(data, args.batch_size, block_size, generator)
-        with _autocast(device):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
             losses.append(model(x.to(device), y.to(device))[1].float())
     model.train(was_training)
     return float(torch.stack(losses).mean())
@@ -187,166 +132,134 @@ def sample_text(model: GPT, tokenizer, prompt_ids: list[int], n: int, seed: int,
 
 
 def train_main(argv: list[str]) -> int:
-    args = train_parser().parse_args(argv)
-    dist = Distributed.from_environment(args.device)
-    try:
-        return _train(args, dist)
-    finally:
-        dist.close()
+    parser = train_parser()
+    args = parser.parse_args(argv)
+    with start_run(parser, args, recipe="gpt", ops=TRAIN_OPS) as run:
+        try:
+            text = read_text_file(args.data) if args.data else stdlib_text(args.max_chars)
+            if run.resuming:
+                tokenizer = load_tokenizer(run.checkpoint_found)
+                config = GPTConfig.from_dict(run.saved_config["model"])
+            else:
+                tokenizer = CharTokenizer.train(text) if args.tokenizer == "char" else \
+                    HFTokenizer.train_bpe(text, vocab_size=args.vocab_size)
+                overrides = {"vocab_size": tokenizer.vocab_size}
+                if args.block_size is not None:
+                    overrides["block_size"] = args.block_size
+                if args.dropout is not None:
+                    overrides["dropout"] = args.dropout
+                config = GPTConfig.preset(args.config, **overrides)
+            if config.vocab_size != tokenizer.vocab_size:
+                raise ValueError(f"the checkpoint's vocabulary ({config.vocab_size}) does not match its "
+                                 f"tokenizer's ({tokenizer.vocab_size})")
+            ids = torch.tensor(tokenizer.encode(text), dtype=torch.int64)
+            train_ids, val_ids = split_tokens(ids, config.block_size)
+        except (FileNotFoundError, ValueError) as exc:
+            parser.error(f"--data {args.data}: {exc}" if args.data else str(exc))
+        task = GPTTask(run, config, tokenizer, train_ids, val_ids)
+        run.log(f"GPT {args.config}: {task.model.num_parameters() / 1e6:.2f}M parameters, vocabulary "
+                f"{config.vocab_size}, {len(train_ids)} training tokens, {run.dist.world_size} process(es) on "
+                f"{run.device}")
+        return run.train(task)
 
 
-def _train(args, dist: Distributed) -> int:
-    device = dist.device
-    out = Path(args.out)
-    log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if dist.is_main and not args.quiet else \
-        (lambda *a: None)
-    if args.batch_size % dist.world_size:
-        raise SystemExit(f"genfast train gpt: --batch-size {args.batch_size} must be divisible by the "
-                         f"{dist.world_size} processes")
-    found = find_checkpoint(out / CHECKPOINT_DIR) if args.resume else None
-    if args.resume and found is None:
-        log(f"--resume: no checkpoint in {out / CHECKPOINT_DIR}; starting from scratch")
-    seed_everything(args.seed)
+class GPTTask(TrainTask):
+    log_every = LOG_EVERY
 
-    text = read_text_file(args.data) if args.data else stdlib_text(args.max_chars)
-    tokenizer = _tokenizer_for(args, text, out, resume=found is not None)
-    ids = torch.tensor(tokenizer.encode(text), dtype=torch.int64)
+    def __init__(self, run: Run, config: GPTConfig, tokenizer, train_ids: torch.Tensor, val_ids: torch.Tensor):
+        args = run.args
+        self.run, self.config, self.tokenizer = run, config, tokenizer
+        self.train_ids, self.val_ids = train_ids, val_ids
+        self.model = GPT(config).to(run.device)
+        self.modules = {"model": self.model}
+        self.optimizers = {"model": make_optimizer(self.model, args.lr, args.weight_decay, run.device)}
+        self.ddp = run.dist.wrap(self.model)
+        self.min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
+        self.sample_prompt = tokenizer.encode(tokenizer.decode(val_ids[:16].tolist()))[:16] or [0]
+        self.tokens_per_step = args.batch_size * config.block_size
+        self.tic = time.perf_counter()
+        self.model.train()
 
-    if found is not None:
-        saved_config = json.loads((found / "config.json").read_text())
-        config = GPTConfig.from_dict(saved_config["model"])
-    else:
-        overrides = {"vocab_size": tokenizer.vocab_size}
-        if args.block_size is not None:
-            overrides["block_size"] = args.block_size
-        if args.dropout is not None:
-            overrides["dropout"] = args.dropout
-        config = GPTConfig.preset(args.config, **overrides)
-    if config.vocab_size != tokenizer.vocab_size:
-        raise SystemExit(f"genfast train gpt: the checkpoint's vocabulary ({config.vocab_size}) does not match the "
-                         f"tokenizer's ({tokenizer.vocab_size})")
-    block_size = config.block_size
-    train_ids, val_ids = split_tokens(ids, block_size)
+    def config_dict(self) -> dict:
+        args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(self.run.args).items()}
+        return {"model": self.config.to_dict(), "tokenizer": type(self.tokenizer).__name__, "args": args}
 
-    model = GPT(config).to(device)
-    optimizer = make_optimizer(model, args.lr, args.weight_decay, device)
-    step = 0
-    if found is not None:
-        trainer_state, _ = load_checkpoint(found, modules={"model": model}, map_location=device)
-        optimizer.load_state_dict(trainer_state["optimizer"])
-        step = int(trainer_state["step"])
-        restore_rng_state(trainer_state["rng"])
-        log(f"resumed from {found} at step {step}")
-    elif dist.is_main:
-        _save_tokenizer(tokenizer, out)
-    ddp_model = dist.wrap(model)
-    log(f"GPT {args.config}: {model.num_parameters() / 1e6:.2f}M parameters, vocabulary {config.vocab_size}, "
-        f"{len(train_ids)} training tokens, {dist.world_size} process(es) on {device}")
+    def write_side_files(self, directory: Path) -> None:
+        self.tokenizer.save(directory)  # beside the weights, in the same atomic step
 
-    def save(at_step: int) -> None:
-        if dist.is_main:
-            state = {"optimizer": optimizer.state_dict(), "step": at_step, "rng": capture_rng_state()}
-            save_checkpoint(out / CHECKPOINT_DIR, modules={"model": model}, trainer_state=state,
-                            config={"model": config.to_dict(), "tokenizer": type(tokenizer).__name__,
-                                    "args": vars(args)})
-        dist.barrier()
+    def train_step(self, step: int) -> dict:
+        run, args, dist = self.run, self.run.args, self.run.dist
+        lr = warmup_cosine_lr(step, base_lr=args.lr, warmup_steps=args.warmup, total_steps=args.steps,
+                              min_lr=self.min_lr)
+        optimizer = self.optimizers["model"]
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # The global batch of this step is a function of (seed, step) alone: a resumed run sees the same data.
+        x, y = get_batch(self.train_ids, args.batch_size, self.config.block_size, batch_generator(args.seed, step))
+        x, y = dist.shard(x).to(run.device, non_blocking=True), dist.shard(y).to(run.device, non_blocking=True)
+        with run.autocast():
+            _, loss = self.ddp(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip)
+        optimizer.step()
+        figures = {"loss": loss.detach(), "lr": lr}
+        if (step + 1) % LOG_EVERY == 0:
+            elapsed, self.tic = time.perf_counter() - self.tic, time.perf_counter()
+            figures["tok_s"] = LOG_EVERY * self.tokens_per_step / max(elapsed, 1e-9)
+        return figures
 
-    min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
-    sample_prompt = tokenizer.encode(tokenizer.decode(val_ids[:16].tolist()))[:16] or [0]
-    end = args.steps if args.stop_after is None else min(args.steps, step + args.stop_after)
-    bar = progress_bar(args.steps, initial=step, desc="train gpt", enabled=dist.is_main and not args.quiet)
-    model.train()
-    tokens_per_step = args.batch_size * block_size
-    tic, last_loss = time.perf_counter(), None
-    with StopOnInterrupt() as stop:
-        while step < end:
-            lr = warmup_cosine_lr(step, base_lr=args.lr, warmup_steps=args.warmup, total_steps=args.steps,
-                                  min_lr=min_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            # The global batch of this step is a function of (seed, step) alone: a resumed run sees the same data.
-            x, y = get_batch(train_ids, args.batch_size, block_size, batch_generator(args.seed, step))
-            x, y = dist.shard(x).to(device, non_blocking=True), dist.shard(y).to(device, non_blocking=True)
-            with _autocast(device):
-                _, loss = ddp_model(x, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if args.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            optimizer.step()
-            step += 1
-            bar.update(1)
-            if step % 10 == 0 or step == end:  # reading the loss waits for the device: not every step
-                last_loss = dist.mean(loss.detach())
-                elapsed, tic = time.perf_counter() - tic, time.perf_counter()
-                steps_done = 10 if step % 10 == 0 else step % 10
-                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}",
-                                tok_s=f"{steps_done * tokens_per_step / max(elapsed, 1e-9):,.0f}")
-            if step % args.eval_every == 0 or step == args.steps:
-                val = evaluate(model, val_ids, args, block_size, device)
-                log(f"\nstep {step}: train loss {last_loss if last_loss is None else round(last_loss, 4)}, "
-                    f"val loss {val:.4f}")
-                if args.sample_tokens and dist.is_main and not args.quiet:
-                    log(sample_text(model, tokenizer, sample_prompt, args.sample_tokens, args.seed, device))
-                save(step)
-            if dist.any(stop.requested):
-                save(step)
-                log(f"stopped at step {step}; continue with --resume")
-                bar.close()
-                return 130
-    if step % args.eval_every and step != args.steps:
-        save(step)  # --stop-after ended the run between evals
-    bar.close()
-    if dist.is_main:
-        print(f"trained to step {step}; checkpoint in {out / CHECKPOINT_DIR}")
-    return 0
+    def evaluate(self, step: int) -> bool:
+        run, args = self.run, self.run.args
+        val = evaluate(self.model, self.val_ids, args, self.config.block_size, run.device)  # every rank: same
+        run.log(f"step {step}: val loss {val:.4f}")
+        if args.sample_tokens and run.verbose:
+            run.log(sample_text(self.model, self.tokenizer, self.sample_prompt, args.sample_tokens, args.seed,
+                                run.device))
+        return False
 
 
 # ------------------------------------------------------------------------------------------ sampling
 def sample_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="genfast sample gpt", description="Continue a prompt with a trained GPT.")
-    p.add_argument("--ckpt", required=True,
-                   help="a `genfast train gpt` output directory, or a Hugging Face GPT-2 directory")
+    p = CommandParser(prog="genfast sample gpt", description="Continue a prompt with a trained GPT.")
+    p.add_argument("--ckpt", type=Path, required=True,
+                   help="a `genfast train gpt` run folder, or a Hugging Face GPT-2 directory")
     p.add_argument("--prompt", required=True, help="the text to continue")
-    p.add_argument("--max-new-tokens", type=_non_negative(int), default=200, help="(default %(default)s)")
-    p.add_argument("--temperature", type=_non_negative(float), default=0.8, help="0 for greedy (default %(default)s)")
-    p.add_argument("--top-k", type=_non_negative(int), default=50, help="0 for none (default %(default)s)")
-    p.add_argument("--top-p", type=_positive(float), default=1.0, help="1 for none (default %(default)s)")
-    p.add_argument("--min-p", type=_non_negative(float), default=0.0, help="0 for none (default %(default)s)")
-    p.add_argument("--repetition-penalty", type=_positive(float), default=1.0, help="(default %(default)s)")
-    p.add_argument("--num-samples", type=_positive(int), default=1, help="continuations drawn in one batch")
-    p.add_argument("--seed", type=_non_negative(int), default=0)
+    p.add_argument("--max-new-tokens", type=non_negative_int, default=200, help="(default %(default)s)")
+    p.add_argument("--temperature", type=non_negative_float, default=0.8, help="0 for greedy (default %(default)s)")
+    p.add_argument("--top-k", type=non_negative_int, default=50, help="0 for none (default %(default)s)")
+    p.add_argument("--top-p", type=unit_interval, default=1.0, help="in (0, 1]; 1 for none (default %(default)s)")
+    p.add_argument("--min-p", type=open_probability, default=0.0, help="in [0, 1); 0 for none (default %(default)s)")
+    p.add_argument("--repetition-penalty", type=positive_float, default=1.0, help="(default %(default)s)")
+    p.add_argument("--num-samples", type=positive_int, default=1, help="continuations drawn in one batch")
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
-    p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
+    add_device_args(p, ops=SAMPLE_OPS)
     return p
 
 
 def load_for_sampling(ckpt: str | os.PathLike, device: torch.device) -> tuple[GPT, object]:
-    """(model, tokenizer) from a training output directory, its checkpoint/ directory, or a HF GPT-2 directory."""
+    """(model, tokenizer) from a run folder, its checkpoint/ folder, or a Hugging Face GPT-2 directory."""
     path = Path(ckpt)
     if not path.is_dir():
-        raise FileNotFoundError(f"--ckpt: no directory at {path}")
-    if find_checkpoint(path / CHECKPOINT_DIR) is not None:  # a training output directory
-        run_dir, found = path, find_checkpoint(path / CHECKPOINT_DIR)
-    elif find_checkpoint(path) is not None:  # its checkpoint/ directory (config.json + trainer.pt)
-        run_dir, found = path.parent, find_checkpoint(path)
-    elif (path / "config.json").is_file():  # a Hugging Face GPT-2 directory
+        raise FileNotFoundError(f"no directory at {path}")
+    if (path / "checkpoint").is_dir() or (path / "trainer.pt").is_file():  # a genfast run
+        directory, saved = read_run(path, "gpt")
+        config = GPTConfig.from_dict(saved["model"])
+        model = build_and_load(lambda: GPT(config), directory, "model")
+        return model.to(device), load_tokenizer(directory)
+    if (path / "config.json").is_file():  # a Hugging Face GPT-2 directory
         return GPT.from_pretrained(path, device=device), load_tokenizer(path)
-    else:
-        raise FileNotFoundError(f"--ckpt: no GPT checkpoint in {path} (expected {CHECKPOINT_DIR}/ from "
-                                "`genfast train gpt`, or a Hugging Face GPT-2 directory)")
-    config_data = json.loads((found / "config.json").read_text())
-    if not isinstance(config_data.get("model"), dict):
-        raise ValueError(f"--ckpt: {found} is not a GPT checkpoint (its config.json has no model config)")
-    model = GPT(GPTConfig.from_dict(config_data["model"]))
-    load_checkpoint(found, modules={"model": model})
-    return model.to(device), load_tokenizer(run_dir / TOKENIZER_DIR)
+    raise FileNotFoundError(f"no GPT checkpoint in {path} (expected checkpoint/ from `genfast train gpt`, or a "
+                            "Hugging Face GPT-2 directory)")
 
 
 def sample_main(argv: list[str]) -> int:
-    args = sample_parser().parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, tokenizer = load_for_sampling(args.ckpt, device)
+    parser = sample_parser()
+    args = parser.parse_args(argv)
+    device = sample_device(parser, args, SAMPLE_OPS)
+    model, tokenizer = load_or_exit(parser, lambda: load_for_sampling(args.ckpt, device))
     model.eval()
     prompt = tokenizer.encode(args.prompt)
     if not prompt:
@@ -366,7 +279,7 @@ def sample_main(argv: list[str]) -> int:
                  repetition_penalty=args.repetition_penalty, generator=generator)
     if args.stream and args.num_samples == 1:
         ids, shown = list(prompt), ""
-        for token in model.generate(idx, n, stream=True, **knobs):
+        for token in backend_errors(parser, lambda: model.generate(idx, n, stream=True, **knobs)):
             ids.append(int(token[0]))
             text = tokenizer.decode(ids)
             # Byte-level BPE may end mid-character (decoded as U+FFFD): print only what is complete.
@@ -375,7 +288,7 @@ def sample_main(argv: list[str]) -> int:
                 shown = text
         print(tokenizer.decode(ids)[len(shown):])
         return 0
-    out = model.generate(idx, n, **knobs)
+    out = backend_errors(parser, lambda: model.generate(idx, n, **knobs))
     for i, row in enumerate(out.tolist()):
         if args.num_samples > 1:
             print(f"--- sample {i + 1}")
