@@ -24,13 +24,13 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genfast import ops
+from genfast import _io, ops
 from genfast.nn.attention import CausalSelfAttention, KVCache
 
 # Presets: the sizes of OpenAI's GPT-2 models, and a tiny one that trains in minutes on a CPU.
@@ -45,6 +45,13 @@ CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight"
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 # How often (in decoded tokens) generate() asks the device whether every sequence has met eos_token_id.
 EOS_CHECK_EVERY = 8
+# The largest sizes from_pretrained accepts from a config file (a hostile one must not exhaust memory): far above
+# any GPT-2-like model, and each is also checked against the weights file before anything is allocated.
+CONFIG_LIMITS = {"vocab_size": 2**24, "block_size": 2**20, "n_layer": 1024, "n_head": 4096, "n_embd": 2**17,
+                 "n_inner": 2**19}
+# The config.json of a run folder written by `genfast train gpt` (see genfast.training.checkpoint).
+RUN_FORMAT_VERSION = 2
+RUN_CHECKPOINT_DIR = "checkpoint"
 
 
 @dataclass
@@ -187,12 +194,23 @@ class GPT(nn.Module):
             x = block(x, None if kv_caches is None else kv_caches[i])
         return self.transformer.ln_f(x)
 
+    def _check_token_ids(self, idx: torch.Tensor, name: str) -> None:
+        """Token ids in [0, vocab_size): one host sync (skipped under torch.compile), instead of an IndexError or
+        a device-side assert from the embedding."""
+        if torch.compiler.is_compiling() or idx.numel() == 0:
+            return
+        lo, hi = (int(x) for x in torch.aminmax(idx))
+        vocab = self.config.vocab_size
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"GPT: {name} must hold token ids in [0, vocab_size={vocab}), got values in [{lo}, {hi}]")
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         self._check_idx(idx)
         t = idx.shape[1]
         if t > self.config.block_size:
             raise ValueError(f"GPT: a sequence of {t} tokens is longer than the context "
                              f"(block_size={self.config.block_size})")
+        self._check_token_ids(idx, "idx")
         logits = self.lm_head(self.hidden_states(idx))  # (B, T, V)
         loss = None
         if targets is not None:
@@ -207,7 +225,7 @@ class GPT(nn.Module):
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature=1.0, top_k=0, top_p=1.0,
                  min_p=0.0, repetition_penalty=1.0, eos_token_id: int | None = None,
                  attention_mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                 stream: bool = False):
+                 stream: bool = False, cuda_graph: bool | None = None):
         """Continue the prompts ``input_ids`` [B, T] int64 by up to ``max_new_tokens`` tokens.
 
         Returns [B, T + n] (the prompts, then the n <= max_new_tokens new tokens); with ``stream=True`` an
@@ -218,11 +236,14 @@ class GPT(nn.Module):
         then continued exactly as if it were alone. With ``eos_token_id`` a sequence that emits it is
         finished (later tokens are eos_token_id) and generation stops once every sequence has finished.
 
-        The prompt is run once (prefill), filling a KV cache per block; each new token then costs one decode
-        step (attention_decode over the cache, sample_tokens over the logits) without waiting for the host:
-        the only synchronisation is the check whether all sequences met eos_token_id, every few tokens
-        (every token when streaming, whose consumer waits for each token anyway). Dropout applies if the
-        model is in training mode: call ``model.eval()`` first.
+        The prompt is run once (prefill), filling a preallocated KV cache per block; each new token then costs
+        one decode step of fixed shapes (attention_decode over the whole cache, the per-row lengths read on the
+        device) and sample_tokens over its logits, without waiting for the host: the only synchronisations are
+        the check of the first step's real logits (a temperature so small that logits / temperature overflows
+        is a ValueError, as are NaN logits) and whether all sequences met eos_token_id, every few tokens (every
+        token when streaming, whose consumer waits for each token anyway). ``cuda_graph`` (default: on for a
+        CUDA model when not streaming) replays the decode step as one captured CUDA graph; it needs CUDA.
+        Dropout applies if the model is in training mode: call ``model.eval()`` first.
         """
         if not isinstance(stream, bool):
             raise TypeError(f"GPT.generate: stream must be a bool, got {type(stream).__name__}")
@@ -230,8 +251,9 @@ class GPT(nn.Module):
                      repetition_penalty=repetition_penalty)
         # Checked here, not in the step generator, so that a streaming call fails at once rather than on next().
         self._check_generate(input_ids, max_new_tokens, eos_token_id, attention_mask, generator, knobs)
+        cuda_graph = self._graph_choice(cuda_graph, stream)
         steps = self._generate_steps(input_ids, max_new_tokens, knobs, eos_token_id, attention_mask, generator,
-                                     stream)
+                                     stream, cuda_graph)
         if stream:
             return steps
         new = list(steps)
@@ -244,6 +266,18 @@ class GPT(nn.Module):
             if bool(all_done.any()):
                 generated = generated[:, :int(all_done.int().argmax()) + 1]
         return torch.cat([input_ids, generated], dim=1)
+
+    def _graph_choice(self, cuda_graph, stream: bool) -> bool:
+        device = self.transformer.wte.weight.device
+        if cuda_graph is None:  # on where it is safe: a CUDA model in eval mode, not streaming
+            return device.type == "cuda" and not stream and not self.training
+        if not isinstance(cuda_graph, bool):
+            raise TypeError(f"GPT.generate: cuda_graph must be None or a bool, got {type(cuda_graph).__name__}")
+        if cuda_graph and device.type != "cuda":
+            raise ValueError(f"GPT.generate: cuda_graph=True needs a model on a CUDA device, this one is on {device}")
+        if cuda_graph and self.training:
+            raise ValueError("GPT.generate: cuda_graph=True needs model.eval() (dropout cannot be replayed)")
+        return cuda_graph
 
     def _check_generate(self, input_ids, max_new_tokens, eos_token_id, attention_mask, generator, knobs):
         op = "GPT.generate"
@@ -295,7 +329,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def _generate_steps(self, input_ids, max_new_tokens, knobs, eos_token_id, attention_mask, generator,
-                        stream) -> Iterator[torch.Tensor]:
+                        stream, cuda_graph) -> Iterator[torch.Tensor]:
         """Yields each step's new tokens [B]; the arguments were checked by generate()."""
         repetition_penalty = knobs["repetition_penalty"]
         if max_new_tokens == 0:
@@ -312,10 +346,7 @@ class GPT(nn.Module):
             # padding tokens (set_lengths), and the decoded tokens overwrite them.
             lengths = attention_mask.to(torch.int64).sum(dim=1)
             ids = input_ids.gather(1, (cols[None, :] + (t - lengths)[:, None]) % t)
-        cfg = self.config
-        dtype = self.transformer.wte.weight.dtype
-        caches = [KVCache(b, cfg.n_head, t + max_new_tokens, cfg.n_embd // cfg.n_head, dtype=dtype, device=device)
-                  for _ in range(cfg.n_layer)]
+        caches = self.new_caches(b, t + max_new_tokens)
         hidden = self.hidden_states(ids, cols, caches)  # (B, T, C)
         for cache in caches:
             cache.set_lengths(lengths)
@@ -325,49 +356,116 @@ class GPT(nn.Module):
         knobs = {name: value if isinstance(value, torch.Tensor) else
                  torch.full((b,), value, device=device, dtype=torch.int64 if name == "top_k" else torch.float32)
                  for name, value in knobs.items()}
-        # Token ids the repetition penalty looks at: the prompt's (padding as -1, which sample_tokens ignores).
-        seen = torch.where(cols[None, :] < lengths[:, None], ids, -1) if penalize else None
+        seen = None
+        if penalize:
+            # The token ids the repetition penalty looks at, in one buffer of fixed shape: the prompt, then each
+            # new token in its column. Columns not (yet) holding a token of the row repeat the row's last prompt
+            # token: a token seen twice is penalised once, so the filler changes nothing.
+            filler = ids.gather(1, (lengths - 1)[:, None])  # (B, 1)
+            seen = torch.where(cols[None, :] < lengths[:, None], ids, filler)
+            seen = torch.cat([seen, filler.expand(b, max_new_tokens)], dim=1).contiguous()  # (B, T + max_new)
+        step = self._decode_graph(caches, b) if cuda_graph else self._decode_step(caches)
         finished = torch.zeros(b, dtype=torch.bool, device=device)
         positions = lengths.clone()
-        for step in range(max_new_tokens):
-            token = ops.sample_tokens(logits, **knobs, prev_tokens=seen, generator=generator, validate=False)
+        for i in range(max_new_tokens):
+            # The first step checks its real logits (one sync); later steps trust them (no sync per token).
+            token = ops.sample_tokens(logits, **knobs, prev_tokens=seen, generator=generator, validate=i == 0)
             if eos_token_id is not None:
-                token = torch.where(finished, eos_token_id, token)
+                token.masked_fill_(finished, eos_token_id)
                 finished |= token == eos_token_id
             yield token
-            if step + 1 == max_new_tokens:
+            if i + 1 == max_new_tokens:
                 break
-            if eos_token_id is not None and (stream or (step + 1) % EOS_CHECK_EVERY == 0) and bool(finished.all()):
+            if eos_token_id is not None and (stream or (i + 1) % EOS_CHECK_EVERY == 0) and bool(finished.all()):
                 break
             if penalize:
-                seen = torch.cat([seen, token[:, None]], dim=1)
-            hidden = self.hidden_states(token[:, None], positions[:, None], caches)  # (B, 1, C)
-            logits = self.lm_head(hidden[:, -1])
+                seen[:, t + i] = token
+            logits = step(token, positions)
             positions += 1
+
+    def new_caches(self, batch_size: int, max_seq_len: int) -> list[KVCache]:
+        """One empty KV cache per block, of the model's dtype and device."""
+        cfg, weight = self.config, self.transformer.wte.weight
+        return [KVCache(batch_size, cfg.n_head, max_seq_len, cfg.n_embd // cfg.n_head, dtype=weight.dtype,
+                        device=weight.device) for _ in range(cfg.n_layer)]
+
+    def _decode_step(self, caches: list[KVCache]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The decode step: (token [B], positions [B]) -> next logits [B, V], appending to ``caches``.
+
+        Every tensor it touches has a fixed shape and address (the caches and their lengths are updated in place)
+        and nothing in it waits for the host, so the same step is what the CUDA graph captures."""
+
+        def step(token: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            hidden = self.hidden_states(token[:, None], positions[:, None], caches)  # (B, 1, C)
+            return self.lm_head(hidden[:, -1])
+
+        return step
+
+    def _decode_graph(self, caches: list[KVCache], b: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """``_decode_step`` captured once as a CUDA graph; each call copies its inputs in and replays it."""
+        device = self.transformer.wte.weight.device
+        step = self._decode_step(caches)
+        token_in = torch.zeros(b, dtype=torch.int64, device=device)
+        positions_in = torch.zeros(b, dtype=torch.int64, device=device)
+        # Warm-up (it allocates workspaces and compiles kernels) and capture both append one token: remember the
+        # lengths, and put them back after; the slot written is overwritten by the first real step.
+        saved = [(cache.lengths.clone(), cache.bound) for cache in caches]
+        positions_in.copy_(caches[0].lengths)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            step(token_in, positions_in)
+        torch.cuda.current_stream(device).wait_stream(side)
+        for cache, (lengths, bound) in zip(caches, saved):
+            cache.lengths.copy_(lengths)
+            cache.bound = bound
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits_out = step(token_in, positions_in)
+        for cache, (_, bound) in zip(caches, saved):
+            cache.bound = bound  # capture ran the Python of append (bound += 1) but no kernel
+
+        def replay(token: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            token_in.copy_(token)
+            positions_in.copy_(positions)
+            graph.replay()
+            return logits_out
+
+        return replay
 
     # ------------------------------------------------------------------------------------------ Hugging Face
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
                         device: str | torch.device | None = None) -> "GPT":
-        """A GPT with the weights of a local Hugging Face GPT-2 checkpoint directory (never a download).
+        """A GPT from local files (never a download): ``path`` is one of
 
-        The directory holds config.json (model_type "gpt2") and model.safetensors, or pytorch_model.bin (read
-        with torch.load(weights_only=True), which runs no pickled code). The model gives the logits that
-        transformers' GPT2LMHeadModel gives on the same checkpoint. Dropout is 0 (an inference model; set
-        ``model.config``'s and the modules' dropout yourself to fine-tune with it).
+        - a run folder of ``genfast train gpt`` (``<out>``; its ``checkpoint/`` is read), or that checkpoint
+          folder: config.json ``{"format_version": 2, "recipe": "gpt", "model": {GPTConfig fields}}`` and
+          model.safetensors with this class's state dict;
+        - a Hugging Face GPT-2 folder: config.json (model_type "gpt2") and model.safetensors, or
+          pytorch_model.bin (read with torch.load(weights_only=True), which runs no pickled code). The model then
+          gives the logits transformers' GPT2LMHeadModel gives on the same checkpoint.
+
+        The files are untrusted: the config is read with bounded size and nesting, its sizes are bounded
+        (``CONFIG_LIMITS``) and compared with the weights' shapes, read from the safetensors header, before the
+        model is allocated; every error names the file and the key or tensor at fault. Dropout is 0 (an
+        inference model; set ``model.config``'s and the modules' dropout yourself to fine-tune with it).
         """
-        path = Path(path)
-        config_file = path / "config.json"
-        if not config_file.is_file():
-            raise FileNotFoundError(f"GPT.from_pretrained: no config.json in {path}")
-        try:
-            hf = json.loads(config_file.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"GPT.from_pretrained: {config_file} is not valid JSON: {exc}") from exc
-        config = _config_from_hf(hf, config_file)
-        state = _read_hf_weights(path)
+        folder = _checkpoint_folder(Path(path))
+        config_file = folder / "config.json"
+        raw = _io.read_json_config(config_file)
+        hf = "format_version" not in raw and "recipe" not in raw
+        if hf:
+            config = _config_from_hf(raw, config_file)
+            weights, state = _read_hf_weights(folder, config)
+        else:
+            config = _config_from_run(raw, config_file)
+            weights = folder / "model.safetensors"
+            shapes = {name: info.shape for name, info in _io.read_safetensors_header(weights).items()}
+            _check_shapes(shapes, config, weights, hf=False)
+            state = _io.load_safetensors_state(weights)
         model = cls(config)
-        model.load_state_dict(_state_from_hf(state, model, path), strict=True)
+        model.load_state_dict(_state_for(state, weights, hf=hf), strict=True)
         return model.to(device=device, dtype=dtype)
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:
@@ -386,6 +484,10 @@ class GPT(nn.Module):
             "layer_norm_epsilon": cfg.layer_norm_epsilon, "initializer_range": 0.02, "tie_word_embeddings": True,
             "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
             "torch_dtype": str(self.transformer.wte.weight.dtype).replace("torch.", ""),
+            # GPT-2's <|endoftext|> where the vocabulary has it; None otherwise (transformers warns about an id
+            # outside the vocabulary, its default 50256, at every load).
+            "bos_token_id": 50256 if cfg.vocab_size > 50256 else None,
+            "eos_token_id": 50256 if cfg.vocab_size > 50256 else None,
         }
         tensors = {}
         for name, tensor in self.state_dict().items():
@@ -413,71 +515,169 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+def _checkpoint_folder(path: Path) -> Path:
+    """The folder holding config.json: a run folder's checkpoint/, or ``path`` itself."""
+    if (path / RUN_CHECKPOINT_DIR / "config.json").is_file():
+        return path / RUN_CHECKPOINT_DIR
+    if (path / "config.json").is_file():
+        return path
+    raise FileNotFoundError(f"GPT.from_pretrained: no config.json in {path} (a Hugging Face GPT-2 folder) or in "
+                            f"{path / RUN_CHECKPOINT_DIR} (a run folder of `genfast train gpt`)")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _size(values: dict, key: str, default, where: str, label: str | None = None, limit: str | None = None) -> int:
+    """An int size from a config file, in [1, CONFIG_LIMITS[limit or key]] (ValueError naming the file and key)."""
+    value = values.get(key, default)
+    high = CONFIG_LIMITS[limit or key]
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+        raise ValueError(f"{where}: key {label or key!r} must be an int in [1, {high}], got {_short(value)}")
+    return value
+
+
+def _config_from_run(raw: dict, source: Path) -> GPTConfig:
+    """GPTConfig of a run folder's config.json (format_version 2, recipe gpt)."""
+    where = f"GPT.from_pretrained: {source}"
+    version, recipe = raw.get("format_version"), raw.get("recipe")
+    if version != RUN_FORMAT_VERSION or isinstance(version, bool):
+        raise ValueError(f"{where}: key 'format_version' is {_short(version)}; this genfast reads run folders of "
+                         f"format_version {RUN_FORMAT_VERSION} (re-save the checkpoint with this genfast's recipe)")
+    if recipe != "gpt":
+        raise ValueError(f"{where}: key 'recipe' is {_short(recipe)}: a checkpoint of another recipe, not a GPT "
+                         "(`genfast train gpt` writes recipe 'gpt')")
+    model = raw.get("model")
+    if not isinstance(model, dict):
+        raise ValueError(f"{where}: key 'model' must be an object of GPTConfig fields, got {_short(model)}")
+    known = {f.name for f in dataclasses.fields(GPTConfig)}
+    unknown = sorted(str(k) for k in set(model) - known)
+    if unknown:
+        raise ValueError(f"{where}: key 'model' has unknown fields {unknown[:5]}; known: {sorted(known)}")
+    for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+        _size(model, key, getattr(GPTConfig, key), where, f"model.{key}")
+    if model.get("n_inner") is not None:
+        _size(model, "n_inner", None, where, "model.n_inner")
+    try:
+        return GPTConfig.from_dict({**model, "dropout": 0.0})
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: key 'model': {exc}") from exc
+
+
 def _config_from_hf(hf: dict, source: Path) -> GPTConfig:
     """GPTConfig of a transformers GPT2Config dict; ValueError for another architecture or unsupported options."""
     where = f"GPT.from_pretrained: {source}"
-    if not isinstance(hf, dict) or hf.get("model_type") != "gpt2":
-        kind = hf.get("model_type") if isinstance(hf, dict) else None
-        raise ValueError(f"{where} describes a {kind!r} model, not GPT-2 (model_type 'gpt2'): another architecture")
+    if hf.get("model_type") != "gpt2":
+        raise ValueError(f"{where} describes a {_short(hf.get('model_type'))} model, not GPT-2 (model_type 'gpt2'): "
+                         "another architecture, or not a run folder of `genfast train gpt` (no 'format_version')")
     unsupported = {
         "activation_function": (hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh")),
         "scale_attn_weights": hf.get("scale_attn_weights", True) is not True,
-        "scale_attn_by_inverse_layer_idx": bool(hf.get("scale_attn_by_inverse_layer_idx", False)),
-        "add_cross_attention": bool(hf.get("add_cross_attention", False)),
+        "scale_attn_by_inverse_layer_idx": hf.get("scale_attn_by_inverse_layer_idx", False) is not False,
+        "add_cross_attention": hf.get("add_cross_attention", False) is not False,
         "tie_word_embeddings": hf.get("tie_word_embeddings", True) is not True,
     }
-    bad = [f"{k}={hf.get(k)!r}" for k, is_bad in unsupported.items() if is_bad]
+    bad = [f"{k}={_short(hf.get(k))}" for k, is_bad in unsupported.items() if is_bad]
     if bad:
         raise ValueError(f"{where}: options genfast's GPT does not implement: {', '.join(bad)}")
+    sizes = {ours: _size(hf, theirs, default, where, limit=ours) for ours, theirs, default in (
+        ("vocab_size", "vocab_size", 50257), ("block_size", "n_positions", 1024), ("n_layer", "n_layer", 12),
+        ("n_head", "n_head", 12), ("n_embd", "n_embd", 768))}
+    n_inner = None if hf.get("n_inner") is None else _size(hf, "n_inner", None, where)
+    eps = hf.get("layer_norm_epsilon", 1e-5)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        raise ValueError(f"{where}: key 'layer_norm_epsilon' must be a number in (0, 1), got {_short(eps)}")
     try:
-        return GPTConfig(vocab_size=hf.get("vocab_size", 50257), block_size=hf.get("n_positions", 1024),
-                         n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12), n_embd=hf.get("n_embd", 768),
-                         n_inner=hf.get("n_inner"), dropout=0.0,
-                         layer_norm_epsilon=float(hf.get("layer_norm_epsilon", 1e-5)))
+        return GPTConfig(**sizes, n_inner=n_inner, dropout=0.0, layer_norm_epsilon=float(eps))
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from exc
 
 
-def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
+def _expected_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """Our state dict's shapes for ``config``, computed without building the model (the tied head left out)."""
+    c, w, v = config.n_embd, config.mlp_width, config.vocab_size
+    shapes = {"transformer.wte.weight": (v, c), "transformer.wpe.weight": (config.block_size, c),
+              "transformer.ln_f.weight": (c,)}
+    per_block = {"ln_1.weight": (c,), "ln_2.weight": (c,), "attn.c_attn.weight": (3 * c, c),
+                 "attn.c_proj.weight": (c, c), "mlp.c_fc.weight": (w, c), "mlp.c_proj.weight": (c, w)}
+    if config.bias:
+        shapes["transformer.ln_f.bias"] = (c,)
+        per_block.update({"ln_1.bias": (c,), "ln_2.bias": (c,), "attn.c_attn.bias": (3 * c,),
+                          "attn.c_proj.bias": (c,), "mlp.c_fc.bias": (w,), "mlp.c_proj.bias": (c,)})
+    for i in range(config.n_layer):
+        shapes.update({f"transformer.h.{i}.{name}": shape for name, shape in per_block.items()})
+    return shapes
+
+
+def _our_name(key: str, hf: bool) -> str | None:
+    """A weights file's tensor name in our state dict's naming (None: a buffer to skip); Hugging Face files may
+    leave out the ``transformer.`` prefix."""
+    if hf and key.endswith(IGNORED_SUFFIXES):
+        return None
+    if hf and not key.startswith(("transformer.", "lm_head.")):
+        return f"transformer.{key}"
+    return key
+
+
+def _check_shapes(shapes: dict[str, tuple[int, ...]], config: GPTConfig, source: Path, *, hf: bool) -> None:
+    """The tensors in ``source`` (name -> shape as stored) are exactly the model's for ``config``; ValueError
+    naming the file and the first mismatches otherwise. Runs before anything of the model's size is allocated."""
+    expected = _expected_shapes(config)
+    ours: dict[str, tuple[int, ...]] = {}
+    for key, shape in shapes.items():
+        name = _our_name(key, hf)
+        if name is None:
+            continue
+        if hf and name.endswith(CONV1D_SUFFIXES) and len(shape) == 2:  # Conv1D stores [in, out]
+            shape = shape[::-1]
+        ours[name] = tuple(shape)
+    head = ours.pop("lm_head.weight", None)
+    unexpected, missing = sorted(set(ours) - set(expected)), sorted(set(expected) - set(ours))
+    if unexpected or missing:
+        raise ValueError(f"GPT.from_pretrained: the weights in {source} are not a GPT's for its config.json "
+                         f"(another architecture, or a config that does not match): unexpected {unexpected[:5]}, "
+                         f"missing {missing[:5]}")
+    wrong = [f"{name} {ours[name]} (config.json needs {shape})" for name, shape in expected.items()
+             if ours[name] != shape]
+    if head is not None and head != expected["transformer.wte.weight"]:
+        wrong.append(f"lm_head.weight {head} (tied to the token embedding {expected['transformer.wte.weight']})")
+    if wrong:
+        raise ValueError(f"GPT.from_pretrained: tensors in {source} do not match its config.json: "
+                         f"{'; '.join(wrong[:5])}")
+
+
+def _read_hf_weights(path: Path, config: GPTConfig) -> tuple[Path, dict[str, torch.Tensor]]:
     safetensors_file, bin_file = path / "model.safetensors", path / "pytorch_model.bin"
     if safetensors_file.is_file():
-        from genfast.training.checkpoint import load_safetensors_state
-
-        return load_safetensors_state(safetensors_file)
+        shapes = {name: info.shape for name, info in _io.read_safetensors_header(safetensors_file).items()}
+        _check_shapes(shapes, config, safetensors_file, hf=True)
+        return safetensors_file, _io.load_safetensors_state(safetensors_file)
     if bin_file.is_file():
         try:
             state = torch.load(bin_file, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise ValueError(f"GPT.from_pretrained: {bin_file} could not be loaded safely: {exc}") from exc
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                  for k, v in state.items()):
             raise ValueError(f"GPT.from_pretrained: {bin_file} does not hold a state dict of tensors")
-        return state
+        _check_shapes({k: tuple(v.shape) for k, v in state.items()}, config, bin_file, hf=True)
+        return bin_file, state
     raise FileNotFoundError(f"GPT.from_pretrained: no model.safetensors or pytorch_model.bin in {path}")
 
 
-def _state_from_hf(state: dict[str, torch.Tensor], model: GPT, source: Path) -> dict[str, torch.Tensor]:
-    """Our state dict from transformers' GPT-2 keys (with or without the ``transformer.`` prefix)."""
-    ours = model.state_dict()
+def _state_for(state: dict[str, torch.Tensor], source: Path, *, hf: bool) -> dict[str, torch.Tensor]:
+    """Our state dict from a weights file whose names and shapes ``_check_shapes`` accepted."""
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
-        if key.endswith(IGNORED_SUFFIXES):
+        name = _our_name(key, hf)
+        if name is None:
             continue
-        name = key if key.startswith(("transformer.", "lm_head.")) else f"transformer.{key}"
-        if name.endswith(CONV1D_SUFFIXES) and tensor.dim() == 2:
-            tensor = tensor.t()
-        out[name] = tensor
+        out[name] = tensor.t() if hf and name.endswith(CONV1D_SUFFIXES) and tensor.dim() == 2 else tensor
     head = out.pop("lm_head.weight", None)
-    unexpected = sorted(set(out) - set(ours))
-    missing = sorted(set(ours) - set(out) - {"lm_head.weight"})
-    if unexpected or missing:
-        raise ValueError(f"GPT.from_pretrained: the weights in {source} are not GPT-2's for this config "
-                         f"(another architecture?): unexpected {unexpected[:5]}, missing {missing[:5]}")
-    for name, tensor in out.items():
-        if tensor.shape != ours[name].shape:
-            raise ValueError(f"GPT.from_pretrained: {name} in {source} has shape {tuple(tensor.shape)}, the config "
-                             f"needs {tuple(ours[name].shape)}")
     wte = out["transformer.wte.weight"]
-    if head is not None and (head.shape != wte.shape or not torch.equal(head, wte)):
+    if head is not None and not torch.equal(head, wte):
         raise ValueError(f"GPT.from_pretrained: lm_head.weight in {source} differs from the token embedding; "
                          "genfast's GPT ties them, as GPT-2 does")
     out["lm_head.weight"] = wte
