@@ -1,7 +1,84 @@
 """genfast's models: one readable file each, a dataclass config, all attention, convolution and sampling through
-genfast ops."""
+genfast ops.
 
-from genfast.models import cgan, cyclegan, dcgan, numbergan, vae  # noqa: F401
-from genfast.models.gpt import GPT, GPTConfig  # noqa: F401
-from genfast.models.transformer import Transformer, TransformerConfig  # noqa: F401
-from genfast.models.unet import UNet, UNetConfig  # noqa: F401
+Each model loads from the run folder `genfast train <model>` writes in one line::
+
+    model = genfast.models.load("runs/dcgan")      # any recipe: the model (the generator for the GANs), eval mode
+    gpt = GPT.from_pretrained("runs/gpt")           # or per model: Generator.from_checkpoint, VAE.from_checkpoint ...
+
+The submodules load on first use (``genfast.models.GPT`` imports genfast/models/gpt.py then).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+# public name -> the submodule that defines it
+_EXPORTS = {
+    "GPT": "gpt", "GPTConfig": "gpt",
+    "Transformer": "transformer", "TransformerConfig": "transformer",
+    "UNet": "unet", "UNetConfig": "unet",
+    "VAE": "vae", "VAEConfig": "vae",
+    "CycleGAN": "cyclegan", "CycleGANConfig": "cyclegan",
+    "DCGANConfig": "dcgan", "CGANConfig": "cgan", "NumberGANConfig": "numbergan",
+}
+_SUBMODULES = ("gpt", "transformer", "unet", "vae", "cyclegan", "dcgan", "cgan", "numbergan", "ebm")
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"genfast.models.{_EXPORTS[name]}"), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"genfast.models.{name}")
+    raise AttributeError(f"module 'genfast.models' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS, *_SUBMODULES])
+
+
+def load(path: str | os.PathLike, device: str = "cpu"):
+    """The model a `genfast train <model> --out PATH` run trained (PATH: the run folder or its checkpoint folder),
+    in eval mode on ``device``:
+
+    gpt -> GPT; translator -> Transformer; numbergan, dcgan, cgan -> their Generator; cyclegan -> CycleGAN;
+    vae -> VAE; ddpm -> a DiffusionPipeline around the EMA UNet with the run's DDIM schedule.
+    """
+    from genfast._io import read_json_config
+    from genfast.models._checkpoint import build_and_load, find_run_checkpoint, read_run
+
+    recipe = read_json_config(find_run_checkpoint(path) / "config.json").get("recipe")
+    if recipe == "gpt":
+        from genfast.models.gpt import GPT, GPTConfig
+
+        directory, saved = read_run(path, "gpt")
+        config = GPTConfig.from_dict(saved["model"])
+        return build_and_load(lambda: GPT(config), directory, "model").to(device).eval()
+    if recipe == "translator":
+        from genfast.models.transformer import Transformer, TransformerConfig
+
+        directory, saved = read_run(path, "translator")
+        config = TransformerConfig.from_dict(saved["model"])
+        return build_and_load(lambda: Transformer(config), directory, "model").to(device).eval()
+    if recipe in ("numbergan", "dcgan", "cgan", "vae"):
+        module = importlib.import_module(f"genfast.models.{recipe}")
+        return (module.VAE if recipe == "vae" else module.Generator).from_checkpoint(path, device)
+    if recipe == "cyclegan":
+        from genfast.models.cyclegan import CycleGAN
+
+        return CycleGAN.from_checkpoint(path, device)
+    if recipe == "ddpm":
+        from genfast.diffusion.pipeline import DiffusionPipeline, make_scheduler
+        from genfast.models.unet import UNet
+
+        unet = UNet.from_checkpoint(path, device)
+        options = read_run(path, "ddpm")[1].get("scheduler")
+        if not isinstance(options, dict):
+            raise ValueError(f"{path}: the run's config.json has no 'scheduler' options")
+        return DiffusionPipeline(unet, make_scheduler("ddim", **options))
+    read_run(path, ())  # the clear error: an older format, or an unknown recipe
+    raise ValueError(f"{path} holds a {recipe!r} checkpoint, which genfast.models.load does not know")
+
+
+__all__ = ["load", *_EXPORTS]
