@@ -1,7 +1,7 @@
 """`genfast train ebm` and `genfast sample ebm`: an energy-based model of images (genfast/models/ebm.py), trained by
 contrastive divergence with Langevin chains continued from a replay buffer.
 
-    genfast train ebm --out runs/ebm                        # digits, 32x32 grayscale, offline
+    genfast train ebm --out runs/ebm                        # digits, 16x16 grayscale, offline
     genfast train ebm --data shapes --channels 3            # or --data DIR: a folder of images
     genfast sample ebm --ckpt runs/ebm --out ebm.png        # 64 images: buffer chains run 60 more steps
     genfast sample ebm --ckpt runs/ebm --chain --out chain.png   # each row one chain, noise -> image
@@ -104,13 +104,15 @@ class EBMTask(TrainTask):
 def _parser() -> argparse.ArgumentParser:
     parser = CommandParser(prog="genfast train ebm", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_train_args(parser, recipe="ebm", steps=1000, batch_size=64, lr=1e-3, ops=OPS)
+    add_train_args(parser, recipe="ebm", steps=1000, batch_size=32, lr=1e-3, ops=OPS)
     parser.add_argument("--data", default="digits",
                         help="'digits' (scikit-learn's), 'shapes' (generated) or a folder of images (default digits)")
-    parser.add_argument("--image-size", type=int, default=32, choices=(16, 32, 64))
+    # 16x16 by default: the digits are 8x8 scans, and each training step runs --langevin-steps forward and
+    # backward passes of the energy net, so the image size sets the CPU time.
+    parser.add_argument("--image-size", type=int, default=16, choices=(16, 32, 64))
     parser.add_argument("--channels", type=int, default=None, choices=(1, 3),
                         help="1 (grayscale) or 3 (RGB); default 1 for digits, 3 otherwise")
-    parser.add_argument("--features", type=positive_int, default=32, help="width of the energy net (default 32)")
+    parser.add_argument("--features", type=positive_int, default=16, help="width of the energy net (default 16)")
     parser.add_argument("--buffer-size", type=positive_int, default=8192, help="replay-buffer images (default 8192)")
     parser.add_argument("--langevin-steps", type=positive_int, default=20,
                         help="Langevin steps of each training chain (default 20)")
