@@ -1,18 +1,23 @@
-"""genfast.fuse(model): swap the blocks genfast has fused kernels for into a model, in place.
+"""genfast.fuse(model): swap the blocks genfast has fused kernels for into a model.
 
 A *rewrite* looks at one module's direct children and replaces the ones it recognises, recording what it
 replaced and what it left alone (and why) in the report. Rewrites live in a small registry so each op family
 adds its own (``@register_rewrite("attention")`` for nn.MultiheadAttention, say) without touching the walk.
 
-Replaced modules keep the original parameter and buffer *objects*: weights are shared, not copied, so outputs
-are unchanged and an optimizer built before fuse() still updates them. Fusing a run of an nn.Sequential
-(ConvTranspose2d, BatchNorm2d, ReLU) moves the norm and activation into the block at the convolution's index
-and leaves nn.Identity at theirs, so that parent's state_dict keys change ("3.running_mean" becomes
-"2.1.running_mean"): load checkpoints before fusing, or save the fused model's own state_dict.
+``fuse(model)`` modifies ``model`` in place and returns it; ``fuse(model, inplace=False)`` fuses a deep copy and
+leaves ``model`` untouched. In place, replaced modules keep the original parameter and buffer *objects*: weights
+are shared, not copied, so outputs are unchanged and an optimizer built before fuse() still updates them.
+
+The state_dict keys stay the original model's. Fusing a run of an nn.Sequential (ConvTranspose2d, BatchNorm2d,
+ReLU) moves the norm and activation into one block at the convolution's index and leaves nn.Identity at theirs;
+hooks on that parent (:class:`KeepStateDictKeys`) write the block's entries under their original names
+("0.weight", "1.running_mean", ...) and read either those names or the block's own ("0.0.weight", "0.1...."), so
+checkpoints load into and out of a fused model both ways. ``named_parameters()`` shows the block's layout.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Callable
 
@@ -53,16 +58,25 @@ def _path(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def fuse(model: nn.Module, *, rewrites: list[str] | None = None) -> tuple[nn.Module, FuseReport]:
-    """Replace, in place, every block of ``model`` that a registered rewrite recognises; returns (model, report).
+def fuse(model: nn.Module, *, rewrites: list[str] | None = None, inplace: bool = True) -> tuple[nn.Module, FuseReport]:
+    """Replace every block of ``model`` that a registered rewrite recognises; returns (fused model, report).
 
+    ``inplace=True`` (default) modifies ``model`` itself and returns it (weights shared with the caller's modules);
+    ``inplace=False`` fuses a ``copy.deepcopy`` of it (weights copied) and leaves ``model`` as it was.
     ``rewrites``: names from REWRITES to apply (default: all). The root module itself is never replaced (it has no
-    parent to hold the replacement); wrap it in an nn.Sequential to fuse it.
+    parent to hold the replacement); wrap it in an nn.Sequential to fuse it. state_dict keys are kept (see the
+    module docstring).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fuse: model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(inplace, bool):
+        raise TypeError(f"fuse: inplace must be a bool, got {type(inplace).__name__}")
     chosen = list(REWRITES) if rewrites is None else rewrites
     unknown = [r for r in chosen if r not in REWRITES]
     if unknown:
         raise ValueError(f"fuse: unknown rewrites {unknown}; registered: {', '.join(REWRITES)}")
+    if not inplace:
+        model = copy.deepcopy(model)
     report = FuseReport()
     # Snapshot first: the modules a rewrite inserts are not walked again (fuse() is idempotent).
     for prefix, module in list(model.named_modules()):
@@ -71,6 +85,68 @@ def fuse(model: nn.Module, *, rewrites: list[str] | None = None) -> tuple[nn.Mod
     if type(model) in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.MultiheadAttention):
         report.left_alone.append(("", "the root module itself is not replaced; wrap it in nn.Sequential"))
     return model, report
+
+
+# ------------------------------------------------------------------------------------------- state_dict keys
+class KeepStateDictKeys:
+    """State_dict hooks on a parent module whose children fuse() moved: its entries keep their original names.
+
+    ``moves`` maps a child's new relative path to its original one, e.g. {"0.0": "0", "0.1": "1"} after
+    (ConvTranspose2d, BatchNorm2d, ReLU) at "0", "1", "2" became one block at "0". Saving renames the block's
+    entries back ("0.1.running_mean" -> "1.running_mean"); loading accepts the original names and renames them to
+    the block's (the block's own names load as they are). A class rather than a closure, so that deepcopy and
+    pickle of the model keep working.
+    """
+
+    def __init__(self, moves: dict[str, str]):
+        self.moves = dict(moves)
+
+    @staticmethod
+    def _rename(key: str, prefix: str, table: dict[str, str]) -> str:
+        rest = key[len(prefix):]
+        for old, new in table.items():
+            if rest.startswith(old + "."):
+                return prefix + new + rest[len(old):]
+        return key
+
+    def __call__(self, module: nn.Module, state_dict, prefix: str, local_metadata) -> None:
+        """state_dict post-hook (a callable object: torch marks public post-hooks with an attribute, which a bound
+        method cannot take): the block's entries under their original names, order kept."""
+        items = list(state_dict.items())
+        state_dict.clear()
+        for key, value in items:
+            state_dict[self._rename(key, prefix, self.moves) if key.startswith(prefix) else key] = value
+        metadata = getattr(state_dict, "_metadata", None)
+        if metadata is not None:  # per-module versions (BatchNorm's) follow their modules' names
+            for new, old in self.moves.items():
+                if prefix + new in metadata:
+                    metadata[prefix + old] = metadata.pop(prefix + new)
+
+    def loading(self, module: nn.Module, state_dict, prefix: str, local_metadata, strict, missing_keys,
+                unexpected_keys, error_msgs) -> None:
+        """load_state_dict pre-hook: original names renamed to the block's; the block's own names pass."""
+        back = {old: new for new, old in self.moves.items()}
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            if any(key.startswith(prefix + new + ".") for new in self.moves):
+                continue  # already the block's name ("0.1.weight" must not read as the conv "0"'s "1.weight")
+            renamed = self._rename(key, prefix, back)
+            if renamed != key:
+                if renamed in state_dict:
+                    error_msgs.append(f"genfast.fuse: the checkpoint holds both {key!r} and {renamed!r}, which name "
+                                      "the same tensor of the fused model")
+                    continue
+                state_dict[renamed] = state_dict.pop(key)
+
+
+def keep_state_dict_keys(parent: nn.Module, moves: dict[str, str]) -> None:
+    """Register (or extend) :class:`KeepStateDictKeys` on ``parent`` for children moved as ``moves`` says."""
+    for hook in parent._state_dict_hooks.values():
+        if isinstance(hook, KeepStateDictKeys):
+            hook.moves.update(moves)
+            return
+    keeper = KeepStateDictKeys(moves)
+    parent.register_state_dict_post_hook(keeper)
+    parent.register_load_state_dict_pre_hook(keeper.loading)
 
 
 # ------------------------------------------------------------------------------------------- conv_transpose
@@ -126,6 +202,8 @@ def _rewrite_conv_transpose(parent: nn.Module, prefix: str, report: FuseReport) 
             parent._modules[name] = ConvTranspose2dNormAct.from_modules(child, norm, act)
             for extra in taken[1:]:
                 parent._modules[extra] = nn.Identity()
+            # The block's children are 0, 1, ... in the order taken: keep their entries under the old names.
+            keep_state_dict_keys(parent, {f"{name}.{k}": original for k, original in enumerate(taken)})
             parts = ", ".join(type(m).__name__ for m in (child, norm, act) if m is not None)
             report.replaced.append((_path(prefix, "+".join(taken)), f"genfast.nn.ConvTranspose2dNormAct({parts})"))
         i += len(taken)
