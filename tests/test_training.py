@@ -231,3 +231,156 @@ def test_stop_on_interrupt_sets_the_flag_then_restores():
     with StopOnInterrupt(message="test") as stop:
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.requested
+
+
+# ------------------------------------------------------------------------------------------ the training loop
+class _ToyTask:
+    """A one-layer regression trained by genfast.training's loop (what a recipe contributes)."""
+
+    def __new__(cls, run, nan_at=None, signal_at=None):
+        from genfast.training import TrainTask
+
+        class Toy(TrainTask):
+            def __init__(self):
+                torch.manual_seed(run.args.seed)
+                self.net = nn.Linear(3, 1)
+                self.modules = {"model": self.net}
+                self.optimizers = {"model": torch.optim.SGD(self.net.parameters(), lr=run.args.lr)}
+
+            def config_dict(self):
+                return {"model": {"in": 3}}
+
+            def train_step(self, step):
+                if signal_at is not None and step == signal_at:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                x = torch.randn(4, 3, generator=batch_generator(run.args.seed, step))
+                loss = ((self.net(x) - x.sum(1, keepdim=True)) ** 2).mean()
+                if nan_at is not None and step >= nan_at:
+                    loss = loss * float("nan")
+                opt = self.optimizers["model"]
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                return {"loss": loss.detach()}
+
+        return Toy()
+
+
+def _toy_main(argv, **task_options):
+    import argparse
+
+    from genfast.training import add_train_args, start_run
+
+    parser = argparse.ArgumentParser(prog="toy")
+    add_train_args(parser, recipe="toy", steps=6, batch_size=4, lr=0.05, ops=(), save_every=2)
+    args = parser.parse_args([*argv, "--quiet", "--device", "cpu"])
+    with start_run(parser, args, recipe="toy") as run:
+        return run.train(_ToyTask(run, **task_options))
+
+
+def _exit_code(argv, **task_options):
+    try:
+        return _toy_main(argv, **task_options)
+    except SystemExit as exc:
+        return exc.code
+
+
+def test_loop_never_touches_the_users_files(tmp_path):
+    out = tmp_path / "runs"
+    (out / "other_experiment").mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    (out / ".checkpoint.tmp-deadbeef").mkdir()  # left by a save that was killed: genfast's own, removed
+    (out / ".checkpoint.tmp-deadbeef" / "model.safetensors").write_bytes(b"x" * 100)
+    assert _toy_main(["--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "notes.txt", "other_experiment"]
+    assert (out / "notes.txt").read_text() == "mine"
+    assert _toy_main(["--out", str(out), "--overwrite", "--seed", "1"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "notes.txt", "other_experiment"]
+
+
+def test_loop_refuses_to_replace_a_run_and_resumes_exactly(tmp_path, capsys):
+    assert _toy_main(["--out", str(tmp_path / "whole")]) == 0
+    assert _exit_code(["--out", str(tmp_path / "whole")]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert _toy_main(["--out", str(tmp_path / "split"), "--stop-after", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "saved step 3" in err and str(tmp_path / "split" / "checkpoint") in err
+    assert _toy_main(["--out", str(tmp_path / "split"), "--resume"]) == 0
+    assert "resumed from step 3" in capsys.readouterr().err
+    whole, split = load_checkpoint(tmp_path / "whole")[0], load_checkpoint(tmp_path / "split")[0]
+    assert whole["step"] == split["step"] == 6
+    from genfast._io import load_safetensors_state
+
+    a = load_safetensors_state(tmp_path / "whole" / "checkpoint" / "model.safetensors")
+    b = load_safetensors_state(tmp_path / "split" / "checkpoint" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_loop_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _toy_main(["--out", str(out)], nan_at=3) == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss" in err and "step 2" in err and "--lr" in err
+    assert load_checkpoint(out)[0]["step"] == 2  # the save at step 4 never happened
+
+
+def test_loop_sigterm_saves_and_exits_130(tmp_path):
+    from genfast.training import INTERRUPTED_EXIT
+
+    assert _toy_main(["--out", str(tmp_path / "run")], signal_at=2) == INTERRUPTED_EXIT
+    assert load_checkpoint(tmp_path / "run")[0]["step"] == 3  # the step in flight finished and was saved
+
+
+def test_loop_files_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        assert _toy_main(["--out", str(tmp_path / "run")]) == 0
+        path = save_image_grid(torch.zeros(1, 1, 4, 4), tmp_path / "run" / "samples" / "g.png")
+    finally:
+        os.umask(old)
+    ckpt = tmp_path / "run" / "checkpoint"
+    assert ckpt.stat().st_mode & 0o777 == 0o755
+    for name in ("model.safetensors", "trainer.pt", "config.json"):
+        assert (ckpt / name).stat().st_mode & 0o777 == 0o644, name
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: {**s, "step": -40}, "step must be an int >= 0, got -40"),
+    (lambda s: {k: v for k, v in s.items() if k != "optimizers"}, "lacks optimizers"),
+    (lambda s: {**s, "recipe": "vae"}, "of a 'vae' run, not a toy one"),
+])
+def test_loop_hostile_trainer_state_is_named(tmp_path, capsys, edit, message):
+    out = tmp_path / "run"
+    assert _toy_main(["--out", str(out)]) == 0
+    path = out / "checkpoint" / "trainer.pt"
+    torch.save(edit(torch.load(path, weights_only=True)), path)
+    assert _exit_code(["--out", str(out), "--resume", "--steps", "8"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(path) in err
+
+
+def test_loop_missing_trainer_state_is_no_silent_fallback(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _toy_main(["--out", str(out)]) == 0
+    import shutil
+
+    shutil.copytree(out / "checkpoint", out / "checkpoint.old")  # a stale older copy beside it
+    (out / "checkpoint" / "trainer.pt").unlink()
+    assert _exit_code(["--out", str(out), "--resume", "--steps", "8"]) == 2
+    assert str(out / "checkpoint" / "trainer.pt") + " is missing" in capsys.readouterr().err
+
+
+def test_loop_older_checkpoint_format_says_how_to_convert(tmp_path, capsys):
+    out = tmp_path / "run"
+    save_checkpoint(out / "checkpoint", modules={"model": nn.Linear(3, 1)}, trainer_state={"step": 1},
+                    config={"model": {"in": 3}})  # no format_version: written by an earlier genfast
+    assert _exit_code(["--out", str(out), "--resume"]) == 2
+    assert "python -m genfast.training.convert" in capsys.readouterr().err
+
+
+def test_model_and_training_format_versions_agree():
+    from genfast.models import _checkpoint
+    from genfast.training import checkpoint
+
+    assert _checkpoint.FORMAT_VERSION == checkpoint.FORMAT_VERSION

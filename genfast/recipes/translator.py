@@ -354,6 +354,10 @@ def translate_main(argv: list[str], prog: str = "genfast translate") -> int:
     device = resolve_device(parser, args.device)
     try:
         model, src_vocab, tgt_vocab = load_translator(args.ckpt, device)
+    except (FileNotFoundError, ValueError, TypeError) as exc:
+        print(f"{prog}: error: --ckpt: {exc}", file=sys.stderr)
+        return 2
+    try:
         for line in translate(model, src_vocab, tgt_vocab, texts, beam=args.beam, max_len=args.max_len,
                               length_penalty=args.length_penalty):
             print(line)

@@ -49,7 +49,7 @@ def _unwrap(module: nn.Module) -> nn.Module:
 
 
 def _write_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     # safetensors refuses tensors that share storage (tied weights): store each as its own contiguous copy.
     seen: dict[int, str] = {}
@@ -60,7 +60,10 @@ def _write_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
         tensors[key] = tensor.to("cpu").clone().contiguous() if ptr in seen else tensor.to("cpu").contiguous()
         if ptr != -1:
             seen[ptr] = key
-    save_file(tensors, str(path))
+    # Bytes written by us, not save_file (which creates the file 0600): the file follows the user's umask.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(save(tensors))
 
 
 def make_temp_dir(parent: Path, name: str) -> Path:

@@ -375,14 +375,16 @@ class start_run(contextlib.AbstractContextManager):
             dist.close()
             parser.error(f"--batch-size {args.batch_size} must be divisible by the {dist.world_size} processes")
         seed_everything(args.seed + dist.rank)
-        if args.backend:
-            genfast.set_backend(args.backend)
+        # The backend holds for the run and is put back after it (a Python caller's choice is not changed).
+        self._backend = genfast.backend(args.backend or genfast.get_backend())
+        self._backend.__enter__()
         self.run = Run(args, recipe, dist, saved_config, trainer_state, found)
 
     def __enter__(self) -> Run:
         return self.run
 
     def __exit__(self, *exc) -> None:
+        self._backend.__exit__(None, None, None)
         self.run.dist.close()
 
 

@@ -1,0 +1,171 @@
+"""Every `genfast train|sample <model>` on the one training loop: the same run folder, the same usage errors, the
+same load-back into Python, for each of the eight recipes (tiny configs, two steps each)."""
+
+import json
+
+import pytest
+import torch
+
+import genfast
+from genfast import _backend
+from genfast.recipes import load_recipe
+
+GAN_TINY = ["--g-features", "8", "--d-features", "8", "--latent-dim", "8", "--batch-size", "8"]
+TRAIN_ARGS = {
+    "gpt": ["--config", "tiny", "--block-size", "16", "--batch-size", "4", "--eval-batches", "1", "--sample-tokens",
+            "0", "--warmup", "1"],
+    "translator": ["--config", "tiny", "--batch-size", "8", "--eval-examples", "4", "--warmup", "1"],
+    "numbergan": ["--hidden", "16", "--latent-dim", "8", "--batch-size", "8", "--eval-samples", "16", "--backend",
+                  "reference"],
+    "dcgan": GAN_TINY,
+    "cgan": [*GAN_TINY, "--embed-dim", "4"],
+    "cyclegan": ["--image-size", "16", "--ngf", "4", "--ndf", "4", "--n-residual", "1", "--disc-layers", "2",
+                 "--batch-size", "2", "--pool-size", "2"],
+    "vae": ["--image-size", "8", "--latent-dim", "4", "--base-channels", "4", "--batch-size", "8"],
+    "ddpm": ["--config", "tiny", "--batch-size", "8", "--num-images", "32", "--sample-steps", "2", "--warmup", "2"],
+}
+RECIPES = list(TRAIN_ARGS)
+TEXT = "the quick brown fox jumps over the lazy dog. " * 40
+
+
+def sample_args(recipe: str, tmp_path) -> list[str]:
+    out = ["--out", str(tmp_path / f"{recipe}.png")]
+    return {"gpt": ["--prompt", "the q", "--max-new-tokens", "3"], "translator": ["one"],
+            "numbergan": ["--n", "2", "--backend", "reference"],
+            "dcgan": ["--n", "2", *out], "cgan": ["--n", "1", *out], "cyclegan": ["--input", "a", "--n", "2", *out],
+            "vae": ["--n", "2", *out], "ddpm": ["--n", "2", "--steps", "2", "--quiet", *out]}[recipe]
+
+
+def train_argv(recipe: str, out, tmp_path, *extra: str) -> list[str]:
+    argv = [*TRAIN_ARGS[recipe], "--out", str(out), "--device", "cpu", "--quiet", "--sample-every", "1000", *extra]
+    if recipe == "gpt":
+        data = tmp_path / "text.txt"
+        data.write_text(TEXT)
+        argv += ["--data", str(data)]
+    return argv
+
+
+def code_of(call, *args) -> int:
+    try:
+        return call(*args)
+    except SystemExit as exc:
+        return exc.code
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One two-step run of every recipe."""
+    root = tmp_path_factory.mktemp("runs")
+    for recipe in RECIPES:
+        assert load_recipe(recipe).train_main(train_argv(recipe, root / recipe, root, "--steps", "2")) == 0, recipe
+    return root
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_one_run_folder_layout(runs, recipe):
+    run = runs / recipe
+    assert sorted(p.name for p in run.iterdir()) in (["checkpoint"], ["checkpoint", "samples"])
+    config = json.loads((run / "checkpoint" / "config.json").read_text())
+    assert config["format_version"] == 2 and config["recipe"] == recipe and isinstance(config["model"], dict)
+    state = torch.load(run / "checkpoint" / "trainer.pt", weights_only=True)
+    assert state["step"] == 2 and state["recipe"] == recipe
+    if recipe == "gpt":
+        assert config["model"] == genfast.models.GPTConfig.from_dict(config["model"]).to_dict()
+        assert (run / "checkpoint" / "char_tokenizer.json").is_file()  # written with the weights, atomically
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_loads_back_in_one_line(runs, recipe):
+    model = genfast.models.load(runs / recipe)
+    expected = {"gpt": "GPT", "translator": "Transformer", "numbergan": "Generator", "dcgan": "Generator",
+                "cgan": "Generator", "cyclegan": "CycleGAN", "vae": "VAE", "ddpm": "DiffusionPipeline"}[recipe]
+    assert type(model).__name__ == expected
+    weights = load_weights(runs / recipe, recipe)
+    module = model.unet if recipe == "ddpm" else model
+    part = module.generators if recipe == "cyclegan" else module
+    for name, tensor in part.state_dict().items():
+        assert torch.equal(tensor, weights[name]), name
+
+
+def load_weights(run, recipe):
+    from genfast._io import load_safetensors_state
+
+    role = {"numbergan": "generator", "dcgan": "generator", "cgan": "generator", "cyclegan": "generators",
+            "ddpm": "ema"}.get(recipe, "model")
+    return load_safetensors_state(run / "checkpoint" / f"{role}.safetensors")
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_sample_from_the_run(runs, recipe, tmp_path, capsys):
+    assert load_recipe(recipe).sample_main(["--ckpt", str(runs / recipe), "--device", "cpu",
+                                            *sample_args(recipe, tmp_path)]) == 0
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_fresh_run_never_replaces_a_run(runs, recipe, tmp_path, capsys):
+    module = load_recipe(recipe)
+    before = (runs / recipe / "checkpoint" / "trainer.pt").read_bytes()
+    assert code_of(module.train_main, train_argv(recipe, runs / recipe, tmp_path, "--steps", "1")) == 2
+    err = capsys.readouterr().err
+    assert "--resume" in err and "--overwrite" in err and "Traceback" not in err
+    assert (runs / recipe / "checkpoint" / "trainer.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_usage_errors(runs, recipe, tmp_path, capsys, monkeypatch):
+    """Bad arguments: exit status 2 and one line on stderr, no traceback, for every recipe."""
+    module = load_recipe(recipe)
+    other = runs / ("vae" if recipe != "vae" else "dcgan")
+    out = tmp_path / "new"
+    cases = [
+        (module.train_main, train_argv(recipe, out, tmp_path, "--steps", "0"), "--steps"),
+        (module.train_main, train_argv(recipe, out, tmp_path, "--lr", "-1"), "--lr"),
+        (module.train_main, train_argv(recipe, out, tmp_path, "--resume", "--overwrite"), "contradict"),
+        (module.train_main, train_argv(recipe, out, tmp_path, "--resume"), "no checkpoint"),
+        (module.train_main, train_argv(recipe, out, tmp_path, "--device", "tpu"), "--device"),
+        (module.train_main, train_argv(recipe, tmp_path / "file" / "sub", tmp_path), "--out"),
+        (module.train_main, [*train_argv(recipe, other, tmp_path), "--resume"], f"not a {recipe} one"),
+        (module.sample_main, ["--ckpt", str(other), *sample_args(recipe, tmp_path)], f"not a {recipe}"),
+        (module.sample_main, ["--ckpt", str(tmp_path / "nowhere"), *sample_args(recipe, tmp_path)], "--ckpt"),
+    ]
+    if recipe != "translator":
+        cases.append((module.sample_main, sample_args(recipe, tmp_path), "--ckpt"))  # missing
+    (tmp_path / "file").write_text("a file where --out wants a folder")
+    if not torch.cuda.is_available():
+        cases.append((module.train_main, train_argv(recipe, out, tmp_path, "--device", "cuda"), "CUDA"))
+    for call, argv, message in cases:
+        assert code_of(call, argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, (argv, err)
+    # Triton on CPU tensors needs its interpreter: a usage error before training, not a traceback after it.
+    monkeypatch.setattr(_backend, "TRITON_INTERPRET", False)
+    assert code_of(module.train_main, train_argv(recipe, out, tmp_path, "--backend", "triton")) == 2
+    assert "--backend triton cannot run" in capsys.readouterr().err
+    assert not (out / "checkpoint").exists()
+
+
+def test_backend_choices_are_those_that_serve():
+    """--backend offers only the backends that have a kernel for every op the model uses."""
+    from genfast.training.options import backend_choices
+
+    assert "cpu" not in backend_choices(("attention",))  # gpt, translator: no C++ attention kernel
+    assert "cpu" not in backend_choices(("conv_transpose2d", "reparameterize", "gaussian_kl"))  # vae
+    assert "cpu" in backend_choices(("conv_transpose2d",))  # the image GANs
+    for recipe in ("vae", "gpt"):
+        assert code_of(load_recipe(recipe).train_main, ["--backend", "cpu"]) == 2
+
+
+def test_gpt_dropout_and_top_p_are_checked(runs, tmp_path, capsys):
+    gpt = load_recipe("gpt")
+    assert code_of(gpt.train_main, train_argv("gpt", tmp_path / "g", tmp_path, "--dropout", "1.5")) == 2
+    assert "--dropout" in capsys.readouterr().err
+    assert code_of(gpt.sample_main, ["--ckpt", str(runs / "gpt"), "--prompt", "a", "--top-p", "1.5"]) == 2
+    assert "--top-p" in capsys.readouterr().err
+
+
+def test_binary_data_file_is_a_usage_error(tmp_path, capsys):
+    data = tmp_path / "blob.bin"
+    data.write_bytes(bytes(range(256)) * 8)
+    argv = [*TRAIN_ARGS["gpt"], "--data", str(data), "--out", str(tmp_path / "g"), "--device", "cpu", "--quiet"]
+    assert code_of(load_recipe("gpt").train_main, argv) == 2
+    assert "--data" in capsys.readouterr().err
