@@ -148,3 +148,31 @@ def test_opcheck_and_compile(device, backend):
     with genfast.backend(backend):
         compiled = torch.compile(lambda s: philox_noise(s, 16, offset=3, normal=True) + 1, fullgraph=True)
         torch.testing.assert_close(compiled(seed), philox_noise(seed, 16, offset=3, normal=True) + 1)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"] + serving_backends("philox_noise", "cpu"))
+@pytest.mark.parametrize("offset,numel", [(2**63 - 1, 4), (2**63 - 3, 4), (2**63 - 1, 1)])
+def test_offset_past_the_end_of_the_stream_is_refused(backend, offset, numel):
+    # The stream is indexed by int64: C++ and Triton used to wrap offset + i silently to the first elements.
+    with genfast.backend(backend), pytest.raises(ValueError, match="offset \\+ numel"):
+        philox_noise(1, numel, offset=offset)
+
+
+def test_last_elements_of_the_stream_are_served():
+    for backend in ["auto", "reference"] + serving_backends("philox_noise", "cpu"):
+        with genfast.backend(backend):
+            got = philox_noise(1, 3, offset=2**63 - 4)
+        assert torch.equal(got, philox_noise_ref(torch.tensor([1]), 3, 2**63 - 4)), backend
+
+
+@pytest.mark.parametrize("op", ["philox_noise", "philox_noise_triton"])
+def test_custom_ops_called_directly_refuse_a_wrapping_offset(op):
+    if op == "philox_noise" and not hasattr(torch.ops.genfast, "philox_noise"):
+        pytest.skip("the compiled extension is not loaded")
+    with pytest.raises((RuntimeError, ValueError), match="offset \\+ numel"):
+        getattr(torch.ops.genfast, op)(torch.tensor([1]), 4, 2**63 - 2, False)
+
+
+def test_numel_larger_than_memory_names_the_argument():
+    with pytest.raises(ValueError, match="philox_noise: numel=1099511627776 needs 4096.0 GiB"):
+        philox_noise(1, 2**40)

@@ -1,5 +1,6 @@
 // CPU kernel of genfast::philox_noise: the shared Philox stream (csrc/philox.h) as a tensor.
 #include <ATen/Parallel.h>
+#include <cstdint>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -11,6 +12,9 @@ namespace {
 at::Tensor philox_noise_cpu(const at::Tensor& seed, int64_t numel, int64_t offset, bool normal) {
   TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong, "philox_noise: seed must be one int64 value");
   TORCH_CHECK(numel >= 0 && offset >= 0, "philox_noise: numel and offset must be non-negative");
+  // Element indices are int64: past the end of the stream offset + i would wrap to the first elements.
+  TORCH_CHECK(offset <= INT64_MAX - numel, "philox_noise: offset + numel must be <= 2**63 - 1, got offset=", offset,
+              " and numel=", numel);
   const uint64_t s = static_cast<uint64_t>(seed.item<int64_t>());
   at::Tensor out = at::empty({numel}, seed.options().dtype(at::kFloat));
   float* data = out.data_ptr<float>();

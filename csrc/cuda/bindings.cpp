@@ -46,6 +46,9 @@ at::Tensor philox_noise_cuda(const at::Tensor& seed, int64_t numel, int64_t offs
   GENFAST_CHECK_CUDA(seed, "philox_noise");
   TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong, "philox_noise: seed must be one int64 value");
   TORCH_CHECK(numel >= 0 && offset >= 0, "philox_noise: numel and offset must be non-negative");
+  // Element indices are int64: past the end of the stream offset + i would wrap to the first elements.
+  TORCH_CHECK(offset <= INT64_MAX - numel, "philox_noise: offset + numel must be <= 2**63 - 1, got offset=", offset,
+              " and numel=", numel);
   const c10::cuda::CUDAGuard guard(seed.device());
   at::Tensor out = at::empty({numel}, seed.options().dtype(at::kFloat));
   GENFAST_CHECK_LAUNCH(genfast::cuda::launch_philox_noise(seed.data_ptr<int64_t>(), out.data_ptr<float>(), numel,
@@ -55,51 +58,58 @@ at::Tensor philox_noise_cuda(const at::Tensor& seed, int64_t numel, int64_t offs
 }
 
 // ---------------------------------------------------------------------------------------- sampling
-// The shared checks, plus what the CUDA kernel needs on top: a CUDA tensor, contiguous rows, and fewer
-// than 2^24 tokens (it counts tokens in float32).
+// The shared checks, plus what the CUDA kernel needs on top: a CUDA tensor, contiguous rows, and between 1 and
+// 2^24 - 1 tokens (its fixed-point top-p sums rely on the bound, csrc/cuda/sampling.cuh).
 void check_sampling_args_cuda(const char* op, const at::Tensor& logits, const at::Tensor& temperature,
                               const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& min_p) {
   genfast::check_sampling_args(op, logits, temperature, top_k, top_p, min_p);
   TORCH_CHECK(logits.is_cuda(), op, ": logits must be a CUDA tensor");
   TORCH_CHECK(logits.stride(1) == 1, op, ": logits rows must be contiguous");
-  TORCH_CHECK(logits.size(1) < (int64_t{1} << 24), op, ": vocabularies of 2^24 or more tokens are not supported");
+  TORCH_CHECK(logits.size(1) >= 1 && logits.size(1) < genfast::sampling::kMaxVocab, op,
+              ": logits must have between 1 and 2^24 - 1 columns (tokens), got ", logits.size(1));
+  TORCH_CHECK(logits.size(0) <= std::numeric_limits<int32_t>::max(), op, ": logits has too many rows (",
+              logits.size(0), " > 2^31 - 1)");
   for (const at::Tensor* knob : {&temperature, &top_k, &top_p, &min_p}) {
     TORCH_CHECK(knob->is_contiguous(), op, ": the per-row knobs must be contiguous");
   }
 }
 
-
-at::Tensor filter_logits_cuda(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
-                              const at::Tensor& top_p, const at::Tensor& min_p) {
+std::tuple<at::Tensor, at::Tensor> filter_logits_cuda(const at::Tensor& logits, const at::Tensor& temperature,
+                                                      const at::Tensor& top_k, const at::Tensor& top_p,
+                                                      const at::Tensor& min_p) {
   check_sampling_args_cuda("filter_logits", logits, temperature, top_k, top_p, min_p);
   const c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor out = at::empty(logits.sizes(), logits.options().dtype(at::kFloat));
+  at::Tensor flags = at::empty({logits.size(0)}, logits.options().dtype(at::kInt));
   GENFAST_CHECK_LAUNCH(
       genfast::cuda::launch_sampling(logits.data_ptr(), float_type(logits, "filter_logits", "logits"), logits.size(0),
                                      logits.size(1), logits.stride(0), temperature.data_ptr<float>(),
                                      top_k.data_ptr<int64_t>(), top_p.data_ptr<float>(), min_p.data_ptr<float>(),
-                                     out.data_ptr<float>(), nullptr, nullptr, nullptr, current_stream()),
+                                     out.data_ptr<float>(), nullptr, flags.data_ptr<int32_t>(), nullptr, nullptr,
+                                     current_stream()),
       "filter_logits");
-  return out;
+  return {out, flags};
 }
 
-at::Tensor sample_tokens_cuda(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
-                              const at::Tensor& top_p, const at::Tensor& min_p, const std::optional<at::Tensor>& noise,
-                              const std::optional<at::Tensor>& seed) {
+std::tuple<at::Tensor, at::Tensor> sample_tokens_cuda(const at::Tensor& logits, const at::Tensor& temperature,
+                                                      const at::Tensor& top_k, const at::Tensor& top_p,
+                                                      const at::Tensor& min_p, const std::optional<at::Tensor>& noise,
+                                                      const std::optional<at::Tensor>& seed) {
   check_sampling_args_cuda("sample_tokens", logits, temperature, top_k, top_p, min_p);
   genfast::check_noise_or_seed("sample_tokens", logits, noise, seed);
   const at::Tensor noise_c = noise.has_value() ? noise->contiguous() : at::Tensor();
   const c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor out = at::empty({logits.size(0)}, logits.options().dtype(at::kLong));
+  at::Tensor flags = at::empty({logits.size(0)}, logits.options().dtype(at::kInt));
   GENFAST_CHECK_LAUNCH(
       genfast::cuda::launch_sampling(logits.data_ptr(), float_type(logits, "sample_tokens", "logits"), logits.size(0),
                                      logits.size(1), logits.stride(0), temperature.data_ptr<float>(),
                                      top_k.data_ptr<int64_t>(), top_p.data_ptr<float>(), min_p.data_ptr<float>(),
-                                     nullptr, out.data_ptr<int64_t>(),
+                                     nullptr, out.data_ptr<int64_t>(), flags.data_ptr<int32_t>(),
                                      noise_c.defined() ? noise_c.data_ptr<float>() : nullptr,
                                      seed.has_value() ? seed->data_ptr<int64_t>() : nullptr, current_stream()),
       "sample_tokens");
-  return out;
+  return {out, flags};
 }
 
 // ---------------------------------------------------------------------------------------- diffusion

@@ -23,6 +23,11 @@ def _philox_noise_kernel(seed_ptr, out_ptr, numel, offset, NORMAL: tl.constexpr,
 
 
 def philox_noise(seed: torch.Tensor, numel: int, offset: int, normal: bool) -> torch.Tensor:
+    # The kernel adds offset to an int64 index: past 2**63 - 1 it would wrap silently (the op checks this too; the
+    # custom op can be called directly).
+    if numel < 0 or offset < 0 or offset > 2**63 - 1 - numel:
+        raise ValueError(f"philox_noise: numel and offset must be >= 0 with offset + numel <= 2**63 - 1, got "
+                         f"numel={numel}, offset={offset}")
     out = torch.empty(numel, device=seed.device, dtype=torch.float32)
     if numel:
         block = 1024

@@ -8,6 +8,7 @@ Cheap checks (types, shapes, dtypes, devices, Python scalars) always run. Checks
 from __future__ import annotations
 
 import numbers
+import os
 from typing import Iterable
 
 import torch
@@ -27,6 +28,32 @@ def tensor(op: str, name: str, value, *, dtypes: Iterable[torch.dtype] | None = 
     if min_ndim is not None and value.dim() < min_ndim:
         raise ValueError(f"{op}: {name} must have at least {min_ndim} dimensions, got shape {tuple(value.shape)}")
     return value
+
+
+def _device_memory_bytes(device: torch.device) -> int | None:
+    """Total memory of ``device`` (host RAM for CPU tensors), or None where unknown."""
+    if device.type == "cpu":
+        try:
+            return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return None
+
+
+def fits_in_memory(op: str, name: str, value: int, nbytes: int, device: torch.device) -> None:
+    """Refuse a size argument whose result (``nbytes``) is larger than the device's whole memory.
+
+    Without this the caller gets the allocator's raw message ("you tried to allocate 8796093022208 bytes"), which
+    does not say which argument asked for it. Skipped while torch.compile traces (sizes are fixed there).
+    """
+    if torch.compiler.is_compiling():
+        return
+    total = _device_memory_bytes(device)
+    if total is not None and nbytes > total:
+        raise ValueError(f"{op}: {name}={value} needs {nbytes / 2**30:.1f} GiB, more than the "
+                         f"{total / 2**30:.1f} GiB of memory of {device}")
 
 
 def same_device(op: str, reference_name: str, reference: torch.Tensor, **others: torch.Tensor | None) -> None:

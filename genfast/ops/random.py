@@ -10,8 +10,10 @@ from __future__ import annotations
 import torch
 
 from genfast import _backend, _ext, _philox
+from genfast.ops import _checks
 
 OP = "philox_noise"
+STREAM_END = 2**63 - 1  # element indices are int64: offset + numel may not pass this
 
 
 def philox_noise_ref(seed: torch.Tensor, numel: int, offset: int = 0, normal: bool = False) -> torch.Tensor:
@@ -49,6 +51,7 @@ def philox_noise(seed: int | torch.Tensor, numel: int, *, offset: int = 0, norma
     """Elements ``offset .. offset+numel-1`` of genfast's Philox stream seeded with ``seed``.
 
     Returns float32 [numel]: uniform in the open interval (0, 1), or standard normal if ``normal``.
+    ``offset + numel`` may not pass 2**63 - 1 (the stream is indexed by int64); every backend refuses it.
     """
     if isinstance(seed, bool) or not isinstance(seed, (int, torch.Tensor)):
         raise TypeError(f"{OP}: seed must be an int or a one-element int64 tensor, got {type(seed).__name__}")
@@ -62,7 +65,12 @@ def philox_noise(seed: int | torch.Tensor, numel: int, *, offset: int = 0, norma
         raise ValueError(f"{OP}: numel must be a non-negative int, got {numel!r}")
     if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
         raise ValueError(f"{OP}: offset must be a non-negative int, got {offset!r}")
+    if offset + numel > STREAM_END:
+        # The stream's element indices are int64 on every backend: past the end they would wrap to element 0.
+        raise ValueError(f"{OP}: offset + numel must be <= 2**63 - 1 (the end of the stream), got offset={offset} "
+                         f"and numel={numel}")
     seed = seed.reshape(1)
+    _checks.fits_in_memory(OP, "numel", numel, 4 * numel, seed.device)
     return _dispatch(seed, numel, offset, bool(normal), device=seed.device)
 
 
