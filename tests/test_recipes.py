@@ -169,3 +169,42 @@ def test_binary_data_file_is_a_usage_error(tmp_path, capsys):
     argv = [*TRAIN_ARGS["gpt"], "--data", str(data), "--out", str(tmp_path / "g"), "--device", "cpu", "--quiet"]
     assert code_of(load_recipe("gpt").train_main, argv) == 2
     assert "--data" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recipe", ["dcgan", "vae", "gpt"])
+def test_earlier_checkpoints_convert(runs, recipe, tmp_path, capsys):
+    """A run folder in an earlier layout: a clear error that says how to convert, then the converter, then it
+    resumes."""
+    import shutil
+
+    from genfast.training.convert import main as convert_main
+
+    new = runs / recipe / "checkpoint"
+    config = json.loads((new / "config.json").read_text())
+    state = torch.load(new / "trainer.pt", weights_only=True)
+    old = tmp_path / "old"
+    if recipe == "dcgan":  # files in the run folder itself
+        old.mkdir()
+        for role in ("generator", "discriminator"):
+            shutil.copyfile(new / f"{role}.safetensors", old / f"{role}.safetensors")
+        (old / "config.json").write_text(json.dumps({"recipe": "dcgan", "model": config["model"], "args": {}}))
+        torch.save({"step": state["step"], "opt_g": state["optimizers"]["generator"], "rng": state["rng"],
+                    "opt_d": state["optimizers"]["discriminator"], "task": {}}, old / "trainer.pt")
+    else:
+        (old / "checkpoint").mkdir(parents=True)
+        stem = "vae" if recipe == "vae" else "model"
+        shutil.copyfile(new / "model.safetensors", old / "checkpoint" / f"{stem}.safetensors")
+        saved = {"model": "vae", "config": config["model"], "data": "digits", "seed": 0} if recipe == "vae" else \
+            {"model": config["model"], "tokenizer": "CharTokenizer", "args": {}}
+        (old / "checkpoint" / "config.json").write_text(json.dumps(saved))
+        torch.save({"step": state["step"], "optimizer": state["optimizers"]["model"], "rng": state["rng"]},
+                   old / "checkpoint" / "trainer.pt")
+        if recipe == "gpt":
+            (old / "tokenizer").mkdir()
+            shutil.copyfile(new / "char_tokenizer.json", old / "tokenizer" / "char_tokenizer.json")
+    module = load_recipe(recipe)
+    assert code_of(module.train_main, [*train_argv(recipe, old, tmp_path, "--steps", "3"), "--resume"]) == 2
+    assert "python -m genfast.training.convert" in capsys.readouterr().err
+    assert convert_main([str(old)]) == 0
+    assert module.train_main([*train_argv(recipe, old, tmp_path, "--steps", "3"), "--resume"]) == 0
+    assert "resumed from step 2" in capsys.readouterr().err

@@ -118,19 +118,25 @@ def save_checkpoint(directory: str | os.PathLike, *, modules: dict[str, nn.Modul
         (tmp / CONFIG_FILE).write_text(json.dumps(config or {}, indent=2, sort_keys=True))
         if side_files is not None:
             side_files(tmp)
-        _fsync_tree(tmp)
-        old = directory.with_name(directory.name + ".old")
-        if directory.exists():  # (if only .old exists, a crash mid-swap left it: keep it until the new is in place)
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        _fsync_dir(directory.parent)
-        shutil.rmtree(old, ignore_errors=True)
+        commit_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def commit_dir(tmp: Path, directory: Path) -> None:
+    """Put the finished folder ``tmp`` (from make_temp_dir beside ``directory``) in place of ``directory`` by two
+    renames, so that an interruption leaves the old or the new one complete."""
+    _fsync_tree(tmp)
+    old = directory.with_name(directory.name + ".old")
+    if directory.exists():  # (if only .old exists, a crash mid-swap left it: keep it until the new is in place)
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    _fsync_dir(directory.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _fsync_tree(path: Path) -> None:
@@ -226,4 +232,5 @@ def load_checkpoint(directory: str | os.PathLike, *, modules: dict[str, nn.Modul
 
 
 __all__ = ["FORMAT_VERSION", "CHECKPOINT_DIR", "save_checkpoint", "load_checkpoint", "find_checkpoint",
-           "read_checkpoint_config", "load_safetensors_state", "remove_stale_temp_dirs", "make_temp_dir"]
+           "read_checkpoint_config", "load_safetensors_state", "remove_stale_temp_dirs", "make_temp_dir",
+           "commit_dir"]
