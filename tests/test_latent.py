@@ -21,7 +21,7 @@ from genfast.ops import (
     reparameterize,
     reparameterize_ref,
 )
-from tests.conftest import backend_params
+from tests.conftest import backend_params, serving_backends
 
 DTYPES = [
     pytest.param(torch.float32, 1e-6, 1e-5, id="fp32"),
@@ -260,6 +260,22 @@ def test_gaussian_kl_non_contiguous_and_empty(device, backend):
     torch.testing.assert_close(kl, gaussian_kl_ref(mu, logvar), rtol=1e-5, atol=1e-5)
     assert empty.shape == (0,)
     assert torch.equal(zero_cols, torch.zeros(3, device=device))
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"] + serving_backends("gaussian_kl", "cpu"))
+@pytest.mark.parametrize("shape", [(0, 4), (0,), (0, 2, 3), (3, 0)])
+@pytest.mark.parametrize("reduction", ["per_sample", "sum", "mean", "none"])
+def test_gaussian_kl_empty_batch_on_every_backend(backend, shape, reduction):
+    # An empty batch is legal input: [0] per sample, a sum of 0, torch's NaN for the mean of nothing (as
+    # torch.mean), and an empty gradient. The reference used to fail reshaping 0 elements to [0, -1].
+    mu = torch.zeros(shape, requires_grad=True)
+    with genfast.backend(backend):
+        kl = gaussian_kl(mu, torch.zeros(shape), reduction=reduction)
+    expected = {"per_sample": torch.zeros(shape[0]), "sum": torch.tensor(0.0), "none": torch.zeros(shape),
+                "mean": torch.tensor(float("nan") if shape[0] == 0 else 0.0)}[reduction]
+    torch.testing.assert_close(kl, expected, equal_nan=True)
+    kl.sum().backward()
+    assert mu.grad.shape == mu.shape
 
 
 # ------------------------------------------------------------------------------------------- langevin_step

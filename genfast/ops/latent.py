@@ -60,7 +60,8 @@ def gaussian_kl_ref(mu: torch.Tensor, logvar: torch.Tensor, reduction: str = "pe
     elementwise = -0.5 * (1 + logvar - mu * mu - torch.exp(logvar))
     if reduction == "none":
         return elementwise
-    per_sample = elementwise.reshape(mu.shape[0], -1).sum(dim=1)
+    # flatten, not reshape(B, -1): -1 is ambiguous for an empty batch (B = 0).
+    per_sample = elementwise.flatten(1).sum(dim=1) if mu.dim() > 1 else elementwise
     if reduction == "sum":
         return per_sample.sum()
     if reduction == "mean":
@@ -254,6 +255,7 @@ def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor, *, reduction: str = "per
     "per_sample" [B], the sum over every dim but the first (one fused kernel, fp32 accumulation);
     "sum" and "mean" a scalar (over the batch of the per-sample values); "none" the elementwise terms,
     mu's shape, computed by the reference formula (plain PyTorch). Differentiable in mu and logvar.
+    An empty batch (B = 0) is legal: "per_sample" [0], "sum" 0 and "mean" NaN (torch.mean of nothing).
     """
     op = "gaussian_kl"
     _pair(op, "mu", mu, "logvar", logvar)
