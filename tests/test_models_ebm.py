@@ -238,3 +238,13 @@ def test_sample_refuses_another_models_run(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         recipe.sample_main(["--ckpt", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.png")])
     assert exit_info.value.code == 2 and "--ckpt" in capsys.readouterr().err
+
+
+def test_cli_knows_ebm_and_models_load_reads_its_run(tmp_path):
+    import genfast.models
+    from genfast import cli
+
+    run = tmp_path / "run"
+    assert cli.main(["train", "ebm", "--steps", "1", "--out", str(run), *RECIPE_TINY]) == 0
+    model = genfast.models.load(run)
+    assert isinstance(model, EBM) and not model.training

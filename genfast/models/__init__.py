@@ -22,6 +22,7 @@ _EXPORTS = {
     "VAE": "vae", "VAEConfig": "vae",
     "CycleGAN": "cyclegan", "CycleGANConfig": "cyclegan",
     "DCGANConfig": "dcgan", "CGANConfig": "cgan", "NumberGANConfig": "numbergan",
+    "EBM": "ebm", "EBMConfig": "ebm",
 }
 _SUBMODULES = ("gpt", "transformer", "unet", "vae", "cyclegan", "dcgan", "cgan", "numbergan", "ebm")
 
@@ -43,7 +44,8 @@ def load(path: str | os.PathLike, device: str = "cpu"):
     in eval mode on ``device``:
 
     gpt -> GPT; translator -> Transformer; numbergan, dcgan, cgan -> their Generator; cyclegan -> CycleGAN;
-    vae -> VAE; ddpm -> a DiffusionPipeline around the EMA UNet with the run's DDIM schedule.
+    vae -> VAE; ebm -> EBM (with its replay buffer); ddpm -> a DiffusionPipeline around the EMA UNet with the
+    run's DDIM schedule.
     """
     from genfast._io import read_json_config
     from genfast.models._checkpoint import build_and_load, find_run_checkpoint, read_run
@@ -68,6 +70,10 @@ def load(path: str | os.PathLike, device: str = "cpu"):
         from genfast.models.cyclegan import CycleGAN
 
         return CycleGAN.from_checkpoint(path, device)
+    if recipe == "ebm":
+        from genfast.models.ebm import EBM
+
+        return EBM.from_checkpoint(path, device).eval()
     if recipe == "ddpm":
         from genfast.diffusion.pipeline import DiffusionPipeline, make_scheduler
         from genfast.models.unet import UNet

@@ -19,6 +19,7 @@ RECIPES: dict[str, tuple[str, str]] = {
     "cyclegan": ("genfast.recipes.cyclegan", "CycleGAN between two image folders"),
     "vae": ("genfast.recipes.vae", "convolutional VAE"),
     "ddpm": ("genfast.recipes.ddpm", "diffusion UNet with DDPM / DDIM sampling"),
+    "ebm": ("genfast.recipes.ebm", "energy-based model sampled by Langevin dynamics (contrastive divergence)"),
 }
 
 
