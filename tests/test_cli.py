@@ -1,0 +1,86 @@
+"""The `genfast` command itself: usage errors are one line with exit status 2, in a real process (no traceback)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from genfast.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*argv: str, cwd=ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "genfast", *argv], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=300)
+
+
+def _usage_error(capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_unknown_commands_and_models(capsys):
+    _usage_error(capsys, ["train", "nosuchmodel"], "unknown model 'nosuchmodel'; known: gpt")
+    _usage_error(capsys, ["sample", "nosuchmodel"], "unknown model")
+    _usage_error(capsys, ["train"], "name a model")
+    _usage_error(capsys, ["frobnicate"], "invalid choice")
+    assert main(["train", "--help"]) == 0
+    assert "dcgan" in capsys.readouterr().out
+
+
+def test_bench_without_a_checkout_says_so(tmp_path, monkeypatch, capsys):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_benchmarks(name, *args, **kwargs):
+        if name.startswith("benchmarks"):
+            raise ImportError("No module named 'benchmarks'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_benchmarks)
+    _usage_error(capsys, ["bench"], "checkout of the repository")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a CPU-only torch")
+def test_device_cuda_on_cpu_torch_is_one_line_in_a_real_process(tmp_path):
+    done = _run("train", "dcgan", "--device", "cuda", "--out", str(tmp_path / "x"))
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "--device cuda" in done.stderr
+    assert not (tmp_path / "x" / "checkpoint").exists()
+
+
+def test_missing_ckpt_in_a_real_process(tmp_path):
+    done = _run("sample", "vae", "--out", str(tmp_path / "v.png"))
+    assert done.returncode == 2 and "--ckpt" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_import_genfast_loads_the_kernel_library_only():
+    code = ("import sys, genfast\n"
+            "late = [m for m in sys.modules if m.split('.')[:2][-1] in ('models', 'recipes', 'training', 'data')"
+            " and m.startswith('genfast.')]\n"
+            "assert not late, late\n"
+            "assert genfast.models.GPT.__name__ == 'GPT' and 'genfast.models.gpt' in sys.modules\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_library_layers_do_not_import_applications():
+    """models never import training or recipes; the diffusion pipeline does not import training; the benchmarks
+    do not import recipes."""
+    import re
+
+    for folder, banned in (("genfast/models", r"genfast\.(training|recipes)"),
+                           ("genfast/diffusion", r"genfast\.(training|recipes)"), ("benchmarks", r"genfast\.recipes")):
+        for path in (ROOT / folder).rglob("*.py"):
+            assert not re.search(rf"^\s*(from|import) {banned}", path.read_text(), re.M), path
