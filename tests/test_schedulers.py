@@ -203,11 +203,62 @@ def test_compile_fullgraph_step():
         (lambda: DDIMScheduler().set_timesteps(1001), ValueError, "cannot exceed num_train_timesteps"),
         (lambda: DDIMScheduler().set_timesteps(0), ValueError, "num_inference_steps must be"),
         (lambda: DDIMScheduler(steps_offset=1).set_timesteps(1000), ValueError, "steps_offset"),
+        # The schedule itself (every step used to be NaN): betas in (0, 1), growing, alphas_cumprod above 0.
+        (lambda: DDPMScheduler(beta_start=0.5, beta_end=2.0), ValueError, "beta_end must be in \\(0, 1\\)"),
+        (lambda: DDIMScheduler(beta_start=0.5, beta_end=2.0), ValueError, "beta_end must be in \\(0, 1\\)"),
+        (lambda: DDPMScheduler(beta_start=-0.001), ValueError, "beta_start must be in"),
+        (lambda: DDIMScheduler(beta_start=0.0), ValueError, "beta_start must be in"),
+        (lambda: DDPMScheduler(beta_end=float("nan")), ValueError, "beta_end must be in"),
+        (lambda: DDIMScheduler(beta_schedule="scaled_linear", beta_end=1.0), ValueError, "beta_end must be in"),
+        (lambda: DDPMScheduler(beta_start=0.02, beta_end=0.001), ValueError, "beta_start=0.02 must not exceed"),
+        (lambda: DDIMScheduler(beta_start=0.02, beta_end=0.001), ValueError, "beta_start=0.02 must not exceed"),
+        (lambda: DDPMScheduler(beta_start="0.1"), TypeError, "beta_start must be a real number"),
+        (lambda: DDPMScheduler(num_train_timesteps=3, trained_betas=[0.1, -0.2, 0.3]), ValueError,
+         "trained_betas\\[1\\] = -0.2"),
+        (lambda: DDIMScheduler(num_train_timesteps=3, trained_betas=[0.1, 0.2, 1.0]), ValueError,
+         "trained_betas must all lie in \\(0, 1\\)"),
+        (lambda: DDIMScheduler(num_train_timesteps=2, trained_betas=["a", "b"]), TypeError, "trained_betas"),
+        (lambda: DDPMScheduler(beta_start=0.5, beta_end=0.9), ValueError, "alphas_cumprod reaches 0"),
+        (lambda: DDIMScheduler(beta_start=0.5, beta_end=0.9), ValueError, "alphas_cumprod reaches 0"),
+        (lambda: DDPMScheduler(num_train_timesteps=-3), ValueError, "num_train_timesteps"),
+        (lambda: DDPMScheduler(num_train_timesteps=True), ValueError, "num_train_timesteps"),
     ],
 )
 def test_bad_options(make, error, match):
     with pytest.raises(error, match=match):
         make()
+
+
+@pytest.mark.parametrize("cls", [DDPMScheduler, DDIMScheduler])
+def test_edge_of_the_valid_schedule_steps_to_finite_values(cls):
+    # Constant betas (beta_start == beta_end), a single trained timestep, and betas close to 1 are all legal.
+    x, m, noise = tensors()
+    for scheduler in (cls(beta_start=0.01, beta_end=0.01), cls(num_train_timesteps=1, trained_betas=[0.5]),
+                      cls(num_train_timesteps=10, beta_start=0.9, beta_end=0.95, clip_sample=False)):
+        scheduler.set_timesteps(1)
+        out = scheduler.step(m, scheduler.timesteps[0], x, noise=noise).prev_sample
+        assert torch.isfinite(out).all()
+
+
+def test_reference_backend_goes_through_the_ops_one_dispatcher(monkeypatch):
+    # One dispatcher: under backend("reference") the step is scheduler_step's registered reference, not a second
+    # code path inside the scheduler.
+    from genfast import _backend
+    from genfast.ops import diffusion as diffusion_ops
+
+    calls = []
+
+    def spy(*args):
+        calls.append(args)
+        return diffusion_ops.scheduler_step_ref(*args)
+
+    monkeypatch.setattr(_backend.DISPATCHERS["scheduler_step"], "reference", spy)
+    scheduler = DDIMScheduler()
+    scheduler.set_timesteps(10)
+    x, m, noise = tensors()
+    with genfast.backend("reference"):
+        scheduler.step(m, scheduler.timesteps[0], x, noise=noise, eta=0.5)
+    assert len(calls) == 1
 
 
 def test_bad_step_arguments():

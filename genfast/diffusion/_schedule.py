@@ -7,6 +7,7 @@ timesteps), so a genfast scheduler built from a diffusers config walks the same 
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 import torch
@@ -64,3 +65,46 @@ def inference_timesteps(num_train_timesteps: int, num_inference_steps: int, spac
         return (np.arange(0, n) * (T // n)).round()[::-1].copy().astype(np.int64) + steps_offset
     # trailing: count down from the last training timestep in (possibly fractional) strides
     return np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
+
+
+def _beta(name: str, option: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: {option} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"{name}: {option} must be in (0, 1), got {value}")
+    return value
+
+
+def checked_betas(name: str, num_train_timesteps: int, beta_start, beta_end, beta_schedule: str, trained_betas,
+                  rescale_betas_zero_snr: bool) -> torch.Tensor:
+    """:func:`make_betas`, refusing a schedule whose steps would be NaN or infinite.
+
+    Every beta must lie in (0, 1) (a beta of 0 or less, or of 1 or more, makes sqrt(1 - beta) or the variance
+    undefined), ``beta_start <= beta_end`` (noise grows along the chain), and the cumulative product of the
+    alphas must stay above 0 in float32 until the last step (zero-terminal-SNR rescaling sets that last one to 0
+    on purpose, as diffusers does).
+    """
+    if trained_betas is None and beta_schedule in ("linear", "scaled_linear"):
+        start, end = _beta(name, "beta_start", beta_start), _beta(name, "beta_end", beta_end)
+        if start > end:
+            raise ValueError(f"{name}: beta_start={start} must not exceed beta_end={end} (betas grow along the chain)")
+    if trained_betas is not None:
+        try:
+            given = np.asarray(trained_betas, dtype=np.float64)
+        except (TypeError, ValueError) as error:
+            raise TypeError(f"{name}: trained_betas must be a sequence of real numbers ({error})") from None
+        if given.shape != (num_train_timesteps,):
+            raise ValueError(f"{name}: trained_betas must hold num_train_timesteps={num_train_timesteps} values, "
+                             f"got shape {given.shape}")
+        bad = np.flatnonzero(~((given > 0) & (given < 1)))
+        if bad.size:
+            raise ValueError(f"{name}: trained_betas must all lie in (0, 1), got trained_betas[{bad[0]}] = "
+                             f"{given[bad[0]]}")
+    betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, False)
+    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+    if not bool(alphas_cumprod[-1] > 0):
+        first = int(torch.nonzero(alphas_cumprod <= 0)[0])
+        raise ValueError(f"{name}: the schedule's alphas_cumprod reaches 0 in float32 at timestep {first} of "
+                         f"num_train_timesteps={num_train_timesteps} (betas too large for so many steps)")
+    return zero_terminal_snr(betas) if rescale_betas_zero_snr else betas

@@ -13,9 +13,9 @@ DDIMScheduler, so ``DDIMScheduler.from_config(pipe.scheduler.config)`` works. Wh
   being ignored.
 
 At ``set_timesteps`` the scheduler turns the alphas into one row of coefficients per step (layout in
-genfast/ops/diffusion.py); a step passes its row, a view on the device, to the fused op. Under the
-"reference" backend ``step`` runs ``_reference_step`` instead: the same step written out the way
-diffusers writes it, which is what the fused path is tested against.
+genfast/ops/diffusion.py); a step passes its row, a view on the device, to the fused op, on the backend in
+force (its reference, ``scheduler_step_ref``, under "reference"). The rows are tested against diffusers'
+own step (tests/test_schedulers.py), which is the specification of the schedule.
 
 No step synchronises the host with the GPU: a timestep given as an int or CPU tensor is looked up on
 the host, an element of ``scheduler.timesteps`` (as a loop over it yields) by its position, and any
@@ -31,11 +31,9 @@ import math
 import numpy as np
 import torch
 
-import genfast
 from genfast.diffusion import _schedule
 from genfast.ops import _checks
 from genfast.ops import diffusion as _ops
-from genfast.ops.random import philox_noise_ref
 
 
 @dataclasses.dataclass
@@ -77,11 +75,9 @@ class _Scheduler:
             raise ValueError(f"{name}: steps_offset must be a non-negative int, got {steps_offset!r}")
         self.config = dict(options)
         self._cache: dict = {}
-        self.betas = _schedule.make_betas(T, options["beta_start"], options["beta_end"], options["beta_schedule"],
-                                          options["trained_betas"], options["rescale_betas_zero_snr"])
-        if self.betas.shape != (T,):
-            raise ValueError(f"{name}: trained_betas must hold num_train_timesteps={T} values, "
-                             f"got shape {tuple(self.betas.shape)}")
+        self.betas = _schedule.checked_betas(name, T, options["beta_start"], options["beta_end"],
+                                             options["beta_schedule"], options["trained_betas"],
+                                             options["rescale_betas_zero_snr"])
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
         self.num_inference_steps: int | None = None
@@ -205,25 +201,15 @@ class _Scheduler:
         # Whether this step adds noise is known on the host, except for a timestep matched on the
         # device: then a seed is drawn and the kernel skips the draw where sigma is 0.
         stochastic = not isinstance(i, int) or self._host_sigma(key)[i] != 0.0
-        if genfast.get_backend() == "reference":
-            if stochastic and noise is None:
-                seed = _checks.draw_seed(generator, sample.device)
-                noise = philox_noise_ref(seed, sample.numel(), 0, True).reshape(sample.shape)
-            m = model_output.float()
-            if model_output_uncond is not None:
-                m = model_output_uncond.float() + g * (m - model_output_uncond.float())
-            prev = self._reference_step(i, m, sample.float(), noise if stochastic else None, eta,
-                                        use_clipped_model_output).to(sample.dtype)
-        else:
-            coefs = self._on(("coefs", key), sample.device, lambda: self._coef_table(*key))[i]
-            seed = None
-            if stochastic and noise is None:
-                seed = _checks.draw_seed(generator, sample.device)
-            elif stochastic:
-                noise = noise.float().contiguous()
-            # Arguments are checked above: straight to the backend.
-            prev = _ops.run_step(sample, model_output, model_output_uncond, g, coefs,
-                                 noise if stochastic else None, seed)
+        coefs = self._on(("coefs", key), sample.device, lambda: self._coef_table(*key))[i]
+        seed = None
+        if stochastic and noise is None:
+            seed = _checks.draw_seed(generator, sample.device)
+        elif stochastic:
+            noise = noise.float().contiguous()
+        # Arguments are checked above: straight to the op's dispatcher (its reference under backend "reference").
+        prev = _ops.run_step(sample, model_output, model_output_uncond, g, coefs, noise if stochastic else None,
+                             seed)
         return SchedulerOutput(prev) if return_dict else (prev,)
 
     def _host_sigma(self, key) -> list[float]:
@@ -232,13 +218,6 @@ class _Scheduler:
         if ("sigma", key) not in self._cache:
             self._cache[("sigma", key)] = self._coef_table(*key)[:, _ops.SIGMA].tolist()
         return self._cache[("sigma", key)]
-
-    def _alphas_at(self, i, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(timestep, alpha_prod_t, alpha_prod_t_prev) of step ``i`` as 0-d tensors."""
-        if isinstance(i, int):
-            return self._t_table[i], self._alpha_t[i], self._alpha_prev[i]
-        return (self._on("t", device, lambda: self._t_table)[i], self._on("a", device, lambda: self._alpha_t)[i],
-                self._on("ap", device, lambda: self._alpha_prev)[i])
 
     def _x0_coefs(self, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """x0 = ax * x + am * m for each prediction type (float64, from float32 alphas)."""
@@ -253,21 +232,6 @@ class _Scheduler:
     def _clip_range(self) -> tuple[float, float]:
         r = float(self.config["clip_sample_range"])
         return (-r, r) if self.config["clip_sample"] else (-math.inf, math.inf)
-
-    def _clip(self, x0: torch.Tensor) -> torch.Tensor:
-        if self.config["clip_sample"]:
-            r = self.config["clip_sample_range"]
-            return x0.clamp(-r, r)
-        return x0
-
-    def _pred_original_sample(self, m, x, alpha_prod_t):
-        beta_prod_t = 1 - alpha_prod_t
-        kind = self.config["prediction_type"]
-        if kind == "epsilon":
-            return (x - beta_prod_t ** (0.5) * m) / alpha_prod_t ** (0.5)
-        if kind == "sample":
-            return m
-        return (alpha_prod_t**0.5) * x - (beta_prod_t**0.5) * m
 
     def _table(self, columns: dict[int, np.ndarray]) -> torch.Tensor:
         table = np.zeros((len(self._steps), _ops.NUM_COEFS), dtype=np.float64)
@@ -371,27 +335,6 @@ class DDPMScheduler(_Scheduler):
         return self._table({_ops.AX: ax, _ops.AM: am, _ops.P0: np.sqrt(ap) * current_beta / b,
                             _ops.PX: np.sqrt(a / ap) * bp / b, _ops.SIGMA: sigma})
 
-    def _reference_step(self, i, m, x, noise, eta, use_clipped_model_output):
-        """The DDPM step as diffusers writes it (formulas (6), (7) and (15) of Ho et al.), in float32."""
-        t, alpha_prod_t, alpha_prod_t_prev = self._alphas_at(i, x.device)
-        beta_prod_t = 1 - alpha_prod_t
-        beta_prod_t_prev = 1 - alpha_prod_t_prev
-        current_alpha_t = alpha_prod_t / alpha_prod_t_prev
-        current_beta_t = 1 - current_alpha_t
-
-        pred_original_sample = self._clip(self._pred_original_sample(m, x, alpha_prod_t))
-
-        pred_original_sample_coeff = (alpha_prod_t_prev ** (0.5) * current_beta_t) / beta_prod_t
-        current_sample_coeff = current_alpha_t ** (0.5) * beta_prod_t_prev / beta_prod_t
-        pred_prev_sample = pred_original_sample_coeff * pred_original_sample + current_sample_coeff * x
-
-        if noise is not None:
-            variance = torch.clamp((1 - alpha_prod_t_prev) / (1 - alpha_prod_t) * current_beta_t, min=1e-20)
-            std = current_beta_t**0.5 if self.variance_type == "fixed_large" else variance**0.5
-            std = torch.where(t > 0, std, torch.zeros_like(std))
-            pred_prev_sample = pred_prev_sample + std * noise.float()
-        return pred_prev_sample
-
 
 class DDIMScheduler(_Scheduler):
     """Denoising diffusion implicit models (Song et al. 2021): eta = 0 is deterministic.
@@ -459,30 +402,3 @@ class DDIMScheduler(_Scheduler):
             ex, em = np.sqrt(b), np.sqrt(a)
         return self._table({_ops.AX: ax, _ops.AM: am, _ops.EX: ex, _ops.EM: em, _ops.E0: e0, _ops.P0: np.sqrt(ap),
                             _ops.PE: np.sqrt(1.0 - ap - std**2), _ops.SIGMA: std if eta > 0 else zeros})
-
-    def _reference_step(self, i, m, x, noise, eta, use_clipped_model_output):
-        """The DDIM step as diffusers writes it (formulas (12) and (16) of Song et al.), in float32."""
-        _, alpha_prod_t, alpha_prod_t_prev = self._alphas_at(i, x.device)
-        beta_prod_t = 1 - alpha_prod_t
-        kind = self.config["prediction_type"]
-        if kind == "epsilon":
-            pred_original_sample = (x - beta_prod_t ** (0.5) * m) / alpha_prod_t ** (0.5)
-            pred_epsilon = m
-        elif kind == "sample":
-            pred_original_sample = m
-            pred_epsilon = (x - alpha_prod_t ** (0.5) * pred_original_sample) / beta_prod_t ** (0.5)
-        else:
-            pred_original_sample = (alpha_prod_t**0.5) * x - (beta_prod_t**0.5) * m
-            pred_epsilon = (alpha_prod_t**0.5) * m + (beta_prod_t**0.5) * x
-        pred_original_sample = self._clip(pred_original_sample)
-
-        variance = (1 - alpha_prod_t_prev) / beta_prod_t * (1 - alpha_prod_t / alpha_prod_t_prev)
-        std_dev_t = eta * variance ** (0.5)
-        if use_clipped_model_output:
-            pred_epsilon = (x - alpha_prod_t ** (0.5) * pred_original_sample) / beta_prod_t ** (0.5)
-
-        pred_sample_direction = (1 - alpha_prod_t_prev - std_dev_t**2) ** (0.5) * pred_epsilon
-        prev_sample = alpha_prod_t_prev ** (0.5) * pred_original_sample + pred_sample_direction
-        if eta > 0 and noise is not None:
-            prev_sample = prev_sample + std_dev_t * noise.float()
-        return prev_sample
