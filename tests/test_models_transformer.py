@@ -180,6 +180,35 @@ def test_greedy_with_cache_equals_without(pre_norm):
     assert (cached == model.config.eos_id).any()  # the outputs end: eos is exercised
 
 
+def _greedy_step_by_step(model: Transformer, src, pad, max_len: int) -> torch.Tensor:
+    """Greedy decoding written out: the whole prefix through model.decode at each step, stop once all ended."""
+    cfg = model.config
+    memory = model.encode(src, pad)
+    tokens = torch.full((src.shape[0], 1), cfg.bos_id)
+    finished = torch.zeros(src.shape[0], dtype=torch.bool)
+    for _ in range(max_len):
+        logits = model.decode(tokens, memory, pad)[:, -1].float()
+        logits[:, [cfg.pad_id, cfg.bos_id]] = -math.inf
+        nxt = torch.where(finished, cfg.pad_id, logits.argmax(-1))
+        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+        finished |= nxt == cfg.eos_id
+        if finished.all():
+            break
+    return tokens[:, 1:]
+
+
+@pytest.mark.parametrize("max_len", [1, 3, 9, 12, 17])
+def test_greedy_equals_the_written_out_loop(max_len):
+    """The cached, static-shape loop (the stop check every few tokens, then trimmed) gives the tokens and the
+    length of the plain loop, whether the rows end before, at or after a check, or are cut at max_len."""
+    model = _trained()
+    src, pad = _ragged()
+    want = _greedy_step_by_step(model, src, pad, max_len)
+    for use_cache in (True, False):
+        got = model.greedy_decode(src, max_len=max_len, src_pad_mask=pad, use_cache=use_cache)
+        assert torch.equal(got, want), (use_cache, got, want)
+
+
 def test_greedy_equals_beam_of_one():
     model = _trained()
     src, pad = _ragged()

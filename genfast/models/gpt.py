@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genfast import _io, ops
-from genfast.nn.attention import CausalSelfAttention, KVCache
+from genfast.nn.attention import CausalSelfAttention, KVCache, capture_decode_step
 
 # Presets: the sizes of OpenAI's GPT-2 models, and a tiny one that trains in minutes on a CPU.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -404,34 +404,9 @@ class GPT(nn.Module):
     def _decode_graph(self, caches: list[KVCache], b: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """``_decode_step`` captured once as a CUDA graph; each call copies its inputs in and replays it."""
         device = self.transformer.wte.weight.device
-        step = self._decode_step(caches)
         token_in = torch.zeros(b, dtype=torch.int64, device=device)
-        positions_in = torch.zeros(b, dtype=torch.int64, device=device)
-        # Warm-up (it allocates workspaces and compiles kernels) and capture both append one token: remember the
-        # lengths, and put them back after; the slot written is overwritten by the first real step.
-        saved = [(cache.lengths.clone(), cache.bound) for cache in caches]
-        positions_in.copy_(caches[0].lengths)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            step(token_in, positions_in)
-        torch.cuda.current_stream(device).wait_stream(side)
-        for cache, (lengths, bound) in zip(caches, saved):
-            cache.lengths.copy_(lengths)
-            cache.bound = bound
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            logits_out = step(token_in, positions_in)
-        for cache, (_, bound) in zip(caches, saved):
-            cache.bound = bound  # capture ran the Python of append (bound += 1) but no kernel
-
-        def replay(token: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-            token_in.copy_(token)
-            positions_in.copy_(positions)
-            graph.replay()
-            return logits_out
-
-        return replay
+        positions_in = caches[0].lengths.clone()
+        return capture_decode_step(self._decode_step(caches), (token_in, positions_in), caches)
 
     # ------------------------------------------------------------------------------------------ Hugging Face
     @classmethod

@@ -33,10 +33,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from genfast import ops
-from genfast.nn.attention import KVCache, attend_cached
+from genfast.nn.attention import KVCache, attend_cached, capture_decode_step
 from genfast.ops.attention import attention_ref
 
 NAME = "Transformer"
+# How often (in decoded tokens) decoding asks the device whether every sequence has finished.
+EOS_CHECK_EVERY = 8
 
 
 # ------------------------------------------------------------------------------------------- config
@@ -386,44 +388,97 @@ class Transformer(nn.Module):
         return [KVCache(batch, cfg.n_heads, max_len, cfg.d_model // cfg.n_heads, dtype=like.dtype,
                         device=like.device) for _ in self.decoder]
 
-    def _next_log_probs(self, tokens, memory, memory_kv, keep, caches, src_pad_mask, bos) -> torch.Tensor:
-        """Log-probabilities (N, V) of the token after ``tokens`` (N, t); pad and bos are never emitted."""
-        if caches is None:  # the whole prefix again: the reference the cached path is tested against
-            logits = self.decode(tokens, memory, src_pad_mask)[:, -1]
-        else:
-            t = tokens.shape[1] - 1
-            x = self._embed(self.tgt_embed, tokens[:, -1:], offset=t)
+    def _banned(self, bos: int, device) -> torch.Tensor:
+        """Bool (V,): the tokens decoding never emits (pad and bos)."""
+        banned = torch.zeros(self.config.tgt_vocab_size, dtype=torch.bool, device=device)
+        banned[[self.config.pad_id, bos]] = True
+        return banned
+
+    def _next_log_probs(self, tokens, memory, src_pad_mask, banned) -> torch.Tensor:
+        """Log-probabilities (N, V) of the token after ``tokens`` (N, t), re-running the decoder over the whole
+        prefix: the reference the cached step is tested against (``use_cache=False``)."""
+        logits = self.decode(tokens, memory, src_pad_mask)[:, -1].float().masked_fill(banned, -math.inf)
+        return torch.log_softmax(logits, dim=-1)
+
+    def _decode_step(self, memory_kv, keep, caches: list[KVCache], banned: torch.Tensor):
+        """The cached decode step: (token (N,), position (N,) int64) -> log-probabilities (N, V) of the next token.
+
+        Fixed shapes, caches and lengths updated in place, no host synchronisation: the same step runs eagerly
+        and, on a GPU, as a captured CUDA graph."""
+        scale = math.sqrt(self.config.d_model)
+
+        def step(token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+            x = self.embed_drop(self.tgt_embed(token[:, None]) * scale + self.positions[position][:, None])
             for layer, kv, cache in zip(self.decoder, memory_kv, caches):
                 x = layer(x, kv, keep, cache=cache)
-            logits = self._logits(self.decoder_norm(x))[:, -1]
-        logits = logits.float()
-        logits[:, [self.config.pad_id, bos]] = -math.inf
-        return torch.log_softmax(logits, dim=-1)
+            logits = self._logits(self.decoder_norm(x))[:, -1].float().masked_fill(banned, -math.inf)
+            return torch.log_softmax(logits, dim=-1)
+
+        return step
+
+    def _stepper(self, memory, memory_kv, keep, src_pad_mask, n: int, max_len: int, bos: int, use_cache: bool,
+                 cuda_graph: bool | None):
+        """(next(token, position, history) -> log-probs (N, V), caches or None) for N rows; ``history`` (N, i)
+        holds the tokens so far (bos excluded), which only the uncached reference path reads."""
+        device = memory.device
+        banned = self._banned(bos, device)
+        if not use_cache:
+            if cuda_graph:
+                raise ValueError(f"{NAME}: cuda_graph=True needs use_cache=True (the cached step is what is captured)")
+            bos_col = torch.full((n, 1), bos, dtype=torch.long, device=device)
+            return (lambda token, position, history: self._next_log_probs(
+                torch.cat([bos_col, history], dim=1), memory, src_pad_mask, banned)), None
+        caches = self._new_caches(n, max_len, memory)
+        step = self._decode_step(memory_kv, keep, caches, banned)
+        if self._graph_choice(cuda_graph, device):
+            inputs = (torch.zeros(n, dtype=torch.long, device=device), torch.zeros(n, dtype=torch.long, device=device))
+            step = capture_decode_step(step, inputs, caches)
+        return (lambda token, position, history: step(token, position)), caches
+
+    def _graph_choice(self, cuda_graph, device) -> bool:
+        if cuda_graph is None:  # on where it is safe: CUDA, eval mode
+            return device.type == "cuda" and not self.training
+        if not isinstance(cuda_graph, bool):
+            raise TypeError(f"{NAME}: cuda_graph must be None or a bool, got {type(cuda_graph).__name__}")
+        if cuda_graph and (device.type != "cuda" or self.training):
+            raise ValueError(f"{NAME}: cuda_graph=True needs a model on a CUDA device in eval mode (on {device}, "
+                             f"training={self.training})")
+        return cuda_graph
 
     @torch.no_grad()
     def greedy_decode(self, src: torch.Tensor, max_len: int = 64, bos: int | None = None, eos: int | None = None,
-                      src_pad_mask: torch.Tensor | None = None, *, use_cache: bool = True) -> torch.Tensor:
+                      src_pad_mask: torch.Tensor | None = None, *, use_cache: bool = True,
+                      cuda_graph: bool | None = None) -> torch.Tensor:
         """The most likely next token at each step: tokens (B, L <= max_len), ending with eos (then pad_id) or cut
-        at max_len; bos not included. ``use_cache=False`` re-runs the decoder over the whole prefix each step."""
+        at max_len; bos not included. ``use_cache=False`` re-runs the decoder over the whole prefix each step.
+        ``cuda_graph`` (default: on for a CUDA model in eval mode) replays the cached step as a CUDA graph. The
+        device is asked whether every sequence has finished only every few tokens; the output is trimmed to the
+        step where the last one did."""
         memory, memory_kv, keep, bos, eos = self._start_decode(src, src_pad_mask, max_len, bos, eos)
-        b = src.shape[0]
-        tokens = torch.full((b, 1), bos, dtype=torch.long, device=src.device)
-        finished = torch.zeros(b, dtype=torch.bool, device=src.device)
-        caches = self._new_caches(b, max_len, memory) if use_cache else None
-        for _ in range(max_len):
-            log_probs = self._next_log_probs(tokens, memory, memory_kv, keep, caches, src_pad_mask, bos)
-            nxt = log_probs.argmax(dim=-1)
-            nxt = torch.where(finished, torch.full_like(nxt, self.config.pad_id), nxt)
-            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-            finished |= nxt == eos
-            if bool(finished.all()):  # the one host sync per token: the stop check
+        b, device, pad = src.shape[0], src.device, self.config.pad_id
+        next_log_probs, _ = self._stepper(memory, memory_kv, keep, src_pad_mask, b, max_len, bos, use_cache,
+                                          cuda_graph)
+        out = torch.full((b, max_len), pad, dtype=torch.long, device=device)
+        token = torch.full((b,), bos, dtype=torch.long, device=device)
+        position = torch.zeros(b, dtype=torch.long, device=device)
+        finished = torch.zeros(b, dtype=torch.bool, device=device)
+        open_steps = torch.zeros((), dtype=torch.long, device=device)  # steps after which some row was unfinished
+        steps = 0
+        for i in range(max_len):
+            token = next_log_probs(token, position, out[:, :i]).argmax(dim=-1).masked_fill_(finished, pad)
+            out[:, i] = token
+            finished |= token == eos
+            open_steps += ~finished.all()
+            position += 1
+            steps = i + 1
+            if steps % EOS_CHECK_EVERY == 0 and bool(finished.all()):
                 break
-        return tokens[:, 1:]
+        return out[:, :min(int(open_steps) + 1, steps)]
 
     @torch.no_grad()
     def beam_search(self, src: torch.Tensor, beam_size: int = 4, max_len: int = 64, length_penalty: float = 1.0,
                     bos: int | None = None, eos: int | None = None, src_pad_mask: torch.Tensor | None = None, *,
-                    use_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                    use_cache: bool = True, cuda_graph: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Beam search, batched: (tokens (B, L), log_probs (B,)).
 
         Keeps the ``beam_size`` best hypotheses per source. A hypothesis that emitted eos stays in the beam with
@@ -431,7 +486,8 @@ class Transformer(nn.Module):
         beam. Hypotheses are ranked by ``log P / lp(length)`` with GNMT's ``lp(L) = ((5 + L) / 6) ** length_penalty``
         (0: plain log-probability; larger values favour longer outputs). Returns the best hypothesis per source
         (its tokens as ``greedy_decode`` returns them) and its log-probability (sum over its tokens, eos included,
-        not length-normalised). With beam_size=1 this is greedy decoding.
+        not length-normalised). With beam_size=1 this is greedy decoding. ``cuda_graph`` as in greedy_decode (the
+        beams' caches are reordered in place, outside the graph).
         """
         if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
             raise ValueError(f"{NAME}.beam_search: beam_size must be an int >= 1, got {beam_size!r}")
@@ -446,42 +502,53 @@ class Transformer(nn.Module):
         memory_kv = [(mk.repeat_interleave(k, dim=0), mv.repeat_interleave(k, dim=0)) for mk, mv in memory_kv]
         keep = None if keep is None else keep.repeat_interleave(k, dim=0)
         pad_mask = None if src_pad_mask is None else src_pad_mask.repeat_interleave(k, dim=0)
-        caches = self._new_caches(n, max_len, memory) if use_cache else None
+        next_log_probs, caches = self._stepper(memory, memory_kv, keep, pad_mask, n, max_len, bos, use_cache,
+                                               cuda_graph)
 
         def lp(length: torch.Tensor) -> torch.Tensor:
             return ((5.0 + length.float()) / 6.0) ** length_penalty
 
-        tokens = torch.full((n, 1), bos, dtype=torch.long, device=device)
+        history = torch.full((n, max_len), pad, dtype=torch.long, device=device)
+        token = torch.full((n,), bos, dtype=torch.long, device=device)
+        position = torch.zeros(n, dtype=torch.long, device=device)
         scores = torch.full((b, k), -math.inf, device=device)
         scores[:, 0] = 0.0  # one live hypothesis at the start: the others would only duplicate it
         lengths = torch.zeros(b, k, dtype=torch.long, device=device)
         finished = torch.zeros(b, k, dtype=torch.bool, device=device)
+        # A finished hypothesis extends only by pad, at no cost: one candidate, its score unchanged.
+        frozen = torch.full((self.config.tgt_vocab_size,), -math.inf, device=device)
+        frozen[pad] = 0.0
+        beam_rows = torch.arange(b, device=device)[:, None] * k
+        open_steps = torch.zeros((), dtype=torch.long, device=device)
+        steps = 0
         for t in range(max_len):
-            log_probs = self._next_log_probs(tokens, memory, memory_kv, keep, caches, pad_mask, bos)  # (N, V)
+            log_probs = next_log_probs(token, position, history[:, :t])  # (N, V)
             v = log_probs.shape[-1]
-            log_probs = log_probs.view(b, k, v)
-            # A finished hypothesis extends only by pad, at no cost: one candidate, its score unchanged.
-            frozen = torch.full_like(log_probs, -math.inf)
-            frozen[..., pad] = 0.0
-            log_probs = torch.where(finished[..., None], frozen, log_probs)
+            log_probs = torch.where(finished[..., None], frozen, log_probs.view(b, k, v))
             candidates = scores[..., None] + log_probs  # (B, K, V)
-            cand_len = torch.where(finished, lengths, torch.full_like(lengths, t + 1))  # (B, K)
+            cand_len = torch.where(finished, lengths, t + 1)  # (B, K)
             ranked = (candidates / lp(cand_len)[..., None]).view(b, k * v)
             top = ranked.topk(k, dim=-1).indices  # (B, K)
-            beam, token = top // v, top % v
+            beam, token = top // v, (top % v).view(n)
             scores = candidates.view(b, k * v).gather(1, top)
             lengths = cand_len.gather(1, beam)
-            finished = finished.gather(1, beam) | (token == eos)
-            rows = (torch.arange(b, device=device)[:, None] * k + beam).view(n)
-            tokens = torch.cat([tokens[rows], token.view(n, 1)], dim=1)
-            if caches is not None:
-                for cache in caches:
-                    cache.k, cache.v, cache.lengths = cache.k[rows], cache.v[rows], cache.lengths[rows]
-            if bool(finished.all()):
+            finished = finished.gather(1, beam) | (token.view(b, k) == eos)
+            rows = (beam_rows + beam).view(n)
+            # Reorder in place (fixed addresses for a captured step), only the t slots written so far; every beam
+            # has the same length, so the caches' lengths need no reordering.
+            history[:, :t] = history[rows, :t]
+            history[:, t] = token
+            for cache in caches or ():
+                cache.k[:, :, :t + 1] = cache.k[rows, :, :t + 1]
+                cache.v[:, :, :t + 1] = cache.v[rows, :, :t + 1]
+            position += 1
+            open_steps += ~finished.all()
+            steps = t + 1
+            if steps % EOS_CHECK_EVERY == 0 and bool(finished.all()):
                 break
         best = (scores / lp(lengths)).argmax(dim=-1)  # (B,)
         rows = torch.arange(b, device=device) * k + best
-        return tokens[rows, 1:], scores.gather(1, best[:, None]).squeeze(1)
+        return history[rows, :min(int(open_steps) + 1, steps)], scores.gather(1, best[:, None]).squeeze(1)
 
     @torch.no_grad()
     def sequence_log_prob(self, src: torch.Tensor, tokens: torch.Tensor, src_pad_mask: torch.Tensor | None = None,

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from torch import nn
 
 from genfast import ops
 from genfast.ops.attention_decode import MAX_NEW_TOKENS as DECODE_MAX_NEW_TOKENS
+from genfast.ops.attention_decode import append_to_checked_cache, decode_checked_cache
 
 _MHA = "MultiheadAttention"
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -267,6 +269,9 @@ class KVCache:
             raise ValueError(f"KVCache.append: k and v must both be [B, H, T, D] = "
                              f"[{self.k.shape[0]}, {self.k.shape[1]}, T, {self.k.shape[3]}], got {tuple(k.shape)} "
                              f"and {tuple(v.shape)}")
+        if k.device != self.k.device or v.device != self.k.device:
+            raise ValueError(f"KVCache.append: k and v must be on the cache's device {self.k.device}, got "
+                             f"{k.device} and {v.device}")
         t = k.shape[2]
         if self.bound + t > self.max_seq_len:
             raise ValueError(f"KVCache.append: {t} new tokens after up to {self.bound} overflow max_seq_len="
@@ -280,8 +285,9 @@ class KVCache:
             self.k[rows, :, pos] = k.transpose(1, 2)
             self.v[rows, :, pos] = v.transpose(1, 2)
         else:
-            # validate=False: the host-side bound above already rules out an overflow, without a GPU sync.
-            ops.kv_cache_append(self.k, self.v, k, v, self.lengths, validate=False)
+            # The cache's own tensors and the checks above are everything kv_cache_append checks, and the host-side
+            # bound rules out an overflow without a GPU sync: the unchecked entry point saves its checks per token.
+            append_to_checked_cache(self.k, self.v, k, v, self.lengths)
         self.lengths += t
         self.bound += t
 
@@ -320,18 +326,55 @@ def attend_cached(q: torch.Tensor, cache: KVCache, dropout_p: float = 0.0) -> to
     every decode step is the same computation. A longer prefill, or a call that needs gradients, runs
     genfast.ops.attention over the cached prefix up to the host-side bound, with a per-sequence mask.
     """
-    t = q.shape[2]
+    b, h, t, d = q.shape
+    if (b, h, d) != (cache.k.shape[0], cache.k.shape[1], cache.k.shape[3]) or q.device != cache.k.device:
+        raise ValueError(f"attend_cached: q must be [B, H, T, D] = [{cache.k.shape[0]}, {cache.k.shape[1]}, T, "
+                         f"{cache.k.shape[3]}] on {cache.k.device}, got {tuple(q.shape)} on {q.device}")
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or cache.k.requires_grad)
-    if t <= DECODE_MAX_NEW_TOKENS and dropout_p == 0.0 and not needs_grad:
-        # validate=False: lengths >= T holds by construction (the queries were just appended); no GPU sync.
-        out = ops.attention_decode(q.to(cache.k.dtype), cache.k, cache.v, cache.lengths, causal=True, validate=False)
-        return out.to(q.dtype)
+    if 1 <= t <= DECODE_MAX_NEW_TOKENS and dropout_p == 0.0 and not needs_grad:
+        # Shapes checked above, the cache is KVCache's own and lengths >= T holds by construction (the queries
+        # were just appended): attention_decode's checks would only repeat these, and its value check would sync.
+        return decode_checked_cache(q.to(cache.k.dtype), cache.k, cache.v, cache.lengths).to(q.dtype)
     n = cache.bound
     k, v = cache.k[:, :, :n], cache.v[:, :, :n]
     j = torch.arange(n, device=q.device)
     last = cache.lengths[:, None] - t + torch.arange(t, device=q.device)  # (B, T): each query's own position
     keep = (j[None, None, :] <= last[:, :, None])[:, None]  # (B, 1, T, n)
     return ops.attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=keep, dropout_p=dropout_p)
+
+
+def capture_decode_step(step: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...],
+                        caches: list[KVCache]) -> Callable[..., torch.Tensor]:
+    """``step(*inputs) -> Tensor``, a decode step of fixed shapes whose state is ``caches``, captured as a CUDA graph.
+
+    Returns ``replay(*args)``: copies ``args`` into ``inputs`` (the static input buffers, on the GPU), replays the
+    graph and returns its output tensor (overwritten by the next replay). The step must not synchronise with the
+    host. Warming up (which compiles kernels and allocates workspaces) appends one token to every cache: their
+    lengths and host bounds are put back afterwards, and the slot written is overwritten by the first real step.
+    """
+    device = inputs[0].device
+    saved = [(cache.lengths.clone(), cache.bound) for cache in caches]
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        step(*inputs)
+    torch.cuda.current_stream(device).wait_stream(side)
+    for cache, (lengths, bound) in zip(caches, saved):
+        cache.lengths.copy_(lengths)
+        cache.bound = bound
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = step(*inputs)
+    for cache, (_, bound) in zip(caches, saved):
+        cache.bound = bound  # the capture ran append's Python (bound += T) but no kernel
+
+    def replay(*args: torch.Tensor) -> torch.Tensor:
+        for buffer, arg in zip(inputs, args):
+            buffer.copy_(arg)
+        graph.replay()
+        return output
+
+    return replay
 
 
 # ------------------------------------------------------------------------------------------- CausalSelfAttention
@@ -385,4 +428,4 @@ class CausalSelfAttention(nn.Module):
         return attend_cached(q, kv_cache, dropout_p)
 
 
-__all__ = ["MultiheadAttention", "CausalSelfAttention", "KVCache", "attend_cached"]
+__all__ = ["MultiheadAttention", "CausalSelfAttention", "KVCache", "attend_cached", "capture_decode_step"]

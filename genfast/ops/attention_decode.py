@@ -320,4 +320,23 @@ def kv_cache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.T
     _append_dispatch(k_cache, v_cache, k_new, v_new, cache_seqlens, device=k_cache.device, dtype=k_cache.dtype)
 
 
+# ------------------------------------------------------------------------------------------ trusted callers
+def append_to_checked_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                            cache_seqlens: torch.Tensor) -> None:
+    """``kv_cache_append(..., validate=False)`` without the argument checks, for a caller that guarantees what
+    they check (genfast.nn.KVCache: caches it allocated itself, new keys checked at each append). A decode step
+    calls this once per layer per token, where the checks would cost more than the copy."""
+    _append_dispatch(k_cache, v_cache, k_new, v_new, cache_seqlens, device=k_cache.device, dtype=k_cache.dtype)
+
+
+def decode_checked_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         cache_seqlens: torch.Tensor) -> torch.Tensor:
+    """``attention_decode(q, k_cache, v_cache, cache_seqlens, validate=False)`` (causal, default scale) without the
+    argument checks, for the same callers as ``append_to_checked_cache``."""
+    d = q.shape[3]
+    out, _ = _dispatch(q, k_cache, v_cache, cache_seqlens, True, 1.0 / d ** 0.5, -1, -1, 0, False,
+                       device=q.device, dtype=q.dtype, facts={"head_dim": d})
+    return out
+
+
 __all__ = ["attention_decode", "attention_decode_ref", "kv_cache_append", "kv_cache_append_ref", "decode_allowed"]
