@@ -19,11 +19,28 @@ endif
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 BUILD_STAMP := build/.genfast-built
 PYTEST_ARGS ?=
+NPROC := $(shell nproc 2>/dev/null || echo 2)
+GATE_JOBS ?= $(NPROC)
+# The compile gate runs under this environment's triton and under triton 3.6.0 (torch 2.11's pin, the GPU
+# machine's), which pip installs into its own folder; where 3.6.0 is the environment's own, once is enough.
+GATE_TRITON := 3.6.0
+GATE_TRITON_DIR := build/triton-$(GATE_TRITON)
+CURRENT_TRITON := $(shell $(PYTHON) -c "import triton; print(triton.__version__)" 2>/dev/null)
+ifeq ($(CURRENT_TRITON),$(GATE_TRITON))
+GATE_TRITON_STAMP :=
+GATE_ARGS ?=
+else
+GATE_TRITON_STAMP := $(GATE_TRITON_DIR)/.installed
+GATE_ARGS ?= --triton-path $(GATE_TRITON_DIR)
+endif
 
-.PHONY: test bench build cuda-check lint info clean help
+.PHONY: test bench build cuda-check compile-gate lint info clean help
 
 help:
-	@echo "make test    build genfast (and its extension), compile-check the CUDA sources, run the tests"
+	@echo "make test    build genfast (and its extension), compile-check the CUDA sources, run the compile gate"
+	@echo "             and the tests"
+	@echo "make compile-gate  compile every Triton config and .cu for sm_90a and sm_80 (no GPU needed); fails on"
+	@echo "             compile errors, shared-memory overflow, spills, no wgmma; benchmarks/results/compile-*"
 	@echo "make bench   run the benchmark suite on the device present; results in benchmarks/results/"
 	@echo "make info    what genfast sees here: versions, extension, GPU, backends per op"
 	@echo "make lint    ruff (part of make test)"
@@ -42,17 +59,25 @@ $(BUILD_STAMP): $(ENV_STAMP) $(CSRC) setup.py pyproject.toml
 
 build: $(BUILD_STAMP)
 
-# Where nvcc exists but torch has no CUDA, compile every .cu for sm_90a (and sm_80) and syntax-check
-# the torch bindings, so the CUDA code cannot rot unseen on CPU-only machines.
+# Where nvcc exists but torch has no CUDA, syntax-check the torch bindings, so the CUDA code cannot rot
+# unseen on CPU-only machines (the compile gate compiles every .cu itself).
 cuda-check: $(ENV_STAMP)
 	@if [ -z "$(NVCC)" ]; then echo "cuda-check: no nvcc here, skipped"; else \
 	  PYTHON=$(PYTHON) NVCC=$(NVCC) bash tests/cuda_compile_check.sh; fi
+
+$(GATE_TRITON_DIR)/.installed:
+	$(PYTHON) -m pip install --quiet --target $(GATE_TRITON_DIR) triton==$(GATE_TRITON) --no-deps
+	touch $@
+
+# Every Triton kernel with every config its autotuner can pick, and every .cu, compiled for sm_90a and sm_80.
+compile-gate: $(ENV_STAMP) $(GATE_TRITON_STAMP)
+	NVCC=$(NVCC) $(PYTHON) -m benchmarks.compile --jobs $(GATE_JOBS) $(GATE_ARGS)
 
 lint: $(ENV_STAMP)
 	@if $(PYTHON) -m ruff --version >/dev/null 2>&1; then $(PYTHON) -m ruff check genfast benchmarks tests; \
 	  else echo "lint: ruff not installed here, skipped"; fi
 
-test: build cuda-check lint
+test: build cuda-check compile-gate lint
 	$(PYTHON) -m pytest tests $(PYTEST_ARGS)
 
 bench: build
