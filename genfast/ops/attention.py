@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,20 @@ from genfast.ops.random import philox_noise
 OP = "attention"
 NEG_INF = float("-inf")
 TRITON_MAX_HEAD_DIM = 256
+
+
+class Knobs(NamedTuple):
+    """The checked scalar options of one attention call, in the order the custom ops' schemas take them.
+
+    One record carries them from the public op through the dispatcher, the backends and the autograd context;
+    it is unpacked (``*knobs``) only where a flat schema needs it: the custom ops and the Triton launchers.
+    """
+
+    causal: bool
+    dropout_p: float
+    scale: float
+    window_left: int  # -1: unbounded
+    window_right: int  # -1: unbounded
 
 
 # ------------------------------------------------------------------------------------------ reference
@@ -81,7 +96,8 @@ def _math(q, k, v, attn_mask, keep, causal, dropout_p, scale, window_left, windo
     m = torch.where(m == NEG_INF, torch.zeros_like(m), m)
     e = torch.exp(s - m)
     total = e.sum(dim=-1, keepdim=True)
-    nonempty = total > 0
+    # "!= 0", not "> 0": a NaN score (a NaN in q or in a key the row sees) must come out as NaN, not as an empty row.
+    nonempty = total != 0
     p = e / torch.where(nonempty, total, torch.ones_like(total))
     lse = torch.where(nonempty, m + torch.log(torch.where(nonempty, total, torch.ones_like(total))), NEG_INF)
     if keep is not None:
@@ -90,25 +106,26 @@ def _math(q, k, v, attn_mask, keep, causal, dropout_p, scale, window_left, windo
     return out.to(q.dtype), lse.squeeze(-1).float()
 
 
-def _sdpa_serves(q, k, attn_mask, causal, dropout_p, window_left, window_right, need_lse) -> bool:
+def _sdpa_serves(q, k, attn_mask, knobs: Knobs, need_lse: bool) -> bool:
     """True when torch's SDPA has every feature this call uses (and our semantics for it)."""
-    return (dropout_p == 0.0 and not need_lse and window_left < 0 and window_right < 0
-            and (not causal or (q.shape[2] == k.shape[2] and attn_mask is None))
+    return (knobs.dropout_p == 0.0 and not need_lse and knobs.window_left < 0 and knobs.window_right < 0
+            and (not knobs.causal or (q.shape[2] == k.shape[2] and attn_mask is None))
             and (attn_mask is None or attn_mask.dtype == torch.bool))
 
 
-def _reference(q, k, v, attn_mask, seed, causal, dropout_p, scale, window_left, window_right, need_lse,
-               compute_dtype=None):
+def _reference(q, k, v, attn_mask, seed, knobs: Knobs, need_lse: bool, compute_dtype=None):
     """The dispatcher's reference: (out, lse or None), differentiable by ordinary autograd."""
-    if _sdpa_serves(q, k, attn_mask, causal, dropout_p, window_left, window_right, need_lse):
+    if _sdpa_serves(q, k, attn_mask, knobs, need_lse):
         # Same semantics, torch's fused kernel in the input dtype (it accumulates in fp32 inside): what lets auto
         # keep up with SDPA on CPU. Upcasting first would cost bf16 on CPU 2x and buy nothing the tests need.
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, scale=scale,
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=knobs.causal, scale=knobs.scale,
                                              enable_gqa=q.shape[1] != k.shape[1])
-        return out, None
+        # SDPA's CPU kernel returns 0 for a query row with a NaN (it takes the row for fully masked); every other
+        # backend, and the math, give NaN there. A NaN must never come back as a plausible number.
+        return torch.where(q.isnan().any(dim=-1, keepdim=True), float("nan"), out), None
     compute_dtype = compute_dtype or torch.promote_types(q.dtype, torch.float32)
-    keep = dropout_keep(seed, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]), dropout_p) if dropout_p else None
-    return _math(q, k, v, attn_mask, keep, causal, dropout_p, scale, window_left, window_right, compute_dtype)
+    keep = dropout_keep(seed, mask_shape(q, k), knobs.dropout_p) if knobs.dropout_p else None
+    return _math(q, k, v, attn_mask, keep, *knobs, compute_dtype)
 
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
@@ -145,12 +162,15 @@ def _broadcast_mask(attn_mask, q, k):
 
 
 # ------------------------------------------------------------------------------------------ Triton custom ops
-def _fwd_fake(q, k, v, attn_mask, seed, causal, dropout_p, scale, window_left, window_right):
+# The schemas are flat (torch.library takes no records): q, k, v, attn_mask, seed, then the Knobs fields.
+N_TENSOR_INPUTS = 5  # q, k, v, attn_mask, seed
+
+
+def _fwd_fake(q, k, v, attn_mask, seed, *knobs):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-def _bwd_fake(grad_out, grad_lse, q, k, v, out, lse, attn_mask, seed, causal, dropout_p, scale, window_left,
-              window_right):
+def _bwd_fake(grad_out, grad_lse, q, k, v, out, lse, attn_mask, seed, *knobs):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -179,10 +199,10 @@ _attention_bwd_triton.register_fake(_bwd_fake)
 
 
 def _fwd_setup_context(ctx, inputs, output):
-    q, k, v, attn_mask, seed, causal, dropout_p, scale, window_left, window_right = inputs
+    q, k, v, attn_mask, seed = inputs[:N_TENSOR_INPUTS]
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, attn_mask, seed)
-    ctx.options = (causal, dropout_p, scale, window_left, window_right)
+    ctx.knobs = Knobs(*inputs[N_TENSOR_INPUTS:])
 
 
 def _fwd_backward(ctx, grad_out, grad_lse):
@@ -191,27 +211,27 @@ def _fwd_backward(ctx, grad_out, grad_lse):
         grad_out = torch.zeros_like(out)
     # A gradient of lse is exact, not ignored: d lse_i / d s_ij = P_ij, folded into the backward's delta.
     dq, dk, dv = torch.ops.genfast.attention_bwd_triton(grad_out, grad_lse, q, k, v, out, lse, attn_mask, seed,
-                                                        *ctx.options)
-    return dq, dk, dv, None, None, None, None, None, None, None
+                                                        *ctx.knobs)
+    return (dq, dk, dv) + (None,) * (N_TENSOR_INPUTS - 3 + len(Knobs._fields))
 
 
 _attention_fwd_triton.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
 
 
 # ------------------------------------------------------------------------------------------ dispatch
-def _triton_supports(device, dtype=None, head_dim=None, **_):
+def triton_supports(device, dtype=None, head_dim=None, **_):
+    """The one support check of the attention family's Triton kernels (attention, attention_varlen, decode)."""
     if head_dim is not None and head_dim > TRITON_MAX_HEAD_DIM:
         return f"the Triton kernels take head dims up to {TRITON_MAX_HEAD_DIM}, got {head_dim}"
     return None
 
 
-def _triton_fwd(q, k, v, attn_mask, seed, causal, dropout_p, scale, window_left, window_right, need_lse):
-    return torch.ops.genfast.attention_fwd_triton(q, k, v, attn_mask, seed, causal, dropout_p, scale, window_left,
-                                                  window_right)
+def _triton_fwd(q, k, v, attn_mask, seed, knobs: Knobs, need_lse: bool):
+    return torch.ops.genfast.attention_fwd_triton(q, k, v, attn_mask, seed, *knobs)
 
 
 _dispatch = _backend.dispatcher(OP, _reference, preference={"cuda": ("triton",), "cpu": ()})
-_dispatch.register("triton", supports=_triton_supports)(_triton_fwd)
+_dispatch.register("triton", supports=triton_supports)(_triton_fwd)
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -240,24 +260,30 @@ def _flag(op: str, name: str, value) -> bool:
     return value
 
 
-def _check_qkv(op: str, q, k, v) -> None:
+def check_qkv(op: str, q, k, v, layout: str = "[B, H, N, D]") -> None:
+    """q, k, v of one float dtype and device, k and v of one shape, one head dim >= 1, Hk dividing Hq.
+
+    ``layout`` names the dims: "[B, H, N, D]" (attention: batch and key count checked too) or "[total, H, D]"
+    (attention_varlen's packed rows).
+    """
+    ndim = layout.count(",") + 1
     for name, t in (("q", q), ("k", k), ("v", v)):
-        _checks.tensor(op, name, t, dtypes=_checks.FLOAT_DTYPES, ndim=4)
+        _checks.tensor(op, name, t, dtypes=_checks.FLOAT_DTYPES, ndim=ndim)
     _checks.same_device(op, "q", q, k=k, v=v)
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
             raise TypeError(f"{op}: {name} has dtype {t.dtype} but q has dtype {q.dtype}")
     _checks.same_shape(op, "k", k, v=v)
-    (b, hq, _, d), (bk, hk, nk, dk) = q.shape, k.shape
-    if bk != b:
-        raise ValueError(f"{op}: k has batch {bk} but q has batch {b} (q [B, Hq, Nq, D], k [B, Hk, Nk, D])")
+    hq, d, hk, dk = q.shape[-2 if ndim == 3 else 1], q.shape[-1], k.shape[-2 if ndim == 3 else 1], k.shape[-1]
+    if ndim == 4 and k.shape[0] != q.shape[0]:
+        raise ValueError(f"{op}: k has batch {k.shape[0]} but q has batch {q.shape[0]} (q {layout}, k {layout})")
     if dk != d:
-        raise ValueError(f"{op}: q and k head dims differ: q has D={d}, k has D={dk}")
+        raise ValueError(f"{op}: q and k head dims differ: q has D={d}, k has D={dk} (q {layout}, k {layout})")
     if d == 0:
         raise ValueError(f"{op}: the head dim D must be >= 1, got q shape {tuple(q.shape)}")
     if hk == 0 or hq % hk != 0:
         raise ValueError(f"{op}: the number of query heads Hq={hq} must be a multiple of the key heads Hk={hk}")
-    if nk == 0:
+    if ndim == 4 and k.shape[2] == 0:
         raise ValueError(f"{op}: k and v must hold at least one key (Nk >= 1), got k shape {tuple(k.shape)}")
 
 
@@ -306,7 +332,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     Returns out [B, Hq, Nq, D] in q's dtype, and with ``return_lse`` also lse [B, Hq, Nq] float32
     (differentiable too).
     """
-    _check_qkv(OP, q, k, v)
+    check_qkv(OP, q, k, v)
     causal = _flag(OP, "causal", causal)
     return_lse = _flag(OP, "return_lse", return_lse)
     _check_mask(OP, attn_mask, q, k)
@@ -316,9 +342,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     _checks.generator(OP, generator, q.device)
     seed = _checks.draw_seed(generator, q.device) if dropout_p > 0 else None
     mask = _broadcast_mask(attn_mask, q, k)
-    out, lse = _dispatch(q, k, v, mask, seed, causal, dropout_p, scale, left, right, return_lse, device=q.device,
-                         dtype=q.dtype, facts={"head_dim": q.shape[-1]})
+    knobs = Knobs(causal, dropout_p, scale, left, right)
+    out, lse = _dispatch(q, k, v, mask, seed, knobs, return_lse, device=q.device, dtype=q.dtype,
+                         facts={"head_dim": q.shape[-1]})
     return (out, lse) if return_lse else out
 
 
-__all__ = ["attention", "attention_ref", "allowed_positions", "dropout_keep"]
+__all__ = ["attention", "attention_ref", "allowed_positions", "dropout_keep", "Knobs"]

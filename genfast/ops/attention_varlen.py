@@ -42,28 +42,60 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from genfast import _backend
+from genfast import _backend, _philox
 from genfast.ops import _checks
-from genfast.ops.attention import _flag, _math, _window_pair, dropout_probability, softmax_scale
+from genfast.ops.attention import (
+    Knobs,
+    _flag,
+    _math,
+    _window_pair,
+    check_qkv,
+    dropout_probability,
+    softmax_scale,
+    triton_supports,
+)
 from genfast.ops.random import philox_noise
 
 OP = "attention_varlen"
 NEG_INF = float("-inf")
 SEQLEN_DTYPES = (torch.int32, torch.int64)
-TRITON_MAX_HEAD_DIM = 256
+# The kernels hold sequence offsets and lengths in int32 (cu_seqlens are cast to int32 for them).
+MAX_ROWS = 2**31 - 1
+
+
+class Packing(NamedTuple):
+    """Where each sequence's rows are, in the order the custom ops' schemas take them (after q, k, v)."""
+
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    max_q: int
+    max_k: int
 
 
 # ------------------------------------------------------------------------------------------ reference
-def varlen_dropout_keep(seed: torch.Tensor, hq: int, total_q: int, max_seqlen_k: int,
-                        dropout_p: float) -> torch.Tensor:
-    """Bool [Hq, total_q, max_seqlen_k]: the keep mask the kernels draw (element (h, t, j) = Philox counter
-    (h * total_q + t) * max_seqlen_k + j; key j counted within the row's sequence)."""
-    numel = hq * total_q * max_seqlen_k
-    return philox_noise(seed, numel).reshape(hq, total_q, max_seqlen_k) >= dropout_p
+def varlen_dropout_keep(seed: torch.Tensor, hq: int, total_q: int, max_seqlen_k: int, dropout_p: float,
+                        columns: int | None = None) -> torch.Tensor:
+    """Bool [Hq, total_q, columns]: the keep mask the kernels draw (element (h, t, j) = Philox counter
+    (h * total_q + t) * max_seqlen_k + j; key j counted within the row's sequence).
+
+    ``columns`` (default max_seqlen_k) keeps only the first keys of each row: what a caller that knows the real
+    sequence lengths needs, without drawing Hq x total_q x max_seqlen_k numbers. Fewer columns than max_seqlen_k
+    are drawn on the host from the NumPy specification (one host read of the seed).
+    """
+    columns = max_seqlen_k if columns is None else columns
+    if columns == max_seqlen_k or torch.compiler.is_compiling():
+        numel = hq * total_q * max_seqlen_k
+        keep = philox_noise(seed, numel).reshape(hq, total_q, max_seqlen_k) >= dropout_p
+        return keep[:, :, :columns]
+    rows = torch.arange(hq * total_q, dtype=torch.int64)[:, None] * max_seqlen_k
+    counters = (rows + torch.arange(columns, dtype=torch.int64)).reshape(-1).numpy().astype("uint64")
+    uniform = torch.from_numpy(_philox.uniform(int(seed.item()), counters)).reshape(hq, total_q, columns)
+    return (uniform >= dropout_p).to(seed.device)
 
 
 def attention_varlen_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
@@ -117,17 +149,34 @@ def _padded(t: torch.Tensor, index: torch.Tensor, valid: torch.Tensor | None) ->
     return t[index.clamp(0, t.shape[0] - 1)].transpose(1, 2)  # (B, H, Nmax, D)
 
 
-def _reference(q, k, v, cu_q, cu_k, max_q, max_k, seed, causal, dropout_p, scale, left, right, need_lse):
-    """The dispatcher's reference: one padded, masked batch (no host sync, so torch.compile traces it whole).
+def padded_lengths(packing: Packing, total_q: int, total_k: int) -> tuple[int, int]:
+    """(Nq, Nk) of the padded batch the reference builds: the longest real sequences, never max_seqlen itself.
 
-    Memory is that of padded attention (B x H x max_seqlen_q x max_seqlen_k scores at most); it is the CPU path
-    and the ground the kernels are tested against, not the O(N) one.
+    In eager on CPU tensors the lengths are read on the host (free there); elsewhere (a CUDA tensor, which would
+    need a sync, or under torch.compile, where sizes must be static) the bound is min(max_seqlen, total rows).
+    Either way the memory follows the data, not the max_seqlen the caller passed (which may be a loose bound).
+    """
+    pad_q, pad_k = min(packing.max_q, total_q), min(packing.max_k, total_k)
+    if packing.cu_q.device.type == "cpu" and not torch.compiler.is_compiling() and packing.cu_q.shape[0] > 1:
+        longest = torch.stack([(cu[1:] - cu[:-1]).max() for cu in (packing.cu_q.long(), packing.cu_k.long())])
+        real_q, real_k = longest.clamp(min=0).tolist()
+        pad_q, pad_k = min(pad_q, real_q), min(pad_k, real_k)
+    return pad_q, pad_k
+
+
+def _reference(q, k, v, packing: Packing, seed, knobs: Knobs, need_lse: bool):
+    """The dispatcher's reference: one padded, masked batch.
+
+    Memory is that of padded attention over the longest real sequences (B x H x Nq x Nk scores at most, see
+    :func:`padded_lengths`); it is the CPU path and the ground the kernels are tested against, not the O(N) one.
     """
     total_q, hq, d = q.shape
+    cu_q, cu_k = packing.cu_q.long(), packing.cu_k.long()
     nseq = cu_q.shape[0] - 1
-    if nseq == 0 or total_q == 0 or k.shape[0] == 0 or max_q == 0 or max_k == 0:
+    max_q, max_k = padded_lengths(packing, total_q, k.shape[0])
+    if nseq == 0 or max_q == 0 or max_k == 0:
         return q.new_zeros(q.shape), torch.full((hq, total_q), NEG_INF, device=q.device)
-    cu_q, cu_k = cu_q.long(), cu_k.long()
+    left, right, scale, dropout_p = knobs.window_left, knobs.window_right, knobs.scale, knobs.dropout_p
     len_q, len_k = cu_q[1:] - cu_q[:-1], cu_k[1:] - cu_k[:-1]  # (B,)
     i = torch.arange(max_q, device=q.device)
     j = torch.arange(max_k, device=q.device)
@@ -138,7 +187,7 @@ def _reference(q, k, v, cu_q, cu_k, max_q, max_k, seed, causal, dropout_p, scale
     # keys [first, last] (the window's edges, the causal limit and the sequence's keys).
     pos = i + (len_k - len_q)[:, None]  # (B, max_q)
     first = (pos - left).clamp(min=0) if left >= 0 else torch.zeros_like(pos)
-    if causal:
+    if knobs.causal:
         right = 0 if right < 0 else min(right, 0)
     last = (len_k[:, None] - 1).expand_as(pos)
     if right >= 0:
@@ -147,12 +196,14 @@ def _reference(q, k, v, cu_q, cu_k, max_q, max_k, seed, causal, dropout_p, scale
     if dropout_p == 0.0 and not need_lse:
         # torch's fused kernel in the input dtype; rows with no visible key are set to 0 below, whatever SDPA gives.
         out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale, enable_gqa=hq != k.shape[1])
+        # SDPA's CPU kernel gives 0 for a query row holding a NaN; the math and the kernels give NaN.
+        out = torch.where(qp.isnan().any(dim=-1, keepdim=True), float("nan"), out)
         lse = None
     else:
         keep = None
         if dropout_p:
-            keep = varlen_dropout_keep(seed, hq, total_q, max_k, dropout_p)[:, index_q.clamp(0, total_q - 1)]
-            keep = keep.transpose(0, 1)  # (B, Hq, max_q, max_k)
+            keep = varlen_dropout_keep(seed, hq, total_q, packing.max_k, dropout_p, columns=max_k)
+            keep = keep[:, index_q.clamp(0, total_q - 1)].transpose(0, 1)  # (B, Hq, max_q, max_k)
         out, lse = _math(qp, kp, vp, mask, keep, False, dropout_p, scale, -1, -1,
                          torch.promote_types(q.dtype, torch.float32))
     # Back to packed rows: row t belongs to sequence b(t), at index t - cu_q[b(t)] within it.
@@ -169,12 +220,15 @@ def _reference(q, k, v, cu_q, cu_k, max_q, max_k, seed, causal, dropout_p, scale
 
 
 # ------------------------------------------------------------------------------------------ Triton custom ops
-def _fwd_fake(q, k, v, cu_q, cu_k, max_q, max_k, seed, causal, dropout_p, scale, window_left, window_right):
+# The schemas are flat (torch.library takes no records): q, k, v, the Packing fields, seed, the Knobs fields.
+N_INPUTS_BEFORE_KNOBS = 3 + len(Packing._fields) + 1
+
+
+def _fwd_fake(q, k, v, *packing_seed_knobs):
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
-def _bwd_fake(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, seed, causal, dropout_p, scale,
-              window_left, window_right):
+def _bwd_fake(grad_out, grad_lse, q, k, v, *rest):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -207,11 +261,13 @@ _attention_varlen_bwd_triton.register_fake(_bwd_fake)
 
 
 def _fwd_setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, seed, causal, dropout_p, scale, window_left, window_right = inputs
+    q, k, v = inputs[:3]
+    packing = Packing(*inputs[3:3 + len(Packing._fields)])
+    seed = inputs[N_INPUTS_BEFORE_KNOBS - 1]
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, seed)
-    ctx.options = (max_q, max_k)
-    ctx.flags = (causal, dropout_p, scale, window_left, window_right)
+    ctx.save_for_backward(q, k, v, out, lse, packing.cu_q, packing.cu_k, seed)
+    ctx.max_lengths = (packing.max_q, packing.max_k)
+    ctx.knobs = Knobs(*inputs[N_INPUTS_BEFORE_KNOBS:])
 
 
 def _fwd_backward(ctx, grad_out, grad_lse):
@@ -220,48 +276,23 @@ def _fwd_backward(ctx, grad_out, grad_lse):
         grad_out = torch.zeros_like(out)
     # As in attention: a gradient of lse is exact (d lse_i / d s_ij = P_ij), folded into the backward's delta.
     dq, dk, dv = torch.ops.genfast.attention_varlen_bwd_triton(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k,
-                                                               *ctx.options, seed, *ctx.flags)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+                                                               *ctx.max_lengths, seed, *ctx.knobs)
+    return (dq, dk, dv) + (None,) * (N_INPUTS_BEFORE_KNOBS - 3 + len(Knobs._fields))
 
 
 _attention_varlen_fwd_triton.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
 
 
 # ------------------------------------------------------------------------------------------ dispatch
-def _triton_supports(device, dtype=None, head_dim=None, **_):
-    if head_dim is not None and head_dim > TRITON_MAX_HEAD_DIM:
-        return f"the Triton kernels take head dims up to {TRITON_MAX_HEAD_DIM}, got {head_dim}"
-    return None
-
-
-def _triton_fwd(q, k, v, cu_q, cu_k, max_q, max_k, seed, causal, dropout_p, scale, left, right, need_lse):
-    return torch.ops.genfast.attention_varlen_fwd_triton(q, k, v, cu_q, cu_k, max_q, max_k, seed, causal, dropout_p,
-                                                         scale, left, right)
+def _triton_fwd(q, k, v, packing: Packing, seed, knobs: Knobs, need_lse: bool):
+    return torch.ops.genfast.attention_varlen_fwd_triton(q, k, v, *packing, seed, *knobs)
 
 
 _dispatch = _backend.dispatcher(OP, _reference, preference={"cuda": ("triton",), "cpu": ()})
-_dispatch.register("triton", supports=_triton_supports)(_triton_fwd)
+_dispatch.register("triton", supports=triton_supports)(_triton_fwd)
 
 
 # ------------------------------------------------------------------------------------------ checks
-def _check_qkv(q, k, v) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _checks.tensor(OP, name, t, dtypes=_checks.FLOAT_DTYPES, ndim=3)
-    _checks.same_device(OP, "q", q, k=k, v=v)
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{OP}: {name} has dtype {t.dtype} but q has dtype {q.dtype}")
-    _checks.same_shape(OP, "k", k, v=v)
-    (_, hq, d), (_, hk, dk) = q.shape, k.shape
-    if dk != d:
-        raise ValueError(f"{OP}: q and k head dims differ: q has D={d}, k has D={dk} "
-                         "(q [total_q, Hq, D], k [total_k, Hk, D])")
-    if d == 0:
-        raise ValueError(f"{OP}: the head dim D must be >= 1, got q shape {tuple(q.shape)}")
-    if hk == 0 or hq % hk != 0:
-        raise ValueError(f"{OP}: the number of query heads Hq={hq} must be a multiple of the key heads Hk={hk}")
-
-
 def _check_cu(name: str, cu, device: torch.device) -> None:
     _checks.tensor(OP, name, cu, dtypes=SEQLEN_DTYPES, ndim=1)
     if cu.shape[0] == 0:
@@ -275,6 +306,9 @@ def _max_seqlen(name: str, value) -> int:
         raise TypeError(f"{OP}: {name} must be an int, got {type(value).__name__}")
     if value < 0:
         raise ValueError(f"{OP}: {name} must be >= 0, got {value}")
+    if value > MAX_ROWS:
+        # The kernels hold lengths in int32 and size their grids from it: a larger bound is no sequence's length.
+        raise ValueError(f"{OP}: {name} must be <= 2**31 - 1, got {value}")
     return int(value)
 
 
@@ -317,7 +351,10 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     defaults to 1/sqrt(D). ``validate`` checks the cu_seqlens values (one host sync; see the module docstring).
     Returns out [total_q, Hq, D] in q's dtype, and with ``return_lse`` also lse [Hq, total_q] float32.
     """
-    _check_qkv(q, k, v)
+    check_qkv(OP, q, k, v, layout="[total, H, D]")
+    for name, t in (("q", q), ("k", k)):
+        if t.shape[0] > MAX_ROWS:
+            raise ValueError(f"{OP}: {name} holds {t.shape[0]} packed rows; the kernels take at most 2**31 - 1")
     _check_cu("cu_seqlens_q", cu_seqlens_q, q.device)
     _check_cu("cu_seqlens_k", cu_seqlens_k, q.device)
     if cu_seqlens_k.shape[0] != cu_seqlens_q.shape[0]:
@@ -332,11 +369,16 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     scale = softmax_scale(OP, scale, q.shape[-1])
     left, right = _window_pair(OP, window)
     _checks.generator(OP, generator, q.device)
+    if dropout_p > 0 and q.shape[1] * q.shape[0] * max_k > 2**63 - 1:
+        raise ValueError(f"{OP}: with dropout, Hq * total_q * max_seqlen_k must stay below 2**63 (the Philox "
+                         f"counter), got {q.shape[1]} * {q.shape[0]} * {max_k}")
     if validate and not torch.compiler.is_compiling():
         _check_cu_values(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_q, max_k)
     seed = _checks.draw_seed(generator, q.device) if dropout_p > 0 else None
-    out, lse = _dispatch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, seed, causal, dropout_p, scale, left,
-                         right, return_lse, device=q.device, dtype=q.dtype, facts={"head_dim": q.shape[-1]})
+    packing = Packing(cu_seqlens_q, cu_seqlens_k, max_q, max_k)
+    knobs = Knobs(causal, dropout_p, scale, left, right)
+    out, lse = _dispatch(q, k, v, packing, seed, knobs, return_lse, device=q.device, dtype=q.dtype,
+                         facts={"head_dim": q.shape[-1]})
     return (out, lse) if return_lse else out
 
 
