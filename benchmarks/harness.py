@@ -12,7 +12,6 @@ import dataclasses
 import datetime
 import os
 import platform
-import re
 import statistics
 import subprocess
 import time
@@ -179,8 +178,3 @@ def environment(device: torch.device) -> dict[str, Any]:
         "commit": commit, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
 
-
-def result_stem(env: dict[str, Any]) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
-    day = env["date"][:10].replace("-", "")
-    return os.path.join(RESULTS_DIR, f"{slug}-{day}-{env['commit']}")

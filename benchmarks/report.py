@@ -1,0 +1,284 @@
+"""Readable reports of a benchmark results file: a summary, one table and one figure per family.
+
+``python -m benchmarks.report [RESULTS.json]`` (default: the latest results file committed in
+benchmarks/results/) rewrites ``<stem>.md`` (a summary on top: per family, genfast's geometric-mean speedup
+over each peer and every case where genfast is slower than a peer; then one table per family) and writes
+``<stem>-<family>.png`` per family. ``--readme`` also rewrites the README's headline table, the block between
+``<!-- bench-table:start -->`` and ``<!-- bench-table:end -->``, from that summary.
+
+Speedups are ratios of median times of rows of the same file: ``peer ms / genfast ms`` (above 1: genfast is
+faster). genfast's row is the default call (``genfast-auto``) where the case has one, else each genfast backend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import re
+import textwrap
+from collections import defaultdict
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+README = os.path.join(os.path.dirname(RESULTS_DIR), "..", "README.md")
+README_START, README_END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
+OWN_PREFIX = "genfast-"
+DEFAULT_PROVIDER = "genfast-auto"
+# README losses: cases slower than a peer by more than this fraction are listed one by one.
+README_LOSS_MARGIN = 0.05
+
+
+def load(path: str) -> dict:
+    with open(path) as f:
+        data = json.load(f)
+    for key in ("device", "commit", "date", "results"):
+        if key not in data:
+            raise ValueError(f"{path}: not a benchmark results file (no {key!r})")
+    return data
+
+
+def latest_results(results_dir: str = RESULTS_DIR) -> str:
+    """The results file with the latest date in ``results_dir`` (compile reports are not benchmark results)."""
+    paths = [p for p in glob.glob(os.path.join(results_dir, "*.json"))
+             if not os.path.basename(p).startswith("compile-")]
+    if not paths:
+        raise FileNotFoundError(f"no benchmark results in {results_dir}")
+    return max(paths, key=lambda p: (load(p)["date"], p))
+
+
+def comparisons(results: list[dict]) -> list[dict]:
+    """One entry per (op, case, genfast provider, peer): the speedup ``peer ms / genfast ms``."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in results:
+        groups[(r["family"], r["op"], r["case"])].append(r)
+    out = []
+    for (family, op, case), rows in groups.items():
+        own = [r for r in rows if r["provider"].startswith(OWN_PREFIX)]
+        default = [r for r in own if r["provider"] == DEFAULT_PROVIDER]
+        peers = [r for r in rows if not r["provider"].startswith(OWN_PREFIX)]
+        for mine in default or own:
+            for peer in peers:
+                if mine["ms"] > 0 and peer["ms"] > 0:
+                    out.append({"family": family, "op": op, "case": case, "genfast": mine["provider"],
+                                "peer": peer["provider"], "speedup": peer["ms"] / mine["ms"]})
+    return out
+
+
+def summary(comps: list[dict]) -> list[dict]:
+    """Per (family, genfast provider, peer): cases, geometric-mean, min and max speedup."""
+    groups: dict[tuple, list[float]] = defaultdict(list)
+    for c in comps:
+        groups[(c["family"], c["genfast"], c["peer"])].append(c["speedup"])
+    out = []
+    for (family, mine, peer), values in sorted(groups.items()):
+        out.append({"family": family, "genfast": mine, "peer": peer, "cases": len(values),
+                    "geomean": math.exp(sum(map(math.log, values)) / len(values)),
+                    "min": min(values), "max": max(values)})
+    return out
+
+
+def losses(comps: list[dict], margin: float = 0.0) -> list[dict]:
+    """Every comparison where genfast is slower than the peer (by more than ``margin``), slowest first."""
+    return sorted((c for c in comps if c["speedup"] < 1.0 - margin), key=lambda c: c["speedup"])
+
+
+def _x(value: float) -> str:
+    return f"{value:.2f}x" if value >= 0.1 else f"{value:.2g}x"
+
+
+def _short(provider: str) -> str:
+    return provider[len(OWN_PREFIX):] if provider.startswith(OWN_PREFIX) else provider
+
+
+def summary_markdown(data: dict, comps: list[dict]) -> list[str]:
+    lines = ["## Summary", "",
+             "genfast's speedup over each peer (`peer time / genfast time`; above 1x genfast is faster), per family:",
+             "", "| family | genfast | vs | cases | geometric mean | min | max |", "|---|---|---|---:|---:|---:|---:|"]
+    for s in summary(comps):
+        lines.append(f"| {s['family']} | {_short(s['genfast'])} | {s['peer']} | {s['cases']} | {_x(s['geomean'])} | "
+                     f"{_x(s['min'])} | {_x(s['max'])} |")
+    lost = losses(comps)
+    lines += ["", f"### Losses: {len(lost)} comparison(s) where genfast is slower than a peer", ""]
+    lines += [f"- {c['family']} `{c['op']}` [{c['case']}]: {_short(c['genfast'])} at {_x(c['speedup'])} of "
+              f"{c['peer']}" for c in lost] or ["None."]
+    return lines + [""]
+
+
+def markdown(data: dict) -> str:
+    results = data["results"]
+    comps = comparisons(results)
+    ceilings = data.get("ceilings", {})
+    lines = [f"# genfast benchmarks: {data['device']}", "",
+             f"torch {data.get('torch')}, triton {data.get('triton')}, CUDA {data.get('cuda')}, "
+             f"commit {data['commit']}, {data['date']}"
+             + (f", the whole run took {data['duration_s'] / 60:.0f} min" if data.get("duration_s") else ""), "",
+             "Ceilings measured in this run: " + ", ".join(f"{k} = {v}" for k, v in ceilings.items()), ""]
+    lines += summary_markdown(data, comps)
+    copy = ceilings.get("copy_GBps")
+    fmt = lambda v: "" if v is None else f"{v}"  # noqa: E731
+    for family in sorted({r["family"] for r in results}):
+        lines += [f"## {family}", "", f"![{family}]({figure_name(data, family)})" if _has_figure(comps, family)
+                  else "(no genfast provider ran on this device: nothing to compare)", "",
+                  "| op | case | provider | ms (median) | speedup of genfast | GB/s | % copy | TFLOP/s |",
+                  "|---|---|---|---:|---:|---:|---:|---:|"]
+        speed = {(c["op"], c["case"], c["peer"]): c["speedup"] for c in comps if c["family"] == family}
+        for r in (r for r in results if r["family"] == family):
+            frac = f"{100 * r['GBps'] / copy:.0f}%" if r.get("GBps") and copy else ""
+            mine = speed.get((r["op"], r["case"], r["provider"]))
+            lines.append(f"| {r['op']} | {r['case']} | {r['provider']} | {r['ms']:.4f} | "
+                         f"{_x(mine) if mine else ''} | {fmt(r.get('GBps'))} | {frac} | {fmt(r.get('TFLOPs'))} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _has_figure(comps: list[dict], family: str) -> bool:
+    return any(c["family"] == family for c in comps)
+
+
+def figure_name(data: dict, family: str) -> str:
+    return f"{stem_name(data)}-{family}.png"
+
+
+def stem_name(data: dict) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", data["device"].lower()).strip("-")
+    return f"{slug}-{data['date'][:10].replace('-', '')}-{data['commit']}"
+
+
+def _ticks(limit: float) -> list[float]:
+    """Tick values symmetric about 1x (0.5x and 2x, 0.1x and 10x, ...) inside [1/limit, limit]."""
+    if limit <= 2.5:
+        ups = [1.25, 1.5, 2]
+    elif limit <= 6:
+        ups = [1.5, 2, 3, 5]
+    else:
+        ups = [2, 10, 100, 1000]
+    ups = [v for v in ups if v <= limit * 1.001]
+    return sorted([1 / v for v in ups] + [1.0] + ups)
+
+
+def figure(data: dict, families: list[str], path: str) -> bool:
+    """Speedup bars of genfast over each peer, one panel per family with comparisons, bars drawn from 1x on a
+    log axis centred at 1x. Returns False (and writes nothing) when none of ``families`` has a comparison."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import ticker
+
+    comps = [c for c in comparisons(data["results"]) if c["family"] in families]
+    shown = [f for f in families if _has_figure(comps, f)]
+    if not shown:
+        return False
+    peers = sorted({c["peer"] for c in comps})
+    colours = {p: plt.get_cmap("tab10")(i % 10) for i, p in enumerate(peers)}
+    labels_of = {f: list(dict.fromkeys(f"{c['op']} [{c['case']}]" for c in comps if c["family"] == f)) for f in shown}
+    wrap = 44
+    bars = {f: sum(1 for c in comps if c["family"] == f) for f in shown}
+    heights = [0.8 + 0.16 * bars[f] + 0.12 * len(labels_of[f]) for f in shown]
+    fig, axes = plt.subplots(len(shown), 1, figsize=(11, sum(heights) + 1.2), squeeze=False,
+                             gridspec_kw={"height_ratios": heights}, layout="constrained")
+    extreme = max(max(c["speedup"], 1 / c["speedup"]) for c in comps)
+    limit = 10 ** (math.ceil(math.log10(extreme) * 4 + 0.5) / 4)  # symmetric about 1x, with room for labels
+    for ax, family in zip(axes[:, 0], shown):
+        labels = labels_of[family]
+        y, ticks = 0.0, []
+        for label in labels:
+            rows = [c for c in comps if c["family"] == family and f"{c['op']} [{c['case']}]" == label]
+            start = y
+            for c in rows:
+                ax.barh(y, c["speedup"] - 1.0, left=1.0, height=0.8, color=colours[c["peer"]],
+                        label=c["peer"])
+                right = c["speedup"] >= 1.0
+                ax.text(c["speedup"] * (1.04 if right else 1 / 1.04), y, _x(c["speedup"]), va="center",
+                        ha="left" if right else "right", fontsize=7)
+                y += 1
+            ticks.append(((start + y - 1) / 2, "\n".join(textwrap.wrap(label, wrap))))
+            y += 0.6
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.set_xlim(1 / limit, limit)
+        ax.xaxis.set_major_locator(ticker.FixedLocator(_ticks(limit)))
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.2g}x"))
+        ax.xaxis.set_minor_locator(ticker.NullLocator())
+        ax.set_ylim(y - 0.4, -0.8)
+        ax.set_yticks([t for t, _ in ticks], [lb for _, lb in ticks], fontsize=7)
+        ax.set_title(f"{family}: genfast ({_short(rows[0]['genfast'])}) vs each peer", fontsize=9, loc="left")
+        handles, names = ax.get_legend_handles_labels()
+        unique = dict(zip(names, handles))
+        ax.legend(unique.values(), unique.keys(), fontsize=7, loc="best")
+        ax.grid(axis="x", which="both", alpha=0.25)
+    axes[-1, 0].set_xlabel("speedup of genfast (peer time / genfast time, log scale; right of 1x: genfast is faster)")
+    fig.suptitle(f"genfast on {data['device']} (commit {data['commit']}, {data['date'][:10]})", fontsize=10)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def write(path: str) -> list[str]:
+    """Rewrite ``<stem>.md`` of results file ``path`` and write one figure per family; the files written."""
+    data = load(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    stem = os.path.splitext(os.path.abspath(path))[0]
+    written = [stem + ".md"]
+    with open(stem + ".md", "w") as f:
+        f.write(markdown(data))
+    for family in sorted({r["family"] for r in data["results"]}):
+        target = os.path.join(folder, figure_name(data, family))
+        if figure(data, [family], target):
+            written.append(target)
+    return written
+
+
+def readme_block(data: dict, results_name: str) -> str:
+    """The README's headline table: the summary per family and peer, and the losses beyond the margin."""
+    comps = comparisons(data["results"])
+    lines = [README_START,
+             f"<!-- generated by `python -m benchmarks.report --readme` from {results_name}; do not edit -->",
+             f"Measured on {data['device']}, commit {data['commit']}, {data['date'][:10]} (`{results_name}`"
+             + (f"; the whole `make bench` run took {data['duration_s'] / 60:.0f} min" if data.get("duration_s")
+                else "; that run predates the record of the suite's duration")
+             + "): genfast's default call against each peer, the geometric mean of `peer time / genfast time` over "
+             "the family's cases (above 1x genfast is faster), with the range.", "",
+             "| family | vs | cases | geometric mean | range |", "|---|---|---:|---:|---|"]
+    for s in summary(comps):
+        lines.append(f"| {s['family']} | {s['peer']} | {s['cases']} | {_x(s['geomean'])} | "
+                     f"{_x(s['min'])} – {_x(s['max'])} |")
+    big = losses(comps, README_LOSS_MARGIN)
+    small = len(losses(comps)) - len(big)
+    lines += ["", f"Losses, where genfast is more than {README_LOSS_MARGIN:.0%} slower than a peer ({len(big)}):", ""]
+    lines += [f"- {c['family']} `{c['op']}` [{c['case']}]: {_x(c['speedup'])} {c['peer']}" for c in big] or ["- none"]
+    lines += ["", f"and {small} more within {README_LOSS_MARGIN:.0%} (run-to-run noise on this machine); "
+              "every case is in the results' `.md`.", README_END]
+    return "\n".join(lines)
+
+
+def update_readme(data: dict, results_path: str, readme: str = README) -> None:
+    with open(readme) as f:
+        text = f.read()
+    if README_START not in text or README_END not in text:
+        raise ValueError(f"{readme}: no {README_START} ... {README_END} block to rewrite")
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    name = os.path.relpath(os.path.abspath(results_path), os.path.dirname(os.path.abspath(readme)))
+    with open(readme, "w") as f:
+        f.write(head + readme_block(data, name) + tail)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", nargs="?", help="a results .json (default: the latest in benchmarks/results/)")
+    parser.add_argument("--readme", action="store_true", help="also rewrite the README's headline table")
+    args = parser.parse_args(argv)
+    path = args.results or latest_results()
+    for written in write(path):
+        print(f"wrote {os.path.relpath(written)}")
+    if args.readme:
+        update_readme(load(path), path)
+        print(f"rewrote the headline table of {os.path.relpath(README)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,132 @@
+"""benchmarks/report.py and the result files of benchmarks/run.py, on small fake results (no timing of genfast)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from benchmarks import harness, report, run
+
+
+def _r(family, op, case, provider, ms):
+    return {"family": family, "op": op, "case": case, "provider": provider, "ms": ms, "ms_p20": ms, "ms_p80": ms,
+            "TFLOPs": None, "GBps": None, "peak_mem_MB": None}
+
+
+DATA = {
+    "device": "CPU test", "torch": "x", "triton": "y", "cuda": None, "commit": "abc1234",
+    "date": "2026-11-29T00:00:00Z", "ceilings": {"copy_GBps": 10.0},
+    "results": [
+        _r("attention", "attention_fwd", "d64", "genfast-auto", 1.0),
+        _r("attention", "attention_fwd", "d64", "genfast-triton", 0.5),  # not the default call: not compared
+        _r("attention", "attention_fwd", "d64", "torch-sdpa", 2.0),
+        _r("attention", "attention_fwd", "d64", "reference", 4.0),
+        _r("attention", "attention_decode", "B1", "genfast-auto", 4.0),
+        _r("attention", "attention_decode", "B1", "torch-sdpa", 1.0),
+        _r("sampling", "sample_tokens", "greedy", "genfast-cpu", 1.0),  # no genfast-auto: each backend
+        _r("sampling", "sample_tokens", "greedy", "reference", 0.97),
+        _r("latent", "reparameterize", "n", "reference", 1.0),  # no genfast provider at all
+        _r("latent", "reparameterize", "n", "torch-eager", 1.0),
+    ],
+}
+
+
+def test_comparisons_use_the_default_call_and_peer_over_genfast():
+    comps = {(c["op"], c["genfast"], c["peer"]): c["speedup"] for c in report.comparisons(DATA["results"])}
+    assert comps == {
+        ("attention_fwd", "genfast-auto", "torch-sdpa"): 2.0,
+        ("attention_fwd", "genfast-auto", "reference"): 4.0,
+        ("attention_decode", "genfast-auto", "torch-sdpa"): 0.25,
+        ("sample_tokens", "genfast-cpu", "reference"): pytest.approx(0.97),
+    }
+
+
+def test_summary_geomean_and_losses():
+    comps = report.comparisons(DATA["results"])
+    rows = {(s["family"], s["peer"]): s for s in report.summary(comps)}
+    sdpa = rows[("attention", "torch-sdpa")]
+    assert sdpa["cases"] == 2 and sdpa["geomean"] == pytest.approx(math.sqrt(2.0 * 0.25))
+    assert (sdpa["min"], sdpa["max"]) == (0.25, 2.0)
+    lost = report.losses(comps)
+    assert [(c["op"], round(c["speedup"], 2)) for c in lost] == [("attention_decode", 0.25), ("sample_tokens", 0.97)]
+    assert [c["op"] for c in report.losses(comps, 0.05)] == ["attention_decode"]
+
+
+def test_markdown_has_the_summary_on_top_and_a_section_per_family():
+    md = report.markdown(DATA)
+    assert md.index("## Summary") < md.index("## attention") < md.index("## latent") < md.index("## sampling")
+    assert "### Losses: 2 comparison(s)" in md
+    assert "attention `attention_decode` [B1]: auto at 0.25x of torch-sdpa" in md
+    assert "| attention | auto | torch-sdpa | 2 | 0.71x | 0.25x | 2.00x |" in md
+    assert "(no genfast provider ran on this device" in md.split("## latent")[1].split("##")[0]
+    assert "![attention](cpu-test-20261129-abc1234-attention.png)" in md
+
+
+def test_write_makes_one_figure_per_family_with_comparisons(tmp_path):
+    path = tmp_path / "cpu-test-20261129-abc1234.json"
+    path.write_text(json.dumps(DATA))
+    written = report.write(str(path))
+    names = sorted(os.path.basename(p) for p in written)
+    assert names == ["cpu-test-20261129-abc1234-attention.png", "cpu-test-20261129-abc1234-sampling.png",
+                     "cpu-test-20261129-abc1234.md"]
+    for name in names[:2]:
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not report.figure(DATA, ["latent"], str(tmp_path / "empty.png"))  # nothing to draw: no file
+    assert not (tmp_path / "empty.png").exists()
+
+
+def test_axis_ticks_are_symmetric_about_one():
+    for limit in (1.5, 3.2, 10, 56):
+        ticks = report._ticks(limit)
+        assert 1.0 in ticks
+        assert sorted(round(1 / t, 6) for t in ticks) == sorted(round(t, 6) for t in ticks)
+        assert max(ticks) <= limit * 1.001
+
+
+def test_readme_block_is_rewritten_in_place(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.README_START}\nold table\n{report.README_END}\noutro\n")
+    results = tmp_path / "r.json"
+    results.write_text(json.dumps({**DATA, "duration_s": 1260}))
+    report.update_readme({**DATA, "duration_s": 1260}, str(results), str(readme))
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("\noutro\n") and "old table" not in text
+    assert "the whole `make bench` run took 21 min" in text
+    assert "| attention | torch-sdpa | 2 | 0.71x | 0.25x – 2.00x |" in text
+    assert "- attention `attention_decode` [B1]: 0.25x torch-sdpa" in text  # a loss beyond 5%
+    assert "and 1 more within 5%" in text  # sample_tokens at 0.97x
+    report.update_readme({**DATA, "duration_s": 1260}, str(results), str(readme))
+    assert readme.read_text() == text  # idempotent
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="bench-table"):
+        report.update_readme(DATA, str(results), str(readme))
+
+
+def test_latest_results_by_date_ignores_compile_reports(tmp_path):
+    for name, date in (("a.json", "2026-11-22T00:00:00Z"), ("b.json", "2026-11-28T00:00:00Z")):
+        (tmp_path / name).write_text(json.dumps({**DATA, "date": date}))
+    (tmp_path / "compile-sm90a-triton3.6.0.json").write_text(json.dumps({"date": "2099-01-01", "rows": []}))
+    assert os.path.basename(report.latest_results(str(tmp_path))) == "b.json"
+    with pytest.raises(FileNotFoundError):
+        report.latest_results(str(tmp_path / "none"))
+
+
+def test_run_writes_local_results_unless_published(tmp_path, monkeypatch):
+    x = torch.ones(8)
+    cases = [harness.BenchCase("toy", "add", "n8", provider, lambda: (lambda: x + 1), bytes=64.0)
+             for provider in ("genfast-cpu", "torch-eager")]
+    monkeypatch.setattr(run, "collect_cases", lambda *a, **k: cases)
+    monkeypatch.setattr(harness, "RESULTS_DIR", str(tmp_path))
+    monkeypatch.setattr(harness, "ceilings", lambda device: {"copy_GBps": 1.0})
+    assert run.main(["--quick", "--device", "cpu"]) == 0
+    (local,) = [p for p in os.listdir(tmp_path / "local") if p.endswith(".json")]
+    data = json.loads((tmp_path / "local" / local).read_text())
+    assert data["duration_s"] >= 0 and {r["provider"] for r in data["results"]} == {"genfast-cpu", "torch-eager"}
+    assert os.path.exists(tmp_path / "local" / local.replace(".json", ".md"))
+    assert os.path.exists(tmp_path / "local" / local.replace(".json", "-toy.png"))
+    assert run.main(["--quick", "--device", "cpu", "--publish"]) == 0
+    assert any(p.endswith(".json") for p in os.listdir(tmp_path))
