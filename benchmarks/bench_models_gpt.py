@@ -1,20 +1,29 @@
-"""End-to-end benchmarks of genfast.models.GPT: a training step, and generation, against the reference and
-against Hugging Face transformers on the same weights.
+"""End-to-end benchmarks of genfast.models.GPT: a training step, and generation against Hugging Face transformers'
+``generate`` on the same weights.
 
 - ``gpt_train_step``: forward + backward + AdamW step on a batch of B x T tokens (bf16 autocast on a GPU, fp32 on
   a CPU). Providers: genfast backends that serve every op of the model, ``genfast-auto``, ``reference``.
-- ``gpt_generate``: ``model.generate`` of ``new`` greedy tokens after a prompt, batch 1 and 32 on a GPU (prompt
-  128, 256 new tokens: the targets of issue 5), smaller on a CPU. Providers as above plus ``transformers`` (its
-  GPT2LMHeadModel.generate, eager, default attention, KV cache, on the same weights in the same dtype).
+- ``gpt_generate``: ``model.generate`` (the default call: on a GPU that replays the decode step as a CUDA graph)
+  after a 32-token prompt (128 on a GPU), at the GPT-2 size (124M parameters, random weights) and the tiny preset,
+  batch 1 and 8, greedy and sampling (temperature 0.8, top-k 50, top-p 0.9). Providers: ``genfast-auto``,
+  ``genfast-auto-nograph`` on a GPU (``cuda_graph=False``), ``reference`` (tiny only: the plain-PyTorch ops) and
+  ``transformers`` (GPT2LMHeadModel.generate, eager, default attention, KV cache, the same weights and dtype).
+  Greedy tokens are checked equal to transformers' when a case is set up (a mismatch fails the case).
 
-Tokens per second = tokens in the case label / ms. FLOPs are the standard 6 * N * tokens for training and
-2 * N * tokens for generation (N = parameters but the position table, as nanoGPT counts: the tied
-output head does compute), so TFLOP/s compares the providers on one
-yardstick. Random weights (no download); eos is disabled so every provider generates the same number of tokens.
+Throughput: tokens per second = the token count in the case label / time (``tokens_per_second``). On a CPU a
+decode step at batch 1 is bound by reading the weights once per token, so each case's ``bytes`` are the weights'
+bytes times the new tokens: the table's GB/s and "% copy" are then the fraction of that weight-read limit, against
+the copy bandwidth measured in the same run. FLOPs are the standard 2 * N per token (N = parameters but the
+position table; the tied head computes). eos is disabled so every provider generates the same number of tokens.
+
+``python -m benchmarks.bench_models_gpt [--quick]`` times only the generation cases, genfast and transformers
+interleaved (the fairer comparison on a shared machine), and prints the ratios.
 """
 
 from __future__ import annotations
 
+import argparse
+import math
 import tempfile
 
 import torch
@@ -25,6 +34,7 @@ from genfast.models import GPT, GPTConfig
 
 FAMILY = "models_gpt"
 MODEL_OPS = ("attention", "attention_decode", "kv_cache_append", "sample_tokens")
+SAMPLING = dict(temperature=0.8, top_k=50, top_p=0.9)
 
 
 def _model_backends(device: torch.device) -> list[str]:
@@ -33,10 +43,14 @@ def _model_backends(device: torch.device) -> list[str]:
     return sorted(set.intersection(*served))
 
 
-def _config(device: torch.device) -> tuple[str, GPTConfig]:
+def _train_config(device: torch.device) -> tuple[str, GPTConfig]:
     if device.type == "cuda":
         return "gpt2", GPTConfig.preset("gpt2")
     return "tiny-v1024", GPTConfig.preset("tiny", vocab_size=1024)
+
+
+def _generate_configs() -> list[tuple[str, GPTConfig]]:
+    return [("gpt2-124M", GPTConfig.preset("gpt2")), ("tiny-v1024", GPTConfig.preset("tiny", vocab_size=1024))]
 
 
 def _flop_params(config: GPTConfig) -> int:
@@ -78,69 +92,148 @@ def _train_cases(device, quick, name, config, providers):
             for provider, backend in providers.items()]
 
 
-def _transformers_generate(model: GPT, device, dtype, new):
+def _transformers_model(model: GPT, device, dtype):
+    """transformers' GPT2LMHeadModel on ``model``'s weights, through save_pretrained (None without transformers).
+
+    save_pretrained writes bos/eos ids only where the vocabulary holds GPT-2's, so small vocabularies load without
+    transformers' warning about ids outside it."""
     try:
         import transformers
     except ImportError:
         return None
-    directory = tempfile.mkdtemp(prefix="genfast-bench-gpt-")
-    model.save_pretrained(directory)
-    hf = transformers.GPT2LMHeadModel.from_pretrained(directory).to(device=device, dtype=dtype).eval()
+    with tempfile.TemporaryDirectory(prefix="genfast-bench-gpt-") as directory:
+        model.save_pretrained(directory)
+        hf = transformers.GPT2LMHeadModel.from_pretrained(directory).to(device=device, dtype=dtype).eval()
     hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    return hf
 
-    def run(idx):
-        with torch.no_grad():
-            return hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=new, min_new_tokens=new,
-                               do_sample=False, pad_token_id=0)
+
+def _hf_generate(hf, idx, new: int, sample: bool):
+    knobs = dict(do_sample=True, **SAMPLING) if sample else dict(do_sample=False)
+    with torch.no_grad():
+        return hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=new, min_new_tokens=new,
+                           **knobs)
+
+
+def _generate_call(model: GPT, idx, new: int, sample: bool, backend: str, **options):
+    knobs = SAMPLING if sample else dict(temperature=0.0)
+
+    def run():
+        with genfast.backend(backend):
+            return model.generate(idx, new, **knobs, **options)
     return run
 
 
-def _generate_cases(device, quick, name, config, providers):
-    if device.type == "cuda":
-        prompt, new, batches = 128, 256, ([1] if quick else [1, 32])
-    else:
-        prompt, new, batches = 32, 32 if quick else 64, ([1] if quick else [1, 8])
+def _generate_cases(device, quick):
+    prompt = 128 if device.type == "cuda" else 32
+    new = 32 if quick else 64
+    batches = [1] if quick else [1, 8]
     dtype = _dtype(device)
     out = []
-    for b in batches:
-        label = f"{name} {str(dtype).replace('torch.', '')} B{b} prompt{prompt} new{new} ({b * new} tokens)"
+    for name, config in _generate_configs():
+        weight_bytes = _flop_params(config) * torch.finfo(dtype).bits // 8  # read once per decode step
+        for b in batches:
+            for sample in (False, True):
+                mode = "sample" if sample else "greedy"
+                label = (f"{name} {str(dtype).replace('torch.', '')} B{b} prompt{prompt} new{new} {mode} "
+                         f"({b * new} tokens)")
 
-        def setup_for(provider, backend_name, b=b):
-            def setup():
-                torch.manual_seed(0)
-                model = GPT(config).to(device=device, dtype=dtype).eval()
-                idx = torch.randint(0, config.vocab_size, (b, prompt), device=device)
-                if provider == "transformers":
-                    run = _transformers_generate(model, device, dtype, new)
-                    return lambda: run(idx)
+                def setup_for(provider, b=b, sample=sample, config=config, label=label):
+                    def setup():
+                        torch.manual_seed(0)
+                        model = GPT(config).to(device=device, dtype=dtype).eval()
+                        idx = torch.randint(0, config.vocab_size, (b, prompt), device=device)
+                        if provider == "transformers":
+                            hf = _transformers_model(model, device, dtype)
+                            if not sample:
+                                ours = _generate_call(model, idx, new, False, "auto")()
+                                theirs = _hf_generate(hf, idx, new, False)
+                                if not torch.equal(ours, theirs):
+                                    raise AssertionError(f"{label}: genfast's greedy tokens differ from "
+                                                         "transformers'")
+                            return lambda: _hf_generate(hf, idx, new, sample)
+                        if provider == "genfast-auto-nograph":
+                            return _generate_call(model, idx, new, sample, "auto", cuda_graph=False)
+                        return _generate_call(model, idx, new, sample,
+                                              "reference" if provider == "reference" else "auto")
+                    return setup
 
-                def run_ours():
-                    with genfast.backend(backend_name):
-                        return model.generate(idx, new, temperature=0.0)
-                return run_ours
-            return setup
-
-        n = _flop_params(config)
-        rows = dict(providers)
-        try:
-            import transformers  # noqa: F401
-
-            rows["transformers"] = None
-        except ImportError:
-            pass
-        for provider, backend in rows.items():
-            out.append(BenchCase(FAMILY, "gpt_generate", label, provider, setup_for(provider, backend),
-                                 flops=2.0 * n * b * new))
+                providers = ["genfast-auto"]
+                if device.type == "cuda":
+                    providers.append("genfast-auto-nograph")
+                if config.n_layer <= 4:  # the reference path at the GPT-2 size only costs minutes
+                    providers.append("reference")
+                if _has_transformers():
+                    providers.append("transformers")
+                for provider in providers:
+                    out.append(BenchCase(FAMILY, "gpt_generate", label, provider, setup_for(provider),
+                                         flops=2.0 * _flop_params(config) * b * new, bytes=weight_bytes * new))
     return out
 
 
+def _has_transformers() -> bool:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def cases(device: torch.device, quick: bool = False) -> list[BenchCase]:
-    name, config = _config(device)
+    name, config = _train_config(device)
     providers = {f"genfast-{b}": b for b in _model_backends(device)}
     providers["genfast-auto"] = "auto"
     providers["reference"] = "reference"
-    return _train_cases(device, quick, name, config, providers) + _generate_cases(device, quick, name, config,
-                                                                                  providers)
+    return _train_cases(device, quick, name, config, providers) + _generate_cases(device, quick)
 
 
-__all__ = ["cases"]
+def tokens_per_second(case: BenchCase, ms: float) -> float:
+    """Generated (or trained) tokens per second of a measured case: the count in its label over the time."""
+    count = int(case.case.rsplit("(", 1)[1].split()[0])
+    return count / (ms / 1e3) if ms > 0 else math.nan
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Generation cases only, each genfast call timed right after transformers' (min of ``--reps``)."""
+    import time
+
+    from benchmarks import harness
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--only", default="", help="substring of the case labels to run")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    copy = harness.ceilings(device)["copy_GBps"]
+    print(f"{harness.environment(device)['device']}, torch threads {torch.get_num_threads()}, copy {copy} GB/s")
+    groups: dict[str, list[BenchCase]] = {}
+    for case in _generate_cases(device, args.quick):
+        if args.only in case.case:
+            groups.setdefault(case.case, []).append(case)
+    for label, group in groups.items():
+        calls = {case.provider: case.setup() for case in group}
+        best = {provider: math.inf for provider in calls}
+        for _ in range(args.reps):
+            for provider, fn in calls.items():
+                harness.synchronize(device)
+                start = time.perf_counter()
+                fn()
+                harness.synchronize(device)
+                best[provider] = min(best[provider], time.perf_counter() - start)
+        peer = best.get("transformers")
+        for case in group:
+            seconds = best[case.provider]
+            ratio = f" {peer / seconds:5.2f}x transformers" if peer else ""
+            print(f"{label:60s} {case.provider:22s} {seconds * 1e3:9.1f} ms "
+                  f"{tokens_per_second(case, seconds * 1e3):8.1f} tok/s "
+                  f"{100 * case.bytes / seconds / 1e9 / copy:5.1f}% of weight-read limit{ratio}", flush=True)
+    return 0
+
+
+__all__ = ["cases", "tokens_per_second"]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

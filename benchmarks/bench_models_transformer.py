@@ -9,7 +9,9 @@ what the fused attention buys end to end.
   length T (bf16 autocast on a GPU, fp32 on a CPU). FLOPs: the standard 6 * parameters * tokens (matmul work,
   attention not included), so TFLOP/s compare across sizes.
 - ``translator_greedy_decode``: greedy decoding of B sources to exactly T tokens (the stop token set to bos, which
-  is never emitted, so every provider does the same work), with the KV cache and the encoder output projected once.
+  is never emitted, so every provider does the same work), with the KV cache and the encoder output projected once
+  (the default call: on a GPU the cached step replays as a CUDA graph).
+- ``translator_beam_search``: beam search (beam 4) of the same sources to exactly T tokens, likewise.
 
 Sizes: on a GPU the ``base`` model of the paper (d 512, 6 + 6 layers) at B 64, S = T = 128; on a CPU the
 ``small`` preset at B 16, S = T = 32.
@@ -87,6 +89,23 @@ def _decode_setup(device, backend, preset, b, s, t):
     return setup
 
 
+def _beam_setup(device, backend, preset, b, s, t):
+    def setup():
+        model = _model(device, preset, max(s, t)).eval()
+        src = _tokens(device, b, s)
+
+        def search():
+            with genfast.backend(backend), _autocast(device):
+                return model.beam_search(src, beam_size=BEAM, max_len=t, eos=model.config.bos_id)
+
+        return search
+
+    return setup
+
+
+BEAM = 4
+
+
 def cases(device: torch.device, quick: bool = False) -> list[BenchCase]:
     out = []
     backends = {f"genfast-{name}": name for name in genfast_providers("attention", device)}
@@ -101,6 +120,8 @@ def cases(device: torch.device, quick: bool = False) -> list[BenchCase]:
                                  _train_setup(device, backend, preset, b, s, t), flops=train_flops))
             out.append(BenchCase(FAMILY, "translator_greedy_decode", label, provider,
                                  _decode_setup(device, backend, preset, b, s, t), flops=decode_flops))
+            out.append(BenchCase(FAMILY, "translator_beam_search", label, provider,
+                                 _beam_setup(device, backend, preset, b, s, t), flops=BEAM * decode_flops))
     return out
 
 
@@ -108,7 +129,7 @@ def tokens_per_second(case: BenchCase, ms: float) -> float:
     """Target tokens per second of a measured case (train: source + target tokens)."""
     preset, b, s, t = case.case.split()
     b, s, t = int(b[1:]), int(s[1:]), int(t[1:])
-    tokens = b * (s + t) if case.op == "translator_train_step" else b * t
+    tokens = {"translator_train_step": b * (s + t), "translator_beam_search": BEAM * b * t}.get(case.op, b * t)
     return tokens / (ms / 1e3) if ms > 0 else math.nan
 
 
