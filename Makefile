@@ -34,14 +34,16 @@ GATE_TRITON_STAMP := $(GATE_TRITON_DIR)/.installed
 GATE_ARGS ?= --triton-path $(GATE_TRITON_DIR)
 endif
 
-.PHONY: test bench build cuda-check compile-gate lint info clean help
+.PHONY: test bench build cuda-check compile-gate gpu-check lint info clean help
 
 help:
 	@echo "make test    build genfast (and its extension), compile-check the CUDA sources, run the compile gate"
 	@echo "             and the tests"
 	@echo "make compile-gate  compile every Triton config and .cu for sm_90a and sm_80 (no GPU needed); fails on"
 	@echo "             compile errors, shared-memory overflow, spills, no wgmma; benchmarks/results/compile-*"
-	@echo "make bench   run the benchmark suite on the device present; results in benchmarks/results/"
+	@echo "make bench   run the benchmark suite on the device present; results in benchmarks/results/local/"
+	@echo "make gpu-check  on a GPU machine: build for its arch, GPU tests, compute-sanitizer, headline benchmarks,"
+	@echo "             all in GPU_CHECK_OUT (default runs/gpu-check) in under 10 minutes"
 	@echo "make info    what genfast sees here: versions, extension, GPU, backends per op"
 	@echo "make lint    ruff (part of make test)"
 
@@ -82,6 +84,11 @@ test: build cuda-check compile-gate lint
 
 bench: build
 	$(PYTHON) -m benchmarks.run $(BENCH_ARGS)
+
+# The first minutes on a GPU machine (torch preinstalled, no package index): builds for the local arch itself.
+GPU_CHECK_OUT ?= runs/gpu-check
+gpu-check: $(ENV_STAMP)
+	GPU_CHECK_OUT=$(GPU_CHECK_OUT) $(PYTHON) -m benchmarks.gpu_check
 
 info: build
 	$(PYTHON) -m genfast info

@@ -106,10 +106,13 @@ def summary_markdown(data: dict, comps: list[dict]) -> list[str]:
     return lines + [""]
 
 
-def markdown(data: dict) -> str:
+def markdown(data: dict, figure_names: dict | None = None) -> str:
+    """The report: the summary, then per family its figure and its table. ``figure_names``: family -> image
+    file (default ``<stem>-<family>.png`` beside the results file)."""
     results = data["results"]
     comps = comparisons(results)
     ceilings = data.get("ceilings", {})
+    stem = stem_name(data)
     lines = [f"# genfast benchmarks: {data['device']}", "",
              f"torch {data.get('torch')}, triton {data.get('triton')}, CUDA {data.get('cuda')}, "
              f"commit {data['commit']}, {data['date']}"
@@ -119,7 +122,8 @@ def markdown(data: dict) -> str:
     copy = ceilings.get("copy_GBps")
     fmt = lambda v: "" if v is None else f"{v}"  # noqa: E731
     for family in sorted({r["family"] for r in results}):
-        lines += [f"## {family}", "", f"![{family}]({figure_name(data, family)})" if _has_figure(comps, family)
+        image = (figure_names or {}).get(family) or f"{stem}-{family}.png"
+        lines += [f"## {family}", "", f"![{family}]({image})" if _has_figure(comps, family)
                   else "(no genfast provider ran on this device: nothing to compare)", "",
                   "| op | case | provider | ms (median) | speedup of genfast | GB/s | % copy | TFLOP/s |",
                   "|---|---|---|---:|---:|---:|---:|---:|"]
@@ -135,10 +139,6 @@ def markdown(data: dict) -> str:
 
 def _has_figure(comps: list[dict], family: str) -> bool:
     return any(c["family"] == family for c in comps)
-
-
-def figure_name(data: dict, family: str) -> str:
-    return f"{stem_name(data)}-{family}.png"
 
 
 def stem_name(data: dict) -> str:
@@ -216,18 +216,23 @@ def figure(data: dict, families: list[str], path: str) -> bool:
     return True
 
 
-def write(path: str) -> list[str]:
-    """Rewrite ``<stem>.md`` of results file ``path`` and write one figure per family; the files written."""
+def write(path: str, one_figure: bool = False) -> list[str]:
+    """Rewrite ``<stem>.md`` of results file ``path`` and write one figure per family (``<stem>-<family>.png``),
+    or one figure with a panel per family (``<stem>.png``); the files written."""
     data = load(path)
-    folder = os.path.dirname(os.path.abspath(path))
     stem = os.path.splitext(os.path.abspath(path))[0]
+    families = sorted({r["family"] for r in data["results"]})
     written = [stem + ".md"]
     with open(stem + ".md", "w") as f:
-        f.write(markdown(data))
-    for family in sorted({r["family"] for r in data["results"]}):
-        target = os.path.join(folder, figure_name(data, family))
-        if figure(data, [family], target):
-            written.append(target)
+        base = os.path.basename(stem)
+        f.write(markdown(data, {f: f"{base}.png" if one_figure else f"{base}-{f}.png" for f in families}))
+    if one_figure:
+        if figure(data, families, stem + ".png"):
+            written.append(stem + ".png")
+        return written
+    for family in families:
+        if figure(data, [family], f"{stem}-{family}.png"):
+            written.append(f"{stem}-{family}.png")
     return written
 
 

@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print the summary only")
     parser.add_argument("--publish", action="store_true",
                         help="write into benchmarks/results/ (committed) instead of benchmarks/results/local/")
+    parser.add_argument("--out", help="write into this folder instead (e.g. make gpu-check's)")
+    parser.add_argument("--name", help="file name stem (default <device>-<date>-<commit>)")
+    parser.add_argument("--one-figure", action="store_true", help="one figure with a panel per family")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
@@ -73,12 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(report.summary_markdown(data, report.comparisons(results))))
     print(f"the suite took {data['duration_s'] / 60:.1f} min")
     if not args.no_write:
-        folder = harness.RESULTS_DIR if args.publish else os.path.join(harness.RESULTS_DIR, "local")
+        folder = args.out or (harness.RESULTS_DIR if args.publish else os.path.join(harness.RESULTS_DIR, "local"))
         os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, report.stem_name(data) + ".json")
+        path = os.path.join(folder, (args.name or report.stem_name(data)) + ".json")
         with open(path, "w") as f:
             json.dump(data, f, indent=1)
-        written = [path] + report.write(path)
+        written = [path] + report.write(path, one_figure=args.one_figure)
         print("wrote " + ", ".join(os.path.relpath(p) for p in written))
     return 0
 

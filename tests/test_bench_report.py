@@ -130,3 +130,11 @@ def test_run_writes_local_results_unless_published(tmp_path, monkeypatch):
     assert os.path.exists(tmp_path / "local" / local.replace(".json", "-toy.png"))
     assert run.main(["--quick", "--device", "cpu", "--publish"]) == 0
     assert any(p.endswith(".json") for p in os.listdir(tmp_path))
+
+
+def test_one_figure_for_all_families(tmp_path):
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(DATA))
+    written = report.write(str(path), one_figure=True)
+    assert sorted(os.path.basename(p) for p in written) == ["bench.md", "bench.png"]
+    assert "![attention](bench.png)" in (tmp_path / "bench.md").read_text()
