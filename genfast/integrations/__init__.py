@@ -1,0 +1,10 @@
+"""Doors into the stacks people already use, each importing its library only when it is used.
+
+- ``genfast.integrations.transformers``: ``register()`` makes ``attn_implementation="genfast"`` run every
+  attention of a transformers model through ``genfast.ops.attention``; ``GenfastLogitsProcessor`` does
+  ``generate``'s sampling filters in one ``genfast.ops.filter_logits`` call.
+- ``genfast.integrations.diffusers``: ``GenfastAttnProcessor`` for diffusers' ``Attention`` modules and
+  ``set_attn_processor(model, processor)`` for models that have no ``set_attn_processor`` of their own.
+
+This package imports neither library: ``import genfast`` (and ``import genfast.integrations``) stays light.
+"""
