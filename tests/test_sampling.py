@@ -222,6 +222,19 @@ def _bad_cases():
         (dict(logits=x, prev_tokens=torch.tensor([1, 2])), ValueError, "prev_tokens must be 2-D"),
         (dict(logits=x, prev_tokens=torch.tensor([[1, 2]])), ValueError, r"prev_tokens must have shape \(2, L\)"),
         (dict(logits=x, validate=1), TypeError, "validate must be a bool"),
+        (dict(logits=x, top_k=2**70), ValueError, "top_k must fit in int64"),
+        (dict(logits=x, top_k=-(2**63) - 1), ValueError, "top_k must fit in int64"),
+        (dict(logits=x.to("meta")), ValueError, "logits is on the meta device"),
+        (dict(logits=x.to("meta"), validate=False), ValueError, "logits is on the meta device"),
+        (dict(logits=x, temperature=1e300), ValueError, "temperature must be finite"),
+        (dict(logits=x, temperature=torch.tensor([1.0, float("inf")])), ValueError, "temperature must be finite"),
+        (dict(logits=x, min_p=torch.tensor([0.5, float("nan")])), ValueError, "min_p must be in"),
+        (dict(logits=x, top_k=torch.tensor([3, -2])), ValueError, r"top_k must be >= 0 \(row 1\)"),
+        (dict(logits=x, repetition_penalty=torch.tensor([1.0, -1.0])), ValueError,
+         "repetition_penalty must be finite and > 0"),
+        (dict(logits=x, repetition_penalty=float("inf")), ValueError, "repetition_penalty must be finite and > 0"),
+        (dict(logits=nan.half()), ValueError, r"logits must not contain NaN \(row 1\)"),
+        (dict(logits=neg_inf.bfloat16(), top_k=3), ValueError, r"a row is all -inf\) \(row 0\)"),
     ]
 
 
@@ -243,9 +256,6 @@ def test_bad_noise_and_generator():
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="generator is on"):
             sample_tokens(x, generator=torch.Generator("cuda"))
-    else:
-        with pytest.raises(ValueError, match="generator is on"):  # a CPU generator for meta tensors
-            sample_tokens(x.to("meta"), generator=torch.Generator(), validate=False)
 
 
 @pytest.mark.parametrize("device,backend", backend_params("sample_tokens"))

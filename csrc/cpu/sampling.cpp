@@ -1,15 +1,18 @@
 // CPU kernels of genfast::filter_logits and genfast::sample_tokens (semantics: genfast/ops/sampling.py).
 //
 // Rows run in parallel (at::parallel_for); each row is processed without a full sort:
-//   1. y = x / temperature (fp32, a correctly rounded division like the reference), its max and argmax;
-//   2. top-k threshold t_k = the k-th largest y: a bounded min-heap of k values for small k (one compare
-//      per element for almost all of them), else a selection (below) with unit weights;
-//   3. top-p threshold t_p = max{v : sum of exp(y_j - y_max) over y_j >= v, y_j >= t_k, is >= top_p * Z1}
-//      by a weighted 3-way quickselect over the top-k survivors (expected linear time);
-//   4. min-p: (y_i - y_max) >= d, d the smallest float with double(d) >= log(min_p) (exactly the
-//      reference's fp64 test);
-//   5. one last pass writes the filtered row, or takes the Gumbel-max over kept tokens, drawing
-//      Philox noise (csrc/philox.h) only for those.
+//   1. y = x / temperature (fp32, a correctly rounded division like the reference), its max, and the row's
+//      value flags (NaN, +inf, all -inf, overflow, bad knobs: the bits of csrc/cuda/sampling.cuh), in one pass;
+//   2. top-k threshold t_k = the k-th largest y: a bounded min-heap of k values for small k (16 elements
+//      at a time are skipped when none beats the heap's top), else a selection (below) with unit weights;
+//   3. the survivors y >= t_k are gathered with their index and, for top-p, their fixed-point weight
+//      (csrc/cuda/sampling.cuh: the same integer arithmetic as the Triton and CUDA kernels, so near-ties resolve
+//      alike on every backend);
+//   4. top-p threshold t_p = max{v : double(G(v)) >= max(top_p * double(Z), 1)}, G(v) the summed weight of
+//      survivors >= v and Z = G(t_k), by a weighted 3-way quickselect over the survivors (expected linear);
+//   5. min-p: (y_i - y_max) >= d, d the smallest float with double(d) >= log(min_p) (the reference's test);
+//   6. the filtered row is written in one pass, or the Gumbel-max is taken over the survivors only, drawing
+//      Philox noise (csrc/philox.h) for the kept ones.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -20,15 +23,21 @@
 #include <cmath>
 #include <functional>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 #include "../op_checks.h"
 #include "../philox.h"
+#include "../cuda/sampling.cuh"
 
 namespace {
 
+using namespace genfast::sampling;
+
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kPosInf = std::numeric_limits<float>::infinity();
 constexpr int64_t kHeapMaxK = 256;
+constexpr int kLanes = 16;  // elements per step of the vectorisable loops
 
 // Smallest fp32 d with double(d) >= log(min_p); NaN min_p disables min-p, min_p > 1 keeps the max.
 float min_p_bound(float min_p) {
@@ -36,41 +45,44 @@ float min_p_bound(float min_p) {
   if (std::isnan(bound)) bound = -std::numeric_limits<double>::infinity();
   if (bound > 0) bound = 0;
   float d = static_cast<float>(bound);
-  if (static_cast<double>(d) < bound) d = std::nextafter(d, std::numeric_limits<float>::infinity());
+  if (static_cast<double>(d) < bound) d = std::nextafter(d, kPosInf);
   return d;
 }
 
-struct Weighted {
-  float y, w;
+struct Survivor {
+  float y;
+  int32_t index;
+  int64_t w;  // unit weight (top-k selection) or fixed-point weight (top-p)
 };
 
-// max{v among a[0..n) : (above + sum of w over a >= v) >= target}, or `fallback` when no v qualifies.
+// max{v among a[0..n) : double(above + sum of w over a >= v) >= target}, or `fallback` when no v qualifies.
 // 3-way quickselect: each round partitions around a median-of-three pivot into > / == / <, keeps the side
-// the answer lies in and adds the mass of what lies above it to `above`. Expected O(n); ties cannot stall.
-float weighted_select(Weighted* a, int64_t n, double target, float fallback) {
-  double above = 0;
+// the answer lies in and adds the weight of what lies above it to `above`. Expected O(n); ties cannot stall.
+// Integer sums: the order of the partition does not change them.
+float weighted_select(Survivor* a, int64_t n, double target, float fallback) {
+  int64_t above = 0;
   float best = fallback;
   while (n > 0) {
     const float p0 = a[0].y, p1 = a[n / 2].y, p2 = a[n - 1].y;
     const float pivot = std::max(std::min(p0, p1), std::min(std::max(p0, p1), p2));
     // Dutch flag: [0, gt) > pivot, [gt, i) == pivot, [lt, n) < pivot.
     int64_t gt = 0, i = 0, lt = n;
-    double sum_gt = 0, sum_eq = 0;
+    int64_t sum_ge = 0;
     while (i < lt) {
       if (a[i].y > pivot) {
-        sum_gt += a[i].w;
+        sum_ge += a[i].w;
         std::swap(a[i++], a[gt++]);
       } else if (a[i].y < pivot) {
         std::swap(a[i], a[--lt]);
       } else {
-        sum_eq += a[i++].w;
+        sum_ge += a[i++].w;
       }
     }
-    if (above + sum_gt + sum_eq >= target) {  // G(pivot) >= target: the answer is pivot or larger
+    if (static_cast<double>(above + sum_ge) >= target) {  // G(pivot) >= target: the answer is pivot or larger
       best = pivot;
       n = gt;
     } else {
-      above += sum_gt + sum_eq;
+      above += sum_ge;
       a += lt;
       n -= lt;
     }
@@ -79,21 +91,31 @@ float weighted_select(Weighted* a, int64_t n, double target, float fallback) {
 }
 
 // The k-th largest of y[0..V) (0 < k < V), with multiplicity.
-float kth_largest(const float* y, int64_t V, int64_t k, std::vector<Weighted>& scratch) {
+float kth_largest(const float* y, int64_t V, int64_t k, std::vector<Survivor>& scratch) {
   if (k <= kHeapMaxK) {
     std::vector<float> heap(y, y + k);  // min-heap of the k largest so far; its top is the running k-th
     std::make_heap(heap.begin(), heap.end(), std::greater<float>());
-    for (int64_t i = k; i < V; ++i) {
-      if (y[i] > heap.front()) {
+    auto offer = [&](float v) {
+      if (v > heap.front()) {
         std::pop_heap(heap.begin(), heap.end(), std::greater<float>());
-        heap.back() = y[i];
+        heap.back() = v;
         std::push_heap(heap.begin(), heap.end(), std::greater<float>());
       }
+    };
+    int64_t i = k;
+    for (; i + kLanes <= V; i += kLanes) {  // almost every group of 16 has nothing above the running k-th
+      const float top = heap.front();
+      bool any = false;
+      for (int l = 0; l < kLanes; ++l) any |= y[i + l] > top;
+      if (any) {
+        for (int l = 0; l < kLanes; ++l) offer(y[i + l]);
+      }
     }
+    for (; i < V; ++i) offer(y[i]);
     return heap.front();
   }
   scratch.resize(V);
-  for (int64_t i = 0; i < V; ++i) scratch[i] = {y[i], 1.0f};
+  for (int64_t i = 0; i < V; ++i) scratch[i] = {y[i], static_cast<int32_t>(i), 1};
   return weighted_select(scratch.data(), V, static_cast<double>(k), kNegInf);
 }
 
@@ -103,71 +125,117 @@ struct RowKnobs {
   float top_p, min_p;
 };
 
+struct RowResult {
+  int64_t token;
+  int32_t flags;
+};
+
+// Pass 1: y = x / temperature, the row max, and the value flags of x and y. Lane-wise accumulators keep the
+// loop free of cross-iteration dependencies, so the compiler vectorises it.
+template <typename scalar_t>
+int32_t scale_and_scan(const scalar_t* x, int64_t V, float temperature, float* y, float& y_max_out) {
+  float lane_max[kLanes];
+  int32_t lane_flags[kLanes];
+  for (int l = 0; l < kLanes; ++l) {
+    lane_max[l] = kNegInf;
+    lane_flags[l] = 0;
+  }
+  auto visit = [&](int l, int64_t i) {
+    const float xf = static_cast<float>(x[i]);
+    const float yi = xf / temperature;
+    y[i] = yi;
+    lane_max[l] = yi > lane_max[l] ? yi : lane_max[l];  // NaN never wins
+    lane_flags[l] |= (xf != xf ? kFlagNaN : 0) | (xf == kPosInf ? kFlagPosInf : 0) |
+                     ((std::fabs(yi) == kPosInf && std::fabs(xf) != kPosInf) ? kFlagOverflow : 0);
+  };
+  int64_t i = 0;
+  for (; i + kLanes <= V; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) visit(l, i + l);
+  }
+  for (int l = 0; i < V; ++i, ++l) visit(l, i);
+  float y_max = kNegInf;
+  int32_t flags = 0;
+  for (int l = 0; l < kLanes; ++l) {
+    y_max = lane_max[l] > y_max ? lane_max[l] : y_max;
+    flags |= lane_flags[l];
+  }
+  if (y_max == kNegInf) flags |= kFlagAllNegInf;
+  y_max_out = y_max;
+  return flags;
+}
+
 // Processes one row; writes the filtered row to `out` (filter) or returns the sampled token (sample).
 template <typename scalar_t>
-int64_t process_row(const scalar_t* x, int64_t V, RowKnobs knobs, float* out, const float* noise, uint64_t seed,
-                    uint64_t counter_base, std::vector<float>& y, std::vector<Weighted>& scratch) {
+RowResult process_row(const scalar_t* x, int64_t V, RowKnobs knobs, float* out, const float* noise, uint64_t seed,
+                      uint64_t counter_base, std::vector<float>& y, std::vector<Survivor>& scratch) {
   const bool greedy = !(knobs.temperature > 0.0f);  // NaN and negative temperatures too (validate=False)
   const float temperature = greedy ? 1.0f : knobs.temperature;
   y.resize(V);
-  for (int64_t i = 0; i < V; ++i) y[i] = static_cast<float>(x[i]) / temperature;
-  float y_max = kNegInf;
-  int64_t arg_max = 0;
-  for (int64_t i = 0; i < V; ++i) {
-    if (y[i] > y_max) {
-      y_max = y[i];
-      arg_max = i;
-    }
+  float y_max;
+  int32_t flags = scale_and_scan(x, V, temperature, y.data(), y_max) | knob_flags(knobs.temperature, knobs.top_k,
+                                                                                  knobs.top_p, knobs.min_p);
+  int64_t arg_max = 0;  // the lowest index of the max (0 for a row without one: all -inf or NaN)
+  if (y_max > kNegInf) {
+    while (y[arg_max] != y_max) ++arg_max;
   }
   if (greedy) {
     if (out != nullptr) {
       std::fill(out, out + V, kNegInf);
       out[arg_max] = y[arg_max];
     }
-    return arg_max;
+    return {arg_max, flags};
   }
 
-  float threshold = kNegInf;
-  if (knobs.top_k > 0 && knobs.top_k < V) threshold = kth_largest(y.data(), V, knobs.top_k, scratch);
-  if (knobs.top_p < 1.0f) {  // NaN top_p disables, like the reference
+  const bool use_top_k = knobs.top_k > 0 && knobs.top_k < V;
+  const bool use_top_p = knobs.top_p < 1.0f;  // NaN top_p disables, like the reference
+  const float t_k = use_top_k ? kth_largest(y.data(), V, knobs.top_k, scratch) : kNegInf;
+  float threshold = t_k;
+  const bool have_survivors = use_top_k || use_top_p;
+  if (have_survivors) {
     scratch.clear();
-    double z = 0;
+    int64_t z = 0;
     for (int64_t i = 0; i < V; ++i) {
-      if (y[i] >= threshold) {
-        const float w = std::exp(y[i] - y_max);
-        scratch.push_back({y[i], w});
+      if (y[i] >= t_k) {
+        const int64_t w = use_top_p ? fixed_weight(y[i] - y_max) : 1;
+        scratch.push_back({y[i], static_cast<int32_t>(i), w});
         z += w;
       }
     }
-    // top_p <= 0 (validate=False) must still keep the max: a tiny positive target does.
-    const double target = std::max(static_cast<double>(knobs.top_p) * z, 1e-30);
-    threshold = std::max(threshold, weighted_select(scratch.data(), static_cast<int64_t>(scratch.size()), target,
-                                                    threshold));
-  }
-  const float d_min = min_p_bound(knobs.min_p);
-
-  if (out != nullptr) {
-    for (int64_t i = 0; i < V; ++i) out[i] = (y[i] >= threshold && (y[i] - y_max) >= d_min) ? y[i] : kNegInf;
-    return arg_max;
-  }
-  float best_score = kNegInf;
-  int64_t token = arg_max;
-  for (int64_t i = 0; i < V; ++i) {
-    if (y[i] >= threshold && (y[i] - y_max) >= d_min) {  // noise only for kept tokens
-      const float u = noise != nullptr ? noise[i] : genfast::philox_uniform(seed, counter_base + i);
-      const float score = y[i] - std::log(-std::log(u));
-      if (score > best_score) {
-        best_score = score;
-        token = i;
-      }
+    if (use_top_p) {
+      threshold = std::max(threshold, weighted_select(scratch.data(), static_cast<int64_t>(scratch.size()),
+                                                      top_p_target(knobs.top_p, z), threshold));
     }
   }
-  return token;
+  const float d_min = min_p_bound(knobs.min_p);
+  auto kept = [&](float v) { return v >= threshold && (v - y_max) >= d_min; };
+
+  if (out != nullptr) {
+    for (int64_t i = 0; i < V; ++i) out[i] = kept(y[i]) ? y[i] : kNegInf;
+    return {arg_max, flags};
+  }
+  // Gumbel-max over kept tokens, noise drawn for those only; lowest index on ties, in any visiting order.
+  float best_score = kNegInf;
+  int64_t token = arg_max;
+  auto offer = [&](float v, int64_t i) {
+    if (!kept(v)) return;
+    const float u = noise != nullptr ? noise[i] : genfast::philox_uniform(seed, counter_base + i);
+    const float score = v - std::log(-std::log(u));
+    if (score > best_score || (score == best_score && best_score > kNegInf && i < token)) {
+      best_score = score;
+      token = i;
+    }
+  };
+  if (have_survivors) {
+    for (const Survivor& s : scratch) offer(s.y, s.index);
+  } else {
+    for (int64_t i = 0; i < V; ++i) offer(y[i], i);
+  }
+  return {token, flags};
 }
 
 template <typename Body>
 void for_each_row(const at::Tensor& logits_in, const at::Tensor& temperature, const at::Tensor& top_k,
-                  const at::Tensor& top_p, const at::Tensor& min_p, Body body) {
+                  const at::Tensor& top_p, const at::Tensor& min_p, int32_t* flags_out, Body body) {
   const at::Tensor logits = logits_in.contiguous();
   const at::Tensor t = temperature.contiguous(), k = top_k.contiguous(), p = top_p.contiguous(),
                    mp = min_p.contiguous();
@@ -180,44 +248,60 @@ void for_each_row(const at::Tensor& logits_in, const at::Tensor& temperature, co
     const scalar_t* x = logits.data_ptr<scalar_t>();
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> y;
-      std::vector<Weighted> scratch;
+      std::vector<Survivor> scratch;
       for (int64_t b = begin; b < end; ++b) {
-        body(b, x + b * V, V, RowKnobs{t_ptr[b], k_ptr[b], p_ptr[b], mp_ptr[b]}, y, scratch);
+        flags_out[b] = body(b, x + b * V, V, RowKnobs{t_ptr[b], k_ptr[b], p_ptr[b], mp_ptr[b]}, y, scratch);
       }
     });
   });
 }
 
-at::Tensor filter_logits_cpu(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
-                             const at::Tensor& top_p, const at::Tensor& min_p) {
-  genfast::check_sampling_args("filter_logits", logits, temperature, top_k, top_p, min_p);
-  at::Tensor out = at::empty(logits.sizes(), logits.options().dtype(at::kFloat));
-  float* o = out.data_ptr<float>();
-  for_each_row(logits, temperature, top_k, top_p, min_p,
-               [&](int64_t b, const auto* x, int64_t V, RowKnobs knobs, std::vector<float>& y,
-                   std::vector<Weighted>& scratch) {
-                 process_row(x, V, knobs, o + b * V, nullptr, 0, 0, y, scratch);
-               });
-  return out;
+// Shape guards of direct torch.ops calls, beyond the shared ones: at least one token, and fewer than 2^24
+// (the fixed-point sums of sampling.cuh and the int32 survivor indices rely on it).
+void check_vocab(const char* op, const at::Tensor& logits) {
+  TORCH_CHECK(logits.size(1) >= 1 && logits.size(1) < kMaxVocab, op, ": logits must have between 1 and 2^24 - 1 ",
+              "columns (tokens), got ", logits.size(1));
 }
 
-at::Tensor sample_tokens_cpu(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
-                             const at::Tensor& top_p, const at::Tensor& min_p, const std::optional<at::Tensor>& noise,
-                             const std::optional<at::Tensor>& seed) {
+std::tuple<at::Tensor, at::Tensor> filter_logits_cpu(const at::Tensor& logits, const at::Tensor& temperature,
+                                                     const at::Tensor& top_k, const at::Tensor& top_p,
+                                                     const at::Tensor& min_p) {
+  genfast::check_sampling_args("filter_logits", logits, temperature, top_k, top_p, min_p);
+  check_vocab("filter_logits", logits);
+  at::Tensor out = at::empty(logits.sizes(), logits.options().dtype(at::kFloat));
+  at::Tensor flags = at::empty({logits.size(0)}, logits.options().dtype(at::kInt));
+  float* o = out.data_ptr<float>();
+  for_each_row(logits, temperature, top_k, top_p, min_p, flags.data_ptr<int32_t>(),
+               [&](int64_t b, const auto* x, int64_t V, RowKnobs knobs, std::vector<float>& y,
+                   std::vector<Survivor>& scratch) {
+                 return process_row(x, V, knobs, o + b * V, nullptr, 0, 0, y, scratch).flags;
+               });
+  return {out, flags};
+}
+
+std::tuple<at::Tensor, at::Tensor> sample_tokens_cpu(const at::Tensor& logits, const at::Tensor& temperature,
+                                                     const at::Tensor& top_k, const at::Tensor& top_p,
+                                                     const at::Tensor& min_p, const std::optional<at::Tensor>& noise,
+                                                     const std::optional<at::Tensor>& seed) {
   genfast::check_sampling_args("sample_tokens", logits, temperature, top_k, top_p, min_p);
+  check_vocab("sample_tokens", logits);
   genfast::check_noise_or_seed("sample_tokens", logits, noise, seed);
   const at::Tensor noise_c = noise.has_value() ? noise->contiguous() : at::Tensor();
   const uint64_t s = seed.has_value() ? static_cast<uint64_t>(seed->item<int64_t>()) : 0;
   const float* u = noise_c.defined() ? noise_c.data_ptr<float>() : nullptr;
   at::Tensor out = at::empty({logits.size(0)}, logits.options().dtype(at::kLong));
+  at::Tensor flags = at::empty({logits.size(0)}, logits.options().dtype(at::kInt));
   int64_t* o = out.data_ptr<int64_t>();
-  for_each_row(logits, temperature, top_k, top_p, min_p,
+  for_each_row(logits, temperature, top_k, top_p, min_p, flags.data_ptr<int32_t>(),
                [&](int64_t b, const auto* x, int64_t V, RowKnobs knobs, std::vector<float>& y,
-                   std::vector<Weighted>& scratch) {
+                   std::vector<Survivor>& scratch) {
                  const uint64_t base = static_cast<uint64_t>(b) * static_cast<uint64_t>(V);
-                 o[b] = process_row(x, V, knobs, nullptr, u != nullptr ? u + b * V : nullptr, s, base, y, scratch);
+                 const RowResult r =
+                     process_row(x, V, knobs, nullptr, u != nullptr ? u + b * V : nullptr, s, base, y, scratch);
+                 o[b] = r.token;
+                 return r.flags;
                });
-  return out;
+  return {out, flags};
 }
 
 }  // namespace

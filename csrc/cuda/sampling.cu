@@ -1,43 +1,55 @@
-// CUDA kernels of genfast::filter_logits and genfast::sample_tokens: sort-free, exact, no host sync.
+// CUDA kernel of genfast::filter_logits and genfast::sample_tokens: sort-free, exact, atomics-free, no host sync.
 //
-// One block per row, the algorithm of genfast/kernels/sampling.py (read its docstring first):
-//   pass 1      y = x / temperature (correctly rounded), its max, lowest argmax and smallest key;
-//   searches    top-k then top-p threshold t* = max{c : G(c) >= target} on order-preserving int32 keys.
-//               Each pass buckets every element of [lo, ...) between NP sorted pivots of [lo, hi)
-//               (binary search in shared memory) and accumulates per bucket its weight and its min/max key
-//               with shared atomics; suffix sums of the buckets give G at every pivot, and the min/max keys
-//               cut the new bracket down to keys of real elements. Weights are summed in 2^-40 fixed point
-//               (integer atomics), so the sums do not depend on thread timing: results are deterministic;
+// The algorithm of genfast/kernels/sampling.py (read its docstring first), laid out for the GPU:
+//   work split  a row is cut into `splits` contiguous chunks, one CTA each; the CTAs of a row form a thread
+//               block cluster (sm_90), so a batch of 1 still fills up to 8 SMs. Without clusters (sm_80) a
+//               row is one CTA. Chunk boundaries are multiples of 16 bytes, and rows whose start is 16-byte
+//               aligned are read with 16-byte vector loads.
+//   pass 1      y = x / temperature (correctly rounded), its max, lowest argmax and smallest key, and the row's
+//               value flags (sampling.cuh);
+//   searches    top-k, then top-p threshold t* = max{c : G(c) >= target} on order-preserving int32 keys. Each
+//               pass evaluates, for kPivots pivots of [lo, hi) at once, three things per pivot p:
+//                 G(p)         the summed weight of keys >= p (1 per token for top-k, fixed_weight for top-p),
+//                 above_min(p) the smallest key >= p,   below_max(p) the largest key < p (keys >= lo only);
+//               the bracket then becomes [max above_min(p) over p with G(p) >= target,
+//                                         min below_max(p) + 1 over the others).
+//               Every thread keeps these 3 * kPivots values in registers for its own elements; a warp shuffle
+//               tree, then one slot per warp in shared memory, then one per CTA read by every CTA of the
+//               cluster through distributed shared memory, combine them. No atomics: integer sums, min and
+//               max give the same result in any order, so the search is deterministic and equals the
+//               Triton and C++ kernels' (same integer arithmetic, sampling.cuh).
 //   last pass   write the filtered row, or Gumbel-max over kept tokens with Philox noise drawn for those only.
-// All offsets are int64; loops are grid-stride over the row, so any vocabulary size is memory-safe.
+// All offsets are int64; any vocabulary below 2^24 tokens is memory-safe.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <climits>
-#include <cub/block/block_reduce.cuh>
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#include <cooperative_groups.h>
+#define GENFAST_CLUSTERS 1
+#endif
 
 #include "../philox.h"
-#include "sampling.cuh"
 #include "float_convert.cuh"
+#include "sampling.cuh"
 
 namespace genfast::cuda {
 namespace {
 
-constexpr int kThreads = 512;
-constexpr int kPivots = 32;
-constexpr double kFixedOne = 1099511627776.0;  // 2^40: weights in [0, 1] as integers; V * 2^40 < 2^64
+using namespace genfast::sampling;
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kPivots = 8;
+constexpr int kMaxSplits = 8;  // the portable cluster size
 
 // Order-preserving int32 key of a float (signed compare); -0.0 shares +0.0's key, as the values tie.
 __device__ __forceinline__ int32_t float_key(float y) {
   const int32_t bits = __float_as_int(y);
   if (bits == INT_MIN) return 0;
   return bits >= 0 ? bits : (bits ^ 0x7FFFFFFF);
-}
-
-// The reference divides in fp32; top-k ties depend on that exact rounding, hence __fdiv_rn.
-template <typename T>
-__device__ __forceinline__ float load_y(const T* row, int64_t i, float temperature) {
-  return __fdiv_rn(to_float(row[i]), temperature);
 }
 
 // Smallest float d with double(d) >= log(min_p): (y - y_max) >= d is then the reference's fp64 test.
@@ -50,218 +62,375 @@ __device__ float min_p_bound(float min_p) {
   return d;
 }
 
+// Where a CTA works: row `row`, columns [begin, end); `rank` of `splits` CTAs of the row.
+struct Chunk {
+  int64_t row, begin, end;
+  int rank, splits;
+};
+
+// Calls f(i, x_i) for every column i of the chunk, this thread's share: 16-byte vectors where the row is
+// aligned (VEC), single elements otherwise and for the tail.
+template <typename T, bool VEC, typename F>
+__device__ __forceinline__ void for_each_x(const T* row, const Chunk& c, F&& f) {
+  constexpr int kWidth = 16 / sizeof(T);
+  int64_t scalar_from = c.begin;
+  if (VEC) {
+    const int64_t vectors = (c.end - c.begin) / kWidth;  // begin is a multiple of kWidth
+    const uint4* base = reinterpret_cast<const uint4*>(row + c.begin);
+    for (int64_t v = threadIdx.x; v < vectors; v += kThreads) {
+      const uint4 raw = __ldg(base + v);
+      const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int k = 0; k < kWidth; ++k) f(c.begin + v * kWidth + k, to_float(e[k]));
+    }
+    scalar_from = c.begin + vectors * kWidth;
+  }
+  for (int64_t i = scalar_from + threadIdx.x; i < c.end; i += kThreads) f(i, to_float(row[i]));
+}
+
+// ---------------------------------------------------------------------------------------- reductions
 struct ArgMax {
   float value;
   int64_t index;
 };
 
 // Larger value wins; on a tie the lower index (so the result is the lowest index of the maximum).
-struct ArgMaxOp {
-  __device__ __forceinline__ ArgMax operator()(const ArgMax& a, const ArgMax& b) const {
-    if (b.value > a.value || (b.value == a.value && b.index < a.index)) return b;
-    return a;
+__device__ __forceinline__ ArgMax better(const ArgMax& a, const ArgMax& b) {
+  return (b.value > a.value || (b.value == a.value && b.index < a.index)) ? b : a;
+}
+
+struct Pass1 {
+  ArgMax best;
+  int32_t key_min, flags;
+};
+
+__device__ __forceinline__ Pass1 combine(const Pass1& a, const Pass1& b) {
+  return {better(a.best, b.best), min(a.key_min, b.key_min), a.flags | b.flags};
+}
+
+struct PivotStats {
+  long long g[kPivots];
+  int32_t above_min[kPivots], below_max[kPivots];
+};
+
+__device__ __forceinline__ void combine_into(PivotStats& a, const PivotStats& b) {
+#pragma unroll
+  for (int j = 0; j < kPivots; ++j) {
+    a.g[j] += b.g[j];
+    a.above_min[j] = min(a.above_min[j], b.above_min[j]);
+    a.below_max[j] = max(a.below_max[j], b.below_max[j]);
   }
-};
+}
 
-struct MinOp {
-  __device__ __forceinline__ int32_t operator()(int32_t a, int32_t b) const { return a < b ? a : b; }
-};
+__device__ __forceinline__ Pass1 warp_reduce(Pass1 v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    Pass1 o;
+    o.best.value = __shfl_xor_sync(0xffffffffu, v.best.value, offset);
+    o.best.index = __shfl_xor_sync(0xffffffffu, v.best.index, offset);
+    o.key_min = __shfl_xor_sync(0xffffffffu, v.key_min, offset);
+    o.flags = __shfl_xor_sync(0xffffffffu, v.flags, offset);
+    v = combine(v, o);
+  }
+  return v;
+}
 
-struct SearchShared {
-  int32_t pivot[kPivots];
-  unsigned long long weight[kPivots];
-  int32_t key_min[kPivots];
-  int32_t key_max[kPivots];
+__device__ __forceinline__ void warp_reduce(PivotStats& v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+#pragma unroll
+    for (int j = 0; j < kPivots; ++j) {
+      v.g[j] += __shfl_xor_sync(0xffffffffu, v.g[j], offset);
+      v.above_min[j] = min(v.above_min[j], __shfl_xor_sync(0xffffffffu, v.above_min[j], offset));
+      v.below_max[j] = max(v.below_max[j], __shfl_xor_sync(0xffffffffu, v.below_max[j], offset));
+    }
+  }
+}
+
+// Shared memory of one CTA. `cta` holds this CTA's combined partial results, which the other CTAs of the
+// cluster read; `warp` the per-warp ones.
+struct Shared {
+  union {
+    Pass1 pass1[kWarps];
+    PivotStats stats[kWarps];
+    ArgMax pick[kWarps];
+  } warp;
+  union {
+    Pass1 pass1;
+    PivotStats stats;
+    ArgMax pick;
+  } cta;
   int64_t lo, hi;
   double target;
 };
 
-// t* = max{c among element keys in [lo, hi) : G(c) >= target}, or lo. lo must be an element key.
-// RELATIVE: G sums exp(y - y_max) over keys >= floor (== the initial lo) and the target is fraction * G(lo),
-// taken from the first pass; else G counts elements and the target is `fraction` itself.
-template <typename T, bool RELATIVE>
-__device__ int64_t block_search(const T* row, int64_t vocab, float temperature, float y_max, int64_t lo, int64_t hi,
-                                double fraction, SearchShared& sh) {
+// Cluster-wide barrier, and the same CTA's `cta` slot at another rank (only rank 0 without clusters).
+__device__ __forceinline__ void cluster_barrier() {
+#ifdef GENFAST_CLUSTERS
+  cooperative_groups::this_cluster().sync();
+#else
+  __syncthreads();
+#endif
+}
+
+__device__ __forceinline__ Shared* shared_of_rank(Shared* mine, int rank) {
+#ifdef GENFAST_CLUSTERS
+  return cooperative_groups::this_cluster().map_shared_rank(mine, rank);
+#else
+  (void)rank;
+  return mine;
+#endif
+}
+
+// Reduces every thread's value into a cluster-wide result, the same in every CTA and every thread:
+// warp shuffles, one slot per warp, one per CTA, then the CTAs' slots read in rank order.
+template <typename V, typename SlotW, typename SlotC, typename Combine>
+__device__ V cluster_reduce(V v, Shared& sh, const Chunk& c, SlotW warp_slot, SlotC cta_slot, Combine combine) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) warp_slot(sh, warp) = v;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    V acc = warp_slot(sh, 0);
+    for (int w = 1; w < kWarps; ++w) acc = combine(acc, warp_slot(sh, w));
+    cta_slot(sh) = acc;
+  }
+  cluster_barrier();  // every CTA's slot is written
+  V acc = cta_slot(*shared_of_rank(&sh, 0));
+  for (int r = 1; r < c.splits; ++r) acc = combine(acc, cta_slot(*shared_of_rank(&sh, r)));
+  cluster_barrier();  // every CTA has read every slot before any is written again
+  return acc;
+}
+
+// ---------------------------------------------------------------------------------------- the search
+// t* = max{c among element keys in [lo, hi) : G(c) >= target}, or lo. lo must be an element key with
+// G(lo) >= target. RELATIVE: G sums fixed_weight(y - y_max) over keys >= the initial lo, and the target is
+// top_p_target(fraction, G(initial lo)), taken in the first pass; else G counts and the target is `fraction`.
+template <typename T, bool VEC, bool RELATIVE>
+__device__ int64_t cluster_search(const T* row, const Chunk& c, float temperature, float y_max, int64_t lo,
+                                  int64_t hi, float fraction, Shared& sh) {
   bool first = true;
-  while (hi - lo > 1) {  // lo and hi are block-uniform: every thread reads them from shared memory
-    if (threadIdx.x < kPivots) {
-      const int64_t j = threadIdx.x;
-      sh.pivot[j] = static_cast<int32_t>(lo + ((hi - lo) * j) / kPivots);  // pivot[0] == lo, sorted
-      sh.weight[j] = 0;
-      sh.key_min[j] = INT_MAX;
-      sh.key_max[j] = INT_MIN;
-    }
-    __syncthreads();
-    const int32_t lo_key = static_cast<int32_t>(lo);
-    for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {
-      const float y = load_y(row, i, temperature);
-      const int32_t key = float_key(y);
-      if (key < lo_key) continue;  // below the bracket: counted by no pivot
-      int b = 0;                   // largest b with pivot[b] <= key
+  double target = RELATIVE ? 0.0 : static_cast<double>(fraction);
+  while (hi - lo > 1) {  // lo and hi are the same in every thread of the cluster
+    int32_t pivot[kPivots];
+    PivotStats s;
 #pragma unroll
-      for (int step = kPivots / 2; step > 0; step >>= 1) {
-        if (sh.pivot[b + step] <= key) b += step;
-      }
-      const unsigned long long w =
-          RELATIVE ? static_cast<unsigned long long>(static_cast<double>(expf(y - y_max)) * kFixedOne) : 1ull;
-      atomicAdd(&sh.weight[b], w);
-      atomicMin(&sh.key_min[b], key);
-      atomicMax(&sh.key_max[b], key);
+    for (int j = 0; j < kPivots; ++j) {
+      pivot[j] = static_cast<int32_t>(lo + ((hi - lo) * j) / kPivots);  // pivot[0] == lo, non-decreasing
+      s.g[j] = 0;
+      s.above_min[j] = INT_MAX;
+      s.below_max[j] = INT_MIN;
     }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      // G(pivot[j]) = weight of buckets >= j; min key >= pivot[j]; max key < pivot[j].
-      unsigned long long g[kPivots];
-      int32_t above_min[kPivots], below_max[kPivots];
-      unsigned long long acc = 0;
-      int32_t mn = INT_MAX;
-      for (int j = kPivots - 1; j >= 0; --j) {
-        acc += sh.weight[j];
-        mn = min(mn, sh.key_min[j]);
-        g[j] = acc;
-        above_min[j] = mn;
-      }
-      int32_t mx = INT_MIN;
+    for_each_x<T, VEC>(row, c, [&](int64_t, float x) {
+      const float y = __fdiv_rn(x, temperature);
+      const int32_t key = float_key(y);
+      if (key < pivot[0]) return;  // below the bracket: no pivot counts it
+      const long long w = RELATIVE ? fixed_weight(y - y_max) : 1;
+#pragma unroll
       for (int j = 0; j < kPivots; ++j) {
-        below_max[j] = mx;
-        mx = max(mx, sh.key_max[j]);
+        const bool ge = key >= pivot[j];
+        s.g[j] += ge ? w : 0;
+        s.above_min[j] = ge ? min(s.above_min[j], key) : s.above_min[j];
+        s.below_max[j] = ge ? s.below_max[j] : max(s.below_max[j], key);
       }
-      if (first) sh.target = fmax(RELATIVE ? fraction * static_cast<double>(g[0]) : fraction, 0.5);
-      int64_t new_lo = lo, new_hi = hi;
-      for (int j = 0; j < kPivots; ++j) {
-        if (static_cast<double>(g[j]) >= sh.target) {
-          new_lo = max(new_lo, static_cast<int64_t>(above_min[j]));
-        } else {
-          new_hi = min(new_hi, static_cast<int64_t>(below_max[j]) + 1);
-        }
-      }
-      sh.lo = new_lo;
-      sh.hi = new_hi;
-    }
-    __syncthreads();
-    lo = sh.lo;
-    hi = sh.hi;
+    });
+    warp_reduce(s);
+    const PivotStats all = cluster_reduce(
+        s, sh, c, [](Shared& m, int w) -> PivotStats& { return m.warp.stats[w]; },
+        [](Shared& m) -> PivotStats& { return m.cta.stats; },
+        [](PivotStats a, const PivotStats& b) {
+          combine_into(a, b);
+          return a;
+        });
+    if (first && RELATIVE) target = top_p_target(fraction, all.g[0]);
     first = false;
-    __syncthreads();  // everyone has read lo/hi before thread 0 may write them again
+    int64_t new_lo = lo, new_hi = hi;
+#pragma unroll
+    for (int j = 0; j < kPivots; ++j) {
+      if (static_cast<double>(all.g[j]) >= (target > 1.0 ? target : 1.0)) {
+        new_lo = max(new_lo, static_cast<int64_t>(all.above_min[j]));
+      } else {
+        new_hi = min(new_hi, static_cast<int64_t>(all.below_max[j]) + 1);
+      }
+    }
+    lo = new_lo;
+    hi = new_hi;
   }
   return lo;
 }
 
-template <typename T, bool SAMPLE>
+// ---------------------------------------------------------------------------------------- the kernel
+template <typename T, bool VEC, bool SAMPLE>
 __global__ void __launch_bounds__(kThreads)
-    sampling_kernel(const T* __restrict__ logits, int64_t vocab, int64_t row_stride, const float* __restrict__ temp_ptr,
-                    const int64_t* __restrict__ top_k_ptr, const float* __restrict__ top_p_ptr,
-                    const float* __restrict__ min_p_ptr, float* __restrict__ filtered, int64_t* __restrict__ tokens,
+    sampling_kernel(const T* __restrict__ logits, int64_t vocab, int64_t row_stride, int splits,
+                    const float* __restrict__ temp_ptr, const int64_t* __restrict__ top_k_ptr,
+                    const float* __restrict__ top_p_ptr, const float* __restrict__ min_p_ptr,
+                    float* __restrict__ filtered, int64_t* __restrict__ tokens, int32_t* __restrict__ flags_out,
                     const float* __restrict__ noise, const int64_t* __restrict__ seed_ptr) {
-  using ArgReduce = cub::BlockReduce<ArgMax, kThreads>;
-  using KeyReduce = cub::BlockReduce<int32_t, kThreads>;
-  __shared__ union {
-    typename ArgReduce::TempStorage arg;
-    typename KeyReduce::TempStorage key;
-  } reduce_storage;
-  __shared__ SearchShared sh;
-  __shared__ ArgMax s_best;
-  __shared__ int32_t s_key_min;
+  __shared__ Shared sh;
+  Chunk c;
+  c.row = blockIdx.x / splits;
+  c.rank = static_cast<int>(blockIdx.x % splits);  // == the CTA's rank in its cluster (cluster dims splits x 1)
+  c.splits = splits;
+  constexpr int64_t kWidth = 16 / sizeof(T);
+  const int64_t per_chunk = ((vocab + splits - 1) / splits + kWidth - 1) / kWidth * kWidth;
+  c.begin = min(vocab, c.rank * per_chunk);
+  c.end = min(vocab, c.begin + per_chunk);
 
-  const int64_t b = blockIdx.x;
-  const T* row = logits + b * row_stride;
-  const float temp_in = temp_ptr[b];
+  const T* row = logits + c.row * row_stride;
+  const float temp_in = temp_ptr[c.row];
   const bool greedy = !(temp_in > 0.0f);  // also NaN and negative temperatures (validate=False)
   const float temperature = greedy ? 1.0f : temp_in;
-  const int64_t top_k = top_k_ptr[b];
-  const float top_p = top_p_ptr[b];
+  const int64_t top_k = top_k_ptr[c.row];
+  const float top_p = top_p_ptr[c.row];
+  const float min_p = min_p_ptr[c.row];
 
-  // Pass 1: max with its lowest index, and the smallest key.
-  ArgMax local{-INFINITY, 0};
-  int32_t local_key_min = INT_MAX;
-  for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {
-    const float y = load_y(row, i, temperature);
-    if (y > local.value) local = {y, i};  // i increases per thread, so strict > keeps the lowest index
-    local_key_min = min(local_key_min, float_key(y));
+  // Pass 1: max with its lowest index, the smallest key, the value flags.
+  Pass1 local{{-INFINITY, 0}, INT_MAX, 0};
+  for_each_x<T, VEC>(row, c, [&](int64_t i, float x) {
+    const float y = __fdiv_rn(x, temperature);
+    const bool is_nan = x != x;
+    if (!is_nan) {
+      local.best = better(local.best, ArgMax{y, i});
+      local.key_min = min(local.key_min, float_key(y));
+    }
+    local.flags |= (is_nan ? kFlagNaN : 0) | (x == INFINITY ? kFlagPosInf : 0) |
+                   ((fabsf(y) == INFINITY && fabsf(x) != INFINITY) ? kFlagOverflow : 0);
+  });
+  if (!(local.best.value > -INFINITY)) local.best.index = INT64_MAX;  // a thread without a max never wins a tie
+  const Pass1 row1 = cluster_reduce(
+      warp_reduce(local), sh, c, [](Shared& m, int w) -> Pass1& { return m.warp.pass1[w]; },
+      [](Shared& m) -> Pass1& { return m.cta.pass1; }, combine);
+  const float y_max = row1.best.value;
+  const int64_t arg_max = y_max > -INFINITY ? row1.best.index : 0;
+  if (c.rank == 0 && threadIdx.x == 0) {
+    flags_out[c.row] = row1.flags | (y_max > -INFINITY ? 0 : kFlagAllNegInf) |
+                       knob_flags(temp_in, top_k, top_p, min_p);
   }
-  const ArgMax best = ArgReduce(reduce_storage.arg).Reduce(local, ArgMaxOp());
-  if (threadIdx.x == 0) s_best = best;
-  __syncthreads();
-  const int32_t key_min = KeyReduce(reduce_storage.key).Reduce(local_key_min, MinOp());
-  if (threadIdx.x == 0) s_key_min = key_min;
-  __syncthreads();
-  const float y_max = s_best.value;
-  const int64_t arg_max = s_best.index;
 
-  int64_t threshold = s_key_min;
-  if (!greedy) {
+  int64_t threshold = row1.key_min;
+  if (!greedy && y_max > -INFINITY) {
     const int64_t hi = static_cast<int64_t>(float_key(y_max)) + 1;
     if (top_k > 0 && top_k < vocab) {
-      threshold = block_search<T, false>(row, vocab, temperature, y_max, threshold, hi, static_cast<double>(top_k), sh);
+      threshold = cluster_search<T, VEC, false>(row, c, temperature, y_max, threshold, hi,
+                                                static_cast<float>(top_k), sh);
     }
     if (top_p < 1.0f) {  // NaN top_p disables top-p, like the reference
-      threshold = block_search<T, true>(row, vocab, temperature, y_max, threshold, hi, static_cast<double>(top_p), sh);
+      threshold = cluster_search<T, VEC, true>(row, c, temperature, y_max, threshold, hi, top_p, sh);
     }
   }
-  const float d_min = min_p_bound(min_p_ptr[b]);
+  const float d_min = min_p_bound(min_p);
 
   if (!SAMPLE) {
-    float* out = filtered + b * vocab;
-    for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {
-      const float y = load_y(row, i, temperature);
+    float* out = filtered + c.row * vocab;
+    for_each_x<T, VEC>(row, c, [&](int64_t i, float x) {
+      const float y = __fdiv_rn(x, temperature);
       const bool keep = greedy ? i == arg_max : (float_key(y) >= threshold && (y - y_max) >= d_min);
       out[i] = keep ? y : -INFINITY;
-    }
+    });
     return;
   }
   if (greedy) {
-    if (threadIdx.x == 0) tokens[b] = arg_max;
+    if (c.rank == 0 && threadIdx.x == 0) tokens[c.row] = arg_max;
     return;
   }
   const uint64_t seed = noise == nullptr ? static_cast<uint64_t>(*seed_ptr) : 0;
-  const uint64_t base = static_cast<uint64_t>(b) * static_cast<uint64_t>(vocab);
-  ArgMax pick{-INFINITY, arg_max};
-  for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {
-    const float y = load_y(row, i, temperature);
+  const uint64_t base = static_cast<uint64_t>(c.row) * static_cast<uint64_t>(vocab);
+  ArgMax pick{-INFINITY, INT64_MAX};
+  for_each_x<T, VEC>(row, c, [&](int64_t i, float x) {
+    const float y = __fdiv_rn(x, temperature);
     if (float_key(y) >= threshold && (y - y_max) >= d_min) {  // noise only for kept tokens
       const float u = noise != nullptr ? noise[base + i] : philox_uniform(seed, base + i);
       const float score = y - logf(-logf(u));
-      if (score > pick.value) pick = {score, i};
+      if (score > -INFINITY) pick = better(pick, ArgMax{score, i});
     }
+  });
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    ArgMax o;
+    o.value = __shfl_xor_sync(0xffffffffu, pick.value, offset);
+    o.index = __shfl_xor_sync(0xffffffffu, pick.index, offset);
+    pick = better(pick, o);
   }
-  __syncthreads();  // reduce_storage is reused
-  const ArgMax chosen = ArgReduce(reduce_storage.arg).Reduce(pick, ArgMaxOp());
-  if (threadIdx.x == 0) tokens[b] = chosen.value > -INFINITY ? chosen.index : arg_max;
+  const ArgMax chosen = cluster_reduce(
+      pick, sh, c, [](Shared& m, int w) -> ArgMax& { return m.warp.pick[w]; },
+      [](Shared& m) -> ArgMax& { return m.cta.pick; }, better);
+  // Every kept token drew u == 0 (score -inf): the argmax, as in the reference.
+  if (c.rank == 0 && threadIdx.x == 0) tokens[c.row] = chosen.value > -INFINITY ? chosen.index : arg_max;
+}
+
+// CTAs per row: enough for about two CTAs per SM over the batch, at most a portable cluster, at least
+// 4096 elements each; 1 where the device has no clusters (before sm_90).
+int choose_splits(int64_t batch, int64_t vocab) {
+  int device = 0, major = 0, sms = 1;
+  if (cudaGetDevice(&device) != cudaSuccess) return 1;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess || major < 9) {
+    return 1;
+  }
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) return 1;
+  const int64_t for_occupancy = (2 * static_cast<int64_t>(sms) + batch - 1) / batch;
+  const int64_t for_work = (vocab + 4095) / 4096;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({for_occupancy, for_work, kMaxSplits})));
+}
+
+template <typename T, bool VEC, bool SAMPLE>
+cudaError_t launch_kernel(const T* logits, int64_t batch, int64_t vocab, int64_t row_stride, const float* temperature,
+                          const int64_t* top_k, const float* top_p, const float* min_p, float* filtered,
+                          int64_t* tokens, int32_t* flags, const float* noise, const int64_t* seed,
+                          cudaStream_t stream) {
+  const int splits = choose_splits(batch, vocab);
+  if (batch * splits > INT_MAX) return cudaErrorInvalidConfiguration;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(batch * splits));
+  config.blockDim = dim3(kThreads);
+  config.stream = stream;
+  cudaLaunchAttribute cluster;
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = static_cast<unsigned>(splits);
+  cluster.val.clusterDim.y = 1;
+  cluster.val.clusterDim.z = 1;
+  config.attrs = &cluster;
+  config.numAttrs = splits > 1 ? 1 : 0;  // no cluster attribute at all before sm_90
+  return cudaLaunchKernelEx(&config, sampling_kernel<T, VEC, SAMPLE>, logits, vocab, row_stride, splits,
+                            temperature, top_k, top_p, min_p, filtered, tokens, flags, noise, seed);
 }
 
 template <typename T>
 cudaError_t launch_typed(const T* logits, int64_t batch, int64_t vocab, int64_t row_stride, const float* temperature,
                          const int64_t* top_k, const float* top_p, const float* min_p, float* filtered,
-                         int64_t* tokens, const float* noise, const int64_t* seed, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(batch));
+                         int64_t* tokens, int32_t* flags, const float* noise, const int64_t* seed,
+                         cudaStream_t stream) {
+  // 16-byte loads need every row to start on a 16-byte boundary.
+  const bool aligned = reinterpret_cast<uintptr_t>(logits) % 16 == 0 && (row_stride * sizeof(T)) % 16 == 0;
   if (tokens != nullptr) {
-    sampling_kernel<T, true><<<grid, kThreads, 0, stream>>>(logits, vocab, row_stride, temperature, top_k, top_p,
-                                                            min_p, filtered, tokens, noise, seed);
-  } else {
-    sampling_kernel<T, false><<<grid, kThreads, 0, stream>>>(logits, vocab, row_stride, temperature, top_k, top_p,
-                                                             min_p, filtered, tokens, noise, seed);
+    return aligned ? launch_kernel<T, true, true>(logits, batch, vocab, row_stride, temperature, top_k, top_p, min_p,
+                                                  filtered, tokens, flags, noise, seed, stream)
+                   : launch_kernel<T, false, true>(logits, batch, vocab, row_stride, temperature, top_k, top_p, min_p,
+                                                   filtered, tokens, flags, noise, seed, stream);
   }
-  return cudaGetLastError();
+  return aligned ? launch_kernel<T, true, false>(logits, batch, vocab, row_stride, temperature, top_k, top_p, min_p,
+                                                 filtered, tokens, flags, noise, seed, stream)
+                 : launch_kernel<T, false, false>(logits, batch, vocab, row_stride, temperature, top_k, top_p, min_p,
+                                                  filtered, tokens, flags, noise, seed, stream);
 }
 
 }  // namespace
 
 cudaError_t launch_sampling(const void* logits, FloatType dtype, int64_t batch, int64_t vocab, int64_t row_stride,
                             const float* temperature, const int64_t* top_k, const float* top_p, const float* min_p,
-                            float* filtered, int64_t* tokens, const float* noise, const int64_t* seed,
-                            cudaStream_t stream) {
-  if (batch == 0 || vocab == 0) return cudaSuccess;
-  if (batch > INT_MAX) return cudaErrorInvalidConfiguration;
+                            float* filtered, int64_t* tokens, int32_t* flags, const float* noise,
+                            const int64_t* seed, cudaStream_t stream) {
+  if (batch == 0) return cudaSuccess;
+  if (vocab < 1 || vocab >= kMaxVocab || batch > INT_MAX) return cudaErrorInvalidValue;
   switch (dtype) {
     case FloatType::kFloat32:
       return launch_typed(static_cast<const float*>(logits), batch, vocab, row_stride, temperature, top_k, top_p, min_p,
-                          filtered, tokens, noise, seed, stream);
+                          filtered, tokens, flags, noise, seed, stream);
     case FloatType::kFloat16:
       return launch_typed(static_cast<const __half*>(logits), batch, vocab, row_stride, temperature, top_k, top_p,
-                          min_p, filtered, tokens, noise, seed, stream);
+                          min_p, filtered, tokens, flags, noise, seed, stream);
     case FloatType::kBFloat16:
       return launch_typed(static_cast<const __nv_bfloat16*>(logits), batch, vocab, row_stride, temperature, top_k,
-                          top_p, min_p, filtered, tokens, noise, seed, stream);
+                          top_p, min_p, filtered, tokens, flags, noise, seed, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -1,16 +1,18 @@
 """Triton kernels of genfast::filter_logits_triton and genfast::sample_tokens_triton: sort-free and exact.
 
-One program per row. The kept set of a row is ``{i : y_i >= t}`` (plus the min-p test, itself a threshold
-on ``y_i - y_max``), where ``y = x / temperature``. Top-k and top-p thresholds both have the form
-``t* = max{c : G(c) >= target}`` with ``G(c) = sum of w_j over y_j >= c`` non-increasing:
-top-k counts (``w = 1``, target k), top-p sums ``w = exp(y - y_max)`` over the top-k survivors
-(target ``top_p * G(t_k)``). ``_search`` finds ``t*`` exactly on the order-preserving int32 key of the
-fp32 values: each pass over the row evaluates G at NP pivots of ``[lo, hi)`` together, plus, per pivot,
-the smallest key at or above it and the largest below it, so that the new bracket is cut down to keys of
-actual elements; it stops when one key is left (usually 3-6 passes, at most ~8 for 32-bit keys).
-The last pass writes the filtered row, or draws Gumbel noise for kept tokens only and takes the argmax.
+One program per row. The kept set of a row is ``{i : y_i >= t}`` (plus the min-p test, itself a threshold on
+``y_i - y_max``), where ``y = x / temperature``. Top-k and top-p thresholds both have the form ``t* = max{c :
+G(c) >= target}`` with ``G(c) = sum of w_j over y_j >= c`` non-increasing: top-k counts (``w = 1``, target k),
+top-p sums the fixed-point weights ``w = fixed_weight(y - y_max)`` over the top-k survivors (target
+``max(top_p * G(t_k), 1)`` in fp64; the integer arithmetic of csrc/cuda/sampling.cuh, shared by every backend
+so that near-ties resolve alike). ``_search`` finds ``t*`` exactly on the order-preserving int32 key of the
+fp32 values: each pass over the row evaluates G at NP pivots of ``[lo, hi)`` together, plus, per pivot, the
+smallest key at or above it and the largest below it, so that the new bracket is cut down to keys of actual
+elements; it stops when one key is left (usually 3-6 passes, at most ~8 for 32-bit keys). Pass 1 also sets the
+row's value flags (NaN, +inf, all -inf, overflow, knobs out of range: the bits of csrc/cuda/sampling.cuh). The
+last pass writes the filtered row, or draws Gumbel noise for kept tokens only and takes the argmax.
 
-The same algorithm runs in csrc/cuda/sampling.cu; csrc/cpu/sampling.cpp uses selection on the CPU.
+csrc/cuda/sampling.cu runs the same search; csrc/cpu/sampling.cpp uses selection on the CPU.
 """
 
 import torch
@@ -40,18 +42,26 @@ def _load_y(row_ptr, offs, vocab, temp):
 
 
 @triton.jit
+def _fixed_weight(d):
+    """exp(d) in 2^-38 fixed point, computed in fp64 and truncated; 0 below d = -27 (sampling.cuh)."""
+    w = (tl.exp(d.to(tl.float64)) * 274877906944.0).to(tl.int64)
+    return tl.where(d >= -27.0, w, 0)
+
+
+@triton.jit
 def _search(row_ptr, vocab, temp, y_max, lo, hi, floor, target, RELATIVE: tl.constexpr, BLOCK: tl.constexpr,
             NP: tl.constexpr):
     """max{c in element keys of [lo, hi) : G(c) >= target}, or lo if none (lo must be an element key).
 
-    ``RELATIVE``: G sums exp(y - y_max) over keys >= floor and the target is ``target * G(floor)`` (the
-    top-k-filtered partition function, summed again in each pass, in the same order); else G counts.
+    ``RELATIVE``: G sums the fixed-point weights over keys >= floor and the target is
+    ``max(target * G(floor), 1)`` (G(floor): the top-k-filtered total, summed again in each pass); else G
+    counts. Integer sums: the same in every pass, in every order, on every backend.
     """
     j = tl.arange(0, NP).to(tl.int64)
     while hi - lo > 1:
         piv = (lo + ((hi - lo) * j) // NP).to(tl.int32)  # piv[0] == lo; piv[NP-1] in (lo, hi) when hi-lo >= 2
-        g = tl.zeros([NP], dtype=tl.float32)
-        total = tl.zeros([], dtype=tl.float32)
+        g = tl.zeros([NP], dtype=tl.int64)
+        total = tl.zeros([], dtype=tl.int64)
         min_above = tl.full([NP], 2147483647, dtype=tl.int32)
         max_below = tl.full([NP], -2147483648, dtype=tl.int32)
         for start in range(0, vocab, BLOCK):
@@ -59,20 +69,20 @@ def _search(row_ptr, vocab, temp, y_max, lo, hi, floor, target, RELATIVE: tl.con
             y, mask = _load_y(row_ptr, offs, vocab, temp)
             key = _key(y)
             if RELATIVE:
-                w = tl.where(mask & (key >= floor), tl.exp(y - y_max), 0.0)
+                w = tl.where(mask & (key >= floor), _fixed_weight(y - y_max), 0)
             else:
-                w = tl.where(mask, 1.0, 0.0)
+                w = tl.where(mask, 1, 0).to(tl.int64)
             ge = key[:, None] >= piv[None, :]
             valid = mask[:, None]
-            g += tl.sum(tl.where(ge, w[:, None], 0.0), axis=0)
+            g += tl.sum(tl.where(ge, w[:, None], 0), axis=0)
             total += tl.sum(w, axis=0)
             min_above = tl.minimum(min_above, tl.min(tl.where(ge & valid, key[:, None], 2147483647), axis=0))
             max_below = tl.maximum(max_below, tl.max(tl.where(valid & ~ge, key[:, None], -2147483648), axis=0))
-        goal = target
+        goal = target.to(tl.float64)
         if RELATIVE:
-            goal = target * total
-        # A goal <= 0 (top_p <= 0 with validate=False) would accept keys above every element: keep the max.
-        ok = g >= tl.maximum(goal, 1e-30)
+            goal = goal * total.to(tl.float64)
+        # At least 1: a goal <= 0 (top_p <= 0 with validate=False) would accept keys above every element.
+        ok = g.to(tl.float64) >= tl.maximum(goal, 1.0)
         new_lo = tl.max(tl.where(ok, min_above, lo.to(tl.int32)))
         new_hi = tl.min(tl.where(ok, hi, max_below.to(tl.int64) + 1))
         lo = tl.maximum(lo, new_lo.to(tl.int64))
@@ -81,8 +91,9 @@ def _search(row_ptr, vocab, temp, y_max, lo, hi, floor, target, RELATIVE: tl.con
 
 
 @triton.jit
-def _sampling_kernel(x_ptr, stride_x, temp_ptr, topk_ptr, topp_ptr, dmin_ptr, out_ptr, noise_ptr, seed_ptr,
-                     vocab, SAMPLE: tl.constexpr, HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr, NP: tl.constexpr):
+def _sampling_kernel(x_ptr, stride_x, temp_ptr, topk_ptr, topp_ptr, minp_ptr, dmin_ptr, out_ptr, flags_ptr,
+                     noise_ptr, seed_ptr, vocab, SAMPLE: tl.constexpr, HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr,
+                     NP: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = x_ptr + row * stride_x
     temp_in = tl.load(temp_ptr + row)
@@ -92,24 +103,41 @@ def _sampling_kernel(x_ptr, stride_x, temp_ptr, topk_ptr, topp_ptr, dmin_ptr, ou
     top_p = tl.load(topp_ptr + row)
     d_min = tl.load(dmin_ptr + row)  # smallest fp32 d with double(d) >= log(min_p): see _min_p_bound
 
-    # Pass 1: max (with its lowest index, the greedy token) and the smallest key.
+    # Pass 1: max (with its lowest index, the greedy token), the smallest key, and the row's value flags.
     y_max = tl.full([], float("-inf"), dtype=tl.float32)
     best = tl.zeros([], dtype=tl.int64)
     key_min = tl.full([], 2147483647, dtype=tl.int32)
+    flags = tl.zeros([], dtype=tl.int32)
     for start in range(0, vocab, BLOCK):
         offs = start + tl.arange(0, BLOCK).to(tl.int64)
-        y, mask = _load_y(row_ptr, offs, vocab, temp)
-        block_max, block_arg = tl.max(y, axis=0, return_indices=True, return_indices_tie_break_left=True)
+        mask = offs < vocab
+        x = tl.load(row_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        y = tl.math.div_rn(x, temp)
+        is_nan = x != x
+        y_clean = tl.where(is_nan, float("-inf"), y)  # NaN never wins the max
+        block_max, block_arg = tl.max(y_clean, axis=0, return_indices=True, return_indices_tie_break_left=True)
         best = tl.where(block_max > y_max, start + block_arg.to(tl.int64), best)
         y_max = tl.maximum(y_max, block_max)
-        key_min = tl.minimum(key_min, tl.min(tl.where(mask, _key(y), 2147483647), axis=0))
+        key_min = tl.minimum(key_min, tl.min(tl.where(mask & ~is_nan, _key(y), 2147483647), axis=0))
+        overflow = (tl.abs(y) == float("inf")) & (tl.abs(x) != float("inf"))
+        flags |= tl.max(is_nan.to(tl.int32), axis=0) * 1
+        flags |= tl.max((x == float("inf")).to(tl.int32), axis=0) * 2
+        flags |= tl.max(overflow.to(tl.int32), axis=0) * 8
+    if y_max == float("-inf"):
+        flags |= 4
+    min_p = tl.load(minp_ptr + row)
+    flags |= tl.where((temp_in >= 0.0) & (temp_in != float("inf")), 0, 16)
+    flags |= tl.where(top_k < 0, 32, 0)
+    flags |= tl.where((top_p > 0.0) & (top_p <= 1.0), 0, 64)
+    flags |= tl.where((min_p >= 0.0) & (min_p <= 1.0), 0, 128)
+    tl.store(flags_ptr + row, flags)
 
     lo = key_min.to(tl.int64)
     hi = _key(y_max).to(tl.int64) + 1
     t_key = lo
     if temp_in > 0.0:
         if (top_k > 0) & (top_k < vocab):
-            t_key = _search(row_ptr, vocab, temp, y_max, lo, hi, lo, top_k.to(tl.float32), False, BLOCK, NP)
+            t_key = _search(row_ptr, vocab, temp, y_max, lo, hi, lo, top_k.to(tl.float64), False, BLOCK, NP)
         if top_p < 1.0:
             t_key = _search(row_ptr, vocab, temp, y_max, t_key, hi, t_key, top_p, True, BLOCK, NP)
 
@@ -155,23 +183,28 @@ _BLOCK, _NP = 256, 32
 
 
 def _launch(logits, temperature, top_k, top_p, min_p, out, noise, seed, sample):
+    """Runs the kernel; returns (out, flags int32 [B])."""
     batch, vocab = logits.shape
-    assert logits.stride(1) == 1, "filter_logits: logits rows must be contiguous"
+    if logits.stride(1) != 1:
+        raise ValueError("sampling: logits rows must be contiguous")
+    if not 1 <= vocab < 2**24:
+        raise ValueError(f"sampling: logits must have between 1 and 2**24 - 1 columns (tokens), got {vocab}")
+    flags = torch.empty((batch,), device=logits.device, dtype=torch.int32)
     d_min = _min_p_bound(min_p)
     _sampling_kernel[(batch,)](
-        logits, logits.stride(0), temperature, top_k, top_p, d_min, out,
+        logits, logits.stride(0), temperature, top_k, top_p, min_p, d_min, out, flags,
         noise if noise is not None else out, seed if seed is not None else top_k, vocab,
         SAMPLE=sample, HAS_NOISE=noise is not None, BLOCK=_BLOCK, NP=_NP, num_warps=8,
     )
-    return out
+    return out, flags
 
 
-def filter_logits(logits, temperature, top_k, top_p, min_p) -> torch.Tensor:
+def filter_logits(logits, temperature, top_k, top_p, min_p) -> tuple[torch.Tensor, torch.Tensor]:
     out = torch.empty(logits.shape, device=logits.device, dtype=torch.float32)
     return _launch(logits, temperature, top_k, top_p, min_p, out, None, None, False)
 
 
-def sample_tokens(logits, temperature, top_k, top_p, min_p, noise, seed) -> torch.Tensor:
+def sample_tokens(logits, temperature, top_k, top_p, min_p, noise, seed) -> tuple[torch.Tensor, torch.Tensor]:
     if (noise is None) == (seed is None):
         raise ValueError("sample_tokens: pass exactly one of noise and seed")
     out = torch.empty(logits.shape[:1], device=logits.device, dtype=torch.int64)

@@ -19,7 +19,15 @@ Gumbel-max, ``argmax_i y_i - log(-log(u_i))`` over kept tokens (lowest index on 
 noise can be shared: ``u[b, i]`` is the caller's ``noise[b, i]`` or Philox ``uniform(seed, b * V + i)``.
 
 The references ``filter_logits_ref`` / ``sample_tokens_ref`` below are the specification: plain,
-sort-based PyTorch in fp32.
+sort-based PyTorch in fp32 (top-p mass in fp64). The kernels sum top-p mass in integers (each weight
+``exp(y_i - y_max)`` in 2^-38 fixed point, csrc/cuda/sampling.cuh), the same arithmetic on every backend, so
+they agree with each other at near-ties; they can differ from the reference only when the mass before a
+token is within about ``V * 2^-38`` (relative) of ``top_p``.
+
+Value checks cost no extra pass: every backend sets per-row flags (NaN, +inf, rows of all -inf, overflow
+of ``logits / temperature``, knobs out of range) while it reads the row, and the op raises the named
+error afterwards (``_FLAG_MESSAGES``). Gradients of ``filter_logits`` reach ``logits`` only: ``1 /
+temperature`` at kept tokens (1 in greedy rows), 0 at removed ones; the thresholds are piecewise constant.
 """
 
 from __future__ import annotations
@@ -44,15 +52,21 @@ def _penalize(x: torch.Tensor, penalty: torch.Tensor, prev_tokens: torch.Tensor 
     cannot penalise twice and the result does not depend on scatter order. Indices outside [0, V)
     (possible only with validate=False) are sent to a padding column that is dropped afterwards.
     """
+    return _penalize_and_check(x, penalty, prev_tokens)[0]
+
+
+def _penalize_and_check(x, penalty, prev_tokens) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`_penalize`, plus a bool tensor: some id of ``prev_tokens`` is outside [0, V) (None if no ids)."""
     batch, vocab = x.shape
     if prev_tokens is None or prev_tokens.shape[1] == 0:
-        return x.float()
+        return x.float(), None
     padded = F.pad(x.float(), (0, 1))  # (B, V+1); column V absorbs invalid indices
-    index = torch.where((prev_tokens >= 0) & (prev_tokens < vocab), prev_tokens, vocab)
+    in_range = (prev_tokens >= 0) & (prev_tokens < vocab)
+    index = torch.where(in_range, prev_tokens, vocab)
     seen = padded.gather(1, index)
     p = penalty.float()[:, None]
     padded = padded.scatter(1, index, torch.where(seen < 0, seen * p, seen / p))
-    return padded[:, :vocab]
+    return padded[:, :vocab], ~in_range.all()
 
 
 def _filter_ref(x: torch.Tensor, temperature, top_k, top_p, min_p) -> torch.Tensor:
@@ -70,10 +84,12 @@ def _filter_ref(x: torch.Tensor, temperature, top_k, top_p, min_p) -> torch.Tens
     sorted_y = sorted_y.masked_fill(sorted_y < t_k, NEG_INF)  # still sorted
 
     # top-p: keep a sorted position iff the mass strictly before it is < top_p; the kept positions form a
-    # prefix, and keeping every value >= the last kept one also keeps ties of the boundary token.
-    probs = torch.softmax(sorted_y, dim=-1)
+    # prefix, and keeping every value >= the last kept one also keeps ties of the boundary token. The mass is
+    # summed in fp64: an fp32 cumulative sum drifts by ~1e-6 over thousands of tokens, which would make the
+    # specification itself wrong at near-ties that the kernels' exact integer sums resolve correctly.
+    probs = torch.softmax(sorted_y.double(), dim=-1)
     mass_before = F.pad(probs.cumsum(-1)[:, :-1], (1, 0))
-    last = (mass_before < top_p[:, None]).sum(-1, keepdim=True).clamp(min=1) - 1
+    last = (mass_before < top_p.double()[:, None]).sum(-1, keepdim=True).clamp(min=1) - 1
     t_p = torch.where((top_p < 1)[:, None], sorted_y.gather(1, last), NEG_INF)
 
     # min-p: p_i / p_max = exp(y_i - y_max); compared in log space, the fp32 difference in fp64.
@@ -91,9 +107,46 @@ def _filter_ref(x: torch.Tensor, temperature, top_k, top_p, min_p) -> torch.Tens
 
 
 def _gumbel_argmax_ref(x: torch.Tensor, filtered: torch.Tensor, temperature, noise: torch.Tensor) -> torch.Tensor:
+    # Removed tokens score -inf for every u in [0, 1); a kept token with u == 0 scores -inf as well. A row
+    # whose kept tokens all score -inf returns its argmax, the lowest index of the max kept value.
     scores = filtered - torch.log(-torch.log(noise.float()))
-    sampled = scores.argmax(-1)
+    best, sampled = scores.max(-1)
+    sampled = torch.where(best > NEG_INF, sampled, filtered.argmax(-1))
     return torch.where(temperature > 0, sampled, x.argmax(-1))
+
+
+# Per-row flag bits the kernels set while they read the logits (csrc/cuda/sampling.cuh), in the order the
+# errors are raised: (bit, argument, what is wrong).
+_FLAG_MESSAGES = (
+    (16, "temperature", "must be finite and >= 0"),
+    (32, "top_k", "must be >= 0"),
+    (64, "top_p", "must be in (0, 1]"),
+    (128, "min_p", "must be in [0, 1]"),
+    (1, "logits", "must not contain NaN"),
+    (2, "logits", "must not contain +inf"),
+    (4, "logits", "must have a finite value in every row (a row is all -inf)"),
+    (8, "temperature", "is so small that logits / temperature overflows float32"),
+)
+
+
+def _value_flags_ref(x: torch.Tensor, temperature, top_k, top_p, min_p) -> torch.Tensor:
+    """The flags [B] int32 of penalised logits ``x`` [B, V] and the knobs, as the kernels set them."""
+    x = x.float()
+    y = x / torch.where(temperature > 0, temperature, 1.0)[:, None]
+    bits = [
+        (~(temperature >= 0) | (temperature == float("inf")), 16),
+        (top_k < 0, 32),
+        (~((top_p > 0) & (top_p <= 1)), 64),
+        (~((min_p >= 0) & (min_p <= 1)), 128),
+        (torch.isnan(x).any(-1), 1),
+        ((x == float("inf")).any(-1), 2),
+        (~(x > NEG_INF).any(-1), 4),  # NaN is not > -inf either, as in the kernels
+        ((torch.isinf(y) & ~torch.isinf(x)).any(-1), 8),
+    ]
+    flags = torch.zeros(x.shape[0], dtype=torch.int32, device=x.device)
+    for bad, bit in bits:
+        flags |= bad.to(torch.int32) * bit
+    return flags
 
 
 # ------------------------------------------------------------------------------------------ arguments
@@ -108,28 +161,28 @@ def _knob(op, name, value, batch, device, *, integer=False) -> torch.Tensor:
             raise ValueError(f"{op}: {name} must have shape ({batch},) (one value per row), got {tuple(value.shape)}")
         if value.device != device:
             raise ValueError(f"{op}: {name} is on {value.device} but logits is on {device}")
-        return value.to(torch.int64 if integer else torch.float32).contiguous()
+        # Knobs are not differentiated: gradients of filter_logits reach logits only, on every backend.
+        return value.detach().to(torch.int64 if integer else torch.float32).contiguous()
     if integer:
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise TypeError(f"{op}: {name} must be an int or an integer tensor of shape ({batch},), got "
                             f"{type(value).__name__}")
+        if not -(2**63) <= int(value) < 2**63:
+            raise ValueError(f"{op}: {name} must fit in int64 (0 disables it), got {int(value)}")
         return torch.full((batch,), int(value), dtype=torch.int64, device=device)
-    return torch.full((batch,), _checks.real_number(op, name, value), dtype=torch.float32, device=device)
-
-
-# (name, test that marks a bad value, what is expected): the value checks of validate=True.
-_KNOB_RULES = {
-    "temperature": (lambda t: ~(t >= 0) | torch.isinf(t), "finite and >= 0"),
-    "top_k": (lambda k: k < 0, ">= 0"),
-    "top_p": (lambda p: ~((p > 0) & (p <= 1)), "in (0, 1]"),
-    "min_p": (lambda p: ~((p >= 0) & (p <= 1)), "in [0, 1]"),
-    "repetition_penalty": (lambda r: ~(r > 0) | torch.isinf(r), "finite and > 0"),
-}
+    value = _checks.real_number(op, name, value)
+    if abs(value) != float("inf") and abs(value) > torch.finfo(torch.float32).max:
+        raise ValueError(f"{op}: {name} must be finite in float32 (magnitude <= 3.4e38), got {value}")
+    return torch.full((batch,), value, dtype=torch.float32, device=device)
 
 
 def _prepare(op, logits, temperature, top_k, top_p, min_p, repetition_penalty, prev_tokens, validate):
-    """Checks every argument; returns the penalised logits and the per-row knob tensors."""
+    """Checks what needs no values; returns the penalised logits, the per-row knob tensors and the value checks
+    left for after the kernel: (argument, what is wrong, bool tensor) for what the kernels do not flag."""
     _checks.tensor(op, "logits", logits, dtypes=_checks.FLOAT_DTYPES, ndim=2)
+    if logits.device.type == "meta":
+        raise ValueError(f"{op}: logits is on the meta device, which holds no values to filter or sample; "
+                         "pass logits on cpu or cuda")
     batch, vocab = logits.shape
     if batch < 1 or vocab < 1:
         raise ValueError(f"{op}: logits must have at least one row and one column, got shape {tuple(logits.shape)}")
@@ -143,60 +196,96 @@ def _prepare(op, logits, temperature, top_k, top_p, min_p, repetition_penalty, p
         "min_p": _knob(op, "min_p", min_p, batch, dev),
         "repetition_penalty": _knob(op, "repetition_penalty", repetition_penalty, batch, dev),
     }
+    checks = []
+    if validate:
+        # The one knob the kernels never see: checked on the host when it is a Python number.
+        penalty_rule = "must be finite and > 0"
+        if isinstance(repetition_penalty, torch.Tensor):
+            r = knobs["repetition_penalty"]
+            checks.append(("repetition_penalty", penalty_rule, (~(r > 0) | torch.isinf(r)).any()))
+        elif not (0 < float(repetition_penalty) < float("inf")):
+            raise ValueError(f"{op}: repetition_penalty {penalty_rule}")
     if prev_tokens is not None:
         _checks.tensor(op, "prev_tokens", prev_tokens, dtypes=(torch.int64,), ndim=2)
         _checks.same_device(op, "logits", logits, prev_tokens=prev_tokens)
         if prev_tokens.shape[0] != batch:
             raise ValueError(f"{op}: prev_tokens must have shape ({batch}, L), got {tuple(prev_tokens.shape)}")
-    if validate and not torch.compiler.is_compiling():
-        _validate_values(op, logits, knobs, prev_tokens)
-    x = logits
-    if prev_tokens is not None and prev_tokens.shape[1] > 0:
-        x = _penalize(logits, knobs["repetition_penalty"], prev_tokens)
-    return x.contiguous(), knobs
+    x, bad_ids = _penalize_and_check(logits, knobs["repetition_penalty"], prev_tokens)
+    if bad_ids is not None and validate:
+        checks.append(("prev_tokens", f"must hold token ids in [0, {vocab})", bad_ids))
+    if prev_tokens is None or prev_tokens.shape[1] == 0:
+        x = logits  # no copy: the kernels read float16/bfloat16 themselves
+    return x.contiguous(), knobs, checks
 
 
-def _validate_values(op, logits, knobs, prev_tokens) -> None:
-    """Value checks, with one host synchronisation for all of them (the flags travel as one tensor)."""
-    checks = [(name, "must be " + rule[1], rule[0](knobs[name]).any()) for name, rule in _KNOB_RULES.items()]
-    x = logits.float()
-    checks.append(("logits", "must not contain NaN", torch.isnan(x).any()))
-    checks.append(("logits", "must not contain +inf", (x == float("inf")).any()))
-    row_max = x.amax(-1)
-    checks.append(("logits", "must have a finite value in every row (a row is all -inf)", (row_max == NEG_INF).any()))
-    # temperature scaling must not push a finite logit to +-inf (greedy rows divide by nothing).
-    t = knobs["temperature"]
-    scale = torch.where(t > 0, t, 1.0)
-    extreme = torch.maximum(row_max.abs(), x.masked_fill(x == NEG_INF, 0).amin(-1).abs())
-    checks.append(("temperature", "is so small that logits / temperature overflows float32",
-                   torch.isinf(extreme / scale).any()))
-    if prev_tokens is not None and prev_tokens.numel():
-        vocab = logits.shape[1]
-        checks.append(("prev_tokens", f"must hold token ids in [0, {vocab})",
-                       ((prev_tokens < 0) | (prev_tokens >= vocab)).any()))
-    flags = torch.stack([bad for _, _, bad in checks]).tolist()
-    for (name, message, _), bad in zip(checks, flags):
+def _noise_check(noise: torch.Tensor | None) -> list:
+    """One pass over caller-given noise: NaN, or values outside [0, 1), make the backends disagree."""
+    if noise is None:
+        return []
+    low, high = torch.aminmax(noise)
+    return [("noise", "must hold values in [0, 1) (no NaN)", ~((low >= 0) & (high < 1)))]
+
+
+def _raise_bad_values(op: str, flags: torch.Tensor | None, checks: list, x, knobs) -> None:
+    """Raises the first error, the host-side checks first, then in _FLAG_MESSAGES order, with one synchronisation.
+
+    ``flags`` are the kernel's, or None from the reference (computed here from ``x`` and ``knobs``). Skipped
+    under torch.compile (the errors need the host), as with ``validate=False``.
+    """
+    if torch.compiler.is_compiling():
+        return
+    if flags is None:
+        flags = _value_flags_ref(x, knobs["temperature"], knobs["top_k"], knobs["top_p"], knobs["min_p"])
+    found = torch.stack([flags.ne(0).any()] + [bad for _, _, bad in checks]).tolist()
+    for (name, message, _), bad in zip(checks, found[1:]):
         if bad:
             raise ValueError(f"{op}: {name} {message}")
+    if not found[0]:
+        return
+    flags = flags.cpu()
+    for bit, name, message in _FLAG_MESSAGES:
+        rows = (flags & bit).nonzero()
+        if rows.numel():
+            raise ValueError(f"{op}: {name} {message} (row {int(rows[0])})")
+    raise AssertionError(f"{op}: unknown value flags {flags.tolist()}")
 
 
 # ------------------------------------------------------------------------------------------ custom ops
+# Both ops return (result, flags int32 [B]): the value flags each backend sets while it reads a row.
 def _filter_fake(logits, temperature, top_k, top_p, min_p):
-    return logits.new_empty(logits.shape, dtype=torch.float32)
+    batch = logits.shape[0]
+    return logits.new_empty(logits.shape, dtype=torch.float32), logits.new_empty((batch,), dtype=torch.int32)
 
 
 def _sample_fake(logits, temperature, top_k, top_p, min_p, noise, seed):
-    return logits.new_empty(logits.shape[:1], dtype=torch.int64)
+    batch = logits.shape[0]
+    return logits.new_empty((batch,), dtype=torch.int64), logits.new_empty((batch,), dtype=torch.int32)
+
+
+def _filter_setup_context(ctx, inputs, output):
+    logits, temperature = inputs[0], inputs[1]
+    ctx.logits_dtype = logits.dtype
+    ctx.save_for_backward(output[0], temperature)
+
+
+def _filter_backward(ctx, grad, _grad_flags):
+    """d out / d logits: 1 / temperature at kept tokens (1 in greedy rows), 0 at removed ones, as the reference's
+    autograd gives (its division's backward is the same fp32 division)."""
+    out, temperature = ctx.saved_tensors
+    scale = torch.where(temperature > 0, temperature, 1.0)[:, None]
+    grad_logits = torch.where(out > NEG_INF, grad / scale, 0.0).to(ctx.logits_dtype)
+    return grad_logits, None, None, None, None
 
 
 if _ext.loaded:
     torch.library.register_fake("genfast::filter_logits")(_filter_fake)
     torch.library.register_fake("genfast::sample_tokens")(_sample_fake)
+    torch.library.register_autograd("genfast::filter_logits", _filter_backward, setup_context=_filter_setup_context)
 
 
 @torch.library.custom_op("genfast::filter_logits_triton", mutates_args=())
 def _filter_logits_triton(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                          min_p: torch.Tensor) -> torch.Tensor:
+                          min_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     from genfast.kernels.sampling import filter_logits
 
     return filter_logits(logits, temperature, top_k, top_p, min_p)
@@ -204,7 +293,8 @@ def _filter_logits_triton(logits: torch.Tensor, temperature: torch.Tensor, top_k
 
 @torch.library.custom_op("genfast::sample_tokens_triton", mutates_args=())
 def _sample_tokens_triton(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                          min_p: torch.Tensor, noise: torch.Tensor | None, seed: torch.Tensor | None) -> torch.Tensor:
+                          min_p: torch.Tensor, noise: torch.Tensor | None,
+                          seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     from genfast.kernels.sampling import sample_tokens
 
     return sample_tokens(logits, temperature, top_k, top_p, min_p, noise, seed)
@@ -212,13 +302,14 @@ def _sample_tokens_triton(logits: torch.Tensor, temperature: torch.Tensor, top_k
 
 _filter_logits_triton.register_fake(_filter_fake)
 _sample_tokens_triton.register_fake(_sample_fake)
+_filter_logits_triton.register_autograd(_filter_backward, setup_context=_filter_setup_context)
 
 
 def _supports(device, dtype=None, vocab: int = 0, **_):
     if dtype is not None and dtype not in _checks.FLOAT_DTYPES:
         return f"logits of dtype {dtype} (the kernels read float32, float16, bfloat16)"
     if vocab >= 2**24:
-        return f"a vocabulary of {vocab} >= 2**24 tokens (the kernels count tokens in float32)"
+        return f"a vocabulary of {vocab} >= 2**24 tokens (the kernels' fixed-point top-p sums assume fewer)"
     return None
 
 
@@ -228,15 +319,17 @@ def _supports(device, dtype=None, vocab: int = 0, **_):
 _PREFERENCE = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
 
 
+# The reference returns no flags (None): the op computes them with _value_flags_ref only when it validates, so
+# the sort-based baseline with validate=False pays for nothing it does not need.
 def _filter_dispatch_ref(x, temperature, top_k, top_p, min_p):
-    return _filter_ref(x, temperature, top_k, top_p, min_p)
+    return _filter_ref(x, temperature, top_k, top_p, min_p), None
 
 
 def _sample_dispatch_ref(x, temperature, top_k, top_p, min_p, noise, seed):
     if noise is None:
         batch, vocab = x.shape
         noise = _philox_uniform(seed, batch * vocab).view(batch, vocab)
-    return _gumbel_argmax_ref(x, _filter_ref(x, temperature, top_k, top_p, min_p), temperature, noise)
+    return _gumbel_argmax_ref(x, _filter_ref(x, temperature, top_k, top_p, min_p), temperature, noise), None
 
 
 def _philox_uniform(seed, numel):
@@ -262,8 +355,10 @@ _INVALID_ROWS = """
     prev_tokens ids outside [0, V) are ignored; temperature that is not > 0 (negative, NaN) means greedy;
     top_k < 0 disables top-k; top_p > 1 or NaN disables top-p and top_p <= 0 keeps the max token(s);
     min_p > 1 keeps only the max token(s), NaN disables min-p. A row with NaN or +inf logits, or all -inf,
-    yields some token in [0, V) (filter_logits: unspecified values in that row), never an out-of-range id.
-    Under torch.compile the value checks are skipped as with ``validate=False`` (they need the host).
+    or noise outside [0, 1), yields some token in [0, V) (filter_logits: unspecified values in that row),
+    never an out-of-range id. With ``validate=True`` the kernels flag bad values while they read the logits
+    (no extra pass), and one host synchronisation afterwards raises the error. Under torch.compile the value
+    checks are skipped as with ``validate=False`` (they need the host).
 """
 
 
@@ -275,12 +370,15 @@ def filter_logits(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, 
     ``logits``' device (top_k integer, the others floating point). ``prev_tokens`` int64 [B, L]: ids seen
     so far, for the repetition penalty. Kept tokens hold ``penalised_logit / temperature``; greedy rows
     (temperature 0) keep only the argmax, holding its penalised logit. ``validate=True`` checks values too
-    (NaN/+inf logits, all -inf rows, knob ranges, prev_tokens ids), at the cost of one host synchronisation.
+    (NaN/+inf logits, all -inf rows, knob ranges, prev_tokens ids). Differentiable in ``logits``.
     """
     op = "filter_logits"
-    x, k = _prepare(op, logits, temperature, top_k, top_p, min_p, repetition_penalty, prev_tokens, validate)
+    x, k, checks = _prepare(op, logits, temperature, top_k, top_p, min_p, repetition_penalty, prev_tokens, validate)
     args = (x, k["temperature"], k["top_k"], k["top_p"], k["min_p"])
-    return _filter_dispatch(*args, device=x.device, dtype=x.dtype, facts={"vocab": x.shape[1]})
+    out, flags = _filter_dispatch(*args, device=x.device, dtype=x.dtype, facts={"vocab": x.shape[1]})
+    if validate:
+        _raise_bad_values(op, flags, checks, x, k)
+    return out
 
 
 def sample_tokens(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
@@ -288,16 +386,19 @@ def sample_tokens(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, 
                   noise: torch.Tensor | None = None, validate: bool = True) -> torch.Tensor:
     """One token per row: int64 [B], drawn from ``filter_logits(...)`` by Gumbel-max.
 
-    Arguments as for :func:`filter_logits`; ``noise`` (uniform in (0, 1), [B, V]) replaces the in-kernel
+    Arguments as for :func:`filter_logits`; ``noise`` (uniform in [0, 1), [B, V]) replaces the in-kernel
     Philox noise, which otherwise uses a seed drawn from ``generator`` on the logits' device, so that
     ``sample_tokens(x, generator=g)`` equals ``sample_tokens_ref(x, noise=philox_noise(seed, B*V).view(B, V))``
     for the seed ``g`` yields. Greedy rows (temperature 0) return the argmax and ignore the noise.
     """
     op = "sample_tokens"
-    x, k = _prepare(op, logits, temperature, top_k, top_p, min_p, repetition_penalty, prev_tokens, validate)
+    x, k, checks = _prepare(op, logits, temperature, top_k, top_p, min_p, repetition_penalty, prev_tokens, validate)
     noise, seed = _checks.noise_or_seed(op, logits, noise, generator)
     args = (x, k["temperature"], k["top_k"], k["top_p"], k["min_p"], noise, seed)
-    return _sample_dispatch(*args, device=x.device, dtype=x.dtype, facts={"vocab": x.shape[1]})
+    tokens, flags = _sample_dispatch(*args, device=x.device, dtype=x.dtype, facts={"vocab": x.shape[1]})
+    if validate:
+        _raise_bad_values(op, flags, checks + _noise_check(noise), x, k)
+    return tokens
 
 
 # A string expression after a docstring would stop it being one, so the shared paragraph is appended here.
@@ -310,8 +411,11 @@ def filter_logits_ref(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1
                       validate: bool = True) -> torch.Tensor:
     """The specification of :func:`filter_logits`: sort-based PyTorch in fp32, same arguments."""
     op = "filter_logits_ref"
-    x, k = _prepare(op, logits, temperature, top_k, top_p, min_p, repetition_penalty, prev_tokens, validate)
-    return _filter_ref(x, k["temperature"], k["top_k"], k["top_p"], k["min_p"])
+    x, k, checks = _prepare(op, logits, temperature, top_k, top_p, min_p, repetition_penalty, prev_tokens, validate)
+    out, flags = _filter_dispatch_ref(x, k["temperature"], k["top_k"], k["top_p"], k["min_p"])
+    if validate:
+        _raise_bad_values(op, flags, checks, x, k)
+    return out
 
 
 def sample_tokens_ref(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
@@ -320,9 +424,12 @@ def sample_tokens_ref(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1
                       validate: bool = True) -> torch.Tensor:
     """The specification of :func:`sample_tokens`: Gumbel-max over :func:`filter_logits_ref`'s output."""
     op = "sample_tokens_ref"
-    x, k = _prepare(op, logits, temperature, top_k, top_p, min_p, repetition_penalty, prev_tokens, validate)
+    x, k, checks = _prepare(op, logits, temperature, top_k, top_p, min_p, repetition_penalty, prev_tokens, validate)
     noise, seed = _checks.noise_or_seed(op, logits, noise, generator)
-    return _sample_dispatch_ref(x, k["temperature"], k["top_k"], k["top_p"], k["min_p"], noise, seed)
+    tokens, flags = _sample_dispatch_ref(x, k["temperature"], k["top_k"], k["top_p"], k["min_p"], noise, seed)
+    if validate:
+        _raise_bad_values(op, flags, checks + _noise_check(noise), x, k)
+    return tokens
 
 
 __all__ = ["filter_logits", "filter_logits_ref", "sample_tokens", "sample_tokens_ref"]
