@@ -45,11 +45,21 @@ def test_pytest_outcome(code, output, expected):
     assert gpu_check.pytest_outcome(code, output) == expected
 
 
-def test_sanitizer_outcome():
-    assert gpu_check.sanitizer_outcome(0, "========= ERROR SUMMARY: 0 errors") == "pass"
-    assert gpu_check.sanitizer_outcome(1, "========= ERROR SUMMARY: 3 errors") == "fail (3 errors)"
-    assert gpu_check.sanitizer_outcome(1, "Traceback ...") == "fail"
-    assert gpu_check.sanitizer_outcome(None, "") == "timeout"
+def test_sanitizer_errors_are_charged_to_the_family_that_ran():
+    output = "\n".join([
+        "gpu-check workload: attention start", "gpu-check workload: attention done",
+        "gpu-check workload: sampling start",
+        "========= Invalid __global__ read of size 4 bytes", "=========     at sample_kernel+0x1d0",
+        "========= Race reported between Write access at 0x10 and Read access at 0x20",
+        "gpu-check workload: sampling done",
+        "gpu-check workload: latent start", "Traceback (most recent call last):",
+        "========= ERROR SUMMARY: 2 errors"])
+    families = ["attention", "sampling", "latent", "random"]
+    assert gpu_check.sanitizer_by_family(1, output, families) == {
+        "attention": "pass", "sampling": "fail (2 errors)", "latent": "workload failed", "random": "not reached"}
+    assert gpu_check.sanitizer_by_family(None, "gpu-check workload: attention start", ["attention", "random"]) == {
+        "attention": "timeout", "random": "timeout"}
+    assert gpu_check.family_verdict({"tests": {"status": "pass"}, "memcheck": "workload failed"}) == "FAIL"
 
 
 def test_report_and_verdicts():
