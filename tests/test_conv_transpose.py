@@ -1,9 +1,9 @@
 """conv_transpose2d / conv_transpose1d: every kernel backend against the reference, gradients, bad input, opcheck,
 torch.compile.
 
-Tolerances follow STYLE.md item 6: the fused result may be off the float64 reference by at most twice what torch
-itself is off when it computes conv_transpose + epilogue in the input's precision, plus (atol, rtol). Shapes are
-tiny because the Triton interpreter runs these on the CPU.
+Tolerances follow the rule in CONTRIBUTING.md: the fused result may be off the float64 reference by at most
+twice what torch itself is off when it computes conv_transpose + epilogue in the input's precision, plus
+(atol, rtol). Shapes are tiny because the Triton interpreter runs these on the CPU.
 """
 
 import pytest

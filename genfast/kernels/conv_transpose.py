@@ -11,10 +11,19 @@ is at the image border, as in any implicit GEMM. One launch covers every phase (
 (axis 2). The epilogue adds the bias, optionally saves that pre-epilogue value (for the backward), then
 applies ``* scale + shift`` per output channel and the activation before the single store.
 
-Layouts: every tensor is addressed through its four strides, so NCHW and channels_last inputs both work;
-the output is allocated in the input's layout. Offsets are int64. fp16/bf16 run the dot in their own
-precision with fp32 accumulation; fp32 uses TF32 exactly when torch's cuDNN convolutions would
+The K loop is one loop over (tap, chunk of BLOCK_K input channels) pairs, so Triton's software pipeliner
+(num_stages) overlaps the loads of step k + 1.. with the dot of step k across tap boundaries too. It needs the
+A tile's rows to be runs of contiguous channels for 16-byte cp.async copies, so the launcher hands the kernel x
+in channels_last (one copy of the input when it is NCHW: the input of a transposed convolution is stride_h *
+stride_w times smaller than its output, which is written once either way) and the weight as
+[KH, KW, C_in, C_out/groups] (output channels contiguous for the B tile). The output and pre are written through
+their strides in the caller's layout (NCHW or channels_last). Offsets are int64 when some tensor has 2**31
+elements or more, else int32 (half the registers). fp16/bf16 run the dot in their
+own precision with fp32 accumulation; fp32 uses TF32 exactly when torch's cuDNN convolutions would
 (``torch.backends.cudnn.allow_tf32``), so genfast and eager torch are compared like for like.
+
+Activation codes are the positions in genfast.ops.conv_transpose.ACTIVATIONS (0 is the identity); the launchers
+take the code, the op layer owns the names.
 """
 
 from __future__ import annotations
@@ -27,11 +36,9 @@ import triton.language as tl
 
 from genfast import _backend
 
-# Activation codes shared with genfast/ops/conv_transpose.py.
-ACTIVATIONS = {"none": 0, "relu": 1, "leaky_relu": 2, "tanh": 3, "sigmoid": 4, "silu": 5, "gelu": 6}
-
-_INV_SQRT2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
+# tl.constexpr: a jit function may read module globals only in this form (a plain float fails to compile on a GPU).
+_INV_SQRT2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 @triton.jit
@@ -41,7 +48,7 @@ def _sigmoid(z):
 
 @triton.jit
 def _activate(z, negative_slope, ACTIVATION: tl.constexpr):
-    """The epilogue's activation on fp32 ``z`` (codes as in ACTIVATIONS; gelu is the exact, erf form)."""
+    """The epilogue's activation on fp32 ``z`` (codes: genfast.ops.conv_transpose.ACTIVATIONS; exact gelu)."""
     if ACTIVATION == 1:
         z = tl.where(z > 0, z, 0.0)
     elif ACTIVATION == 2:
@@ -94,17 +101,26 @@ def _first_tap(phase, pad, dil, stride, step, K):
 
 
 @triton.jit
+def _index(v, INDEX_64: tl.constexpr):
+    """``v`` as the type element offsets are computed in: int64 only when some tensor has 2**31 elements or more
+    (the launcher decides), since int64 index tensors cost registers the pipelined K loop needs."""
+    if INDEX_64:
+        return v.to(tl.int64)
+    else:
+        return v
+
+
+@triton.jit
 def _conv_transpose_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, out_ptr, pre_ptr,
     N, H, W, C_in_g, C_out_g, OH, OW, KH, KW,
     sxn, sxc, sxh, sxw,
     swi, swo, swh, sww,
     son, soc, soh, sow,
-    spn, spc, sph, spw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, step_h, step_w,
     negative_slope,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SAVE_PRE: tl.constexpr,
-    ACTIVATION: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    ACTIVATION: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -126,7 +142,7 @@ def _conv_transpose_fwd_kernel(
     mask_m = rows < M
     P_safe = tl.maximum(P, 1)
     OWp_safe = tl.maximum(OWp, 1)
-    n = (rows // P_safe).to(tl.int64)
+    n = _index(rows // P_safe, INDEX_64)
     rem = rows % P_safe
     jh = rem // OWp_safe
     jw = rem % OWp_safe
@@ -139,124 +155,166 @@ def _conv_transpose_fwd_kernel(
     kw0, count_w = _first_tap(ph_w, pad_w, dil_w, stride_w, step_w, KW)
     # Tiles past this phase's last pixel (phases differ in size by one row/column) do no work.
     count_h = tl.where(pid_m * BLOCK_M < M, count_h, 0)
+    chunks = tl.cdiv(C_in_g, BLOCK_K)
 
-    x_base = x_ptr + n * sxn + (group * C_in_g).to(tl.int64) * sxc
-    w_base = w_ptr + (group * C_in_g).to(tl.int64) * swi + co.to(tl.int64)[None, :] * swo
+    # Row r reads x at (n, jh + dh, jw + dw) for the tap's offsets (dh, dw): its base is fixed, the tap adds a
+    # scalar. Offsets stay integer vectors until the load: a 2-D pointer tensor held across the loop would pin
+    # a 64-bit register per element.
+    x_rows = (n * sxn + _index(jh, INDEX_64) * sxh + _index(jw, INDEX_64) * sxw
+              + _index(group * C_in_g, INDEX_64) * sxc)
+    w_cols = _index(co, INDEX_64) * swo
+    w_group = _index(group * C_in_g, INDEX_64) * swi
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for th in range(0, count_h):
-        kh = kh0 + th * step_h
-        ih = jh + (ph_h + pad_h - kh * dil_h) // stride_h  # exact division: kh was chosen so that it is
-        valid_h = mask_m & (ih >= 0) & (ih < H)
-        for tw in range(0, count_w):
-            kw = kw0 + tw * step_w
-            iw = jw + (ph_w + pad_w - kw * dil_w) // stride_w
-            valid = valid_h & (iw >= 0) & (iw < W)
-            x_rows = x_base + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
-            w_tap = w_base + kh.to(tl.int64) * swh + kw.to(tl.int64) * sww
-            for c0 in range(0, C_in_g, BLOCK_K):
-                c = c0 + ck
-                mask_k = c < C_in_g
-                a = tl.load(x_rows[:, None] + c.to(tl.int64)[None, :] * sxc,
-                            mask=valid[:, None] & mask_k[None, :], other=0.0)
-                b = tl.load(w_tap + c.to(tl.int64)[:, None] * swi, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-                if DOT_FP32:
-                    acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=INPUT_PRECISION)
-                else:
-                    acc += tl.dot(a, b, input_precision=INPUT_PRECISION)
+    # One K loop over (tap, channel chunk) pairs: tap-major, so a tap's offsets change once every `chunks` steps.
+    for kk in range(0, count_h * count_w * chunks):
+        tap = kk // chunks
+        c0 = (kk - tap * chunks) * BLOCK_K
+        kh = kh0 + (tap // count_w) * step_h
+        kw = kw0 + (tap % count_w) * step_w
+        dh = (ph_h + pad_h - kh * dil_h) // stride_h  # exact division: kh was chosen so that it is
+        dw = (ph_w + pad_w - kw * dil_w) // stride_w
+        valid = mask_m & (jh >= -dh) & (jh < H - dh) & (jw >= -dw) & (jw < W - dw)
+        c = c0 + ck
+        mask_k = c < C_in_g
+        tap_x = _index(dh, INDEX_64) * sxh + _index(dw, INDEX_64) * sxw
+        a = tl.load(x_ptr + (x_rows[:, None] + (tap_x + _index(c, INDEX_64) * sxc)[None, :]),
+                    mask=valid[:, None] & mask_k[None, :], other=0.0)
+        tap_w = w_group + _index(kh, INDEX_64) * swh + _index(kw, INDEX_64) * sww
+        b = tl.load(w_ptr + ((tap_w + _index(c, INDEX_64) * swi)[:, None] + w_cols[None, :]),
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if DOT_FP32:
+            acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=INPUT_PRECISION)
+        else:
+            acc += tl.dot(a, b, input_precision=INPUT_PRECISION)
 
-    co_g = (group * C_out_g + co).to(tl.int64)
+    co_g = _index(group * C_out_g + co, INDEX_64)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + co_g, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    oh = (ph_h + jh * stride_h).to(tl.int64)
-    ow = (ph_w + jw * stride_w).to(tl.int64)
+    oh = _index(ph_h + jh * stride_h, INDEX_64)
+    ow = _index(ph_w + jw * stride_w, INDEX_64)
     mask = mask_m[:, None] & mask_n[None, :]
+    out_offs = (n * son + oh * soh + ow * sow)[:, None] + (co_g * soc)[None, :]  # pre has out's strides
     if SAVE_PRE:
-        pre_offs = (n * spn + oh * sph + ow * spw)[:, None] + (co_g * spc)[None, :]
-        tl.store(pre_ptr + pre_offs, acc.to(pre_ptr.dtype.element_ty), mask=mask)
+        tl.store(pre_ptr + out_offs, acc.to(pre_ptr.dtype.element_ty), mask=mask)
     if HAS_SCALE:
         acc = acc * tl.load(scale_ptr + co_g, mask=mask_n, other=1.0)[None, :]
     if HAS_SHIFT:
         acc = acc + tl.load(shift_ptr + co_g, mask=mask_n, other=0.0)[None, :]
     acc = _activate(acc, negative_slope, ACTIVATION)
-    out_offs = (n * son + oh * soh + ow * sow)[:, None] + (co_g * soc)[None, :]
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), pruned per call by fwd_configs_that_fit. What the rules keep
+# compiles for sm_90a and sm_80 without spills, with wgmma on sm_90a for 16-bit and TF32 dots
+# (tests/test_conv_transpose_compile.py checks every kept config).
+FWD_CONFIGS = [
+    (128, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (128, 64, 64, 8, 3), (128, 64, 32, 4, 4),
+    (64, 64, 32, 4, 4), (64, 64, 64, 4, 3), (128, 32, 32, 4, 4), (64, 32, 16, 4, 4),
+]
+# Shared memory per block, in bytes, on the targets genfast compiles for (sm_90: 227 KiB, sm_80: 163 KiB).
+SHARED_LIMIT = {(9, 0): 227 * 1024, (8, 0): 163 * 1024}
+# fp32 accumulator elements per thread a config may hold. An NCHW output is stored from the MMA layout as
+# scattered elements (a phase writes every stride-th pixel), each with its own address: with 64 accumulators
+# per thread that epilogue spills (measured on sm_90a), with 32 it does not; channels_last stores are vectors.
+ACC_PER_THREAD_LIMIT = {"channels_last": 64, "nchw": 32}
+
+
+def fwd_shared_bytes(block_m: int, block_n: int, block_k: int, stages: int, element_size: int) -> int:
+    """The pipeline's shared memory: ``stages`` copies of the A [BM, BK] and B [BK, BN] tiles, plus the fp32
+    [BM, BN] tile the epilogue may stage through shared memory to change layout (an upper bound)."""
+    return stages * (block_m + block_n) * block_k * element_size + block_m * block_n * 4
+
+
+def fwd_configs_that_fit(configs, element_size: int, shared_limit: int, out_channels_last: bool) -> list:
+    """The rules behind the config list: drop a config whose buffers overflow ``shared_limit`` (it cannot
+    launch) or whose accumulator tile is too large for the output layout's epilogue (it would spill)."""
+    acc_limit = ACC_PER_THREAD_LIMIT["channels_last" if out_channels_last else "nchw"]
+    kept = []
+    for c in configs:
+        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        if (fwd_shared_bytes(bm, bn, bk, c.num_stages, element_size) <= shared_limit
+                and bm * bn // (32 * c.num_warps) <= acc_limit):
+            kept.append(c)
+    return kept
+
+
+def _prune(configs, named_args, **_):
+    try:
+        capability = torch.cuda.get_device_capability()
+    except (RuntimeError, AssertionError):  # no GPU (a compile check): keep what fits every target
+        capability = (8, 0)
+    limit = SHARED_LIMIT[(9, 0)] if capability >= (9, 0) else SHARED_LIMIT[(8, 0)]
+    out_channels_last = named_args["soc"] == 1
+    fitting = fwd_configs_that_fit(configs, named_args["x_ptr"].element_size(), limit, out_channels_last)
+    return fitting or configs[-1:]
+
+
 def _fwd_configs() -> list[triton.Config]:
-    configs = []
-    for bm, bn, bk, warps, stages in [
-        (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 4),
-        (128, 128, 64, 8, 3), (64, 64, 64, 4, 3), (128, 32, 32, 4, 4), (32, 64, 32, 2, 4),
-        (64, 32, 16, 2, 4), (32, 32, 16, 2, 2),
-    ]:
-        configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps,
-                                     num_stages=stages))
-    return configs
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+            for bm, bn, bk, warps, stages in FWD_CONFIGS]
 
 
 # Autotuning only where there is a GPU to tune on: the interpreter runs one small fixed config.
 _fwd_tuned = triton.autotune(
     _fwd_configs(),
-    key=["N", "H", "W", "C_in_g", "C_out_g", "KH", "KW", "stride_h", "stride_w", "sxc", "son"],
+    key=["N", "H", "W", "C_in_g", "C_out_g", "KH", "KW", "stride_h", "stride_w", "son"],
+    prune_configs_by={"early_config_prune": _prune},
 )(_conv_transpose_fwd_kernel)
 _INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}
 
 
-def output_channels_last(t: torch.Tensor) -> bool:
-    """Whether genfast writes results shaped like ``t`` in channels_last (else NCHW-contiguous)."""
-    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+def _needs_int64(x, w, out, stride, padding, dilation) -> bool:
+    """Whether some offset the kernel forms for an element it really reads or writes can pass 2**31 - 1.
+
+    x's row offsets run over the phase's output grid (up to OH / stride rows, more than H when dilation is large)
+    before a tap's offset (up to (padding + dilation * KH) / stride + 1 rows) moves them back into the image, so
+    both are bounded here, not only x.numel(). Masked lanes may wrap: they are never dereferenced.
+    """
+    n, c, h, wd = x.shape
+    reach_h = out.shape[2] + (padding[0] + dilation[0] * w.shape[2]) // stride[0] + 1
+    reach_w = out.shape[3] + (padding[1] + dilation[1] * w.shape[3]) // stride[1] + 1
+    x_reach = n * x.stride(0) + reach_h * x.stride(2) + reach_w * x.stride(3) + c * x.stride(1)
+    return max(x_reach, x.numel(), w.numel(), out.numel()) >= 2**31
 
 
-def output_size(size: int, kernel: int, stride: int, padding: int, output_padding: int, dilation: int) -> int:
-    return (size - 1) * stride - 2 * padding + dilation * (kernel - 1) + output_padding + 1
+def conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
+                     pre: torch.Tensor | None, stride, padding, groups: int, dilation, scale: torch.Tensor | None,
+                     shift: torch.Tensor | None, activation: int, negative_slope: float) -> None:
+    """Fill ``out`` (and ``pre`` = conv + bias, before scale/shift/activation, when given) for x [N, C_in, H, W],
+    weight [C_in, C_out/groups, KH, KW]; out and pre are [N, C_out, OH, OW] in x's dtype, any strides (the
+    same for both).
 
-
-def _empty(shape, like: torch.Tensor, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return torch.empty(shape, device=like.device, dtype=dtype, memory_format=fmt)
-
-
-def conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding,
-                     output_padding, groups: int, dilation, scale: torch.Tensor | None, shift: torch.Tensor | None,
-                     activation: str, negative_slope: float, save_pre: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [N, C_in, H, W], weight [C_in, C_out/groups, KH, KW] -> (out, pre), both [N, C_out, OH, OW] in x's dtype.
-
-    ``pre`` = conv + bias (before scale/shift/activation) when ``save_pre``, else an empty tensor.
-    Arguments are validated by genfast.ops.conv_transpose2d; this is the launcher.
+    ``activation`` is a code (genfast.ops.conv_transpose.ACTIVATION_CODES). Arguments are validated and the
+    outputs allocated by genfast.ops.conv_transpose2d; this is the launcher.
     """
     N, C_in, H, W = x.shape
     _, C_out_g, KH, KW = weight.shape
-    C_out = C_out_g * groups
-    OH = output_size(H, KH, stride[0], padding[0], output_padding[0], dilation[0])
-    OW = output_size(W, KW, stride[1], padding[1], output_padding[1], dilation[1])
-    channels_last = output_channels_last(x)
-    out = _empty((N, C_out, OH, OW), x, x.dtype, channels_last)
-    pre = _empty((N, C_out, OH, OW), x, x.dtype, channels_last) if save_pre else x.new_empty(0)
-    if out.numel() == 0:
-        return out, pre
+    OH, OW = out.shape[2], out.shape[3]
     on_gpu = x.device.type == "cuda"
-    if on_gpu:
-        # [KH, KW, C_in, C_out_g]: the B tile's channel rows become contiguous. A small copy per call.
-        w = weight.permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1)
-    else:
-        w = weight
+    # Channels contiguous in x (the A tile's rows) and output channels contiguous in the weight (the B tile's
+    # rows): the layouts the pipelined K loop needs. A no-op when x is channels_last already.
+    x = x.contiguous(memory_format=torch.channels_last) if x.stride(1) != 1 or x.dim() != 4 else x
+    w = weight.permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1)
     f32 = lambda t: t.to(torch.float32).contiguous() if t is not None else x  # noqa: E731 (x: unused pointer)
-    pre_arg = pre if save_pre else out
+    if pre is not None and pre.stride() != out.stride():
+        raise ValueError("conv_transpose2d launcher: pre must have out's strides")
+    pre_arg = pre if pre is not None else out
     # "ieee" only where it means something (fp32 operands); fp16/bf16 dots keep the tensor-core default.
     ieee = x.dtype == torch.float32 and not (on_gpu and torch.backends.cudnn.allow_tf32)
     steps = [s // math.gcd(s, d) for s, d in zip(stride, dilation)]
     args = (
         x, w, bias if bias is not None else x, f32(scale), f32(shift), out, pre_arg,
         N, H, W, C_in // groups, C_out_g, OH, OW, KH, KW,
-        *x.stride(), *w.stride(), *out.stride(), *pre_arg.stride(),
+        *x.stride(), *w.stride(), *out.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], steps[0], steps[1],
         float(negative_slope),
     )
     flags = dict(HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
-                 SAVE_PRE=save_pre, ACTIVATION=ACTIVATIONS[activation],
+                 SAVE_PRE=pre is not None, ACTIVATION=activation,
                  DOT_FP32=_backend.TRITON_INTERPRET or not on_gpu,  # the interpreter's bf16 dot is wrong
-                 INPUT_PRECISION="ieee" if ieee else "tf32")
+                 INPUT_PRECISION="ieee" if ieee else "tf32",
+                 INDEX_64=_needs_int64(x, w, out, stride, padding, dilation))
     m_max = N * triton.cdiv(OH, stride[0]) * triton.cdiv(OW, stride[1])
 
     def grid(meta):
@@ -267,7 +325,6 @@ def conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         _fwd_tuned[grid](*args, **flags)
     else:
         _conv_transpose_fwd_kernel[grid(_INTERPRETER_BLOCKS)](*args, **flags, **_INTERPRETER_BLOCKS)
-    return out, pre
 
 
 # ------------------------------------------------------------------------------------------- backward
@@ -325,15 +382,15 @@ def _epilogue_bwd_kernel(
 
 
 def epilogue_backward(grad: torch.Tensor, pre: torch.Tensor | None, scale: torch.Tensor | None,
-                      shift: torch.Tensor | None, activation: str,
-                      negative_slope: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      shift: torch.Tensor | None, activation: int, negative_slope: float,
+                      dpre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Backward of out = act(pre * scale + shift) for grad, pre [N, C, H, W] (any strides).
 
-    Returns (dpre in grad's dtype and genfast's output layout, dscale [C] fp32, dshift [C] fp32). ``pre`` may
-    be None only when activation is "none": then dscale is not computed (zeros).
+    Fills ``dpre`` (grad's shape and dtype, any strides) and returns (dscale [C] fp32, dshift [C] fp32).
+    ``activation`` is a code as in the forward; ``pre`` may be None only when it is 0 (the identity): then
+    dscale is not computed (zeros).
     """
     N, C, H, W = grad.shape
-    dpre = _empty(grad.shape, grad, grad.dtype, output_channels_last(grad))
     R = N * H * W
     block_c, block_r = (32, 128) if grad.is_cuda else (16, 64)
     r_blocks = triton.cdiv(R, block_r)
@@ -346,7 +403,7 @@ def epilogue_backward(grad: torch.Tensor, pre: torch.Tensor | None, scale: torch
             grad, pre_arg, f32(scale), f32(shift), dpre, dscale_part, dshift_part,
             R, C, H * W, W, *grad.stride(), *pre_arg.stride(), *dpre.stride(), float(negative_slope),
             HAS_PRE=pre is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
-            ACTIVATION=ACTIVATIONS[activation], BLOCK_C=block_c, BLOCK_R=block_r,
+            ACTIVATION=activation, BLOCK_C=block_c, BLOCK_R=block_r,
             num_warps=4,
         )
-    return dpre, dscale_part.sum(0), dshift_part.sum(0)
+    return dscale_part.sum(0), dshift_part.sum(0)

@@ -18,16 +18,15 @@ import torch
 from torch import nn
 
 from genfast import ops
-from genfast.ops.conv_transpose import ACTIVATIONS, activate
+from genfast.ops.conv_transpose import ACTIVATION_TABLE, ACTIVATIONS, activate
 
-# Activation modules genfast fuses, and their names in the op. GELU only in its exact (erf) form.
-_ACTIVATION_MODULES = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid",
-                       nn.SiLU: "silu", nn.GELU: "gelu"}
+# Activation modules genfast fuses, and their names in the op (the op's one table, inverted).
+_ACTIVATION_MODULES = {entry.module: name for name, entry in ACTIVATION_TABLE.items()}
 NORMS = (None, "batch", "instance")
 
 
 def activation_name(module: nn.Module) -> tuple[str | None, float] | None:
-    """(name, negative_slope) of an activation module genfast can fuse, else None."""
+    """(name, negative_slope) of an activation module genfast can fuse, else None. GELU only in its exact form."""
     name = _ACTIVATION_MODULES.get(type(module))
     if name is None or (name == "gelu" and module.approximate != "none"):
         return None
@@ -39,7 +38,7 @@ def activation_module(name: str | None, negative_slope: float = 0.01) -> nn.Modu
         return None
     if name == "leaky_relu":
         return nn.LeakyReLU(negative_slope)
-    return {v: k for k, v in _ACTIVATION_MODULES.items()}[name]()
+    return ACTIVATION_TABLE[name].module()
 
 
 def _check_activation(activation) -> None:
@@ -54,8 +53,9 @@ def _output_padding(conv: nn.ConvTranspose2d, x: torch.Tensor, output_size) -> l
 class ConvTranspose2d(nn.ConvTranspose2d):
     """torch.nn.ConvTranspose2d run by genfast's kernel, with an optional fused activation.
 
-    Arguments as torch.nn.ConvTranspose2d, plus keyword-only ``activation`` (None, "relu", "leaky_relu", "tanh",
-    "sigmoid", "silu", "gelu") and ``negative_slope``. Input [N, C_in, H, W] or [C_in, H, W]; forward takes
+    Arguments as torch.nn.ConvTranspose2d, plus keyword-only ``activation`` (one of
+    genfast.ops.conv_transpose.ACTIVATIONS: None, "relu", "leaky_relu", ...) and ``negative_slope``.
+    Input [N, C_in, H, W] or [C_in, H, W]; forward takes
     torch's optional ``output_size``.
     """
 

@@ -4,7 +4,8 @@
 
 ``scale``/``shift`` are a BatchNorm in eval mode folded to two per-output-channel vectors
 (scale = gamma / sqrt(running_var + eps), shift = beta - running_mean * scale); activation is one of
-None, "relu", "leaky_relu", "tanh", "sigmoid", "silu", "gelu" (exact, erf form).
+ACTIVATIONS (None, "relu", "leaky_relu", "tanh", "sigmoid", "silu", "gelu": exact, erf form), the one list of
+them that the nn modules, genfast.fuse and the kernels' codes all follow.
 
 - ``conv_transpose2d_ref``: the spec (torch's conv_transpose2d in fp32 + the epilogue), differentiable by
   ordinary autograd. CPU tensors run it under ``auto`` (genfast has no CPU kernel: torch's is the one to beat).
@@ -16,46 +17,72 @@ None, "relu", "leaky_relu", "tanh", "sigmoid", "silu", "gelu" (exact, erf form).
 - ``genfast::conv_transpose2d``: the CUDA C++ kernel (csrc/cuda/conv_transpose.cu; schema in csrc/genfast.cpp,
   the Triton twin's signature), served when the "cuda" backend is named. Same phase decomposition, tensor cores
   (WMMA) for fp16/bf16 and exact fp32 FMAs for fp32; its backward is the same autograd as the Triton op's (the
-  Triton epilogue backward, then torch's convolution_backward). ``auto`` on CUDA tensors prefers Triton, the
-  kernel benchmarked and tested so far; the C++ kernel has been compiled but not yet run on a GPU.
+  Triton epilogue backward, then torch's convolution_backward). ``auto`` on CUDA tensors prefers Triton: its
+  kernel compiles to wgmma fed by a multi-stage cp.async pipeline on sm_90a, where the C++ kernel issues mma.sync
+  from single-buffered synchronous loads (the SASS comparison is in csrc/cuda/conv_transpose.cu), so the C++
+  kernel is a secondary path; it has been compiled for sm_90a/sm_80 but not yet run on a GPU.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import dataclass, replace
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from genfast import _backend, _ext
 from genfast.ops import _checks
 
 OP = "conv_transpose2d"
-ACTIVATIONS = (None, "relu", "leaky_relu", "tanh", "sigmoid", "silu", "gelu")
 _GRID_LIMIT = 65535  # CUDA grid axes 1 and 2 carry the phases and the groups
 
 
-# ------------------------------------------------------------------------------------------- reference
-def activate(y: torch.Tensor, activation: str | None, negative_slope: float = 0.01) -> torch.Tensor:
-    """The epilogue's activation in plain torch (None/"none" is the identity)."""
+# ------------------------------------------------------------------------------------------- activations
+class Activation(NamedTuple):
+    """One fused activation as torch computes it: its module, and the function out of place and in place."""
+
+    module: type[nn.Module]
+    apply: Callable[[torch.Tensor, float], torch.Tensor]  # (y, negative_slope) -> act(y)
+    apply_: Callable[[torch.Tensor, float], torch.Tensor]  # the same, overwriting y (no autograd wanted)
+
+
+# The one list of fused activations. A name's position in ACTIVATIONS is its code in the kernels: the Triton
+# kernel's ACTIVATION constexpr and csrc/cuda/conv_transpose.cuh's ConvActivation mirror this order (a test
+# checks both). None is the identity, spelled "none" inside the custom ops. gelu is the exact (erf) form.
+ACTIVATION_TABLE: dict[str, Activation] = {
+    "relu": Activation(nn.ReLU, lambda y, slope: F.relu(y), lambda y, slope: y.relu_()),
+    "leaky_relu": Activation(nn.LeakyReLU, F.leaky_relu, F.leaky_relu_),
+    "tanh": Activation(nn.Tanh, lambda y, slope: torch.tanh(y), lambda y, slope: y.tanh_()),
+    "sigmoid": Activation(nn.Sigmoid, lambda y, slope: torch.sigmoid(y), lambda y, slope: y.sigmoid_()),
+    "silu": Activation(nn.SiLU, lambda y, slope: F.silu(y), lambda y, slope: F.silu(y, inplace=True)),
+    "gelu": Activation(nn.GELU, lambda y, slope: F.gelu(y), lambda y, slope: F.gelu(y)),
+}
+ACTIVATIONS: tuple[str | None, ...] = (None, *ACTIVATION_TABLE)
+ACTIVATION_CODES: dict[str, int] = {name or "none": code for code, name in enumerate(ACTIVATIONS)}
+
+
+def activate(y: torch.Tensor, activation: str | None, negative_slope: float = 0.01, *,
+             inplace: bool = False) -> torch.Tensor:
+    """The epilogue's activation in plain torch (None/"none" is the identity); ``inplace`` overwrites y."""
     if activation in (None, "none"):
         return y
-    if activation == "relu":
-        return F.relu(y)
-    if activation == "leaky_relu":
-        return F.leaky_relu(y, negative_slope)
-    if activation == "tanh":
-        return torch.tanh(y)
-    if activation == "sigmoid":
-        return torch.sigmoid(y)
-    if activation == "silu":
-        return F.silu(y)
-    if activation == "gelu":
-        return F.gelu(y)
-    raise ValueError(f"unknown activation {activation!r}")
+    entry = ACTIVATION_TABLE.get(activation) if isinstance(activation, str) else None
+    if entry is None:
+        raise ValueError(f"unknown activation {activation!r}")
+    return (entry.apply_ if inplace else entry.apply)(y, negative_slope)
 
 
+def conv_transpose_output_size(size: int, kernel: int, stride: int, padding: int, output_padding: int,
+                               dilation: int) -> int:
+    """Output length along one spatial axis, torch's formula (< 1 for arguments _check refuses)."""
+    return (size - 1) * stride - 2 * padding + dilation * (kernel - 1) + output_padding + 1
+
+
+# ------------------------------------------------------------------------------------------- reference
 def conv_transpose2d_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1,
                          padding=0, output_padding=0, groups: int = 1, dilation=1, *,
                          scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
@@ -81,10 +108,8 @@ def conv_transpose2d_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 
 # ------------------------------------------------------------------------------------------- fake impls
 def _out_shape(x, weight, stride, padding, output_padding, groups, dilation):
-    from genfast.kernels.conv_transpose import output_size  # plain Python, no Triton launch
-
-    sizes = [output_size(x.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], output_padding[i], dilation[i])
-             for i in range(2)]
+    sizes = [conv_transpose_output_size(x.shape[2 + i], weight.shape[2 + i], stride[i], padding[i],
+                                        output_padding[i], dilation[i]) for i in range(2)]
     return (x.shape[0], weight.shape[1] * groups, *sizes)
 
 
@@ -94,6 +119,7 @@ def _like(x: torch.Tensor, shape, channels_last: bool) -> torch.Tensor:
 
 
 def _channels_last(t: torch.Tensor) -> bool:
+    """Whether genfast writes results shaped like ``t`` in channels_last (else NCHW-contiguous): t's own layout."""
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -118,8 +144,12 @@ def _conv_transpose2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.
                              negative_slope: float, save_pre: bool) -> tuple[torch.Tensor, torch.Tensor]:
     from genfast.kernels import conv_transpose
 
-    return conv_transpose.conv_transpose2d(x, weight, bias, stride, padding, output_padding, groups, dilation,
-                                           scale, shift, activation, negative_slope, save_pre)
+    out, pre = _fwd_fake(x, weight, bias, stride, padding, output_padding, groups, dilation, scale, shift, activation,
+                         negative_slope, save_pre)  # allocated here: shapes and layout are decided in one place
+    if out.numel():
+        conv_transpose.conv_transpose2d(x, weight, bias, out, pre if save_pre else None, stride, padding, groups,
+                                        dilation, scale, shift, ACTIVATION_CODES[activation], negative_slope)
+    return out, pre
 
 
 @torch.library.custom_op("genfast::conv_transpose2d_epilogue_backward_triton", mutates_args=())
@@ -128,7 +158,10 @@ def _epilogue_backward_triton(grad: torch.Tensor, pre: torch.Tensor | None, scal
                               negative_slope: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from genfast.kernels import conv_transpose
 
-    return conv_transpose.epilogue_backward(grad, pre, scale, shift, activation, negative_slope)
+    dpre = _like(grad, grad.shape, _channels_last(grad))
+    dscale, dshift = conv_transpose.epilogue_backward(grad, pre, scale, shift, ACTIVATION_CODES[activation],
+                                                      negative_slope, dpre)
+    return dpre, dscale, dshift
 
 
 _epilogue_backward_triton.register_fake(_epilogue_backward_fake)
@@ -192,22 +225,23 @@ def _reference(x, weight, bias, stride, padding, output_padding, groups, dilatio
                                 shift=shift, activation=activation, negative_slope=negative_slope)
 
 
-def _triton_supports(device, dtype, groups=1, phases=1, **_):
+def _grid_supports(kernel: str, dtype, groups: int, phases: int) -> str | None:
+    """Why the Triton or CUDA kernel (``kernel``) cannot take this call, or None: both share these limits."""
     if dtype is not None and dtype not in _checks.FLOAT_DTYPES:
-        return f"the Triton kernel takes float32/float16/bfloat16, not {dtype}"
+        return f"the {kernel} kernel takes float32/float16/bfloat16, not {dtype}"
     if groups > _GRID_LIMIT or phases > _GRID_LIMIT:
         return f"groups and stride_h * stride_w must be at most {_GRID_LIMIT} (a CUDA grid axis)"
     return None
+
+
+def _triton_supports(device, dtype, groups=1, phases=1, **_):
+    return _grid_supports("Triton", dtype, groups, phases)
 
 
 def _cuda_supports(device, dtype, groups=1, phases=1, **_):
     if not CUDA_OP_LOADED:
         return "the compiled extension predates genfast::conv_transpose2d (rebuild it)"
-    if dtype is not None and dtype not in _checks.FLOAT_DTYPES:
-        return f"the CUDA kernel takes float32/float16/bfloat16, not {dtype}"
-    if groups > _GRID_LIMIT or phases > _GRID_LIMIT:
-        return f"groups and stride_h * stride_w must be at most {_GRID_LIMIT} (a CUDA grid axis)"
-    return None
+    return _grid_supports("CUDA", dtype, groups, phases)
 
 
 def _cpu_folded(x, weight, bias, stride, padding, output_padding, groups, dilation, scale, shift, activation,
@@ -226,8 +260,7 @@ def _cpu_folded(x, weight, bias, stride, padding, output_padding, groups, dilati
         # A weight larger than the output (a layer from a 1x1 latent): scaling the output is the cheaper pass.
         y = conv_transpose2d_ref(x, weight, bias, stride, padding, output_padding, groups, dilation, scale=scale,
                                  shift=shift)
-        return activate(y, activation, negative_slope) if _needs_grad(x, weight, bias, scale, shift) else \
-            _activate_inplace(y, activation, negative_slope)
+        return activate(y, activation, negative_slope, inplace=not _needs_grad(x, weight, bias, scale, shift))
     if scale is not None or shift is not None:
         c_out = weight.shape[1] * groups
         s = scale.to(weight.dtype) if scale is not None else weight.new_ones(c_out)
@@ -239,23 +272,7 @@ def _cpu_folded(x, weight, bias, stride, padding, output_padding, groups, dilati
         if shift is not None:
             b = shift.to(weight.dtype) if b is None else b + shift.to(weight.dtype)
     y = F.conv_transpose2d(x, w, b, stride, padding, output_padding, groups, dilation)
-    if _needs_grad(x, weight, bias, scale, shift):
-        return activate(y, activation, negative_slope)
-    return _activate_inplace(y, activation, negative_slope)
-
-
-def _activate_inplace(y: torch.Tensor, activation: str, negative_slope: float) -> torch.Tensor:
-    if activation == "relu":
-        return y.relu_()
-    if activation == "leaky_relu":
-        return F.leaky_relu_(y, negative_slope)
-    if activation == "tanh":
-        return y.tanh_()
-    if activation == "sigmoid":
-        return y.sigmoid_()
-    if activation == "silu":
-        return F.silu(y, inplace=True)
-    return activate(y, activation, negative_slope)
+    return activate(y, activation, negative_slope, inplace=not _needs_grad(x, weight, bias, scale, shift))
 
 
 def _cpu_supports(device, dtype, **_):
@@ -274,21 +291,45 @@ _dispatch.register("cpu", supports=_cpu_supports)(_cpu_folded)
 
 
 # ------------------------------------------------------------------------------------------- checks
-def _tuple(op: str, name: str, value, n: int, minimum: int) -> list[int]:
-    """An int or a sequence of n ints, each >= minimum, as a list of n ints."""
+@dataclass(frozen=True)
+class ConvSpec:
+    """A validated call's hyper-parameters: per spatial axis (1 or 2 of them) stride, padding, output_padding and
+    dilation; groups; the activation's name ("none" for None) and negative_slope."""
+
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    output_padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+    activation: str
+    negative_slope: float
+
+    def as_2d(self) -> "ConvSpec":
+        """The same call as a 2-D one with a unit leading axis (how conv_transpose1d runs: H = 1)."""
+        if len(self.stride) == 2:
+            return self
+        return replace(self, stride=(1, *self.stride), padding=(0, *self.padding),
+                       output_padding=(0, *self.output_padding), dilation=(1, *self.dilation))
+
+    def conv_args(self) -> tuple:
+        """(stride, padding, output_padding, groups, dilation): torch's positional order, lists as the ops take."""
+        return list(self.stride), list(self.padding), list(self.output_padding), self.groups, list(self.dilation)
+
+
+def _tuple(op: str, name: str, value, n: int, minimum: int) -> tuple[int, ...]:
+    """An int or a sequence of n ints, each >= minimum, as a tuple of n ints."""
     items = [value] * n if not isinstance(value, (tuple, list)) else list(value)
     if len(items) != n or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in items):
         raise TypeError(f"{op}: {name} must be an int or a sequence of {n} ints, got {value!r}")
     items = [int(v) for v in items]
     if any(v < minimum for v in items):
         raise ValueError(f"{op}: {name} must be >= {minimum}, got {value!r}")
-    return items
+    return tuple(items)
 
 
 def _check(op: str, x, weight, bias, stride, padding, output_padding, groups, dilation, scale, shift,
-           activation, negative_slope, spatial: int):
-    """Validate a conv_transpose{1,2}d call; returns the normalised (stride, padding, output_padding, dilation,
-    activation name, negative_slope). ``spatial`` is 1 or 2; x is batched here ([N, C, *spatial])."""
+           activation, negative_slope, spatial: int) -> ConvSpec:
+    """Validate a conv_transpose{1,2}d call (``spatial`` is 1 or 2; x is batched here: [N, C, *spatial])."""
     _checks.tensor(op, "x", x, dtypes=_checks.FLOAT_DTYPES)
     _checks.tensor(op, "weight", weight, dtypes=_checks.FLOAT_DTYPES, ndim=2 + spatial)
     if x.dim() != 2 + spatial:
@@ -296,9 +337,14 @@ def _check(op: str, x, weight, bias, stride, padding, output_padding, groups, di
                          f"{tuple(x.shape)}")
     if weight.dtype != x.dtype:
         raise TypeError(f"{op}: weight has dtype {weight.dtype} but x has dtype {x.dtype}")
-    for name, vec in (("bias", bias), ("scale", scale), ("shift", shift)):
+    if bias is not None:
+        _checks.tensor(op, "bias", bias, dtypes=_checks.FLOAT_DTYPES, ndim=1)
+    for name, vec in (("scale", scale), ("shift", shift)):
+        # Any float dtype (float64 included): the kernels read them as float32, as BatchNorm's fp32 buffers are.
         if vec is not None:
-            _checks.tensor(op, name, vec, dtypes=_checks.FLOAT_DTYPES, ndim=1)
+            _checks.tensor(op, name, vec, ndim=1)
+            if not vec.is_floating_point():
+                raise TypeError(f"{op}: {name} must have a floating-point dtype, got {vec.dtype}")
     _checks.same_device(op, "x", x, weight=weight, bias=bias, scale=scale, shift=shift)
     if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups < 1:
         raise ValueError(f"{op}: groups must be a positive int, got {groups!r}")
@@ -327,30 +373,30 @@ def _check(op: str, x, weight, bias, stride, padding, output_padding, groups, di
         if output_padding[i] >= max(stride[i], dilation[i]):
             raise ValueError(f"{op}: output_padding must be smaller than either stride or dilation, got "
                              f"output_padding={output_padding}, stride={stride}, dilation={dilation}")
-        size = ((x.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (weight.shape[2 + i] - 1)
-                + output_padding[i] + 1)
+        size = conv_transpose_output_size(x.shape[2 + i], weight.shape[2 + i], stride[i], padding[i],
+                                          output_padding[i], dilation[i])
         if size < 1:
             raise ValueError(f"{op}: the output would be empty (size {size} along spatial dim {i}): padding "
                              f"{padding} is too large for input {tuple(x.shape[2:])} and kernel "
                              f"{tuple(weight.shape[2:])}")
-    if activation not in ACTIVATIONS or isinstance(activation, bool):
+    if isinstance(activation, bool) or activation not in ACTIVATIONS:
         names = ", ".join(repr(a) for a in ACTIVATIONS)
         raise ValueError(f"{op}: activation must be one of {names}, got {activation!r}")
     negative_slope = _checks.real_number(op, "negative_slope", negative_slope)
-    return stride, padding, output_padding, dilation, groups, activation or "none", negative_slope
+    return ConvSpec(stride, padding, output_padding, dilation, groups, activation or "none", negative_slope)
 
 
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _run(x, weight, bias, stride, padding, output_padding, groups, dilation, scale, shift, activation,
-         negative_slope):
+def _run(x, weight, bias, scale, shift, spec: ConvSpec) -> torch.Tensor:
+    """The 2-D call, x [N, C_in, H, W] with N >= 1, through the backend dispatcher."""
     # pre = conv + bias is kept only when a backward will need it (the activation's or dscale's input).
-    save_pre = _needs_grad(x, weight, bias, scale, shift) and (activation != "none" or scale is not None)
-    facts = {"groups": groups, "phases": stride[0] * stride[1]}
-    return _dispatch(x, weight, bias, stride, padding, output_padding, groups, dilation, scale, shift, activation,
-                     negative_slope, save_pre, device=x.device, dtype=x.dtype, facts=facts)
+    save_pre = _needs_grad(x, weight, bias, scale, shift) and (spec.activation != "none" or scale is not None)
+    facts = {"groups": spec.groups, "phases": spec.stride[0] * spec.stride[1]}
+    return _dispatch(x, weight, bias, *spec.conv_args(), scale, shift, spec.activation, spec.negative_slope,
+                     save_pre, device=x.device, dtype=x.dtype, facts=facts)
 
 
 # ------------------------------------------------------------------------------------------- public ops
@@ -365,6 +411,26 @@ def _autocast(x, weight, bias):
     return cast(x), cast(weight), cast(bias)
 
 
+def _conv_transpose(op: str, spatial: int, x, weight, bias, stride, padding, output_padding, groups, dilation,
+                    scale, shift, activation, negative_slope) -> torch.Tensor:
+    """The body of conv_transpose1d (``spatial`` 1: run as 2-D with H = 1) and conv_transpose2d (2)."""
+    x, weight, bias = _autocast(x, weight, bias)
+    unbatched = isinstance(x, torch.Tensor) and x.dim() == 1 + spatial
+    if unbatched:
+        x = x.unsqueeze(0)
+    spec = _check(op, x, weight, bias, stride, padding, output_padding, groups, dilation, scale, shift, activation,
+                  negative_slope, spatial)
+    if x.shape[0] == 0:
+        stride, padding, output_padding, groups, dilation = spec.conv_args()
+        out = conv_transpose2d_ref(x, weight, bias, stride, padding, output_padding, groups, dilation, scale=scale,
+                                   shift=shift, activation=spec.activation, negative_slope=spec.negative_slope)
+    elif spatial == 1:
+        out = _run(x.unsqueeze(2), weight.unsqueeze(2), bias, scale, shift, spec.as_2d()).squeeze(2)
+    else:
+        out = _run(x, weight, bias, scale, shift, spec)
+    return out.squeeze(0) if unbatched else out
+
+
 def conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
                      output_padding=0, groups: int = 1, dilation=1, *, scale: torch.Tensor | None = None,
                      shift: torch.Tensor | None = None, activation: str | None = None,
@@ -373,26 +439,15 @@ def conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
     x: [N, C_in, H, W] or unbatched [C_in, H, W], NCHW or channels_last; weight: [C_in, C_out/groups, KH, KW];
     bias, scale, shift: [C_out] or None. x, weight and bias share one dtype (float32/float16/bfloat16) and
-    device; scale and shift may be any float dtype (fp32 BatchNorm buffers). stride, padding, output_padding,
-    dilation: an int or a pair, with torch's rules (padding >= 0, output_padding < max(stride, dilation)).
-    activation: None, "relu", "leaky_relu" (negative_slope), "tanh", "sigmoid", "silu" or "gelu".
+    device; scale and shift may be any float dtype (fp32 BatchNorm buffers, float64 too; read as float32).
+    stride, padding, output_padding, dilation: an int or a pair, with torch's rules (padding >= 0,
+    output_padding < max(stride, dilation)).
+    activation: None, "relu", "leaky_relu" (negative_slope), "tanh", "sigmoid", "silu" or "gelu" (ACTIVATIONS).
     Returns [N, C_out, OH, OW] (OH = (H-1)*stride - 2*padding + dilation*(KH-1) + output_padding + 1) in x's
     dtype and memory format. Differentiable in x, weight, bias, scale and shift.
     """
-    op = "conv_transpose2d"
-    x, weight, bias = _autocast(x, weight, bias)
-    unbatched = isinstance(x, torch.Tensor) and x.dim() == 3
-    if unbatched:
-        x = x.unsqueeze(0)
-    stride, padding, output_padding, dilation, groups, activation, negative_slope = _check(
-        op, x, weight, bias, stride, padding, output_padding, groups, dilation, scale, shift, activation,
-        negative_slope, spatial=2)
-    if x.shape[0] == 0:
-        return conv_transpose2d_ref(x, weight, bias, stride, padding, output_padding, groups, dilation, scale=scale,
-                                    shift=shift, activation=activation, negative_slope=negative_slope)
-    out = _run(x, weight, bias, stride, padding, output_padding, groups, dilation, scale, shift, activation,
-               negative_slope)
-    return out.squeeze(0) if unbatched else out
+    return _conv_transpose("conv_transpose2d", 2, x, weight, bias, stride, padding, output_padding, groups, dilation,
+                           scale, shift, activation, negative_slope)
 
 
 def conv_transpose1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
@@ -404,20 +459,8 @@ def conv_transpose1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     x: [N, C_in, L] or unbatched [C_in, L]; weight: [C_in, C_out/groups, K]; the rest as conv_transpose2d
     (ints or 1-sequences). Returns [N, C_out, L_out] in x's dtype.
     """
-    op = "conv_transpose1d"
-    x, weight, bias = _autocast(x, weight, bias)
-    unbatched = isinstance(x, torch.Tensor) and x.dim() == 2
-    if unbatched:
-        x = x.unsqueeze(0)
-    stride, padding, output_padding, dilation, groups, activation, negative_slope = _check(
-        op, x, weight, bias, stride, padding, output_padding, groups, dilation, scale, shift, activation,
-        negative_slope, spatial=1)
-    if x.shape[0] == 0:
-        return conv_transpose2d_ref(x, weight, bias, stride, padding, output_padding, groups, dilation, scale=scale,
-                                    shift=shift, activation=activation, negative_slope=negative_slope)
-    out = _run(x.unsqueeze(2), weight.unsqueeze(2), bias, [1] + stride, [0] + padding, [0] + output_padding, groups,
-               [1] + dilation, scale, shift, activation, negative_slope).squeeze(2)
-    return out.squeeze(0) if unbatched else out
+    return _conv_transpose("conv_transpose1d", 1, x, weight, bias, stride, padding, output_padding, groups, dilation,
+                           scale, shift, activation, negative_slope)
 
 
-__all__ = ["conv_transpose2d", "conv_transpose2d_ref", "conv_transpose1d"]
+__all__ = ["conv_transpose2d", "conv_transpose2d_ref", "conv_transpose1d", "ACTIVATIONS"]
