@@ -206,8 +206,8 @@ def _conv_transpose_fwd_kernel(
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), pruned per call by fwd_configs_that_fit. What the rules keep
-# compiles for sm_90a and sm_80 without spills, with wgmma on sm_90a for 16-bit and TF32 dots
-# (tests/test_conv_transpose_compile.py checks every kept config).
+# compiles for sm_90a and sm_80 without spills, with wgmma on sm_90a for 16-bit and TF32 dots, NCHW and
+# channels_last, int32 and int64 offsets (the compile gate, `make compile-gate`, checks every kept config).
 FWD_CONFIGS = [
     (128, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (128, 64, 64, 8, 3), (128, 64, 32, 4, 4),
     (64, 64, 32, 4, 4), (64, 64, 64, 4, 3), (128, 32, 32, 4, 4), (64, 32, 16, 4, 4),
