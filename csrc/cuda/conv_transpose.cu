@@ -32,6 +32,14 @@
 //   scale, shift and the activation, and stores in the output's dtype through its strides.
 // Every offset into x, weight, out and pre is int64. Loads and stores pick the thread order that makes the
 // contiguous dimension fastest (channels for channels_last, pixels for NCHW), which keeps them coalesced.
+//
+// Status: a secondary path, run when the "cuda" backend is named; `auto` takes the Triton kernel. The SASS shows
+// why (cuobjdump -sass, nvcc 13, sm_90a and sm_80 alike): per K step this kernel issues HMMA (mma.sync) from
+// synchronous LDG -> STS staging in one buffer (no LDGSTS/cp.async, a barrier pair per step), fp16 fragments
+// come through LDSM but bf16 ones through LDS + MOVM; the Triton kernel compiles to wgmma (HGMMA) on sm_90a fed by
+// a 3-4 stage 16-byte cp.async pipeline (and mma.sync with the same pipeline on sm_80). Catching up means
+// ldmatrix for both dtypes (raw mma.sync instead of WMMA, whose bf16 load has no ldmatrix form) and a
+// double-buffered cp.async pipeline; that rewrite waits for a GPU to test and time it on.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
@@ -165,8 +173,10 @@ __device__ __forceinline__ void mma_step_wmma(
 template <typename T>
 constexpr bool kUseTensorCores = GENFAST_CONV_TENSOR_CORES && !std::is_same_v<T, float>;
 
+// Min. blocks per SM = 1: without it ptxas for sm_80 caps the fp32 instantiation at 128 registers and spills
+// (72 bytes, seen with nvcc 13 -Xptxas -v); with it every instantiation is spill-free on sm_80 and sm_90a.
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
     conv_transpose2d_kernel(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ out, Args a) {
   __shared__ __align__(128) unsigned char smem_raw[sizeof(Smem<T>)];
   Smem<T>& s = *reinterpret_cast<Smem<T>*>(smem_raw);
