@@ -7,6 +7,14 @@ statistics, so genfast folds it into the kernel's epilogue) unless named "train"
 - ``reference``: conv_transpose2d_ref (torch's conv in fp32 plus the folded epilogue);
 - ``torch-eager``: the nn.Sequential(nn.ConvTranspose2d, nn.BatchNorm2d/InstanceNorm2d, activation) itself
   (cuDNN on a GPU); ``torch-compile``: torch.compile of that same block (CUDA only).
+Every case runs the default call: NCHW input, as the models in genfast hold it. On a GPU the whole generators
+run again with the fast option, a channels_last input (case suffix "channels_last"; the torch peers get the same
+input and channels_last weights, so the comparison stays like for like): genfast's kernel then reads x without
+its one NCHW -> channels_last copy and stores vectors of channels. genfast writes its output in x's layout, and a
+1x1 latent is in both layouts at once, so in the DCGAN generator genfast stays NCHW where torch, which also looks
+at the weight's layout, switches to channels_last: these rows measure what a user passing channels_last gets.
+The targets are read from the generator rows: DCGAN generator eval
+genfast-auto >= 1.5x torch-eager and >= 1.1x torch-compile; the training step >= 1.2x torch-eager.
 FLOPs: 2 * N * C_in * (C_out / groups) * KH * KW * H_in * W_in per transposed convolution (the multiply-adds of
 the convolution it is the gradient of), forward only; x3 for forward plus backward. Norm and activation are not
 counted. Inference cases run under torch.no_grad().
@@ -21,7 +29,7 @@ from torch import nn
 
 import genfast
 from benchmarks.harness import BenchCase, genfast_providers
-from genfast.nn.conv_transpose import fold_norm, uses_running_stats
+from genfast.nn.conv_transpose import activation_name, fold_norm, uses_running_stats
 from genfast.ops import conv_transpose2d_ref
 
 FAMILY = "conv_transpose"
@@ -91,7 +99,6 @@ def _reference_of(model: nn.Sequential):
             norm, i = layers[i], i + 1
         act, i = layers[i], i + 1
         calls.append((conv, norm, act))
-    names = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.LeakyReLU: "leaky_relu"}
 
     def run(x):
         for conv, norm, act in calls:
@@ -100,8 +107,8 @@ def _reference_of(model: nn.Sequential):
                 x = act(norm(conv_transpose2d_ref(x, *conv_args)))
                 continue
             scale, shift = fold_norm(norm) if norm is not None else (None, None)
-            x = conv_transpose2d_ref(x, *conv_args, scale=scale, shift=shift, activation=names[type(act)],
-                                     negative_slope=getattr(act, "negative_slope", 0.01))
+            name, slope = activation_name(act)
+            x = conv_transpose2d_ref(x, *conv_args, scale=scale, shift=shift, activation=name, negative_slope=slope)
         return x
 
     return run
@@ -121,13 +128,17 @@ def _providers(model: nn.Module, device: torch.device, train: bool) -> dict:
     return out
 
 
-def _cases(op: str, label: str, model: nn.Module, x_shape, dtype, device, train=False) -> list[BenchCase]:
-    model = _randomize(model).to(device=device, dtype=dtype).train(train)
+def _cases(op: str, label: str, model: nn.Module, x_shape, dtype, device, train=False,
+           channels_last=False) -> list[BenchCase]:
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = _randomize(model).to(device=device, dtype=dtype, memory_format=fmt).train(train)
     work = flops(model, x_shape) * (3 if train else 1)
     out = []
+    if channels_last:
+        label += " channels_last"
     for provider, (backend, fn) in _providers(model, device, train).items():
         def setup(fn=fn, backend=backend):
-            x = torch.randn(x_shape, device=device, dtype=dtype, requires_grad=train)
+            x = torch.randn(x_shape, device=device, dtype=dtype).to(memory_format=fmt).requires_grad_(train)
 
             def call():
                 with genfast.backend(backend or "auto"):
@@ -173,6 +184,13 @@ def cases(device: torch.device, quick: bool = False) -> list[BenchCase]:
             out += _cases("dcgan generator train fwd+bwd", f"{dt} B{batch}", dcgan_generator(), (batch, 100, 1, 1),
                           dtype, device, train=True)
             out += _cases("vae decoder eval", f"{dt} B{batch}", vae_decoder(), (batch, 256, 4, 4), dtype, device)
+            if device.type == "cuda":  # the fast option (see the module docstring)
+                out += _cases("dcgan generator eval", f"{dt} B{batch}", dcgan_generator(), (batch, 100, 1, 1), dtype,
+                              device, channels_last=True)
+                out += _cases("dcgan generator train fwd+bwd", f"{dt} B{batch}", dcgan_generator(),
+                              (batch, 100, 1, 1), dtype, device, train=True, channels_last=True)
+                out += _cases("vae decoder eval", f"{dt} B{batch}", vae_decoder(), (batch, 256, 4, 4), dtype, device,
+                              channels_last=True)
         size = 32 if quick else 64  # CycleGAN at 256x256: the upsampling path starts from 64x64 features
         for c_in, c_out, s in [(256, 128, size), (128, 64, 2 * size)]:
             block = _block(c_in, c_out, 3, 2, 1, op=1, norm="instance")
