@@ -1,9 +1,12 @@
 """Benchmarks of sample_tokens: genfast's sort-free kernels against the sort-based reference.
 
-Every provider draws one token per row with the same knobs and ``validate=False`` (what a generation loop
-passes, so no provider pays for a host synchronisation). genfast draws its Philox noise inside the kernel
-(for kept tokens only); the reference and its torch.compile'd version get a pre-drawn uniform noise
-tensor, so their timings do not include drawing B*V random numbers: the comparison flatters them.
+Every provider draws one token per row with the same knobs. genfast is timed twice: the default call
+(``genfast-<backend>``, ``validate=True``: the kernels flag bad values as they read the logits and one host
+synchronisation raises them) and ``genfast-<backend>-validate-off`` (``validate=False``, what a generation
+loop on a GPU passes to avoid that synchronisation). genfast draws its Philox noise inside the kernel (for kept
+tokens only); the reference and its torch.compile'd version run with ``validate=False`` and get a pre-drawn
+uniform noise tensor, so their timings include neither checks nor drawing B*V random numbers: the comparison
+flatters them.
 """
 
 from __future__ import annotations
@@ -35,11 +38,11 @@ def cases(device: torch.device, quick: bool = False) -> list[BenchCase]:
             g = torch.Generator(device).manual_seed(0)
             return torch.randn(batch, vocab, device=device, generator=g) * 4
 
-        def ours(name, kw=kw, setup_logits=setup_logits):
+        def ours(name, validate, kw=kw, setup_logits=setup_logits):
             def setup():
                 x = setup_logits()
                 g = torch.Generator(device).manual_seed(1)
-                return with_backend(name, lambda: sample_tokens(x, generator=g, validate=False, **kw))
+                return with_backend(name, lambda: sample_tokens(x, generator=g, validate=validate, **kw))
             return setup
 
         def reference(compiled=False, kw=kw, setup_logits=setup_logits):
@@ -52,8 +55,11 @@ def cases(device: torch.device, quick: bool = False) -> list[BenchCase]:
                 return with_backend("reference", lambda: fn(x, noise))
             return setup
 
-        out += [BenchCase("sampling", "sample_tokens", label, f"genfast-{name}", ours(name), bytes=nbytes)
-                for name in genfast_providers("sample_tokens", device)]
+        for name in genfast_providers("sample_tokens", device):
+            out.append(BenchCase("sampling", "sample_tokens", label, f"genfast-{name}", ours(name, True),
+                                 bytes=nbytes))
+            out.append(BenchCase("sampling", "sample_tokens", label, f"genfast-{name}-validate-off",
+                                 ours(name, False), bytes=nbytes))
         out.append(BenchCase("sampling", "sample_tokens", label, "reference", reference(), bytes=nbytes))
         out.append(BenchCase("sampling", "sample_tokens", label, "torch-compile", reference(True), bytes=nbytes))
     return out
