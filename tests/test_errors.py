@@ -126,3 +126,17 @@ def test_attention_varlen_loose_max_seqlen_is_served_without_the_memory():
         out = attention_varlen(q, k, v, cu, cu, 2**31 - 1, 2**31 - 1, causal=True)
     assert largest.largest < 10_000
     torch.testing.assert_close(out, attention_varlen_ref(q, k, v, cu, cu, 8, 8, causal=True), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif("triton" not in serving_backends("attention_varlen", "cpu"), reason="needs the Triton backend")
+def test_attention_varlen_triton_loose_max_seqlen_agrees_and_keeps_the_dropout_counter():
+    q, k, v = _qkv((7, 2, 8), (9, 2, 8))
+    cu_q, cu_k = torch.tensor([0, 3, 7]), torch.tensor([0, 4, 9])
+    with genfast.backend("triton"):
+        out = attention_varlen(q, k, v, cu_q, cu_k, 2**31 - 1, 2**31 - 1)
+        dropped = attention_varlen(q, k, v, cu_q, cu_k, 2**31 - 1, 6, dropout_p=0.3,
+                                   generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(out, attention_varlen_ref(q, k, v, cu_q, cu_k, 4, 5), rtol=1e-5, atol=1e-5)
+    seed = _seed_of(torch.Generator().manual_seed(1))
+    exp = attention_varlen_ref(q, k, v, cu_q, cu_k, 4, 6, dropout_p=0.3, seed=seed)
+    torch.testing.assert_close(dropped, exp, rtol=1e-5, atol=1e-5)

@@ -285,6 +285,11 @@ _attention_varlen_fwd_triton.register_autograd(_fwd_backward, setup_context=_fwd
 
 # ------------------------------------------------------------------------------------------ dispatch
 def _triton_fwd(q, k, v, packing: Packing, seed, knobs: Knobs, need_lse: bool):
+    # max_seqlen sizes the kernels' grids, and a loose bound (up to 2**31 - 1 is legal) would launch programs that
+    # only exit: no sequence is longer than its tensor's rows. max_seqlen_k also strides the dropout counter, so
+    # it is kept as given when dropout is on.
+    packing = packing._replace(max_q=min(packing.max_q, q.shape[0]),
+                               max_k=packing.max_k if knobs.dropout_p else min(packing.max_k, k.shape[0]))
     return torch.ops.genfast.attention_varlen_fwd_triton(q, k, v, *packing, seed, *knobs)
 
 
