@@ -57,7 +57,7 @@ def assert_same_filter(got, expected, dtype=torch.float32):
     torch.testing.assert_close(got[kept], expected[kept], rtol=0, atol=TOLERANCE[dtype])
 
 
-SHAPES = [(1, 1), (2, 1000), (3, 257)]
+SHAPES = [(1, 1), (2, 17), (1, 97), (2, 1000), (3, 257)]  # odd vocabularies: 1, 17, 97, 257
 
 
 @pytest.mark.parametrize("device,backend", backend_params("filter_logits"))
@@ -75,8 +75,9 @@ def test_filter_matches_reference(device, backend, dtype, knobs, shape):
 @pytest.mark.parametrize("device,backend", backend_params("sample_tokens"))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("knobs", list(KNOBS))
-def test_sample_matches_reference_with_shared_noise(device, backend, dtype, knobs):
-    batch, vocab = 4, 1000
+@pytest.mark.parametrize("vocab", [97, 1000])
+def test_sample_matches_reference_with_shared_noise(device, backend, dtype, knobs, vocab):
+    batch = 4
     x = _logits(batch, vocab, dtype, device)
     kw = _args(knobs, batch, vocab, device)
     noise = torch.rand(batch, vocab, generator=torch.Generator().manual_seed(3)).clamp_min(1e-6).to(device)
