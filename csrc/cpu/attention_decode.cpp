@@ -6,7 +6,9 @@
 // needs the unfilled ones zeroed first). Two passes over the visible range [lo, hi):
 //   1. scores s[r][j] = scale * q_r . k_j (fp32 accumulation), then per row its max m_r and sum l_r of exp(s - m_r);
 //   2. out_r = sum_j exp(s[r][j] - m_r) v_j / l_r.
-// Rows that see no key give out 0 and lse -inf, as the reference does. Lengths are clamped to [0, Nmax], so a bad
+// With several rows per task (GQA, or Nq > 1) in fp32, both passes are small GEMMs (BLAS, as SDPA's own math) over
+// views of the cache, not row-by-row dot products. Rows that see no key give out 0 and lse -inf, as the reference
+// does. Lengths are clamped to [0, Nmax], so a bad
 // cache_seqlens (possible only with validate=False) never indexes outside the cache.
 //
 // kv_cache_append is an in-place row copy (memcpy of D elements per (b, h, t)): no allocation, any dtype.
@@ -15,7 +17,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/full.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -23,6 +26,7 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -79,7 +83,11 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   T* op = out.data_ptr<T>();  // contiguous, q's shape
   float* lp = lse.data_ptr<float>();  // contiguous [B, Hq, Nq]
 
-  at::parallel_for(0, B * Hk, 1, [&](int64_t begin, int64_t end) {
+  // Threads only where each gets a few hundred KiB of cache to read: waking a thread costs more than a short
+  // decode (and on a loaded machine it can cost a scheduling period).
+  const int64_t longest = *std::max_element(lengths.begin(), lengths.end());
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 17) / std::max<int64_t>(1, 2 * longest * D));
+  at::parallel_for(0, B * Hk, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(R * D), acc(R * D), scores;
     std::vector<int64_t> lo(R), hi(R);
     for (int64_t task = begin; task < end; ++task) {
@@ -106,10 +114,24 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
       scores.assign(R * span, kNegInf);
       const T* kh = kp + b * ksb + h * ksh;
       const T* vh = vp + b * vsb + h * vsh;
-      for (int64_t j = span_lo; j < span_hi; ++j) {
-        const T* kj = kh + j * ksn;
-        for (int64_t r = 0; r < R; ++r) {
-          if (j >= lo[r] && j < hi[r]) scores[r * span + (j - span_lo)] = dot(&qf[r * D], kj, D);
+      const bool gemm = std::is_same_v<T, float> && R > 1 && span > 0;
+      const auto f32 = at::TensorOptions().dtype(at::kFloat);
+      if (gemm) {
+        at::Tensor s_view = at::from_blob(scores.data(), {R, span}, f32);
+        at::Tensor k_view = at::from_blob(const_cast<T*>(kh + span_lo * ksn), {span, D}, {ksn, 1}, f32);
+        at::mm_out(s_view, at::from_blob(qf.data(), {R, D}, f32), k_view.t());
+        for (int64_t r = 0; r < R; ++r) {  // keys outside the row's range are not seen
+          float* s = &scores[r * span];
+          for (int64_t j = 0; j < span; ++j) {
+            if (j + span_lo < lo[r] || j + span_lo >= hi[r]) s[j] = kNegInf;
+          }
+        }
+      } else {
+        for (int64_t j = span_lo; j < span_hi; ++j) {
+          const T* kj = kh + j * ksn;
+          for (int64_t r = 0; r < R; ++r) {
+            if (j >= lo[r] && j < hi[r]) scores[r * span + (j - span_lo)] = dot(&qf[r * D], kj, D);
+          }
         }
       }
       std::vector<float> inv(R, 0.f);
@@ -118,21 +140,25 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
         float m = kNegInf;
         for (int64_t j = lo[r] - span_lo; j < hi[r] - span_lo; ++j) m = std::max(m, s[j]);
         float l = 0.f;
-        if (hi[r] > lo[r]) {
-          for (int64_t j = lo[r] - span_lo; j < hi[r] - span_lo; ++j) {
-            s[j] = std::exp(s[j] - m);
-            l += s[j];
-          }
+        for (int64_t j = 0; j < span; ++j) {  // exp(-inf - m) = 0 outside the row's range
+          s[j] = hi[r] > lo[r] ? std::exp(s[j] - m) : 0.f;
+          l += s[j];
         }
         const int64_t row = (b * Hq + h * G + r / Nq) * Nq + r % Nq;
         lp[row] = hi[r] > lo[r] ? m + std::log(l) : kNegInf;
         inv[r] = hi[r] > lo[r] ? 1.f / l : 0.f;
       }
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t j = span_lo; j < span_hi; ++j) {
-        const T* vj = vh + j * vsn;
-        for (int64_t r = 0; r < R; ++r) {
-          if (j >= lo[r] && j < hi[r]) axpy(&acc[r * D], scores[r * span + (j - span_lo)], vj, D);
+      if (gemm) {
+        at::Tensor acc_view = at::from_blob(acc.data(), {R, D}, f32);
+        at::Tensor v_view = at::from_blob(const_cast<T*>(vh + span_lo * vsn), {span, D}, {vsn, 1}, f32);
+        at::mm_out(acc_view, at::from_blob(scores.data(), {R, span}, f32), v_view);
+      } else {
+        for (int64_t j = span_lo; j < span_hi; ++j) {
+          const T* vj = vh + j * vsn;
+          for (int64_t r = 0; r < R; ++r) {
+            if (j >= lo[r] && j < hi[r]) axpy(&acc[r * D], scores[r * span + (j - span_lo)], vj, D);
+          }
         }
       }
       for (int64_t r = 0; r < R; ++r) {
