@@ -313,9 +313,9 @@ def _supports(device, dtype=None, vocab: int = 0, **_):
     return None
 
 
-# On CUDA the CUDA kernel first: it runs the same search as the Triton kernel, but with the per-pass
-# reductions in shared memory and without Triton's Python launch path and the launcher's small torch ops,
-# which matter at decode-step sizes (one call per generated token).
+# On CUDA the CUDA kernel first: it runs the same search as the Triton kernel, but splits a row over a thread
+# block cluster when the batch is small, and has neither Triton's Python launch path nor the launcher's small
+# torch ops, which matter at decode-step sizes (one call per generated token). Not yet measured on a GPU.
 _PREFERENCE = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
 
 
