@@ -281,3 +281,14 @@ def test_cpu_kernels_guard_direct_calls():
     with pytest.raises(RuntimeError, match="Hk must divide Hq"):
         torch.ops.genfast.attention_decode(torch.zeros(2, 3, 1, 4), torch.zeros(2, 2, 8, 4), torch.zeros(2, 2, 8, 4),
                                            lengths, True, 0.5, -1, -1, 0)
+
+
+@pytest.mark.parametrize("device,backend", PARAMS)
+def test_empty_batch(device, backend):
+    """B = 0: empty outputs, no error from the length checks (whose min/max of nothing used to raise)."""
+    q, k, v = _make(0, 2, 1, 1, 8, 16, torch.float32, device)
+    lengths = torch.zeros(0, dtype=torch.int64, device=device)
+    with genfast.backend(backend):
+        out, lse = attention_decode(q, k, v, lengths, return_lse=True)
+        kv_cache_append(k, v, q[:, :1], q[:, 1:], lengths)
+    assert out.shape == (0, 2, 1, 16) and lse.shape == (0, 2, 1)

@@ -47,6 +47,9 @@ def attention_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
                          window: tuple[int | None, int | None] | None = None, return_lse: bool = False,
                          compute_dtype: torch.dtype | None = None):
     """The specification: ``attention_ref`` on each sequence's cache prefix (host loop, one slice per sequence)."""
+    if q.shape[0] == 0:  # an empty batch
+        out, lse = q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+        return (out, lse) if return_lse else out
     outs, lses = [], []
     for b, length in enumerate(cache_seqlens.tolist()):
         out, lse = attention_ref(q[b:b + 1], k_cache[b:b + 1, :, :length], v_cache[b:b + 1, :, :length],
@@ -210,6 +213,8 @@ def _check_seqlens(op: str, cache_seqlens, batch: int, device: torch.device) -> 
 
 def _check_range(op: str, name: str, values: torch.Tensor, low: int, high: int, what: str) -> None:
     """``low <= values <= high`` element-wise, with one host synchronisation."""
+    if values.numel() == 0:  # an empty batch has nothing to check
+        return
     lo, hi = torch.stack([values.min(), values.max()]).tolist()
     if lo < low or hi > high:
         raise ValueError(f"{op}: {name} must be in [{low}, {high}] ({what}), got values in [{lo}, {hi}]")
