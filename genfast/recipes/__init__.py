@@ -1,8 +1,10 @@
 """Command-line recipes: `genfast train <model>` and `genfast sample <model>`.
 
-Each recipe is a module here that defines ``train_main(argv: list[str]) -> int`` and ``sample_main(argv) -> int``
-(each parsing its own arguments, with ``prog`` set to "genfast train <model>" / "genfast sample <model>"),
-built from genfast.training's pieces. genfast/cli.py imports a recipe only when it is asked for.
+Each recipe is a module here that defines ``train_main(argv: list[str]) -> int`` and ``sample_main(argv) -> int``.
+Training is what is the model's own (models, optimizers, the batch, the step's losses, samples) as a
+genfast.training.TrainTask, run by the one loop (genfast.training.start_run / Run.train; see
+genfast/training/loop.py); sampling loads the run with the model's ``from_checkpoint`` and shares the helpers of
+``_common.py``. genfast/cli.py imports a recipe only when it is asked for.
 """
 
 from __future__ import annotations
