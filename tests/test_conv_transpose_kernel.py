@@ -215,3 +215,18 @@ def test_int64_offsets_only_where_needed():
     w_dil = torch.empty(512, 1, 3, 1, device="meta")
     out_dil = torch.empty(1, 1, 2 * 2**10 + 1, 2**12, device="meta")
     assert tall.numel() < 2**31 and kernels._needs_int64(tall, w_dil, out_dil, (1, 1), (0, 0), (2**10, 1))
+
+
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+def test_strided_bias_scale_and_shift_are_read_by_their_strides(backend):
+    """A bias/scale/shift that is a strided view (every other element) must be read through its strides."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 2, 3, 3, generator=gen)
+    w = torch.randn(2, 2, 1, 1, generator=gen)
+    bias = torch.tensor([1.0, 10.0, 2.0, 20.0])[::2]
+    scale = torch.tensor([0.5, 7.0, 2.0, 9.0])[::2]
+    shift = torch.tensor([-1.0, 5.0, 3.0, 6.0])[::2]
+    expected = conv_transpose2d_ref(x, w, bias.contiguous(), scale=scale.contiguous(), shift=shift.contiguous())
+    with genfast.backend(backend):
+        got = genfast.ops.conv_transpose2d(x, w, bias, scale=scale, shift=shift)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -304,7 +304,7 @@ def conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     ieee = x.dtype == torch.float32 and not (on_gpu and torch.backends.cudnn.allow_tf32)
     steps = [s // math.gcd(s, d) for s, d in zip(stride, dilation)]
     args = (
-        x, w, bias if bias is not None else x, f32(scale), f32(shift), out, pre_arg,
+        x, w, bias.contiguous() if bias is not None else x, f32(scale), f32(shift), out, pre_arg,
         N, H, W, C_in // groups, C_out_g, OH, OW, KH, KW,
         *x.stride(), *w.stride(), *out.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], steps[0], steps[1],
