@@ -15,14 +15,15 @@ TRAIN_ARGS = {
     "gpt": ["--config", "tiny", "--block-size", "16", "--batch-size", "4", "--eval-batches", "1", "--sample-tokens",
             "0", "--warmup", "1"],
     "translator": ["--config", "tiny", "--batch-size", "8", "--eval-examples", "4", "--warmup", "1"],
-    "numbergan": ["--hidden", "16", "--latent-dim", "8", "--batch-size", "8", "--eval-samples", "16", "--backend",
-                  "reference"],
+    "numbergan": ["--hidden", "16", "--latent-dim", "8", "--batch-size", "8", "--eval-samples", "16"],
     "dcgan": GAN_TINY,
     "cgan": [*GAN_TINY, "--embed-dim", "4"],
     "cyclegan": ["--image-size", "16", "--ngf", "4", "--ndf", "4", "--n-residual", "1", "--disc-layers", "2",
                  "--batch-size", "2", "--pool-size", "2"],
     "vae": ["--image-size", "8", "--latent-dim", "4", "--base-channels", "4", "--batch-size", "8"],
     "ddpm": ["--config", "tiny", "--batch-size", "8", "--num-images", "32", "--sample-steps", "2", "--warmup", "2"],
+    "ebm": ["--features", "4", "--buffer-size", "16", "--batch-size", "8", "--langevin-steps", "2", "--sample-steps",
+            "2", "--n-samples", "4"],
 }
 RECIPES = list(TRAIN_ARGS)
 TEXT = "the quick brown fox jumps over the lazy dog. " * 40
@@ -31,7 +32,7 @@ TEXT = "the quick brown fox jumps over the lazy dog. " * 40
 def sample_args(recipe: str, tmp_path) -> list[str]:
     out = ["--out", str(tmp_path / f"{recipe}.png")]
     return {"gpt": ["--prompt", "the q", "--max-new-tokens", "3"], "translator": ["one"],
-            "numbergan": ["--n", "2", "--backend", "reference"],
+            "numbergan": ["--n", "2"], "ebm": ["--n", "2", "--steps", "2", *out],
             "dcgan": ["--n", "2", *out], "cgan": ["--n", "1", *out], "cyclegan": ["--input", "a", "--n", "2", *out],
             "vae": ["--n", "2", *out], "ddpm": ["--n", "2", "--steps", "2", "--quiet", *out]}[recipe]
 
@@ -78,7 +79,8 @@ def test_one_run_folder_layout(runs, recipe):
 def test_loads_back_in_one_line(runs, recipe):
     model = genfast.models.load(runs / recipe)
     expected = {"gpt": "GPT", "translator": "Transformer", "numbergan": "Generator", "dcgan": "Generator",
-                "cgan": "Generator", "cyclegan": "CycleGAN", "vae": "VAE", "ddpm": "DiffusionPipeline"}[recipe]
+                "cgan": "Generator", "cyclegan": "CycleGAN", "vae": "VAE", "ddpm": "DiffusionPipeline",
+                "ebm": "EBM"}[recipe]
     assert type(model).__name__ == expected
     weights = load_weights(runs / recipe, recipe)
     module = model.unet if recipe == "ddpm" else model
