@@ -36,58 +36,81 @@ struct SplitArgs {
   DecodeShape shape;
   const void* seqlens;
   bool seqlens_int64;
-  int64_t rows, group, num_splits, left, right;  // left/right: already "far" where unbounded
+  int64_t rows, group, num_splits, row_blocks, left, right;  // left/right: "far" where unbounded
   float qk_scale;                                 // scale * log2(e)
   float* opart;                                   // [B * Hk * S * rows, D]
   float* lpart;                                   // [B * Hk * S * rows], base 2
 };
 
-// Shared memory: q rows [kRows][D], acc [kRows][D], k and v tiles [kTile][D], scores [kRows][kTile], and
-// per-row m, l, alpha.
+// Rows of the q, acc, k and v tiles in shared memory are `row_stride(D)` floats apart: D rounded up to an odd
+// number. The score loop has the 16 keys of a tile read by neighbouring threads at the same d; with a stride
+// that is a multiple of 32 floats (D = 64, 128, ...) all 16 land in one bank (a 16-way conflict), with an odd
+// stride they land in 16 different banks.
+__host__ __device__ constexpr int row_stride(int d) { return d | 1; }
+
+// Shared memory: q rows [kRows][ld], acc [kRows][ld], k and v tiles [kTile][ld], scores [kRows][kTile], per-row
+// m, l, alpha (floats) and the rows' positions (int64, first so it stays 8-byte aligned).
 size_t split_smem_bytes(int64_t d) {
-  return sizeof(float) * (2 * kRows * d + 2 * kTile * d + kRows * kTile + 3 * kRows);
+  const int64_t ld = row_stride(static_cast<int>(d));
+  return sizeof(int64_t) * kRows + sizeof(float) * (2 * kRows * ld + 2 * kTile * ld + kRows * kTile + 3 * kRows);
 }
+
+// Threads walk a [rows][D] tile as 4 warps x 32 lanes: warp w takes rows w, w + 4, ..., lane l columns
+// l, l + 32, ...: coalesced along D, and no division per element.
+constexpr int kWarps = kThreads / 32;
+static_assert(kThreads % 32 == 0 && kRows * kTile == kThreads, "one score per thread");
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) decode_split_kernel(const T* __restrict__ q, const T* __restrict__ k,
                                                                 const T* __restrict__ v, SplitArgs a) {
-  extern __shared__ float smem[];
+  extern __shared__ int64_t smem_words[];
   const DecodeShape& s = a.shape;
-  const int64_t d_len = s.head_dim;
-  float* sq = smem;
-  float* acc = sq + kRows * d_len;
-  float* sk = acc + kRows * d_len;
-  float* sv = sk + kTile * d_len;
-  float* ss = sv + kTile * d_len;
+  const int d_len = static_cast<int>(s.head_dim);  // <= kDecodeMaxHeadDim
+  const int ld = row_stride(d_len);
+  int64_t* spos = smem_words;  // position of each row's new token
+  float* sq = reinterpret_cast<float*>(spos + kRows);
+  float* acc = sq + kRows * ld;
+  float* sk = acc + kRows * ld;
+  float* sv = sk + kTile * ld;
+  float* ss = sv + kTile * ld;
   float* sm = ss + kRows * kTile;
   float* sl = sm + kRows;
   float* salpha = sl + kRows;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
-  const int64_t split = blockIdx.x;
-  const int64_t bhk = blockIdx.y;
-  const int64_t r0 = static_cast<int64_t>(blockIdx.z) * kRows;
-  const int64_t b = bhk / s.kv_heads;
-  const int64_t hk = bhk % s.kv_heads;
+  // One flat grid axis (the launcher keeps it below 2^31): split fastest, then the row block, then batch x kv
+  // head. 32-bit unsigned division, once per block.
+  const unsigned pid = blockIdx.x;
+  const unsigned splits = static_cast<unsigned>(a.num_splits), row_blocks = static_cast<unsigned>(a.row_blocks);
+  const int64_t split = pid % splits;
+  const unsigned rest = pid / splits;
+  const int r0 = static_cast<int>(rest % row_blocks) * kRows;
+  const unsigned bhk32 = rest / row_blocks;
+  const int64_t bhk = bhk32;
+  const int64_t b = bhk32 / static_cast<unsigned>(s.kv_heads);
+  const int64_t hk = bhk32 % static_cast<unsigned>(s.kv_heads);
   int64_t length = a.seqlens_int64 ? static_cast<const int64_t*>(a.seqlens)[b]
                                    : static_cast<int64_t>(static_cast<const int32_t*>(a.seqlens)[b]);
   length = min(max(length, int64_t{0}), s.cache_len);
+  const int new_tokens = static_cast<int>(s.new_tokens), rows = static_cast<int>(a.rows);
 
   // q rows, pre-scaled so that scores come out in base 2; rows past `rows` are zeros and never stored.
-  for (int64_t idx = threadIdx.x; idx < kRows * d_len; idx += kThreads) {
-    const int64_t rr = idx / d_len, dd = idx % d_len, r = r0 + rr;
-    float x = 0.f;
-    if (r < a.rows) {
-      const int64_t h = hk * a.group + r / s.new_tokens, i = r % s.new_tokens;
-      x = to_float(q[b * s.q_stride[0] + h * s.q_stride[1] + i * s.q_stride[2] + dd * s.q_stride[3]]) * a.qk_scale;
+  for (int rr = warp; rr < kRows; rr += kWarps) {
+    const int r = r0 + rr;
+    const int h_in_group = r / new_tokens, i = r % new_tokens;  // 32-bit: rows < 2^31
+    const T* q_row = q + b * s.q_stride[0] + (hk * a.group + h_in_group) * s.q_stride[1] + i * s.q_stride[2];
+    for (int dd = lane; dd < d_len; dd += 32) {
+      sq[rr * ld + dd] = r < rows ? to_float(q_row[dd * s.q_stride[3]]) * a.qk_scale : 0.f;
+      acc[rr * ld + dd] = 0.f;
     }
-    sq[idx] = x;
-    acc[idx] = 0.f;
   }
   if (threadIdx.x < kRows) {
     sm[threadIdx.x] = -INFINITY;
     sl[threadIdx.x] = 0.f;
+    spos[threadIdx.x] = length - s.new_tokens + (r0 + static_cast<int>(threadIdx.x)) % new_tokens;
   }
-  // Keys any row may see, and this split's chunk of them (same arithmetic as the Triton kernel).
+  // Keys any row may see, and this split's chunk of them (same arithmetic as the Triton kernel); the only
+  // 64-bit divisions, once per block.
   const int64_t lo = max(length - s.new_tokens - a.left, int64_t{0});
   const int64_t hi = min(length, length + a.right);
   const int64_t span = max(hi - lo, int64_t{0});
@@ -96,27 +119,31 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const T* __restr
   const int64_t end = min(start + chunk, hi);
   const T* k_base = k + b * s.k_stride[0] + hk * s.k_stride[1];
   const T* v_base = v + b * s.v_stride[0] + hk * s.v_stride[1];
+  // This thread's score: row rr_s, key j_s of the tile.
+  const int rr_s = threadIdx.x / kTile, j_s = threadIdx.x % kTile;
   __syncthreads();
 
   for (int64_t t0 = start; t0 < end; t0 += kTile) {
-    for (int64_t idx = threadIdx.x; idx < kTile * d_len; idx += kThreads) {
-      const int64_t j = idx / d_len, dd = idx % d_len, n = t0 + j;
+    for (int j = warp; j < kTile; j += kWarps) {
+      const int64_t n = t0 + j;
       const bool ok = n < end;  // end <= length <= Nmax: in bounds
-      sk[idx] = ok ? to_float(k_base[n * s.k_stride[2] + dd * s.k_stride[3]]) : 0.f;
-      sv[idx] = ok ? to_float(v_base[n * s.v_stride[2] + dd * s.v_stride[3]]) : 0.f;
+      const T* k_row = k_base + n * s.k_stride[2];
+      const T* v_row = v_base + n * s.v_stride[2];
+      for (int dd = lane; dd < d_len; dd += 32) {
+        sk[j * ld + dd] = ok ? to_float(k_row[dd * s.k_stride[3]]) : 0.f;
+        sv[j * ld + dd] = ok ? to_float(v_row[dd * s.v_stride[3]]) : 0.f;
+      }
     }
     __syncthreads();
-    for (int idx = threadIdx.x; idx < kRows * kTile; idx += kThreads) {
-      const int rr = idx / kTile, j = idx % kTile;
-      const int64_t r = r0 + rr, n = t0 + j;
-      const int64_t pos = length - s.new_tokens + (r % s.new_tokens);
+    {
+      const int64_t n = t0 + j_s, pos = spos[rr_s];
       float score = -INFINITY;
-      if (r < a.rows && n < end && n >= pos - a.left && n <= pos + a.right) {
+      if (r0 + rr_s < rows && n < end && n >= pos - a.left && n <= pos + a.right) {
         float dot = 0.f;
-        for (int64_t dd = 0; dd < d_len; ++dd) dot += sq[rr * d_len + dd] * sk[j * d_len + dd];
+        for (int dd = 0; dd < d_len; ++dd) dot += sq[rr_s * ld + dd] * sk[j_s * ld + dd];
         score = dot;
       }
-      ss[idx] = score;
+      ss[threadIdx.x] = score;  // = ss[rr_s * kTile + j_s]
     }
     __syncthreads();
     if (threadIdx.x < kRows) {
@@ -137,48 +164,55 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const T* __restr
       salpha[rr] = alpha;
     }
     __syncthreads();
-    for (int64_t idx = threadIdx.x; idx < kRows * d_len; idx += kThreads) {
-      const int64_t rr = idx / d_len, dd = idx % d_len;
-      float x = acc[idx] * salpha[rr];
-      for (int j = 0; j < kTile; ++j) x += ss[rr * kTile + j] * sv[j * d_len + dd];
-      acc[idx] = x;
+    for (int rr = warp; rr < kRows; rr += kWarps) {
+      for (int dd = lane; dd < d_len; dd += 32) {
+        float x = acc[rr * ld + dd] * salpha[rr];
+        for (int j = 0; j < kTile; ++j) x += ss[rr * kTile + j] * sv[j * ld + dd];
+        acc[rr * ld + dd] = x;
+      }
     }
     __syncthreads();
   }
 
   const int64_t part0 = (bhk * a.num_splits + split) * a.rows;
-  for (int64_t idx = threadIdx.x; idx < kRows * d_len; idx += kThreads) {
-    const int64_t rr = idx / d_len, dd = idx % d_len, r = r0 + rr;
-    if (r >= a.rows) continue;
+  for (int rr = warp; rr < kRows; rr += kWarps) {
+    const int r = r0 + rr;
+    if (r >= rows) continue;
     const float l = sl[rr];
-    a.opart[(part0 + r) * d_len + dd] = l == 0.f ? 0.f : acc[idx] / l;
-    if (dd == 0) a.lpart[part0 + r] = l == 0.f ? -INFINITY : sm[rr] + log2f(l);
+    float* o_row = a.opart + (part0 + r) * d_len;
+    for (int dd = lane; dd < d_len; dd += 32) o_row[dd] = l == 0.f ? 0.f : acc[rr * ld + dd] / l;
+    if (lane == 0) a.lpart[part0 + r] = l == 0.f ? -INFINITY : sm[rr] + log2f(l);
   }
 }
 
-// out row (b, hk * group + g, i) of [B, Hq, Nq, D] is bhk * rows + r since r = g * Nq + i.
+// out row (b, hk * group + g, i) of [B, Hq, Nq, D] is bhk * rows + r since r = g * Nq + i. Grid: one flat axis
+// of row blocks (fastest) x batch x kv head.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) decode_combine_kernel(const float* __restrict__ opart,
                                                                   const float* __restrict__ lpart, T* out,
                                                                   float* lse, int64_t rows, int64_t d_len,
-                                                                  int64_t num_splits) {
-  const int64_t bhk = blockIdx.x;
-  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kRows;
-  for (int64_t idx = threadIdx.x; idx < kRows * d_len; idx += kThreads) {
-    const int64_t r = r0 + idx / d_len, dd = idx % d_len;
+                                                                  int64_t num_splits, int64_t row_blocks) {
+  const unsigned pid = blockIdx.x;
+  const int64_t bhk = pid / static_cast<unsigned>(row_blocks);
+  const int64_t r0 = static_cast<int64_t>(pid % static_cast<unsigned>(row_blocks)) * kRows;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int rr = warp; rr < kRows; rr += kWarps) {
+    const int64_t r = r0 + rr;
     if (r >= rows) continue;
     float m = -INFINITY;
     for (int64_t sp = 0; sp < num_splits; ++sp) m = fmaxf(m, lpart[(bhk * num_splits + sp) * rows + r]);
     const float m_use = m == -INFINITY ? 0.f : m;
-    float total = 0.f, x = 0.f;
-    for (int64_t sp = 0; sp < num_splits; ++sp) {
-      const int64_t part = (bhk * num_splits + sp) * rows + r;
-      const float w = exp2f(lpart[part] - m_use);
-      total += w;
-      x += w * opart[part * d_len + dd];
+    for (int64_t dd = lane; dd < d_len; dd += 32) {
+      float total = 0.f, x = 0.f;
+      for (int64_t sp = 0; sp < num_splits; ++sp) {
+        const int64_t part = (bhk * num_splits + sp) * rows + r;
+        const float w = exp2f(lpart[part] - m_use);
+        total += w;
+        x += w * opart[part * d_len + dd];
+      }
+      out[(bhk * rows + r) * d_len + dd] = from_float<T>(total == 0.f ? 0.f : x / total);
+      if (dd == 0) lse[bhk * rows + r] = total == 0.f ? -INFINITY : (m_use + log2f(total)) * kLn2;
     }
-    out[(bhk * rows + r) * d_len + dd] = from_float<T>(total == 0.f ? 0.f : x / total);
-    if (dd == 0) lse[bhk * rows + r] = total == 0.f ? -INFINITY : (m_use + log2f(total)) * kLn2;
   }
 }
 
@@ -186,21 +220,18 @@ template <typename T>
 cudaError_t launch_typed(const void* q, const void* k, const void* v, const SplitArgs& a, void* out, float* lse,
                          cudaStream_t stream) {
   const DecodeShape& s = a.shape;
-  const int64_t row_blocks = cdiv(a.rows, kRows);
   const size_t smem = split_smem_bytes(s.head_dim);
   // Above 48 KiB (D > 128) a kernel must opt in to more dynamic shared memory.
   cudaError_t err = cudaFuncSetAttribute(decode_split_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  const dim3 split_grid(static_cast<unsigned>(a.num_splits), static_cast<unsigned>(s.batch * s.kv_heads),
-                        static_cast<unsigned>(row_blocks));
-  decode_split_kernel<T><<<split_grid, kThreads, smem, stream>>>(static_cast<const T*>(q), static_cast<const T*>(k),
-                                                                 static_cast<const T*>(v), a);
+  const int64_t heads = s.batch * s.kv_heads;
+  decode_split_kernel<T><<<static_cast<unsigned>(heads * a.row_blocks * a.num_splits), kThreads, smem, stream>>>(
+      static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), a);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  const dim3 combine_grid(static_cast<unsigned>(s.batch * s.kv_heads), static_cast<unsigned>(row_blocks));
-  decode_combine_kernel<T><<<combine_grid, kThreads, 0, stream>>>(a.opart, a.lpart, static_cast<T*>(out), lse,
-                                                                  a.rows, s.head_dim, a.num_splits);
+  decode_combine_kernel<T><<<static_cast<unsigned>(heads * a.row_blocks), kThreads, 0, stream>>>(
+      a.opart, a.lpart, static_cast<T*>(out), lse, a.rows, s.head_dim, a.num_splits, a.row_blocks);
   return cudaGetLastError();
 }
 
@@ -231,12 +262,20 @@ cudaError_t launch_attention_decode(const void* q, const void* k, const void* v,
       num_splits > 65535) {
     return cudaErrorInvalidValue;
   }
+  // Every block index fits grid axis x (2^31 - 1), and so do the rows of a GQA group, which the kernels index
+  // in 32 bits.
+  const int64_t rows = (shape.q_heads / shape.kv_heads) * shape.new_tokens;
+  const int64_t row_blocks = cdiv(rows, kRows);
+  if (rows >= (int64_t{1} << 31) || shape.batch * shape.kv_heads * row_blocks * num_splits >= (int64_t{1} << 31)) {
+    return cudaErrorInvalidConfiguration;
+  }
   SplitArgs a{};
   a.shape = shape;
   a.seqlens = seqlens;
   a.seqlens_int64 = seqlens_int64;
   a.group = shape.q_heads / shape.kv_heads;
-  a.rows = a.group * shape.new_tokens;
+  a.rows = rows;
+  a.row_blocks = row_blocks;
   a.num_splits = num_splits;
   // Unbounded sides become a distance no position reaches; causal is a right window of 0.
   const int64_t far = shape.cache_len + shape.new_tokens + 1;

@@ -13,7 +13,13 @@ per query tile for dQ. Both recompute P from q, k and lse, and redraw the dropou
 
 Masks: an attn_mask arrives as a [B, Hq, Nq, Nk] view with stride 0 along broadcast dims, so a [Nq, Nk] or
 [B, 1, 1, Nk] mask is read without being materialised. Head dims are padded to a power of two >= 16
-(BLOCK_D) with masked loads, so D = 80 or 96 work. Offsets of batch/head are int64.
+(BLOCK_D) with masked loads, so D = 80 or 96 work. Offsets of batch/head are int64; row and key offsets are
+int64 too when some element offset of a tensor reaches 2^31 (``IDX64``, chosen by the launcher), int32 otherwise.
+
+Tiles on a GPU: each kernel autotunes over the candidates that a rule (``config_fits``: registers per thread and
+shared memory, per head dim, dtype and architecture) keeps, with lengths in the key as their next power of two.
+Without benchmarking (GENFAST_AUTOTUNE=0, ``autotune=False``, or inside CUDA-graph capture) it takes the first
+candidate the rule keeps.
 
 Varlen (``VARLEN=True``, launched by genfast/kernels/attention_varlen.py): the same kernels on packed
 [total, H, D] tensors seen as [1, H, total, D] with batch stride 0; "batch" b is then a sequence whose rows
@@ -42,28 +48,146 @@ MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
 # tests, with tiny shapes, still cross several tiles, the diagonal and the ragged edges.
 _AUTOTUNE = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
 
+# (BLOCK_M, BLOCK_N, num_warps, num_stages), in order of preference: the first one the rules below keep is the
+# heuristic choice (no benchmarking), the others are what the autotuner may try. For the dK/dV kernel BLOCK_N is
+# its key tile and BLOCK_M the query tile it loops over.
+_CANDIDATES = [(128, 128, 8, 2), (128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2),
+               (64, 32, 4, 2), (64, 32, 8, 2), (64, 32, 8, 1), (32, 32, 4, 2), (32, 32, 8, 1), (16, 16, 8, 1)]
+# fp32 inputs run their ieee dots on the FMA units, where each thread holds rows of both operands: small tiles.
+_CANDIDATES_FP32 = [(32, 32, 4, 1), (16, 16, 4, 1)]
+_INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)
 
-def _configs(pairs, warps_stages):
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n in pairs for w, s in warps_stages]
+# Registers: a budget of fp32 tile elements live per thread at the loop's peak (see live_fp32_per_thread), beside
+# the load addresses, masks and operands in 255 registers. Calibrated on ptxas -v (bf16, head dims 64/128/256,
+# sm_90a and sm_80): on sm_90a the d128 forward fits at 96 with 2 stages, spills 32 B with 3 (the in-flight loads
+# hold more addresses) and 72 B at 128; d256 spills at 80 and fits at 72. sm_80's mma.sync takes both operands
+# from registers: its forward spills at 96 and fits at 64, and its backward spills with key tiles of 64.
+_LIVE_BUDGET = 96
+_LIVE_BUDGET_D256 = 72
+_LIVE_BUDGET_DEEP_PIPELINE = 80  # num_stages > 2
+_LIVE_BUDGET_SM80_FWD = 64
 
 
-def _prune(configs, named_args, **kwargs):
-    # Large head dims need smaller tiles to fit in shared memory / registers.
-    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
-    limit = 128 * 128 if block_d <= 64 else (128 * 64 if block_d <= 128 else 64 * 64)
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= limit]
-    return kept or configs[-1:]
+def live_fp32_per_thread(kernel: str, block_m: int, block_n: int, block_d: int, num_warps: int) -> float:
+    """fp32 tile elements each thread holds at once: forward acc[M, D] + S/P[M, N]; dQ dq[M, D] + S/P and
+    dP/dS [M, N]; dK/dV dk and dv [N, D] + P and dS [M, N]."""
+    tiles = {"fwd": block_m * block_d + block_m * block_n,
+             "dq": block_m * block_d + 2 * block_m * block_n,
+             "dkdv": 2 * block_n * block_d + 2 * block_m * block_n}[kernel]
+    return tiles / (32 * num_warps)
 
 
-def _tuned(key):
+def shared_bytes(kernel: str, block_m: int, block_n: int, block_d: int, num_stages: int, elem: int) -> int:
+    """Shared memory a config needs: the tiles the loop streams, once per pipeline stage, plus the tiles loaded
+    once and the staging of P/dS for their matmul. (dK/dV at d128, M128 N64, 3 stages of bf16: 248,832 B by
+    this count, 247,808 B measured.)"""
+    if kernel == "fwd":  # streams K and V; Q once
+        return num_stages * 2 * block_n * block_d * elem + block_m * block_d * elem + block_m * block_n * elem
+    if kernel == "dq":  # streams K and V; Q, dO once; dS staged
+        return num_stages * 2 * block_n * block_d * elem + 2 * block_m * block_d * elem + block_m * block_n * elem
+    # dkdv: streams Q, dO (and lse, delta); K, V once; P and dS staged
+    return (num_stages * (2 * block_m * block_d * elem + 2 * block_m * 4) + 2 * block_n * block_d * elem
+            + block_m * block_n * elem)
+
+
+def _shared_limit() -> int:
+    """Shared memory one block may opt in to on the current GPU (227 KB on Hopper, 163 KB on A100)."""
+    try:
+        return int(torch.cuda.get_device_properties(torch.cuda.current_device()).shared_memory_per_block_optin)
+    except (AttributeError, RuntimeError, AssertionError):
+        return 99 * 1024  # the smallest of the recent GPUs (sm_86/89/120)
+
+
+def config_fits(kernel: str, block_m: int, block_n: int, block_d: int, num_warps: int, num_stages: int, elem: int,
+                shared_limit: int, capability: tuple[int, int] = (9, 0)) -> bool:
+    """The rule every config passes: no register spills and no shared-memory overflow on a GPU of
+    ``capability`` with ``shared_limit`` bytes of shared memory per block (``elem``: bytes per input element)."""
+    if shared_bytes(kernel, block_m, block_n, block_d, num_stages, elem) > shared_limit:
+        return False
+    if elem == 4:  # FMA dots (measured on sm_90a: 32x32 fits at d64, spills 3 KB at d128; 16x16 fits at d128)
+        return (block_m, block_n, num_warps, num_stages) in _CANDIDATES_FP32 and block_m * block_n * block_d <= 65536
+    if (block_m, block_n, num_warps, num_stages) not in _CANDIDATES:
+        return False
+    hopper = capability[0] >= 9
+    budget = _LIVE_BUDGET if block_d <= 128 else _LIVE_BUDGET_D256
+    if kernel == "fwd" and not hopper:
+        budget = min(budget, _LIVE_BUDGET_SM80_FWD)
+    if num_stages > 2:
+        budget = min(budget, _LIVE_BUDGET_DEEP_PIPELINE)
+    if kernel == "dkdv" and block_d >= 128 and num_stages > 1:
+        return False  # its Q and dO tiles streamed at d >= 128 leave no registers for a second stage in flight
+    if kernel == "dkdv" and block_d == 128 and num_warps == 8 and block_m < 64:
+        return False  # 8 warps over fewer than 64 query rows replicate the tiles: 8-84 B spills at d128
+    if kernel != "fwd" and not hopper and (block_n > 32 or (num_stages == 1 and block_d < 128)):
+        return False  # mma.sync operands: the backward spills with 64-key tiles (and 1 stage at d64) on sm_80
+    return live_fp32_per_thread(kernel, block_m, block_n, block_d, num_warps) <= budget
+
+
+def _capability() -> tuple[int, int]:
+    try:
+        return tuple(torch.cuda.get_device_capability())
+    except (AssertionError, RuntimeError):
+        return (9, 0)
+
+
+def _pruner(kernel: str):
+    def prune(configs, named_args, **kwargs):
+        if not _AUTOTUNE:
+            return configs
+        block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
+        elem = named_args["Q"].element_size()
+        limit, capability = _shared_limit(), _capability()
+        kept = [c for c in configs if config_fits(kernel, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], block_d,
+                                                  c.num_warps, c.num_stages, elem, limit, capability)]
+        # At most 3 to benchmark (the best-ranked that fit): a new key costs 3 runs, not 14.
+        return kept[:3] or configs[-1:]
+    return prune
+
+
+def _tuned(kernel: str):
+    # Lengths enter the key bucketed (next power of two), so a new length does not re-tune.
+    key = ["q_bucket", "k_bucket", "BLOCK_D", "MASK_KIND", "DROPOUT", "HAS_WINDOW", "PRECISION", "VARLEN"]
     if _AUTOTUNE:
-        configs = _configs([(128, 128), (128, 64), (64, 64), (64, 32), (32, 32)], [(4, 2), (4, 3), (8, 2), (8, 3)])
-        return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": _prune})
-    return triton.autotune(configs=[triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4)], key=key)
+        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+                   for m, n, w, s in _CANDIDATES + _CANDIDATES_FP32]
+        return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": _pruner(kernel)})
+    return triton.autotune(configs=[_INTERPRETER_CONFIG], key=key)
 
 
-_KEY = ["Nq", "Nk", "BLOCK_D", "MASK_KIND", "DROPOUT", "HAS_WINDOW", "PRECISION", "VARLEN"]
+def length_bucket(n: int) -> int:
+    """The autotune key of a length: its next power of two (at least 64)."""
+    return max(64, triton.next_power_of_2(max(int(n), 1)))
+
+
+def autotune_enabled() -> bool:
+    """Benchmark configs on a new key (the default), or take the heuristic config: with GENFAST_AUTOTUNE=0, and
+    always while a CUDA graph is being captured (benchmarking cannot run inside a capture)."""
+    if os.environ.get("GENFAST_AUTOTUNE", "1").lower() in ("0", "false", "off", "no"):
+        return False
+    try:
+        return not torch.cuda.is_current_stream_capturing()
+    except RuntimeError:  # a torch built without CUDA
+        return True
+
+
+def _launch(kernel, grid, args, kwargs, autotune=None):
+    """Launch an autotuned kernel, or, without autotuning, its heuristic config: the first candidate the
+    rules keep for these arguments (no benchmarking)."""
+    if autotune is None:
+        autotune = autotune_enabled()
+    if autotune:
+        kernel[grid](*args, **kwargs)
+        return
+    config = heuristic_config(kernel, dict(zip(kernel.arg_names, args)), kwargs)
+    kernel.fn[grid](*args, **kwargs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def heuristic_config(kernel, named_args: dict, kwargs: dict):
+    """The config an autotuned kernel takes without benchmarking: the first candidate its pruner keeps."""
+    configs = kernel.configs
+    if kernel.early_config_prune:
+        configs = kernel.early_config_prune(configs, named_args, **kwargs)
+    return configs[0]
 
 
 @triton.jit
@@ -128,6 +252,15 @@ def _extent(Cu, b, N, Total, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _wide(offs, IDX64: tl.constexpr):
+    """Row/key indices as int64 where index * stride can pass 2^31 (the launcher checks every tensor's largest
+    element offset), else int32, which keeps the address arithmetic and registers of common shapes small."""
+    if IDX64:
+        return offs.to(tl.int64)
+    return offs
+
+
+@triton.jit
 def _tile_and_group(N, BLOCK: tl.constexpr):
     """(tile index, batch x head index) of this program. The grid is one flat axis (tiles fastest, so programs
     that run together share a head's K/V as a 2-D grid would): axis 1 of a CUDA grid stops at 65535, which
@@ -160,13 +293,15 @@ def _row_range(m0, Nq, Nk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, shift, 
     return lo, a, mid, hi
 
 
-@_tuned(_KEY)
+@_tuned("fwd")
 @triton.jit
 def _fwd_kernel(Q, K, V, Mask, Seed, Out, Lse, CuQ, CuK,
                 sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smh, smm, smn, sob, soh, som,
                 Hq, Nq, Nk, TotalQ, TotalK, D, group, qk_scale, dropout_p, drop_scale, left, right,
+                q_bucket, k_bucket,
                 MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                PRECISION: tl.constexpr, F32_DOT: tl.constexpr, VARLEN: tl.constexpr, BLOCK_D: tl.constexpr,
+                PRECISION: tl.constexpr, F32_DOT: tl.constexpr, VARLEN: tl.constexpr, IDX64: tl.constexpr,
+                BLOCK_D: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m, bh = _tile_and_group(Nq, BLOCK_M)
     b = bh // Hq
@@ -179,9 +314,9 @@ def _fwd_kernel(Q, K, V, Mask, Seed, Out, Lse, CuQ, CuK,
     if m0 >= nq:
         return
     row0 = _row0(b, h, Hq, Nq, TotalQ, q_start, VARLEN)
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_m = _wide(m0 + tl.arange(0, BLOCK_M), IDX64)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_j = tl.arange(0, BLOCK_N)
+    offs_j = _wide(tl.arange(0, BLOCK_N), IDX64)
     d_ok = offs_d < D
     q = tl.load(Q + b * sqb + h * sqh + (q_start + offs_m[:, None]) * sqm + offs_d[None, :] * sqd,
                 mask=(offs_m[:, None] < nq) & d_ok[None, :], other=0.0)
@@ -236,12 +371,12 @@ def _fwd_kernel(Q, K, V, Mask, Seed, Out, Lse, CuQ, CuK,
 
 @triton.jit
 def _delta_kernel(Out, dOut, dLse, Delta, sob, soh, som, sdb, sdh, sdm, sdd, Hq, Nq, D,
-                  HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                  HAS_DLSE: tl.constexpr, IDX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """delta_i = sum_d dO_i * O_i - dlse_i: the row term of the softmax backward."""
     pid_m, bh = _tile_and_group(Nq, BLOCK_M)
     b = bh // Hq
     h = bh % Hq
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = _wide(pid_m * BLOCK_M + tl.arange(0, BLOCK_M), IDX64)
     offs_d = tl.arange(0, BLOCK_D)
     ok = (offs_m[:, None] < Nq) & (offs_d[None, :] < D)
     o = tl.load(Out + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
@@ -253,14 +388,16 @@ def _delta_kernel(Out, dOut, dLse, Delta, sob, soh, som, sdb, sdh, sdm, sdd, Hq,
     tl.store(Delta + bh * Nq + offs_m, delta, mask=offs_m < Nq)
 
 
-@_tuned(_KEY)
+@_tuned("dkdv")
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, dOut, Lse, Delta, Mask, Seed, dK, dV, CuQ, CuK,
                      sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
                      smb, smh, smm, smn, sgb, sgh, sgn,
                      Hq, Hk, Nq, Nk, TotalQ, TotalK, D, group, qk_scale, scale, dropout_p, drop_scale, left, right,
+                     q_bucket, k_bucket,
                      MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                     PRECISION: tl.constexpr, F32_DOT: tl.constexpr, VARLEN: tl.constexpr, BLOCK_D: tl.constexpr,
+                     PRECISION: tl.constexpr, F32_DOT: tl.constexpr, VARLEN: tl.constexpr, IDX64: tl.constexpr,
+                     BLOCK_D: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dK, dV of one key tile, summed over the query heads of its GQA group (no atomics)."""
     pid_n, bhk = _tile_and_group(Nk, BLOCK_N)
@@ -271,8 +408,8 @@ def _bwd_dkdv_kernel(Q, K, V, dOut, Lse, Delta, Mask, Seed, dK, dV, CuQ, CuK,
     k_start, nk = _extent(CuK, b, Nk, TotalK, VARLEN)
     if n0 >= nk:
         return
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_i = tl.arange(0, BLOCK_M)
+    offs_n = _wide(n0 + tl.arange(0, BLOCK_N), IDX64)
+    offs_i = _wide(tl.arange(0, BLOCK_M), IDX64)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     n_ok = offs_n < nk
@@ -331,14 +468,16 @@ def _bwd_dkdv_kernel(Q, K, V, dOut, Lse, Delta, Mask, Seed, dK, dV, CuQ, CuK,
     tl.store(dV + out_ptr, dv.to(dV.dtype.element_ty), mask=kv_ok)
 
 
-@_tuned(_KEY)
+@_tuned("dq")
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, dOut, Lse, Delta, Mask, Seed, dQ, CuQ, CuK,
                    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
                    smb, smh, smm, smn, sob, soh, som,
                    Hq, Nq, Nk, TotalQ, TotalK, D, group, qk_scale, scale, dropout_p, drop_scale, left, right,
+                   q_bucket, k_bucket,
                    MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                   PRECISION: tl.constexpr, F32_DOT: tl.constexpr, VARLEN: tl.constexpr, BLOCK_D: tl.constexpr,
+                   PRECISION: tl.constexpr, F32_DOT: tl.constexpr, VARLEN: tl.constexpr, IDX64: tl.constexpr,
+                   BLOCK_D: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ of one query tile; visits the same key runs as the forward."""
     pid_m, bh = _tile_and_group(Nq, BLOCK_M)
@@ -351,9 +490,9 @@ def _bwd_dq_kernel(Q, K, V, dOut, Lse, Delta, Mask, Seed, dQ, CuQ, CuK,
     if m0 >= nq:
         return
     row0 = _row0(b, h, Hq, Nq, TotalQ, q_start, VARLEN)
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_m = _wide(m0 + tl.arange(0, BLOCK_M), IDX64)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_j = tl.arange(0, BLOCK_N)
+    offs_j = _wide(tl.arange(0, BLOCK_N), IDX64)
     d_ok = offs_d < D
     m_ok = offs_m < nq
     qo_ok = m_ok[:, None] & d_ok[None, :]
@@ -462,63 +601,78 @@ def packed_view(t):
     return t.transpose(0, 1).unsqueeze(0)
 
 
-def _launch_fwd(q4, k4, v4, out4, lse, lay, c, scale, dropout_p):
+def needs_int64(*tensors) -> bool:
+    """Whether some element offset (sum of index * stride) of these tensors reaches 2^31, so that the kernels
+    must compute row/key offsets in int64 (IDX64)."""
+    return any(sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) >= 2**31
+               for t in tensors if t is not None and t.numel() > 0)
+
+
+def _launch_fwd(q4, k4, v4, out4, lse, lay, c, scale, dropout_p, autotune=None):
     def grid(meta):
         return (triton.cdiv(lay.max_q, meta["BLOCK_M"]) * lay.nseq * c["hq"],)
 
-    _fwd_kernel[grid](
+    args = (
         q4, k4, v4, c["mask"], c["seed"], out4, lse, lay.cu_q, lay.cu_k, *lay.strides(q4), *lay.strides(k4),
         *lay.strides(v4), *c["mask_strides"], *lay.strides(out4, 3), c["hq"], lay.max_q, lay.max_k, lay.total_q,
         lay.total_k, c["d"], c["group"], scale * LOG2E, dropout_p, c["drop_scale"], c["left"], c["right"],
-        VARLEN=lay.varlen, **c["consts"],
+        length_bucket(lay.max_q), length_bucket(lay.max_k),
     )
+    idx64 = needs_int64(q4, k4, v4, out4, c["mask"] if c["consts"]["MASK_KIND"] else None)
+    _launch(_fwd_kernel, grid, args, dict(VARLEN=lay.varlen, IDX64=idx64, **c["consts"]), autotune)
 
 
-def _launch_bwd(grad_out4, grad_lse, q4, k4, v4, out4, lse, dq4, dk4, dv4, lay, c, scale, dropout_p):
+def _launch_bwd(grad_out4, grad_lse, q4, k4, v4, out4, lse, dq4, dk4, dv4, lay, c, scale, dropout_p, autotune=None):
     lse = lse.contiguous()
     delta = torch.empty_like(lse)
     block_d = c["consts"]["BLOCK_D"]
     block_m = 64 if _AUTOTUNE else 16
+    idx64 = needs_int64(q4, k4, v4, out4, grad_out4, dq4, dk4, dv4,
+                        c["mask"] if c["consts"]["MASK_KIND"] else None)
     # delta for every stored row, whatever sequence it belongs to: lse is [B, Hq, Nq] (or [Hq, total_q], B = 1).
     rows = lse.shape[-1]
     _delta_kernel[(triton.cdiv(rows, block_m) * (lse.numel() // max(rows, 1)),)](
         out4, grad_out4, grad_lse.contiguous() if grad_lse is not None else lse, delta, *out4.stride()[:3],
-        *grad_out4.stride(), c["hq"], rows, c["d"], HAS_DLSE=grad_lse is not None, BLOCK_M=block_m, BLOCK_D=block_d,
+        *grad_out4.stride(), c["hq"], rows, c["d"], HAS_DLSE=grad_lse is not None, IDX64=idx64, BLOCK_M=block_m,
+        BLOCK_D=block_d,
     )
     strides = (*lay.strides(q4), *lay.strides(k4), *lay.strides(v4), *lay.strides(grad_out4), *c["mask_strides"])
-    consts = dict(VARLEN=lay.varlen, **c["consts"])
-    _bwd_dkdv_kernel[lambda meta: (triton.cdiv(lay.max_k, meta["BLOCK_N"]) * lay.nseq * c["hk"],)](
+    consts = dict(VARLEN=lay.varlen, IDX64=idx64, **c["consts"])
+    buckets = (length_bucket(lay.max_q), length_bucket(lay.max_k))
+    _launch(_bwd_dkdv_kernel, lambda meta: (triton.cdiv(lay.max_k, meta["BLOCK_N"]) * lay.nseq * c["hk"],), (
         q4, k4, v4, grad_out4, lse, delta, c["mask"], c["seed"], dk4, dv4, lay.cu_q, lay.cu_k, *strides,
         *lay.strides(dk4, 3), c["hq"], c["hk"], lay.max_q, lay.max_k, lay.total_q, lay.total_k, c["d"], c["group"],
-        scale * LOG2E, scale, dropout_p, c["drop_scale"], c["left"], c["right"], **consts,
-    )
-    _bwd_dq_kernel[lambda meta: (triton.cdiv(lay.max_q, meta["BLOCK_M"]) * lay.nseq * c["hq"],)](
+        scale * LOG2E, scale, dropout_p, c["drop_scale"], c["left"], c["right"], *buckets,
+    ), consts, autotune)
+    _launch(_bwd_dq_kernel, lambda meta: (triton.cdiv(lay.max_q, meta["BLOCK_M"]) * lay.nseq * c["hq"],), (
         q4, k4, v4, grad_out4, lse, delta, c["mask"], c["seed"], dq4, lay.cu_q, lay.cu_k, *strides,
         *lay.strides(dq4, 3), c["hq"], lay.max_q, lay.max_k, lay.total_q, lay.total_k, c["d"], c["group"],
-        scale * LOG2E, scale, dropout_p, c["drop_scale"], c["left"], c["right"], **consts,
-    )
+        scale * LOG2E, scale, dropout_p, c["drop_scale"], c["left"], c["right"], *buckets,
+    ), consts, autotune)
 
 
-def attention_fwd(q, k, v, attn_mask, seed, causal, dropout_p, scale, window_left, window_right):
+def attention_fwd(q, k, v, attn_mask, seed, causal, dropout_p, scale, window_left, window_right, *, autotune=None):
+    """``autotune``: None follows :func:`autotune_enabled`; False takes the heuristic config (no benchmarking)."""
     c = _common(q, k, attn_mask, seed, causal, dropout_p, window_left, window_right)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    _launch_fwd(q, k, v, out, lse, _Layout(q, k), c, scale, dropout_p)
+    _launch_fwd(q, k, v, out, lse, _Layout(q, k), c, scale, dropout_p, autotune)
     return out, lse
 
 
 def attention_bwd(grad_out, grad_lse, q, k, v, out, lse, attn_mask, seed, causal, dropout_p, scale, window_left,
-                  window_right):
+                  window_right, *, autotune=None):
     c = _common(q, k, attn_mask, seed, causal, dropout_p, window_left, window_right)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if dq.numel() == 0:
         return dq, dk.zero_(), dv.zero_()
-    _launch_bwd(grad_out, grad_lse, q, k, v, out, lse, dq, dk, dv, _Layout(q, k), c, scale, dropout_p)
+    _launch_bwd(grad_out, grad_lse, q, k, v, out, lse, dq, dk, dv, _Layout(q, k), c, scale, dropout_p,
+                autotune)
     return dq, dk, dv
 
 
-__all__ = ["attention_fwd", "attention_bwd"]
+__all__ = ["attention_fwd", "attention_bwd", "autotune_enabled", "length_bucket", "config_fits"]

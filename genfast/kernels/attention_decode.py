@@ -11,7 +11,11 @@ Decode is memory bound: each step reads the whole cache once for a handful of qu
   (base 2, fp32); a combine kernel merges the splits by lse.
 
 Lengths are read on the device and clamped to [0, Nmax], so a bad ``cache_seqlens`` (possible only with
-validate=False) can never index outside the cache. Offsets of batch/head are int64.
+validate=False) can never index outside the cache. Offsets of batch/head are int64, and row/key offsets too
+where some element offset of a tensor reaches 2^31 (``IDX64``).
+
+Grids are one flat axis (``decode_grid``): B * Hk passes the 65535 limit of a CUDA grid's axes 1 and 2 with
+large batches of GQA heads.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from genfast.kernels.attention import needs_int64
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -42,24 +48,30 @@ def _mm(a, b, PRECISION: tl.constexpr, F32_DOT: tl.constexpr):
 @triton.jit
 def _decode_split_kernel(Q, K, V, Seqlens, Opart, Lpart,
                          sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                         Hk, Nq, Nmax, D, group, rows, num_splits, qk_scale, left, right,
-                         PRECISION: tl.constexpr, F32_DOT: tl.constexpr, BLOCK_D: tl.constexpr,
+                         Hk, Nq, Nmax, D, group, rows, num_splits, row_blocks, qk_scale, left, right,
+                         PRECISION: tl.constexpr, F32_DOT: tl.constexpr, IDX64: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    split = tl.program_id(0)
-    bhk = tl.program_id(1).to(tl.int64)
-    pid_r = tl.program_id(2)
+    # One flat grid axis: split fastest, then the row block, then batch x kv head.
+    pid = tl.program_id(0).to(tl.int64)
+    split = pid % num_splits
+    pid_r = (pid // num_splits) % row_blocks
+    bhk = pid // (num_splits * row_blocks)
     b = bhk // Hk
     hk = bhk % Hk
     length = tl.load(Seqlens + b).to(tl.int64)
     length = tl.minimum(tl.maximum(length, 0), Nmax)
 
-    offs_r = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = (pid_r * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int32)
     offs_d = tl.arange(0, BLOCK_D)
     offs_j = tl.arange(0, BLOCK_N)
+    if IDX64:
+        offs_j = offs_j.to(tl.int64)
     r_ok = offs_r < rows
     d_ok = offs_d < D
     g = offs_r // Nq
     i = offs_r % Nq
+    if IDX64:
+        i = i.to(tl.int64)
     h = hk * group + g
     q = tl.load(Q + b * sqb + h[:, None] * sqh + i[:, None] * sqm + offs_d[None, :] * sqd,
                 mask=r_ok[:, None] & d_ok[None, :], other=0.0)
@@ -105,11 +117,12 @@ def _decode_split_kernel(Q, K, V, Seqlens, Opart, Lpart,
 
 
 @triton.jit
-def _decode_combine_kernel(Opart, Lpart, Out, Lse, D, rows, num_splits,
+def _decode_combine_kernel(Opart, Lpart, Out, Lse, D, rows, num_splits, row_blocks,
                            BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     """out = sum_s 2^(lse_s - lse) o_s with lse = log2 sum_s 2^lse_s; rows of [B, Hq, Nq] are (bhk, r)."""
-    bhk = tl.program_id(0).to(tl.int64)
-    offs_r = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid = tl.program_id(0).to(tl.int64)
+    bhk = pid // row_blocks
+    offs_r = (pid % row_blocks).to(tl.int32) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     r_ok = offs_r < rows
     ok = r_ok[:, None] & (offs_d[None, :] < D)
@@ -133,13 +146,14 @@ def _decode_combine_kernel(Opart, Lpart, Out, Lse, D, rows, num_splits,
 
 
 @triton.jit
-def _append_kernel(Cache, New, Seqlens, scb, sch, scn, scd, snb, snh, snn, snd, Hk, Nnew, Nmax, D,
+def _append_kernel(Cache, New, Seqlens, scb, sch, scn, scd, snb, snh, snn, snd, Hk, Nnew, Nmax, D, t_blocks,
                    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """cache[b, h, L_b + t] = new[b, h, t]; positions past Nmax (only with validate=False) are dropped."""
-    bh = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)
+    bh = pid // t_blocks
     b = bh // Hk
     h = bh % Hk
-    offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_t = (pid % t_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
     length = tl.load(Seqlens + b).to(tl.int64)
     dest = length + offs_t
@@ -168,6 +182,12 @@ def choose_splits(batch: int, kv_heads: int, row_blocks: int, nmax: int, device:
     return max(1, min(want, useful, 128))
 
 
+def decode_grid(batch: int, kv_heads: int, row_blocks: int, num_splits: int) -> tuple[int]:
+    """The split kernel's grid: one flat axis of B * Hk * row blocks * splits programs (axis 0 allows 2^31 - 1;
+    axes 1 and 2 only 65535, which B * Hk alone passes)."""
+    return (batch * kv_heads * row_blocks * num_splits,)
+
+
 def row_block(rows: int) -> int:
     return max(16, min(MAX_BLOCK_M, triton.next_power_of_2(rows)))
 
@@ -194,15 +214,16 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, causal, scale, window_l
     block_d = max(16, triton.next_power_of_2(d))
     opart = torch.empty(b * hk * num_splits * rows, d, dtype=torch.float32, device=q.device)
     lpart = torch.empty(b * hk * num_splits * rows, dtype=torch.float32, device=q.device)
-    _decode_split_kernel[(num_splits, b * hk, row_blocks)](
+    _decode_split_kernel[decode_grid(b, hk, row_blocks, num_splits)](
         q, k_cache, v_cache, cache_seqlens, opart, lpart, *q.stride(), *k_cache.stride(), *v_cache.stride(),
-        hk, nq, nmax, d, group, rows, num_splits, scale * LOG2E, left, right,
+        hk, nq, nmax, d, group, rows, num_splits, row_blocks, scale * LOG2E, left, right,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         F32_DOT=q.dtype == torch.bfloat16 and q.device.type == "cpu",
+        IDX64=needs_int64(q, k_cache, v_cache),
         BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
     )
-    _decode_combine_kernel[(b * hk, row_blocks)](opart, lpart, out, lse, d, rows, num_splits, BLOCK_D=block_d,
-                                                 BLOCK_M=block_m)
+    _decode_combine_kernel[(b * hk * row_blocks,)](opart, lpart, out, lse, d, rows, num_splits, row_blocks,
+                                                   BLOCK_D=block_d, BLOCK_M=block_m)
     return out, lse
 
 
@@ -213,11 +234,12 @@ def kv_cache_append(k_cache, v_cache, k_new, v_new, cache_seqlens) -> None:
         return
     block_t = min(64, max(1, triton.next_power_of_2(nnew)))
     block_d = triton.next_power_of_2(d)
+    t_blocks = triton.cdiv(nnew, block_t)
     for cache, new in ((k_cache, k_new), (v_cache, v_new)):
-        _append_kernel[(b * hk, triton.cdiv(nnew, block_t))](
-            cache, new, cache_seqlens, *cache.stride(), *new.stride(), hk, nnew, nmax, d, BLOCK_T=block_t,
+        _append_kernel[(b * hk * t_blocks,)](
+            cache, new, cache_seqlens, *cache.stride(), *new.stride(), hk, nnew, nmax, d, t_blocks, BLOCK_T=block_t,
             BLOCK_D=block_d,
         )
 
 
-__all__ = ["attention_decode", "kv_cache_append", "choose_splits"]
+__all__ = ["attention_decode", "kv_cache_append", "choose_splits", "decode_grid"]
