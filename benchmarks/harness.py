@@ -3,7 +3,7 @@
 A bench module exposes ``cases(device) -> list[BenchCase]``: one entry per (op, case, provider).
 ``benchmarks/run.py`` times them all in one run and writes the result files; the same cases run
 under pytest-benchmark through ``benchmarks/test_benchmarks.py``. Ratios are only ever derived from
-rows of the same run (DESIGN.md, "Benchmark result files").
+rows of the same run (CONTRIBUTING.md, section 4).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """genfast.ops.attention: every backend against the fp64 spec, with torch's own low-precision error as the yardstick.
 
-Rule (STYLE.md item 6): ``err(backend) <= 2 * err(torch) + FLOOR[dtype]``, where err is the largest absolute
+Rule (CONTRIBUTING.md, section 3): ``err(backend) <= 2 * err(torch) + FLOOR[dtype]``, where err is the largest absolute
 difference from ``attention_ref`` run in fp64 on the same (rounded) inputs, and err(torch) is that of the same
 reference math run in the low dtype itself. Outputs, lse and the gradients of q, k and v are all checked.
 Shapes stay tiny: the Triton kernels run in the interpreter here.
@@ -14,21 +14,11 @@ import torch
 import genfast
 from genfast.ops import attention, attention_ref
 from genfast.ops.attention import dropout_keep
+from tests.attention_checks import FLOOR, max_error, run_forward_backward, seed_of
 from tests.conftest import backend_params
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# The floor: one ulp of the tensor's largest magnitude (finfo.eps * max|exact|) plus a tiny absolute term. It
-# matters only where torch's own error is near zero by luck of the shape: with N = 1 softmax is exactly 1, the
-# written-out math in bf16 is then almost exact, while a fused kernel still rounds dS to bf16 for its matmul
-# (as FlashAttention does) and its dq (carrying the lse gradient, magnitude ~2) lands ~1 ulp off.
-FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
 PARAMS = backend_params("attention")
-
-
-def _seed_of(generator_seed: int) -> torch.Tensor:
-    """The Philox seed attention() draws from torch.Generator().manual_seed(generator_seed)."""
-    gen = torch.Generator().manual_seed(generator_seed)
-    return torch.randint(0, 2**62, (1,), generator=gen, dtype=torch.int64)
 
 
 def _make(shape_q, shape_k, dtype, device, seed=0):
@@ -37,24 +27,6 @@ def _make(shape_q, shape_k, dtype, device, seed=0):
     k = torch.randn(shape_k, generator=gen, dtype=torch.float64).to(dtype)
     v = torch.randn(shape_k, generator=gen, dtype=torch.float64).to(dtype)
     return [t.to(device) for t in (q, k, v)]
-
-
-def _run(fn, q, k, v, w_out, w_lse):
-    """Forward with lse, then backward of sum(out * w_out) + sum(finite lse * w_lse); returns all five tensors."""
-    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
-    out, lse = fn(*leaves)
-    finite = torch.isfinite(lse)
-    loss = (out.double() * w_out).sum() + (torch.where(finite, lse.double(), 0.0) * w_lse).sum()
-    loss.backward()
-    return [out.detach(), lse.detach()] + [t.grad for t in leaves]
-
-
-def _err(got, want):
-    got, want = got.double().cpu(), want.double().cpu()
-    assert torch.equal(torch.isinf(got), torch.isinf(want)), "-inf pattern differs"
-    finite = torch.isfinite(want)
-    assert not torch.isnan(got).any()
-    return (got[finite] - want[finite]).abs().max().item() if finite.any() else 0.0
 
 
 def _check_against_spec(device, backend, q, k, v, **kwargs):
@@ -70,16 +42,16 @@ def _check_against_spec(device, backend, q, k, v, **kwargs):
     def spec(compute_dtype):
         return lambda q, k, v: attention_ref(q, k, v, return_lse=True, compute_dtype=compute_dtype, **kwargs)
 
-    got = _run(ours, q, k, v, w_out, w_lse)
-    exact = _run(spec(torch.float64), q.double(), k.double(), v.double(), w_out, w_lse)
-    torch_low = _run(spec(dtype), q, k, v, w_out, w_lse)
+    got = run_forward_backward(ours, q, k, v, w_out, w_lse)
+    exact = run_forward_backward(spec(torch.float64), q.double(), k.double(), v.double(), w_out, w_lse)
+    torch_low = run_forward_backward(spec(dtype), q, k, v, w_out, w_lse)
     # The O(N) backward recomputes P from the lse the forward stored in fp32 (for every dtype), so P carries a
     # factor exp(+-dlse) with dlse about torch's own fp32 lse error; the gradients are allowed 2 * dlse * max|grad|
     # on top (it matters only in fp32, where it is a few ulps).
-    lse_err_fp32 = _err(attention_ref(q.float(), k.float(), v.float(), return_lse=True, **kwargs)[1], exact[1])
+    lse_err_fp32 = max_error(attention_ref(q.float(), k.float(), v.float(), return_lse=True, **kwargs)[1], exact[1])
     for name, g, e, t in zip(("out", "lse", "dq", "dk", "dv"), got, exact, torch_low):
         assert g.dtype == (torch.float32 if name == "lse" else dtype) and g.shape == e.shape, name
-        ours_err, torch_err = _err(g, e), _err(t, e)
+        ours_err, torch_err = max_error(g, e), max_error(t, e)
         finite = torch.isfinite(e)
         magnitude = e[finite].abs().max().item() if finite.any() else 0.0
         floor = FLOOR[dtype] + torch.finfo(dtype).eps * magnitude
@@ -157,7 +129,7 @@ def test_reference_sdpa_path_meets_the_rule(dtype, kwargs):
     exact = attention_ref(q.double(), k.double(), v.double(), **kwargs)
     torch_low = attention_ref(q, k, v, compute_dtype=dtype, **kwargs)
     floor = FLOOR[dtype] + torch.finfo(dtype).eps * exact.abs().max().item()
-    assert fast.dtype == dtype and _err(fast, exact) <= 2 * _err(torch_low, exact) + floor
+    assert fast.dtype == dtype and max_error(fast, exact) <= 2 * max_error(torch_low, exact) + floor
 
 
 def test_reference_large_n_matches_math():
@@ -193,15 +165,15 @@ def test_dropout_exact(device, backend, options):
                              **options)
 
     def spec(q, k, v):
-        return attention_ref(q, k, v, dropout_p=p, return_lse=True, seed=_seed_of(7).to(device), **options)
+        return attention_ref(q, k, v, dropout_p=p, return_lse=True, seed=seed_of(7).to(device), **options)
 
     w_out = torch.randn(q.shape, dtype=torch.float64, device=device)
     w_lse = torch.randn(q.shape[:3], dtype=torch.float64, device=device)
-    got, want = _run(ours, q, k, v, w_out, w_lse), _run(spec, q, k, v, w_out, w_lse)
+    got, want = run_forward_backward(ours, q, k, v, w_out, w_lse), run_forward_backward(spec, q, k, v, w_out, w_lse)
     for g, w in zip(got, want):
-        assert _err(g, w) < 2e-5
+        assert max_error(g, w) < 2e-5
     # Reproducible for a seed, and a different seed drops different elements.
-    again = _run(ours, q, k, v, w_out, w_lse)
+    again = run_forward_backward(ours, q, k, v, w_out, w_lse)
     assert all(torch.equal(a, b) for a, b in zip(got, again))
     with genfast.backend(backend):
         other = attention(q, k, v, dropout_p=p, generator=torch.Generator().manual_seed(8), **options)
@@ -226,7 +198,7 @@ def test_dropout_kept_fraction(device, backend, p):
     frac = kept.float().mean().item()
     assert abs(frac - (1 - p)) < 5 * math.sqrt(p * (1 - p) / total)
     # And the kept elements are exactly the ones the reference's keep mask names.
-    assert torch.equal(kept.cpu(), dropout_keep(_seed_of(11), (b, h, n, n), p))
+    assert torch.equal(kept.cpu(), dropout_keep(seed_of(11), (b, h, n, n), p))
 
 
 # ------------------------------------------------------------------------------------------ bad input

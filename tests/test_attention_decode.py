@@ -1,6 +1,6 @@
 """genfast.ops.attention_decode and kv_cache_append against the spec (attention_ref on each cache prefix).
 
-Rule (STYLE.md item 6): ``err(backend) <= 2 * err(torch) + FLOOR[dtype]``, err measured against the spec run
+Rule (CONTRIBUTING.md, section 3): ``err(backend) <= 2 * err(torch) + FLOOR[dtype]``, err measured against the spec run
 in fp64 on the same rounded inputs, err(torch) being the spec run in the low dtype itself. The CPU reference
 path (masked SDPA over the whole cache) is held to the same rule, since it is what auto runs on CPU.
 Shapes stay tiny: the Triton kernels run in the interpreter here (BLOCK_N = 16, so 100 keys cross 7 tiles).

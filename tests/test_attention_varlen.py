@@ -1,6 +1,6 @@
 """genfast.ops.attention_varlen against its spec (attention_ref's math per sequence) and against ``attention``.
 
-Rule (STYLE.md item 6), as in tests/test_attention.py whose helpers are reused: ``err(backend) <= 2 * err(torch)
+Rule (CONTRIBUTING.md section 3), with the helpers of tests/attention_checks.py: ``err(backend) <= 2 * err(torch)
 + FLOOR[dtype]``, err measured against the spec run in fp64 on the same rounded inputs, err(torch) being the spec
 run in the low dtype itself; outputs, lse and dq, dk, dv. Both the Triton kernels (interpreter here) and the
 reference path auto takes on CPU (padded, masked SDPA / math) are held to it. Shapes stay tiny: BLOCK = 16 in
@@ -15,8 +15,8 @@ import torch
 import genfast
 from genfast.ops import attention, attention_varlen, attention_varlen_ref
 from genfast.ops.attention_varlen import varlen_dropout_keep
+from tests.attention_checks import FLOOR, max_error, run_forward_backward, seed_of
 from tests.conftest import backend_params
-from tests.test_attention import FLOOR, _err, _run, _seed_of
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 PARAMS = backend_params("attention_varlen") + [pytest.param("cpu", "reference", id="cpu-reference")]
@@ -51,15 +51,15 @@ def _check_against_spec(device, backend, q, k, v, cu_q, cu_k, max_q, max_k, **kw
         return lambda q, k, v: attention_varlen_ref(q, k, v, *lens, return_lse=True, compute_dtype=compute_dtype,
                                                     **kwargs)
 
-    got = _run(ours, q, k, v, w_out, w_lse)
-    exact = _run(spec(torch.float64), q.double(), k.double(), v.double(), w_out, w_lse)
-    torch_low = _run(spec(dtype), q, k, v, w_out, w_lse)
+    got = run_forward_backward(ours, q, k, v, w_out, w_lse)
+    exact = run_forward_backward(spec(torch.float64), q.double(), k.double(), v.double(), w_out, w_lse)
+    torch_low = run_forward_backward(spec(dtype), q, k, v, w_out, w_lse)
     # The backward recomputes P from the fp32 lse (see tests/test_attention.py): 2 * dlse * max|grad| more.
-    lse_err_fp32 = _err(attention_varlen_ref(q.float(), k.float(), v.float(), *lens, return_lse=True, **kwargs)[1],
+    lse_err_fp32 = max_error(attention_varlen_ref(q.float(), k.float(), v.float(), *lens, return_lse=True, **kwargs)[1],
                         exact[1])
     for name, g, e, t in zip(("out", "lse", "dq", "dk", "dv"), got, exact, torch_low):
         assert g.dtype == (torch.float32 if name == "lse" else dtype) and g.shape == e.shape, name
-        ours_err, torch_err = _err(g, e), _err(t, e)
+        ours_err, torch_err = max_error(g, e), max_error(t, e)
         finite = torch.isfinite(e)
         magnitude = e[finite].abs().max().item() if finite.any() else 0.0
         floor = FLOOR[dtype] + torch.finfo(dtype).eps * magnitude
@@ -182,15 +182,15 @@ def test_dropout_exact(device, backend, options):
                                     generator=torch.Generator().manual_seed(7), **options)
 
     def spec(q, k, v):
-        return attention_varlen_ref(q, k, v, *lens, dropout_p=p, return_lse=True, seed=_seed_of(7).to(device),
+        return attention_varlen_ref(q, k, v, *lens, dropout_p=p, return_lse=True, seed=seed_of(7).to(device),
                                     **options)
 
     w_out = torch.randn(q.shape, dtype=torch.float64, device=device)
     w_lse = torch.randn(q.shape[1], q.shape[0], dtype=torch.float64, device=device)
-    got, want = _run(ours, q, k, v, w_out, w_lse), _run(spec, q, k, v, w_out, w_lse)
+    got, want = run_forward_backward(ours, q, k, v, w_out, w_lse), run_forward_backward(spec, q, k, v, w_out, w_lse)
     for g, w in zip(got, want):
-        assert _err(g, w) < 2e-5
-    again = _run(ours, q, k, v, w_out, w_lse)
+        assert max_error(g, w) < 2e-5
+    again = run_forward_backward(ours, q, k, v, w_out, w_lse)
     assert all(torch.equal(a, b) for a, b in zip(got, again))
     with genfast.backend(backend):
         other = attention_varlen(q, k, v, *lens, dropout_p=p, generator=torch.Generator().manual_seed(8), **options)
@@ -211,7 +211,7 @@ def test_dropout_kept_fraction(device, backend, p):
     with genfast.backend(backend):
         out = attention_varlen(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), dropout_p=p,
                                generator=torch.Generator().manual_seed(11))
-    keep = varlen_dropout_keep(_seed_of(11).to(device), hq, sum(lens_q), max(lens_k), p)  # (Hq, total_q, max_k)
+    keep = varlen_dropout_keep(seed_of(11).to(device), hq, sum(lens_q), max(lens_k), p)  # (Hq, total_q, max_k)
     kept_all = []
     for b, (q0, q1) in enumerate(zip(cu_q.tolist()[:-1], cu_q.tolist()[1:])):
         n = lens_k[b]

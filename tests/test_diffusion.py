@@ -11,7 +11,7 @@ from genfast.ops import cfg_combine, cfg_combine_ref, philox_noise, scheduler_st
 from genfast.ops import diffusion as D
 from tests.conftest import backend_params
 
-# (dtype, atol): err(fused) <= 2 * err(the same formula in torch at that dtype) + atol * scale (STYLE.md 6).
+# (dtype, atol): err(fused) <= 2 * err(the same formula in torch at that dtype) + atol * scale (CONTRIBUTING.md 3).
 DTYPES = [(torch.float32, 1e-5), (torch.float16, 1e-3), (torch.bfloat16, 8e-3)]
 SHAPES = [(1,), (1000,), (3, 5, 7, 9)]
 

@@ -1,6 +1,6 @@
 """Latent-variable ops: every kernel backend against the reference, exactly (shared noise) and statistically.
 
-Tolerances follow STYLE.md item 6: a fused result may be off the fp32 reference by at most twice what
+Tolerances follow CONTRIBUTING.md, section 3: a fused result may be off the fp32 reference by at most twice what
 torch itself is off when it computes the same formula in the input's precision, plus (atol, rtol).
 """
 

@@ -1,0 +1,34 @@
+"""Helpers shared by the attention tests (tests/test_attention*.py): the tolerance floor, the Philox seed attention()
+draws, a forward+backward run that returns every output, and the error measure (CONTRIBUTING.md section 3)."""
+
+import torch
+
+# The floor: one ulp of the tensor's largest magnitude (finfo.eps * max|exact|) plus a tiny absolute term. It
+# matters only where torch's own error is near zero by luck of the shape: with N = 1 softmax is exactly 1, the
+# written-out math in bf16 is then almost exact, while a fused kernel still rounds dS to bf16 for its matmul
+# (as FlashAttention does) and its dq (carrying the lse gradient, magnitude ~2) lands ~1 ulp off.
+FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+
+
+def seed_of(generator_seed: int) -> torch.Tensor:
+    """The Philox seed attention() draws from torch.Generator().manual_seed(generator_seed)."""
+    gen = torch.Generator().manual_seed(generator_seed)
+    return torch.randint(0, 2**62, (1,), generator=gen, dtype=torch.int64)
+
+
+def run_forward_backward(fn, q, k, v, w_out, w_lse):
+    """Forward with lse, then backward of sum(out * w_out) + sum(finite lse * w_lse); returns all five tensors."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    out, lse = fn(*leaves)
+    finite = torch.isfinite(lse)
+    loss = (out.double() * w_out).sum() + (torch.where(finite, lse.double(), 0.0) * w_lse).sum()
+    loss.backward()
+    return [out.detach(), lse.detach()] + [t.grad for t in leaves]
+
+
+def max_error(got, want):
+    got, want = got.double().cpu(), want.double().cpu()
+    assert torch.equal(torch.isinf(got), torch.isinf(want)), "-inf pattern differs"
+    finite = torch.isfinite(want)
+    assert not torch.isnan(got).any()
+    return (got[finite] - want[finite]).abs().max().item() if finite.any() else 0.0
