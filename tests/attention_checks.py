@@ -3,6 +3,8 @@ draws, a forward+backward run that returns every output, and the error measure (
 
 import torch
 
+from tests.tolerance import max_error  # noqa: F401 (re-exported for the attention tests)
+
 # The floor: one ulp of the tensor's largest magnitude (finfo.eps * max|exact|) plus a tiny absolute term. It
 # matters only where torch's own error is near zero by luck of the shape: with N = 1 softmax is exactly 1, the
 # written-out math in bf16 is then almost exact, while a fused kernel still rounds dS to bf16 for its matmul
@@ -24,11 +26,3 @@ def run_forward_backward(fn, q, k, v, w_out, w_lse):
     loss = (out.double() * w_out).sum() + (torch.where(finite, lse.double(), 0.0) * w_lse).sum()
     loss.backward()
     return [out.detach(), lse.detach()] + [t.grad for t in leaves]
-
-
-def max_error(got, want):
-    got, want = got.double().cpu(), want.double().cpu()
-    assert torch.equal(torch.isinf(got), torch.isinf(want)), "-inf pattern differs"
-    finite = torch.isfinite(want)
-    assert not torch.isnan(got).any()
-    return (got[finite] - want[finite]).abs().max().item() if finite.any() else 0.0

@@ -14,6 +14,7 @@ import genfast
 from genfast.ops import conv_transpose1d, conv_transpose2d, conv_transpose2d_ref
 from genfast.ops.conv_transpose import activate
 from tests.conftest import backend_params
+from tests.tolerance import assert_close_to_ref
 
 OP = "conv_transpose2d"
 BACKENDS = backend_params(OP)
@@ -86,15 +87,6 @@ def reference64(x, weight, bias, scale, shift, activation, negative_slope=0.01, 
     d = lambda t: t.detach().double() if t is not None else None  # noqa: E731
     return conv_transpose2d_ref(d(x), d(weight), d(bias), scale=d(scale), shift=d(shift), activation=activation,
                                 negative_slope=negative_slope, **conv)
-
-
-def assert_close_to_ref(got, ref, low, atol, rtol, what="out"):
-    """|got - ref| <= 2 * max|low - ref| + atol + rtol * |ref| elementwise; ``low`` is torch in low precision."""
-    got, ref, low = got.detach().double().cpu(), ref.detach().double().cpu(), low.detach().double().cpu()
-    assert got.shape == ref.shape, (what, got.shape, ref.shape)
-    budget = 2 * (low - ref).abs().max() + atol + rtol * ref.abs()
-    err = (got - ref).abs()
-    assert bool(torch.all(err <= budget)), f"{what}: max error {err.max():.3g}, worst excess {(err - budget).max():.3g}"
 
 
 # ------------------------------------------------------------------------------------------- forward

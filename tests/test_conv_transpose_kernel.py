@@ -20,7 +20,8 @@ from genfast.nn.conv_transpose import activation_module, activation_name
 from genfast.ops import conv_transpose1d, conv_transpose2d, conv_transpose2d_ref
 from genfast.ops.conv_transpose import ACTIVATION_CODES, ACTIVATION_TABLE, ACTIVATIONS, activate
 from tests.conftest import backend_params
-from tests.test_conv_transpose import assert_close_to_ref, inputs, lowp, make, reference64
+from tests.test_conv_transpose import inputs, lowp, make, reference64
+from tests.tolerance import assert_close_to_ref
 
 OP = "conv_transpose2d"
 BACKENDS = backend_params(OP)

@@ -10,6 +10,7 @@ from genfast.diffusion import DDIMScheduler, DDPMScheduler
 from genfast.ops import cfg_combine, cfg_combine_ref, philox_noise, scheduler_step, scheduler_step_ref
 from genfast.ops import diffusion as D
 from tests.conftest import backend_params
+from tests.tolerance import assert_close_to_ref
 
 # (dtype, atol): err(fused) <= 2 * err(the same formula in torch at that dtype) + atol * scale (CONTRIBUTING.md 3).
 DTYPES = [(torch.float32, 1e-5), (torch.float16, 1e-3), (torch.bfloat16, 8e-3)]
@@ -42,10 +43,8 @@ def lowp_formula(x, m, u, g, c, noise):
 
 
 def assert_within(got, exact, lowp, atol):
-    scale = max(1.0, exact.abs().max().item())
-    err = (got.float() - exact).abs().max().item()
-    bound = 2 * (lowp.float() - exact).abs().max().item() + atol * scale
-    assert err <= bound, f"error {err:.3g} exceeds {bound:.3g}"
+    """The rule with the floor scaled by the values' magnitude (at least 1)."""
+    assert_close_to_ref(got, exact, lowp, atol * max(1.0, exact.abs().max().item()))
 
 
 def inputs(shape, dtype, uncond, seed=0):

@@ -22,6 +22,7 @@ from genfast.ops import (
     reparameterize_ref,
 )
 from tests.conftest import backend_params, serving_backends
+from tests.tolerance import assert_close_to_ref
 
 DTYPES = [
     pytest.param(torch.float32, 1e-6, 1e-5, id="fp32"),
@@ -29,15 +30,6 @@ DTYPES = [
     pytest.param(torch.bfloat16, 8e-3, 8e-3, id="bf16"),
 ]
 SHAPES = [(1,), (17,), (1000,), (3, 5, 7)]
-
-
-def assert_close_to_ref(got, ref, lowp, atol, rtol):
-    """|got - ref| <= 2 * max|lowp - ref| + atol + rtol * |ref| elementwise; lowp is torch in low precision."""
-    got, ref, lowp = got.detach().double().cpu(), ref.detach().double().cpu(), lowp.detach().double().cpu()
-    assert got.shape == ref.shape
-    budget = 2 * (lowp - ref).abs().max() + atol + rtol * ref.abs()
-    err = (got - ref).abs()
-    assert bool(torch.all(err <= budget)), f"max error {err.max():.3g}, worst excess {(err - budget).max():.3g}"
 
 
 def make(shape, dtype, device, *, scale=1.0, requires_grad=False, seed=0):
