@@ -1,6 +1,6 @@
 """The compile gate's CPU-side logic: checks, report files, log parsing, and what it captures from the launchers.
 
-The gate itself (every kernel compiled for sm_90a and sm_80) runs in `make test` as `make compile-gate`.
+The gate itself (every kernel compiled for sm_90a and sm_80) is `make compile-gate`; `make test` runs its CUDA half.
 """
 
 from __future__ import annotations
