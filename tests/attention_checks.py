@@ -26,3 +26,24 @@ def run_forward_backward(fn, q, k, v, w_out, w_lse):
     loss = (out.double() * w_out).sum() + (torch.where(finite, lse.double(), 0.0) * w_lse).sum()
     loss.backward()
     return [out.detach(), lse.detach()] + [t.grad for t in leaves]
+
+
+class AttentionKernelCalls:
+    """Counts the Triton kernel launches (forward and backward) of genfast's attention, to show genfast really ran."""
+
+    def __init__(self, monkeypatch):
+        from genfast.kernels import attention as attention_kernels
+
+        self.fwd = self.bwd = 0
+        fwd, bwd = attention_kernels.attention_fwd, attention_kernels.attention_bwd
+
+        def counted_fwd(*args, **kwargs):
+            self.fwd += 1
+            return fwd(*args, **kwargs)
+
+        def counted_bwd(*args, **kwargs):
+            self.bwd += 1
+            return bwd(*args, **kwargs)
+
+        monkeypatch.setattr(attention_kernels, "attention_fwd", counted_fwd)
+        monkeypatch.setattr(attention_kernels, "attention_bwd", counted_bwd)

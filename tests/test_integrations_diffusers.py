@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import genfast
-from genfast.kernels import attention as attention_kernels
+from tests.attention_checks import AttentionKernelCalls
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import DDIMPipeline, UNet2DConditionModel, UNet2DModel  # noqa: E402
@@ -19,25 +19,6 @@ from genfast.integrations.diffusers import GenfastAttnProcessor, set_attn_proces
 
 BACKENDS = ["auto", "triton"]  # genfast's CPU dispatch, and the Triton kernels (interpreted here)
 TOL = {"rtol": 1e-4, "atol": 2e-5}  # fp32 on both sides: only summation order differs
-
-
-class Calls:
-    """Counts the Triton kernel launches of genfast's attention."""
-
-    def __init__(self, monkeypatch):
-        self.fwd = self.bwd = 0
-        fwd, bwd = attention_kernels.attention_fwd, attention_kernels.attention_bwd
-
-        def counted_fwd(*args, **kwargs):
-            self.fwd += 1
-            return fwd(*args, **kwargs)
-
-        def counted_bwd(*args, **kwargs):
-            self.bwd += 1
-            return bwd(*args, **kwargs)
-
-        monkeypatch.setattr(attention_kernels, "attention_fwd", counted_fwd)
-        monkeypatch.setattr(attention_kernels, "attention_bwd", counted_bwd)
 
 
 def tiny_conditional_unet() -> UNet2DConditionModel:
@@ -80,7 +61,7 @@ def test_conditional_unet_outputs_and_gradients(backend, monkeypatch):
     theirs = tiny_conditional_unet()
     ours = with_genfast(theirs)
     x, t, context = conditional_inputs(batch=1 if backend == "triton" else 2)  # the interpreter is slow
-    calls = Calls(monkeypatch)
+    calls = AttentionKernelCalls(monkeypatch)
     with genfast.backend(backend):
         want = theirs(x, t, encoder_hidden_states=context).sample
         got = ours(x, t, encoder_hidden_states=context).sample
@@ -115,7 +96,7 @@ def test_unet2d_outputs_and_gradients(backend, monkeypatch):
     ours = with_genfast(theirs)
     torch.manual_seed(2)
     x, t = torch.randn(2, 3, 4, 4), torch.tensor([3, 700])
-    calls = Calls(monkeypatch)
+    calls = AttentionKernelCalls(monkeypatch)
     with genfast.backend(backend):
         want = theirs(x, t).sample
         got = ours(x, t).sample

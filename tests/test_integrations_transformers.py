@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import genfast
-from genfast.kernels import attention as attention_kernels
+from tests.attention_checks import AttentionKernelCalls
 
 transformers = pytest.importorskip("transformers")
 from transformers import (  # noqa: E402
@@ -75,25 +75,6 @@ def left_padded_batch(lengths=(9, 5, 1)):
     return ids, mask
 
 
-class Calls:
-    """Counts the Triton kernel launches (forward and backward) of genfast's attention."""
-
-    def __init__(self, monkeypatch):
-        self.fwd = self.bwd = 0
-        fwd, bwd = attention_kernels.attention_fwd, attention_kernels.attention_bwd
-
-        def counted_fwd(*args, **kwargs):
-            self.fwd += 1
-            return fwd(*args, **kwargs)
-
-        def counted_bwd(*args, **kwargs):
-            self.bwd += 1
-            return bwd(*args, **kwargs)
-
-        monkeypatch.setattr(attention_kernels, "attention_fwd", counted_fwd)
-        monkeypatch.setattr(attention_kernels, "attention_bwd", counted_bwd)
-
-
 def test_register_returns_the_name_and_is_idempotent():
     assert integration.register() == "genfast"
     assert integration.register() == "genfast"
@@ -109,7 +90,7 @@ def test_register_returns_the_name_and_is_idempotent():
 def test_logits_match_sdpa_left_padded_and_unpadded(name, backend, monkeypatch):
     reference, ours = pair(name)
     ids, mask = left_padded_batch()
-    calls = Calls(monkeypatch)
+    calls = AttentionKernelCalls(monkeypatch)
     with torch.no_grad(), genfast.backend(backend):
         want = reference(input_ids=ids, attention_mask=mask).logits
         got = ours(input_ids=ids, attention_mask=mask).logits
@@ -141,7 +122,7 @@ def test_gradients_match_sdpa(name, backend, monkeypatch):
     ours.train()  # every dropout is 0 in these configs: train mode changes nothing else
     ids, mask = left_padded_batch()
     labels = ids.masked_fill(mask == 0, -100)
-    calls = Calls(monkeypatch)
+    calls = AttentionKernelCalls(monkeypatch)
     with genfast.backend(backend):
         reference(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
         ours(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
@@ -159,7 +140,7 @@ def test_gradients_match_sdpa(name, backend, monkeypatch):
 def test_greedy_generate_matches_sdpa(name, backend, monkeypatch):
     reference, ours = pair(name)
     ids, mask = left_padded_batch()
-    calls = Calls(monkeypatch)
+    calls = AttentionKernelCalls(monkeypatch)
     kwargs = {"attention_mask": mask, "max_new_tokens": 6, "do_sample": False, "pad_token_id": PAD}
     with genfast.backend(backend):
         want = reference.generate(ids, **kwargs)
