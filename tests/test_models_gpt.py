@@ -413,6 +413,15 @@ def trained(tmp_path_factory):
     return root / "run", data
 
 
+def test_default_flags_are_set():
+    """`genfast train gpt` with no flags: --sample-every has its default (the old alias --eval-every once left it
+    None, so a default run stopped at its first step) and the alias still sets it."""
+    parser = recipe.train_parser()
+    assert parser.parse_args([]).sample_every == 250
+    assert parser.parse_args(["--eval-every", "7"]).sample_every == 7
+    assert parser.parse_args(["--sample-every", "9"]).sample_every == 9
+
+
 def test_training_reaches_loss_bound(trained):
     """Loss below 0.5 nats/char, where a model of character frequencies alone cannot go below the text's unigram
     entropy (about 3 nats/char here): the model has learned the rhyme from its context."""

@@ -68,7 +68,10 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=non_negative_float, default=0.1, help="AdamW (default %(default)s)")
     p.add_argument("--grad-clip", type=non_negative_float, default=1.0,
                    help="max gradient norm, 0 for none (default %(default)s)")
-    p.add_argument("--eval-every", dest="sample_every", type=positive_int, help=argparse.SUPPRESS)  # old name
+    # The old name of --sample-every. Its default must be SUPPRESS: argparse fills a dest from the first action that
+    # has it, and a None here would hide --sample-every's default (a default run then failed at its first step).
+    p.add_argument("--eval-every", dest="sample_every", type=positive_int, default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)
     p.add_argument("--eval-batches", type=positive_int, default=10, help="batches per eval (default %(default)s)")
     p.add_argument("--sample-tokens", type=non_negative_int, default=200,
                    help="tokens of the sample printed at each eval, 0 for none (default %(default)s)")
