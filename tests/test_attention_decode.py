@@ -285,3 +285,39 @@ def test_empty_batch(device, backend):
         out, lse = attention_decode(q, k, v, lengths, return_lse=True)
         kv_cache_append(k, v, q[:, :1], q[:, 1:], lengths)
     assert out.shape == (0, 2, 1, 16) and lse.shape == (0, 2, 1)
+
+
+# ------------------------------------------------------------------------------------------ tiles on a GPU
+@pytest.mark.parametrize("elem", [2, 4])
+@pytest.mark.parametrize("d", [16, 64, 80, 128, 256])
+@pytest.mark.parametrize("rows", [1, 17, 32, 64, 256])
+def test_split_tiles_rule_on_a_gpu(monkeypatch, elem, d, rows):
+    """The compiled path's tile rule (what benchmarks/compile measured with ptxas): fp32 FMA dots keep
+    16 rows, 8 warps and key tiles of 16 past d64; fp16/bf16 take 8 warps from 32 rows on; the
+    third stage only where its shared memory fits the GPU's limit (sm_80's is the smallest gated)."""
+    import triton
+
+    from genfast.kernels import attention_decode as kernels
+
+    monkeypatch.setattr(kernels, "_COMPILED", True)
+    monkeypatch.setattr(kernels, "BLOCK_N", 64)
+    monkeypatch.setattr(kernels, "MAX_BLOCK_M", 64)
+    block_d = max(16, triton.next_power_of_2(d))
+    for limit in (232448, 166912):
+        block_m, block_n, warps, stages = kernels.split_tiles(rows, block_d, elem, limit)
+        assert kernels.split_shared_bytes(block_m, block_n, block_d, stages, elem) <= limit
+        assert 16 <= block_n <= 64 and stages in (2, 3)
+        if elem == 4:
+            assert (block_m, warps) == (16, 8) and block_n == (64 if block_d <= 64 else 16)
+        else:
+            assert block_m == max(16, min(64, triton.next_power_of_2(rows))) and block_n == 64
+            assert warps == (4 if block_m == 16 else 8)
+    # bf16 d256 with 64 rows: three stages fit Hopper (229,376 B measured), only two fit an A100.
+    assert kernels.split_tiles(64, 256, 2, 232448)[3] == 3
+    assert kernels.split_tiles(64, 256, 2, 166912)[3] == 2
+
+
+def test_split_tiles_in_the_interpreter_are_small():
+    from genfast.kernels import attention_decode as kernels
+
+    assert kernels.split_tiles(64, 256, 4, 232448)[:2] == (16, 16)  # tests still cross several tiles

@@ -8,6 +8,12 @@ for the same seed, on every Triton version.
 import triton
 import triton.language as tl
 
+# Elements per program of a kernel that draws normals (``normal``): two per thread of the default 4 warps. Each
+# element's sin/cos carries libdevice's slow argument reduction (a local array), and ptxas spills 8 B around it
+# from 4 elements per thread on (4 or 8 warps, sm_90a and sm_80, triton 3.6: latent; 3.9: 8 per thread) while 2
+# spill nothing. The stream is per element index, so the block changes no number.
+NORMAL_BLOCK = 256
+
 
 @triton.jit
 def philox4x32_10(seed, offset):

@@ -35,6 +35,11 @@ _COMPILED = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != 
 # The interpreter gets small tiles so tiny tests still cross several tiles and splits.
 BLOCK_N = 64 if _COMPILED else 16
 MAX_BLOCK_M = 64 if _COMPILED else 16
+# fp32 inputs run ieee dots on the FMA units, where each thread holds rows of both operands: 16 rows, 8 warps, and
+# key tiles of 64 up to d64, of 16 beyond. Measured with ptxas (sm_90a and sm_80, triton 3.9 and 3.6, 1 to 64 rows):
+# 16 x 64 spilled 0.3-37 KB at d128 and d256, 32 or 64 rows spill at d64, 16 x 32 at d128 spills 12-948 B on 4
+# warps and 12 B on 8, 16 x 16 on 4 warps 12 B; the rule's tiles spill nothing.
+FP32_BLOCK_N = {64: 64, 128: 16, 256: 16}
 
 
 @triton.jit
@@ -164,13 +169,50 @@ def _append_kernel(Cache, New, Seqlens, scb, sch, scn, scd, snb, snh, snn, snd, 
 
 
 # ------------------------------------------------------------------------------------------ launchers
+def _shared_limit(device: torch.device) -> int:
+    """Shared memory one block may opt in to on ``device`` (227 KB on Hopper, 163 KB on A100)."""
+    try:
+        return int(torch.cuda.get_device_properties(device).shared_memory_per_block_optin)
+    except (AttributeError, RuntimeError, AssertionError):
+        return 99 * 1024  # the smallest of the recent GPUs (sm_86/89/120)
+
+
+def split_shared_bytes(block_m: int, block_n: int, block_d: int, num_stages: int, elem: int) -> int:
+    """Shared memory of the split kernel, an upper bound: the K and V tiles of the stages in flight (one fewer
+    than num_stages) plus three [BLOCK_M, BLOCK_D] tiles for Q and the layout changes of the dots (bf16 d256,
+    64 rows: 229,376 B measured with 3 stages, 163,840 B with 2; fewer rows need less)."""
+    return (num_stages - 1) * 2 * block_n * block_d * elem + 3 * block_m * block_d * elem
+
+
+def split_tiles(rows: int, block_d: int, elem: int, shared_limit: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the split kernel for ``rows`` query rows per kv head
+    (group x Nq), head dim ``block_d`` (padded) and ``elem`` bytes per element: a rule, measured with ptxas on
+    sm_90a and sm_80 under triton 3.9 and 3.6 (bf16/fp32, d64/128/256, 1/32/64 rows), so nothing spills or
+    overflows shared memory, with no benchmarking. The interpreter takes small fixed tiles (16 x 16)."""
+    if not _COMPILED:
+        return max(16, min(MAX_BLOCK_M, triton.next_power_of_2(rows))), BLOCK_N, 4, 1
+    if elem >= 4:
+        block_m = 16
+        block_n = FP32_BLOCK_N[max(64, block_d)]
+        num_warps = 8
+    else:
+        block_m = max(16, min(MAX_BLOCK_M, triton.next_power_of_2(rows)))
+        block_n = BLOCK_N
+        # 4 warps spill 8-340 B from 32 rows on (d128/d256; 64 rows at d64 on sm_80); 8 warps spill nothing.
+        num_warps = 4 if block_m == 16 else 8
+    # A third stage keeps two K/V tiles in flight (memory-bound: worth it) where shared memory allows.
+    num_stages = 3 if split_shared_bytes(block_m, block_n, block_d, 3, elem) <= shared_limit else 2
+    return block_m, block_n, num_warps, num_stages
+
+
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # the interpreter: any small number; tests pass num_splits explicitly too
 
 
-def choose_splits(batch: int, kv_heads: int, row_blocks: int, nmax: int, device: torch.device) -> int:
+def choose_splits(batch: int, kv_heads: int, row_blocks: int, nmax: int, device: torch.device,
+                  block_n: int = BLOCK_N) -> int:
     """Splits per (batch, kv head): enough programs for ~2 waves on the GPU, each split >= 4 key tiles.
 
     Decided from Nmax (the cache capacity), not the true lengths, so no host synchronisation is needed;
@@ -178,7 +220,7 @@ def choose_splits(batch: int, kv_heads: int, row_blocks: int, nmax: int, device:
     """
     programs = batch * kv_heads * row_blocks
     want = triton.cdiv(2 * _sm_count(device), programs)
-    useful = triton.cdiv(nmax, 4 * BLOCK_N)
+    useful = triton.cdiv(nmax, 4 * block_n)
     return max(1, min(want, useful, 128))
 
 
@@ -188,30 +230,26 @@ def decode_grid(batch: int, kv_heads: int, row_blocks: int, num_splits: int) -> 
     return (batch * kv_heads * row_blocks * num_splits,)
 
 
-def row_block(rows: int) -> int:
-    return max(16, min(MAX_BLOCK_M, triton.next_power_of_2(rows)))
-
-
 def attention_decode(q, k_cache, v_cache, cache_seqlens, causal, scale, window_left, window_right, num_splits):
     b, hq, nq, d = q.shape
     hk, nmax = k_cache.shape[1], k_cache.shape[2]
     group = hq // hk
     rows = group * nq
-    block_m = row_block(rows)
+    block_d = max(16, triton.next_power_of_2(d))
+    block_m, block_n, num_warps, num_stages = split_tiles(rows, block_d, q.element_size(), _shared_limit(q.device))
     row_blocks = triton.cdiv(rows, block_m)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
     if num_splits <= 0:
-        num_splits = choose_splits(b, hk, row_blocks, nmax, q.device)
+        num_splits = choose_splits(b, hk, row_blocks, nmax, q.device, block_n)
     # Unbounded sides become a distance no position reaches; causal is a right window of 0.
     far = nmax + nq + 1
     left = window_left if window_left >= 0 else far
     right = window_right if window_right >= 0 else far
     if causal:
         right = min(right, 0)
-    block_d = max(16, triton.next_power_of_2(d))
     opart = torch.empty(b * hk * num_splits * rows, d, dtype=torch.float32, device=q.device)
     lpart = torch.empty(b * hk * num_splits * rows, dtype=torch.float32, device=q.device)
     _decode_split_kernel[decode_grid(b, hk, row_blocks, num_splits)](
@@ -220,7 +258,7 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, causal, scale, window_l
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         F32_DOT=q.dtype == torch.bfloat16 and q.device.type == "cpu",
         IDX64=needs_int64(q, k_cache, v_cache),
-        BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
+        BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
     )
     _decode_combine_kernel[(b * hk * row_blocks,)](opart, lpart, out, lse, d, rows, num_splits, row_blocks,
                                                    BLOCK_D=block_d, BLOCK_M=block_m)
@@ -242,4 +280,4 @@ def kv_cache_append(k_cache, v_cache, k_new, v_new, cache_seqlens) -> None:
         )
 
 
-__all__ = ["attention_decode", "kv_cache_append", "choose_splits", "decode_grid"]
+__all__ = ["attention_decode", "kv_cache_append", "choose_splits", "decode_grid", "split_tiles"]

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from genfast.kernels import _philox
 
-# Elementwise kernels: one program per BLOCK elements.
+# Elementwise kernels: one program per BLOCK elements; _philox.NORMAL_BLOCK where the kernel draws its noise.
 ELEMENTWISE_BLOCK = 1024
 
 # gaussian_kl splits a row over several programs when there are too few rows to fill a GPU: about
@@ -122,14 +122,15 @@ def _langevin_step_kernel(x_ptr, grad_ptr, noise_ptr, seed_ptr, out_ptr, numel, 
 
 
 def _noise_and_seed(noise: torch.Tensor | None, seed: torch.Tensor | None, out: torch.Tensor):
-    """Pointer arguments for _eps: the unused one gets ``out``, which the kernel never reads through it."""
+    """Pointer arguments for _eps and the block: the unused pointer gets ``out``, which the kernel never reads
+    through it; drawing the noise in the kernel takes the Philox block (no spills around sin/cos)."""
     if noise is not None:
-        return noise.contiguous(), out, True
-    return out, seed, False
+        return noise.contiguous(), out, True, ELEMENTWISE_BLOCK
+    return out, seed, False, _philox.NORMAL_BLOCK
 
 
-def _elementwise_grid(numel: int):
-    return (triton.cdiv(numel, ELEMENTWISE_BLOCK),)
+def _elementwise_grid(numel: int, block: int = ELEMENTWISE_BLOCK):
+    return (triton.cdiv(numel, block),)
 
 
 def reparameterize(mu, logvar, noise, seed):
@@ -137,9 +138,9 @@ def reparameterize(mu, logvar, noise, seed):
     out = torch.empty(mu.shape, dtype=mu.dtype, device=mu.device)
     numel = mu.numel()
     if numel:
-        noise_arg, seed_arg, has_noise = _noise_and_seed(noise, seed, out)
-        _reparameterize_kernel[_elementwise_grid(numel)](mu, logvar, noise_arg, seed_arg, out, numel,
-                                                         HAS_NOISE=has_noise, BLOCK=ELEMENTWISE_BLOCK)
+        noise_arg, seed_arg, has_noise, block = _noise_and_seed(noise, seed, out)
+        _reparameterize_kernel[_elementwise_grid(numel, block)](mu, logvar, noise_arg, seed_arg, out, numel,
+                                                                HAS_NOISE=has_noise, BLOCK=block)
     return out
 
 
@@ -149,9 +150,9 @@ def reparameterize_backward(grad, logvar, noise, seed):
     out = torch.empty(logvar.shape, dtype=logvar.dtype, device=logvar.device)
     numel = logvar.numel()
     if numel:
-        noise_arg, seed_arg, has_noise = _noise_and_seed(noise, seed, out)
-        _reparameterize_backward_kernel[_elementwise_grid(numel)](grad, logvar, noise_arg, seed_arg, out, numel,
-                                                                  HAS_NOISE=has_noise, BLOCK=ELEMENTWISE_BLOCK)
+        noise_arg, seed_arg, has_noise, block = _noise_and_seed(noise, seed, out)
+        _reparameterize_backward_kernel[_elementwise_grid(numel, block)](grad, logvar, noise_arg, seed_arg, out,
+                                                                         numel, HAS_NOISE=has_noise, BLOCK=block)
     return out
 
 
@@ -198,10 +199,10 @@ def langevin_step(x, grad, step_size, noise_scale, clamp_min, clamp_max, noise, 
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     numel = x.numel()
     if numel:
-        noise_arg, seed_arg, has_noise = _noise_and_seed(noise, seed, out)
+        noise_arg, seed_arg, has_noise, block = _noise_and_seed(noise, seed, out)
         clamp = clamp_min != float("-inf") or clamp_max != float("inf")
-        _langevin_step_kernel[_elementwise_grid(numel)](
+        _langevin_step_kernel[_elementwise_grid(numel, block)](
             x, grad, noise_arg, seed_arg, out, numel, float(step_size), float(noise_scale),
             float(clamp_min) if clamp else 0.0, float(clamp_max) if clamp else 0.0,
-            HAS_NOISE=has_noise, CLAMP=clamp, BLOCK=ELEMENTWISE_BLOCK)
+            HAS_NOISE=has_noise, CLAMP=clamp, BLOCK=block)
     return out

@@ -30,6 +30,6 @@ def philox_noise(seed: torch.Tensor, numel: int, offset: int, normal: bool) -> t
                          f"numel={numel}, offset={offset}")
     out = torch.empty(numel, device=seed.device, dtype=torch.float32)
     if numel:
-        block = 1024
+        block = _philox.NORMAL_BLOCK if normal else 1024
         _philox_noise_kernel[(triton.cdiv(numel, block),)](seed, out, numel, offset, NORMAL=normal, BLOCK=block)
     return out
