@@ -37,6 +37,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import _allocation
 
 from genfast.kernels import _philox
 
@@ -55,6 +56,9 @@ _CANDIDATES = [(128, 128, 8, 2), (128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2
                (64, 32, 4, 2), (64, 32, 8, 2), (64, 32, 8, 1), (32, 32, 4, 2), (32, 32, 8, 1), (16, 16, 8, 1)]
 # fp32 inputs run their ieee dots on the FMA units, where each thread holds rows of both operands: small tiles.
 _CANDIDATES_FP32 = [(32, 32, 4, 1), (16, 16, 4, 1)]
+# The Hopper forward (TMA, wgmma in flight; genfast/kernels/attention_sm90.py): warpgroup-sized query tiles.
+_CANDIDATES_SM90 = [(128, 128, 8, 2), (128, 64, 8, 2), (128, 64, 8, 3), (64, 128, 4, 2), (64, 64, 4, 2),
+                    (64, 64, 4, 3)]
 _INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)
 
 # Registers: a budget of fp32 tile elements live per thread at the loop's peak (see live_fp32_per_thread), beside
@@ -135,9 +139,10 @@ def _pruner(kernel: str):
         if not _AUTOTUNE:
             return configs
         block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
+        kind = "dkdv_dq" if kernel == "dkdv" and kwargs.get("DQ_ATOMIC") else kernel
         elem = named_args["Q"].element_size()
         limit, capability = _shared_limit(), _capability()
-        kept = [c for c in configs if config_fits(kernel, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], block_d,
+        kept = [c for c in configs if config_fits(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], block_d,
                                                   c.num_warps, c.num_stages, elem, limit, capability)]
         # At most 3 to benchmark (the best-ranked that fit): a new key costs 3 runs, not 14.
         return kept[:3] or configs[-1:]
@@ -147,9 +152,12 @@ def _pruner(kernel: str):
 def _tuned(kernel: str):
     # Lengths enter the key bucketed (next power of two), so a new length does not re-tune.
     key = ["q_bucket", "k_bucket", "BLOCK_D", "MASK_KIND", "DROPOUT", "HAS_WINDOW", "PRECISION", "VARLEN"]
+    if kernel == "dkdv":
+        key += ["DQ_ATOMIC", "TMA"]
     if _AUTOTUNE:
+        candidates = _CANDIDATES_SM90 if kernel.endswith("_tma") else _CANDIDATES + _CANDIDATES_FP32
         configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-                   for m, n, w, s in _CANDIDATES + _CANDIDATES_FP32]
+                   for m, n, w, s in candidates]
         return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": _pruner(kernel)})
     return triton.autotune(configs=[_INTERPRETER_CONFIG], key=key)
 
@@ -209,7 +217,14 @@ def _scores(q, kt, offs_m, offs_n, mask_ptr, smm, smn, Nq, Nk, end_n, shift, lef
 
     ``POSITION``: apply the bounds (j < end_n) and the causal/window limits; off for the tiles every row sees.
     """
-    s = _mm(q, kt, PRECISION, F32_DOT) * qk_scale
+    return _masked(_mm(q, kt, PRECISION, F32_DOT) * qk_scale, offs_m, offs_n, mask_ptr, smm, smn, Nq, Nk, end_n,
+                   shift, left, right, mask_scale, MASK_KIND, POSITION)
+
+
+@triton.jit
+def _masked(s, offs_m, offs_n, mask_ptr, smm, smn, Nq, Nk, end_n, shift, left, right, mask_scale,
+            MASK_KIND: tl.constexpr, POSITION: tl.constexpr):
+    """The scaled scores ``s`` of a tile with the attention mask and the position limits applied (see _scores)."""
     if MASK_KIND != 0:
         in_bounds = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk)
         m = tl.load(mask_ptr + offs_m[:, None] * smm + offs_n[None, :] * smn, mask=in_bounds, other=0)
@@ -390,16 +405,21 @@ def _delta_kernel(Out, dOut, dLse, Delta, sob, soh, som, sdb, sdh, sdm, sdd, Hq,
 
 @_tuned("dkdv")
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, dOut, Lse, Delta, Mask, Seed, dK, dV, CuQ, CuK,
+def _bwd_dkdv_kernel(Q, K, V, dOut, Lse, Delta, Mask, Seed, dK, dV, dQacc, CuQ, CuK,
                      sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
-                     smb, smh, smm, smn, sgb, sgh, sgn,
+                     smb, smh, smm, smn, sgb, sgh, sgn, sab, sah, sam,
                      Hq, Hk, Nq, Nk, TotalQ, TotalK, D, group, qk_scale, scale, dropout_p, drop_scale, left, right,
                      q_bucket, k_bucket,
                      MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, HAS_WINDOW: tl.constexpr,
                      PRECISION: tl.constexpr, F32_DOT: tl.constexpr, VARLEN: tl.constexpr, IDX64: tl.constexpr,
-                     BLOCK_D: tl.constexpr,
+                     DQ_ATOMIC: tl.constexpr, TMA: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dK, dV of one key tile, summed over the query heads of its GQA group (no atomics)."""
+    """dK, dV of one key tile, summed over the query heads of its GQA group (no atomics).
+
+    ``DQ_ATOMIC``: also add this key tile's share of dQ, dS @ K, into the fp32 ``dQacc`` with atomics: the whole
+    backward in five matmuls per tile (S, dP, dV, dK, dQ) instead of seven with the separate dQ pass, at the price
+    of a summation order that varies from run to run. ``TMA``: read the Q and dO tiles through tensor descriptors
+    (sm_90; the rows then need no masks: TMA fills what lies past the sequence with zeros)."""
     pid_n, bhk = _tile_and_group(Nk, BLOCK_N)
     b = bhk // Hk
     hk = bhk % Hk
@@ -434,14 +454,23 @@ def _bwd_dkdv_kernel(Q, K, V, dOut, Lse, Delta, Mask, Seed, dK, dV, CuQ, CuK,
         row0 = _row0(b, h, Hq, Nq, TotalQ, q_start, VARLEN)
         q_base = Q + b * sqb + h * sqh + q_start * sqm
         do_base = dOut + b * sdb + h * sdh + q_start * sdm
+        dq_base = dQacc + b * sab + h * sah + q_start * sam
         mask_ptr = Mask + b * smb + h * smh
+        if TMA:
+            q_desc = tl.make_tensor_descriptor(q_base, shape=[nq, D], strides=[sqm, 1], block_shape=[BLOCK_M, BLOCK_D])
+            do_desc = tl.make_tensor_descriptor(do_base, shape=[nq, D], strides=[sdm, 1],
+                                                block_shape=[BLOCK_M, BLOCK_D])
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + offs_i
             m_ok = offs_m < nq
-            q = tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=m_ok[:, None] & d_ok[None, :],
-                        other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * sdm + offs_d[None, :] * sdd,
-                         mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+            if TMA:
+                q = q_desc.load([start_m, 0])
+                do = do_desc.load([start_m, 0])
+            else:
+                q = tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                            mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+                do = tl.load(do_base + offs_m[:, None] * sdm + offs_d[None, :] * sdd,
+                             mask=m_ok[:, None] & d_ok[None, :], other=0.0)
             lse = tl.load(Lse + row0 + offs_m, mask=m_ok, other=0.0)
             delta = tl.load(Delta + row0 + offs_m, mask=m_ok, other=0.0)
             # Rows with no visible key have lse = -inf and only -inf scores: a zero shift gives P = 0 there.
@@ -460,8 +489,12 @@ def _bwd_dkdv_kernel(Q, K, V, dOut, Lse, Delta, Mask, Seed, dK, dV, CuQ, CuK,
             else:
                 p_drop = p
             dv += _mm(tl.trans(p_drop.to(do.dtype)), do, PRECISION, F32_DOT)
-            ds = p * (dp - delta[:, None])
-            dk += _mm(tl.trans(ds.to(q.dtype)), q, PRECISION, F32_DOT)
+            ds = (p * (dp - delta[:, None])).to(q.dtype)
+            dk += _mm(tl.trans(ds), q, PRECISION, F32_DOT)
+            if DQ_ATOMIC:
+                # dQ's scale is applied when the launcher converts the fp32 sum to q's dtype.
+                tl.atomic_add(dq_base + offs_m[:, None] * sam + offs_d[None, :], _mm(ds, k, PRECISION, F32_DOT),
+                              mask=m_ok[:, None] & d_ok[None, :], sem="relaxed")
 
     out_ptr = b * sgb + hk * sgh + (k_start + offs_n[:, None]) * sgn + offs_d[None, :]
     tl.store(dK + out_ptr, (dk * scale).to(dK.dtype.element_ty), mask=kv_ok)
@@ -608,7 +641,51 @@ def needs_int64(*tensors) -> bool:
                for t in tensors if t is not None and t.numel() > 0)
 
 
-def _launch_fwd(q4, k4, v4, out4, lse, lay, c, scale, dropout_p, autotune=None):
+def tma_eligible(*tensors) -> bool:
+    """Whether tensor descriptors can describe these [B, H, N, D] tensors (TMA's rules): fp16/bf16, the last dim
+    contiguous, the other strides and the start 16-byte aligned. Strides of 0 (the varlen batch) are fine."""
+    for t in tensors:
+        if t.dtype not in (torch.float16, torch.bfloat16) or (t.shape[-1] > 1 and t.stride(-1) != 1):
+            return False
+        size = t.element_size()
+        if t.data_ptr() % 16 or any(st * size % 16 for st in t.stride()[:-1]):
+            return False
+    return True
+
+
+def set_scratch_allocator(device: torch.device) -> None:
+    """Descriptors made on the device live in a little global scratch per program, which Triton asks of the
+    allocator given to ``triton.set_allocator``. Give it torch's caching allocator (so CUDA-graph capture and
+    streams work as for any tensor), unless the caller has set one of their own."""
+    if _allocation._allocator.get() is not _allocation._NULL_ALLOCATOR:
+        return
+
+    def scratch(size: int, alignment: int, stream):
+        return torch.empty(size, dtype=torch.int8, device=device)
+
+    triton.set_allocator(scratch)
+
+
+def use_tma(q4, k4, v4, *more, tma=None) -> bool:
+    """Take the Hopper forward (genfast/kernels/attention_sm90.py)? ``tma=None``: on a GPU of capability 9.x when
+    the tensors allow it; True: always (the interpreter runs it on CPU tensors; a layout TMA cannot describe
+    raises); False: never."""
+    if tma is None:
+        # GENFAST_ATTENTION_TMA=0 keeps the sm_80-style kernel on Hopper; =1 takes the TMA one wherever the layout
+        # allows it (under the interpreter too: how the CPU tests run it).
+        choice = os.environ.get("GENFAST_ATTENTION_TMA", "").lower()
+        if choice in ("0", "false", "off", "no"):
+            return False
+        hopper = q4.is_cuda and _capability()[0] == 9
+        tma = (hopper or choice in ("1", "true", "on", "yes")) and tma_eligible(q4, k4, v4, *more)
+    elif tma and not tma_eligible(q4, k4, v4, *more):
+        raise ValueError("tma=True needs fp16/bf16 q, k, v with a contiguous head dim and 16-byte aligned rows")
+    if tma:
+        set_scratch_allocator(q4.device)
+    return bool(tma)
+
+
+def _launch_fwd(q4, k4, v4, out4, lse, lay, c, scale, dropout_p, autotune=None, tma=None):
     def grid(meta):
         return (triton.cdiv(lay.max_q, meta["BLOCK_M"]) * lay.nseq * c["hq"],)
 
@@ -619,14 +696,22 @@ def _launch_fwd(q4, k4, v4, out4, lse, lay, c, scale, dropout_p, autotune=None):
         length_bucket(lay.max_q), length_bucket(lay.max_k),
     )
     idx64 = needs_int64(q4, k4, v4, out4, c["mask"] if c["consts"]["MASK_KIND"] else None)
-    _launch(_fwd_kernel, grid, args, dict(VARLEN=lay.varlen, IDX64=idx64, **c["consts"]), autotune)
+    kernel = _fwd_kernel
+    if use_tma(q4, k4, v4, tma=tma):
+        from genfast.kernels import attention_sm90  # imports this module's jit helpers: imported at call time
+
+        kernel = attention_sm90._fwd_tma_kernel
+    _launch(kernel, grid, args, dict(VARLEN=lay.varlen, IDX64=idx64, **c["consts"]), autotune)
 
 
-def _launch_bwd(grad_out4, grad_lse, q4, k4, v4, out4, lse, dq4, dk4, dv4, lay, c, scale, dropout_p, autotune=None):
+def _launch_bwd(grad_out4, grad_lse, q4, k4, v4, out4, lse, dq4, dk4, dv4, lay, c, scale, dropout_p, autotune=None,
+                tma=None):
+    """delta, then dK/dV per key tile; dQ either added by that same kernel with fp32 atomics (five matmuls per
+    tile), or, under ``torch.use_deterministic_algorithms(True)``, by its own pass (seven, a fixed order)."""
     lse = lse.contiguous()
     delta = torch.empty_like(lse)
     block_d = c["consts"]["BLOCK_D"]
-    block_m = 64 if _AUTOTUNE else 16
+    block_m = (64 if _AUTOTUNE else 16) * 64 // max(64, block_d)  # o and dO rows in fp32: 32 at d256, no spill
     idx64 = needs_int64(q4, k4, v4, out4, grad_out4, dq4, dk4, dv4,
                         c["mask"] if c["consts"]["MASK_KIND"] else None)
     # delta for every stored row, whatever sequence it belongs to: lse is [B, Hq, Nq] (or [Hq, total_q], B = 1).
@@ -636,14 +721,20 @@ def _launch_bwd(grad_out4, grad_lse, q4, k4, v4, out4, lse, dq4, dk4, dv4, lay, 
         *grad_out4.stride(), c["hq"], rows, c["d"], HAS_DLSE=grad_lse is not None, IDX64=idx64, BLOCK_M=block_m,
         BLOCK_D=block_d,
     )
+    atomic = not torch.are_deterministic_algorithms_enabled()
+    dq_acc = torch.zeros(q4.shape, dtype=torch.float32, device=q4.device) if atomic else dq4
     strides = (*lay.strides(q4), *lay.strides(k4), *lay.strides(v4), *lay.strides(grad_out4), *c["mask_strides"])
     consts = dict(VARLEN=lay.varlen, IDX64=idx64, **c["consts"])
     buckets = (length_bucket(lay.max_q), length_bucket(lay.max_k))
     _launch(_bwd_dkdv_kernel, lambda meta: (triton.cdiv(lay.max_k, meta["BLOCK_N"]) * lay.nseq * c["hk"],), (
-        q4, k4, v4, grad_out4, lse, delta, c["mask"], c["seed"], dk4, dv4, lay.cu_q, lay.cu_k, *strides,
-        *lay.strides(dk4, 3), c["hq"], c["hk"], lay.max_q, lay.max_k, lay.total_q, lay.total_k, c["d"], c["group"],
-        scale * LOG2E, scale, dropout_p, c["drop_scale"], c["left"], c["right"], *buckets,
-    ), consts, autotune)
+        q4, k4, v4, grad_out4, lse, delta, c["mask"], c["seed"], dk4, dv4, dq_acc, lay.cu_q, lay.cu_k, *strides,
+        *lay.strides(dk4, 3), *lay.strides(dq_acc, 3), c["hq"], c["hk"], lay.max_q, lay.max_k, lay.total_q,
+        lay.total_k, c["d"], c["group"], scale * LOG2E, scale, dropout_p, c["drop_scale"], c["left"], c["right"],
+        *buckets,
+    ), dict(consts, DQ_ATOMIC=atomic, TMA=use_tma(q4, k4, v4, grad_out4, tma=tma)), autotune)
+    if atomic:
+        dq4.copy_(dq_acc.mul_(scale))
+        return
     _launch(_bwd_dq_kernel, lambda meta: (triton.cdiv(lay.max_q, meta["BLOCK_M"]) * lay.nseq * c["hq"],), (
         q4, k4, v4, grad_out4, lse, delta, c["mask"], c["seed"], dq4, lay.cu_q, lay.cu_k, *strides,
         *lay.strides(dq4, 3), c["hq"], lay.max_q, lay.max_k, lay.total_q, lay.total_k, c["d"], c["group"],
@@ -651,19 +742,21 @@ def _launch_bwd(grad_out4, grad_lse, q4, k4, v4, out4, lse, dq4, dk4, dv4, lay, 
     ), consts, autotune)
 
 
-def attention_fwd(q, k, v, attn_mask, seed, causal, dropout_p, scale, window_left, window_right, *, autotune=None):
-    """``autotune``: None follows :func:`autotune_enabled`; False takes the heuristic config (no benchmarking)."""
+def attention_fwd(q, k, v, attn_mask, seed, causal, dropout_p, scale, window_left, window_right, *, autotune=None,
+                  tma=None):
+    """``autotune``: None follows :func:`autotune_enabled`; False takes the heuristic config (no benchmarking).
+    ``tma``: see :func:`use_tma`."""
     c = _common(q, k, attn_mask, seed, causal, dropout_p, window_left, window_right)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    _launch_fwd(q, k, v, out, lse, _Layout(q, k), c, scale, dropout_p, autotune)
+    _launch_fwd(q, k, v, out, lse, _Layout(q, k), c, scale, dropout_p, autotune, tma)
     return out, lse
 
 
 def attention_bwd(grad_out, grad_lse, q, k, v, out, lse, attn_mask, seed, causal, dropout_p, scale, window_left,
-                  window_right, *, autotune=None):
+                  window_right, *, autotune=None, tma=None):
     c = _common(q, k, attn_mask, seed, causal, dropout_p, window_left, window_right)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
@@ -671,7 +764,7 @@ def attention_bwd(grad_out, grad_lse, q, k, v, out, lse, attn_mask, seed, causal
     if dq.numel() == 0:
         return dq, dk.zero_(), dv.zero_()
     _launch_bwd(grad_out, grad_lse, q, k, v, out, lse, dq, dk, dv, _Layout(q, k), c, scale, dropout_p,
-                autotune)
+                autotune, tma)
     return dq, dk, dv
 
 

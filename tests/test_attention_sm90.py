@@ -1,0 +1,130 @@
+"""The Hopper attention paths, run by the Triton interpreter on CPU tensors and held to the spec.
+
+On a GPU of capability 9.x, fp16/bf16 attention takes the TMA forward of genfast/kernels/attention_sm90.py and a
+backward whose Q/dO tiles come through tensor descriptors; every backward adds dQ with atomics (five matmuls per
+tile) unless deterministic algorithms are asked for. ``GENFAST_ATTENTION_TMA=1`` makes the interpreter take the
+same kernels here, so they meet the rule of tests/test_attention.py (CONTRIBUTING.md section 3) on every case,
+mask, dropout and the varlen layout, gradients included.
+"""
+
+import pytest
+import torch
+
+import genfast
+from genfast.kernels import attention as kernels
+from genfast.kernels import attention_sm90
+from genfast.ops import attention, attention_ref
+from tests import test_attention as dense
+from tests import test_attention_varlen as varlen
+from tests.attention_checks import FLOOR, max_error, run_forward_backward, seed_of
+from tests.tolerance import assert_within_tolerance
+
+LOW = [torch.float16, torch.bfloat16]
+
+
+@pytest.fixture
+def launched(monkeypatch):
+    """Force the TMA kernels and record (kernel name, its constexpr flags) of every attention launch."""
+    monkeypatch.setenv("GENFAST_ATTENTION_TMA", "1")
+    calls = []
+    launch = kernels._launch
+
+    def recording(kernel, grid, args, kwargs, autotune=None):
+        calls.append((kernel.fn.__name__, kwargs))
+        return launch(kernel, grid, args, kwargs, autotune)
+
+    monkeypatch.setattr(kernels, "_launch", recording)
+    return calls
+
+
+def _names(calls):
+    return [name for name, _ in calls]
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("case", list(dense.CASES))
+def test_tma_paths_match_spec(launched, dtype, case):
+    shape_q, shape_k, options = dense.CASES[case]
+    q, k, v = dense._make(shape_q, shape_k, dtype, "cpu")
+    dense._check_against_spec("cpu", "triton", q, k, v, **options)
+    assert _names(launched) == ["_fwd_tma_kernel", "_bwd_dkdv_kernel"]
+    assert launched[1][1]["TMA"] and launched[1][1]["DQ_ATOMIC"]
+
+
+@pytest.mark.parametrize("kind", ["bool-2d", "additive-heads"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_tma_paths_with_masks(launched, kind, causal):
+    dtype = torch.bfloat16
+    q, k, v = dense._make((2, 2, 17, 16), (2, 2, 21, 16), dtype, "cpu", seed=1)
+    dense._check_against_spec("cpu", "triton", q, k, v, attn_mask=dense._masks(kind, 2, 2, 17, 21, dtype, "cpu"),
+                              causal=causal)
+    assert _names(launched) == ["_fwd_tma_kernel", "_bwd_dkdv_kernel"]
+
+
+def test_tma_paths_with_dropout(launched):
+    """The same Philox keep mask as the spec: bf16 outputs and gradients within the rule of the dropped spec."""
+    dtype, p = torch.bfloat16, 0.3
+    q, k, v = dense._make((2, 4, 17, 16), (2, 2, 19, 16), dtype, "cpu", seed=6)
+    w_out = torch.randn(q.shape, dtype=torch.float64)
+    w_lse = torch.randn(q.shape[:3], dtype=torch.float64)
+
+    def ours(q, k, v):
+        with genfast.backend("triton"):
+            return attention(q, k, v, dropout_p=p, causal=True, return_lse=True,
+                             generator=torch.Generator().manual_seed(7))
+
+    def spec(compute_dtype):
+        return lambda q, k, v: attention_ref(q, k, v, dropout_p=p, causal=True, return_lse=True, seed=seed_of(7),
+                                             compute_dtype=compute_dtype)
+
+    got = run_forward_backward(ours, q, k, v, w_out, w_lse)
+    exact = run_forward_backward(spec(torch.float64), q.double(), k.double(), v.double(), w_out, w_lse)
+    torch_low = run_forward_backward(spec(dtype), q, k, v, w_out, w_lse)
+    for name, g, e, t in zip(("out", "lse", "dq", "dk", "dv"), got, exact, torch_low):
+        floor = FLOOR[dtype] + torch.finfo(dtype).eps * e[torch.isfinite(e)].abs().max().item()
+        assert_within_tolerance(name, max_error(g, e), max_error(t, e), floor)
+    assert "_fwd_tma_kernel" in _names(launched)
+
+
+@pytest.mark.parametrize("case", ["gqa-causal", "d80-scale"])
+def test_tma_paths_varlen(launched, case):
+    lens_q, lens_k, hq, hk, d, options = varlen.CASES[case]
+    inputs = varlen._make(lens_q, lens_k, hq, hk, d, torch.bfloat16, "cpu")
+    varlen._check_against_spec("cpu", "triton", *inputs, **options)
+    assert _names(launched) == ["_fwd_tma_kernel", "_bwd_dkdv_kernel"]
+
+
+def test_deterministic_algorithms_take_the_separate_dq_pass(launched):
+    """Atomics add dQ in a varying order; torch.use_deterministic_algorithms(True) gets the fixed-order pass, and
+    both agree with the spec's gradient to the same accuracy."""
+    q, k, v = dense._make((1, 4, 33, 32), (1, 2, 40, 32), torch.float32, "cpu", seed=2)
+    grad = torch.randn(q.shape)
+    out, lse = kernels.attention_fwd(q, k, v, None, None, True, 0.0, 0.2, -1, -1)
+    atomic = kernels.attention_bwd(grad, None, q, k, v, out, lse, None, None, True, 0.0, 0.2, -1, -1)
+    assert _names(launched) == ["_fwd_kernel", "_bwd_dkdv_kernel"]  # fp32: no TMA; dQ by atomics
+    launched.clear()
+    torch.use_deterministic_algorithms(True)
+    try:
+        fixed = kernels.attention_bwd(grad, None, q, k, v, out, lse, None, None, True, 0.0, 0.2, -1, -1)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert _names(launched) == ["_bwd_dkdv_kernel", "_bwd_dq_kernel"]
+    assert not launched[0][1]["DQ_ATOMIC"]
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    attention_ref(*leaves, causal=True, scale=0.2).backward(grad)
+    for a, b, leaf in zip(atomic, fixed, leaves):
+        assert max_error(a, leaf.grad) < 1e-5 and max_error(b, leaf.grad) < 1e-5
+
+
+def test_tma_needs_a_layout_descriptors_can_describe():
+    q = torch.randn(1, 2, 8, 16)
+    with pytest.raises(ValueError, match="tma=True"):
+        kernels.attention_fwd(q, q, q, None, None, False, 0.0, 0.25, -1, -1, tma=True)  # fp32
+    h = torch.randn(1, 2, 8, 20, dtype=torch.bfloat16)[..., :12]  # rows 40 bytes apart: not a 16-byte multiple
+    assert not kernels.tma_eligible(h) and kernels.tma_eligible(h.contiguous()[..., :8].contiguous())
+    assert not kernels.use_tma(q, q, q)  # CPU tensors take it only when asked
+
+
+def test_tma_kernel_keeps_the_forward_arguments():
+    """One launcher feeds both forwards: their argument lists must stay the same."""
+    assert attention_sm90._fwd_tma_kernel.fn.arg_names == kernels._fwd_kernel.fn.arg_names
