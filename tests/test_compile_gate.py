@@ -55,6 +55,24 @@ def test_limits_and_wgmma_rule_are_per_arch_and_family():
     assert report.failures([fp32], "90a") == []
 
 
+@pytest.mark.parametrize("tma, in_flight, passes", [(4, True, True), (0, True, False), (4, False, False),
+                                                    (0, False, False)])
+def test_tma_kernels_need_tma_loads_and_async_wgmma_on_hopper(tma, in_flight, passes):
+    tma_row = report.row("attention", "_fwd_tma_kernel", "triton", "bf16 d128: BLOCK_M=128",
+                         {**_row(), "tma": tma, "wgmma_async": in_flight})
+    messages = report.failures([tma_row], "90a")
+    if passes:
+        assert messages == []
+    else:
+        (message,) = messages
+        assert "_fwd_tma_kernel" in message and "BLOCK_M=128" in message
+        assert "expected TMA loads and async wgmma" in message and f"{tma} cp.async.bulk.tensor" in message
+    # Only kernels named *_tma_kernel, only on sm_90a, only Triton's.
+    assert report.failures([{**tma_row, "kernel": "_fwd_kernel"}], "90a") == []
+    assert report.failures([tma_row], "80") == []
+    assert report.failures([{**tma_row, "source": "cuda"}], "90a") == []
+
+
 def test_report_round_trip_schema_and_no_churn(tmp_path):
     rows = [_row(), _row(compiled=False, error="x", regs=None, spill_bytes=None, shared_bytes=None)]
     meta = {"arch": "90a", "triton": "9.9.9", "nvcc": "13.0.88", "commit": "abc1234", "date": "2026-11-29T00:00:00Z"}

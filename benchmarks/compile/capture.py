@@ -36,11 +36,12 @@ class Launch:
 
     def config_text(self) -> str:
         """The tile parameters and launch options: the config's own for autotuned launches, else the launch's
-        constexprs named BLOCK*/NP (the tiles a launcher's heuristic chose) and its options."""
+        upper-case keyword constexprs (tiles a launcher's heuristic chose, and the flags that tell two launches
+        of one kernel apart) and its options."""
         if self.tuned:
             items = dict(self.tuned)
         else:
-            items = {k: v for k, v in self.kwargs.items() if k.startswith("BLOCK") or k in OPTION_NAMES}
+            items = {k: v for k, v in self.kwargs.items() if k.isupper() or k in OPTION_NAMES}
         return " ".join(f"{k}={v}" for k, v in items.items())
 
 

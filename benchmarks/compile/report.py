@@ -15,6 +15,9 @@ import os
 SHARED_LIMIT = {"90a": 232448, "80": 166912}
 # Families whose Triton tl.dot must lower to wgmma on Hopper (the tensor-core heavy kernels).
 WGMMA_FAMILIES = ("attention", "attention_varlen", "conv_transpose")
+# Triton kernels named *_tma_kernel exist for Hopper's copy engine and in-flight wgmma: on sm_90a their PTX must
+# show both (a silent fallback to pointer loads or to waited-for wgmma would lose what they are for).
+TMA_SUFFIX = "_tma_kernel"
 FIELDS = ("family", "kernel", "source", "config", "compiled", "regs", "spill_bytes", "shared_bytes", "wgmma",
           "wgmma_async", "mma_sync", "tma")
 
@@ -45,6 +48,11 @@ def failures(rows: list[dict], arch: str) -> list[str]:
         if (arch == "90a" and r["source"] == "triton" and r["family"] in WGMMA_FAMILIES and r["mma_sync"]
                 and not r["wgmma"]):
             messages.append(f"{where}: tl.dot lowers to {r['mma_sync']} mma.sync, no wgmma")
+        if (arch == "90a" and r["source"] == "triton" and r["kernel"].endswith(TMA_SUFFIX)
+                and not (r["tma"] and r["wgmma_async"])):
+            in_flight = "in flight" if r["wgmma_async"] else "never in flight"
+            found = f"{r['tma'] or 0} cp.async.bulk.tensor, wgmma {in_flight}"
+            messages.append(f"{where}: expected TMA loads and async wgmma, found {found}")
     return messages
 
 

@@ -14,6 +14,7 @@ import io
 import json
 import os
 import re
+import time
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -92,7 +93,9 @@ def build(launch: Launch, arch: str, cache_dir: str | None = None) -> dict:
     if path and os.path.exists(path):
         with open(path) as f:
             return json.load(f)
+    start = time.perf_counter()
     row = _compile(launch, arch)
+    row["seconds"] = round(time.perf_counter() - start, 1)  # kept in the cache, never in the report
     if path and row["compiled"]:
         os.makedirs(cache_dir, exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
