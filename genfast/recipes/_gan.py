@@ -2,7 +2,7 @@
 
 One step (Goodfellow et al.'s non-saturating form, as in the DCGAN paper):
     D: minimise BCE(D(x_real), 1) + BCE(D(G(z).detach()), 0)      real and fake as separate batches (BatchNorm)
-    G: minimise BCE(D(G(z)), 1)                                     the same fakes, through the updated D
+    G: minimise BCE(D(G(z)), 1) [+ generator_penalty(G(z))]         the same fakes, through the updated D
 Resume is exact for a single process: the real batch of step s is a pure function of (seed, s) and the noise
 comes from the global RNG, whose state every checkpoint stores (the loop restores it). Under DDP the global batch
 of step s is the same and each rank takes its slice.
@@ -38,13 +38,16 @@ class GANTask(TrainTask):
     evaluate(step) -> bool: every --sample-every steps and the last, on every rank (write files on the main rank
         only); True stops training early (every rank must return the same).
     finish(step, completed): after training (the final grid).
+    generator_penalty(x_fake, extra) -> a scalar added to G's loss (e.g. the cGAN's mode-seeking term), shown as
+        "div" in the progress bar; None for none.
     """
 
     def __init__(self, run: Run, generator: nn.Module, discriminator: nn.Module, model_config: dict, *,
                  real: Callable, fake: Callable, evaluate: Callable[[int], bool],
                  finish: Callable[[int, bool], None] = lambda step, completed: None,
                  extras: dict | None = None, state: Callable[[], dict] = dict,
-                 load_state: Callable[[dict], None] = lambda state: None):
+                 load_state: Callable[[dict], None] = lambda state: None,
+                 generator_penalty: Callable[[torch.Tensor, tuple], torch.Tensor] | None = None):
         self.run = run
         device = run.device
         self.G, self.D = generator.to(device), discriminator.to(device)
@@ -57,6 +60,7 @@ class GANTask(TrainTask):
         self.per_rank = run.args.batch_size // run.dist.world_size
         self._real, self._fake, self._evaluate, self._finish = real, fake, evaluate, finish
         self._state, self._load_state = state, load_state
+        self._penalty = generator_penalty
 
     def config_dict(self) -> dict:
         return {"model": self.model_config, **self.extras}
@@ -72,10 +76,14 @@ class GANTask(TrainTask):
         opt_d.step()
         with self.run.autocast():
             loss_g = _bce(self.Dw(x_fake, *extra), 1.0)
+            penalty = self._penalty(x_fake, extra) if self._penalty is not None else None
         opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
+        (loss_g if penalty is None else loss_g + penalty).backward()
         opt_g.step()
-        return {"D": loss_d.detach(), "G": loss_g.detach()}
+        metrics = {"D": loss_d.detach(), "G": loss_g.detach()}
+        if penalty is not None:
+            metrics["div"] = penalty.detach()
+        return metrics
 
     def evaluate(self, step: int) -> bool:
         return self._evaluate(step)
@@ -89,6 +97,22 @@ class GANTask(TrainTask):
     def load_state_dict(self, state: dict) -> None:
         if state:
             self._load_state(state)
+
+
+def mode_seeking_penalty(images: torch.Tensor, z: torch.Tensor, labels: torch.Tensor,
+                         eps: float = 1e-5) -> torch.Tensor:
+    """The mode-seeking term of MSGAN (Mao et al., 2019) for a conditional generator: 1 / (r + eps), where r is the
+    mean, over pairs of samples of the same class in the batch, of mean |x_i - x_j| / mean |z_i - z_j|. Minimising
+    it makes different latents of one class give different images: the cure for a generator that draws one image
+    per class. images [B, ...], z [B, nz], labels [B]; 0 when no two samples share a class."""
+    same = labels[:, None] == labels[None, :]
+    same.fill_diagonal_(False)
+    if not bool(same.any()):
+        return images.new_zeros((), dtype=torch.float32)
+    x, z = images.flatten(1).float(), z.flatten(1).float()
+    dx = torch.cdist(x, x, p=1)[same] / x.shape[1]
+    dz = torch.cdist(z, z, p=1)[same] / z.shape[1]
+    return 1.0 / ((dx / dz).mean() + eps)
 
 
 # ------------------------------------------------------------------------------------------- image GANs

@@ -31,9 +31,10 @@ from genfast.recipes._gan import (
     grid_writer,
     in_eval_mode,
     load_image_data,
+    mode_seeking_penalty,
     real_images,
 )
-from genfast.training import CommandParser, add_train_args, positive_int, start_run
+from genfast.training import CommandParser, add_train_args, non_negative_float, positive_int, start_run
 
 OPS = ("conv_transpose2d",)
 
@@ -45,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     add_gan_args(parser)
     add_image_args(parser, data="shapes")
     parser.add_argument("--embed-dim", type=positive_int, default=50, help="size of the label embedding")
+    parser.add_argument("--mode-seeking", type=non_negative_float, default=0.2,
+                        help="weight of the mode-seeking term (MSGAN) in G's loss, which keeps the samples of one "
+                             "class apart (without it each class collapsed to nearly one image); 0: off (default 0.2)")
     return parser
 
 
@@ -87,12 +91,19 @@ def train_main(argv: list[str]) -> int:
         fixed_z = fixed_z.repeat(config.num_classes, 1)
         evaluate, finish = grid_writer(run, in_eval_mode(G, lambda: G(fixed_z, grid_labels)), nrow=per_row)
 
+        latents = {}  # this step's z, for the mode-seeking term
+
         def fake(gen, batch, extra):
             (labels,) = extra  # fakes of the real batch's classes: D sees the same class balance in both
-            return gen(torch.randn(batch, config.latent_dim, device=run.device), labels)
+            latents["z"] = torch.randn(batch, config.latent_dim, device=run.device)
+            return gen(latents["z"], labels)
+
+        def diversity(x_fake, extra):
+            return args.mode_seeking * mode_seeking_penalty(x_fake, latents["z"], extra[0])
 
         task = GANTask(run, G, D, config.to_dict(), real=real_images(data.images, data.labels, run), fake=fake,
-                       evaluate=evaluate, finish=finish)
+                       evaluate=evaluate, finish=finish,
+                       generator_penalty=diversity if args.mode_seeking > 0 else None)
         return run.train(task)
 
 
