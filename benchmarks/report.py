@@ -120,19 +120,23 @@ def markdown(data: dict, figure_names: dict | None = None) -> str:
              "Ceilings measured in this run: " + ", ".join(f"{k} = {v}" for k, v in ceilings.items()), ""]
     lines += summary_markdown(data, comps)
     copy = ceilings.get("copy_GBps")
+    # Compute-bound cases read against this run's own matmul (bf16 on a GPU, fp32 on a CPU), as they do copy.
+    matmul = ceilings.get("bf16_matmul_TFLOPs") or ceilings.get("fp32_matmul_TFLOPs")
     fmt = lambda v: "" if v is None else f"{v}"  # noqa: E731
     for family in sorted({r["family"] for r in results}):
         image = (figure_names or {}).get(family) or f"{stem}-{family}.png"
         lines += [f"## {family}", "", f"![{family}]({image})" if _has_figure(comps, family)
                   else "(no genfast provider ran on this device: nothing to compare)", "",
-                  "| op | case | provider | ms (median) | speedup of genfast | GB/s | % copy | TFLOP/s |",
-                  "|---|---|---|---:|---:|---:|---:|---:|"]
+                  "| op | case | provider | ms (median) | speedup of genfast | GB/s | % copy | TFLOP/s | % matmul |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|"]
         speed = {(c["op"], c["case"], c["peer"]): c["speedup"] for c in comps if c["family"] == family}
         for r in (r for r in results if r["family"] == family):
             frac = f"{100 * r['GBps'] / copy:.0f}%" if r.get("GBps") and copy else ""
+            of_matmul = f"{100 * r['TFLOPs'] / matmul:.0f}%" if r.get("TFLOPs") and matmul else ""
             mine = speed.get((r["op"], r["case"], r["provider"]))
             lines.append(f"| {r['op']} | {r['case']} | {r['provider']} | {r['ms']:.4f} | "
-                         f"{_x(mine) if mine else ''} | {fmt(r.get('GBps'))} | {frac} | {fmt(r.get('TFLOPs'))} |")
+                         f"{_x(mine) if mine else ''} | {fmt(r.get('GBps'))} | {frac} | {fmt(r.get('TFLOPs'))} | "
+                         f"{of_matmul} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -138,3 +138,11 @@ def test_one_figure_for_all_families(tmp_path):
     written = report.write(str(path), one_figure=True)
     assert sorted(os.path.basename(p) for p in written) == ["bench.md", "bench.png"]
     assert "![attention](bench.png)" in (tmp_path / "bench.md").read_text()
+
+
+def test_compute_bound_rows_read_against_this_runs_matmul():
+    data = dict(DATA, ceilings={"copy_GBps": 10.0, "bf16_matmul_TFLOPs": 800.0},
+                results=[dict(_r("attention", "attention_fwd", "d128", "genfast-auto", 1.0), TFLOPs=560.0),
+                         _r("attention", "attention_fwd", "d128", "torch-sdpa", 2.0)])
+    rows = [line for line in report.markdown(data).splitlines() if line.startswith("| attention_fwd")]
+    assert rows[0].endswith("| 560.0 | 70% |") and rows[1].endswith("|  |  |")

@@ -56,9 +56,23 @@ _CANDIDATES = [(128, 128, 8, 2), (128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2
                (64, 32, 4, 2), (64, 32, 8, 2), (64, 32, 8, 1), (32, 32, 4, 2), (32, 32, 8, 1), (16, 16, 8, 1)]
 # fp32 inputs run their ieee dots on the FMA units, where each thread holds rows of both operands: small tiles.
 _CANDIDATES_FP32 = [(32, 32, 4, 1), (16, 16, 4, 1)]
-# The Hopper forward (TMA, wgmma in flight; genfast/kernels/attention_sm90.py): warpgroup-sized query tiles.
-_CANDIDATES_SM90 = [(128, 128, 8, 2), (128, 64, 8, 2), (128, 64, 8, 3), (64, 128, 4, 2), (64, 64, 4, 2),
-                    (64, 64, 4, 3)]
+# Tiles measured with ptxas -v (python -m benchmarks.compile; bf16, sm_90a / sm_80) to neither spill nor overflow,
+# in order of preference, for the kernels whose register use the count below does not predict: the Hopper forward
+# (the next tile's scores in flight beside the softmax's) and the five-matmul backward (dQ's tile beside dK/dV).
+# Key: (kernel, Hopper?, BLOCK_D); head dims under 64 take the 64 entry. No entry: the kernel is not taken there
+# (d256 backward: the separate dQ pass; the tile the count allows there spills 1-9 KB with dQ fused).
+_MEASURED = {
+    ("fwd_tma", True, 64): [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (128, 32, 8, 2)],
+    ("fwd_tma", True, 128): [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (128, 32, 8, 2)],
+    ("fwd_tma", True, 256): [(128, 32, 8, 2)],
+    ("dkdv_dq", True, 64): [(128, 64, 8, 2), (64, 64, 8, 2), (64, 64, 8, 1)],
+    ("dkdv_dq", True, 128): [(128, 32, 8, 2), (128, 32, 8, 1)],
+    ("dkdv_dq", False, 64): [(32, 32, 4, 2), (32, 32, 8, 1)],
+    ("dkdv_dq", False, 128): [(32, 32, 8, 1), (16, 16, 8, 1)],
+    ("dkdv_dq", False, 256): [(32, 32, 8, 1), (16, 16, 8, 1)],
+}
+# With dropout the Hopper forward keeps at most 112 fp32 tile elements per thread (measured: 112 fits, 160 spills).
+_MEASURED_DROPOUT_BUDGET = 112
 _INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)
 
 # Registers: a budget of fp32 tile elements live per thread at the loop's peak (see live_fp32_per_thread), beside
@@ -76,8 +90,10 @@ def live_fp32_per_thread(kernel: str, block_m: int, block_n: int, block_d: int, 
     """fp32 tile elements each thread holds at once: forward acc[M, D] + S/P[M, N]; dQ dq[M, D] + S/P and
     dP/dS [M, N]; dK/dV dk and dv [N, D] + P and dS [M, N]."""
     tiles = {"fwd": block_m * block_d + block_m * block_n,
+             "fwd_tma": block_m * block_d + 3 * block_m * block_n,  # + the next tile's raw scores
              "dq": block_m * block_d + 2 * block_m * block_n,
-             "dkdv": 2 * block_n * block_d + 2 * block_m * block_n}[kernel]
+             "dkdv": 2 * block_n * block_d + 2 * block_m * block_n,
+             "dkdv_dq": 2 * block_n * block_d + 2 * block_m * block_n + block_m * block_d}[kernel]
     return tiles / (32 * num_warps)
 
 
@@ -87,6 +103,8 @@ def shared_bytes(kernel: str, block_m: int, block_n: int, block_d: int, num_stag
     this count, 247,808 B measured.)"""
     if kernel == "fwd":  # streams K and V; Q once
         return num_stages * 2 * block_n * block_d * elem + block_m * block_d * elem + block_m * block_n * elem
+    if kernel == "fwd_tma":  # streams K and V; Q once; the first K tile and V of the last tile of a run
+        return (num_stages + 1) * 2 * block_n * block_d * elem + block_m * block_d * elem
     if kernel == "dq":  # streams K and V; Q, dO once; dS staged
         return num_stages * 2 * block_n * block_d * elem + 2 * block_m * block_d * elem + block_m * block_n * elem
     # dkdv: streams Q, dO (and lse, delta); K, V once; P and dS staged
@@ -102,12 +120,25 @@ def _shared_limit() -> int:
         return 99 * 1024  # the smallest of the recent GPUs (sm_86/89/120)
 
 
+def measured_tiles(kernel: str, block_d: int, elem: int, capability: tuple[int, int]) -> list:
+    """The measured configs (see _MEASURED) of ``kernel`` ("fwd_tma" or "dkdv_dq"), [] where it is not taken."""
+    if elem != 2:
+        return []
+    return _MEASURED.get((kernel, capability[0] >= 9, max(64, block_d)), [])
+
+
 def config_fits(kernel: str, block_m: int, block_n: int, block_d: int, num_warps: int, num_stages: int, elem: int,
-                shared_limit: int, capability: tuple[int, int] = (9, 0)) -> bool:
+                shared_limit: int, capability: tuple[int, int] = (9, 0), dropout: bool = False) -> bool:
     """The rule every config passes: no register spills and no shared-memory overflow on a GPU of
     ``capability`` with ``shared_limit`` bytes of shared memory per block (``elem``: bytes per input element)."""
     if shared_bytes(kernel, block_m, block_n, block_d, num_stages, elem) > shared_limit:
         return False
+    config = (block_m, block_n, num_warps, num_stages)
+    if kernel in ("fwd_tma", "dkdv_dq"):
+        if config not in measured_tiles(kernel, block_d, elem, capability):
+            return False
+        return not (kernel == "fwd_tma" and dropout
+                    and live_fp32_per_thread(kernel, *config[:2], block_d, num_warps) > _MEASURED_DROPOUT_BUDGET)
     if elem == 4:  # FMA dots (measured on sm_90a: 32x32 fits at d64, spills 3 KB at d128; 16x16 fits at d128)
         return (block_m, block_n, num_warps, num_stages) in _CANDIDATES_FP32 and block_m * block_n * block_d <= 65536
     if (block_m, block_n, num_warps, num_stages) not in _CANDIDATES:
@@ -143,7 +174,12 @@ def _pruner(kernel: str):
         elem = named_args["Q"].element_size()
         limit, capability = _shared_limit(), _capability()
         kept = [c for c in configs if config_fits(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], block_d,
-                                                  c.num_warps, c.num_stages, elem, limit, capability)]
+                                                  c.num_warps, c.num_stages, elem, limit, capability,
+                                                  bool(kwargs.get("DROPOUT")))]
+        if kind in ("fwd_tma", "dkdv_dq"):  # measured order, not the list's
+            order = measured_tiles(kind, block_d, elem, capability)
+            kept.sort(key=lambda c: order.index((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
+                                                 c.num_stages)))
         # At most 3 to benchmark (the best-ranked that fit): a new key costs 3 runs, not 14.
         return kept[:3] or configs[-1:]
     return prune
@@ -155,7 +191,12 @@ def _tuned(kernel: str):
     if kernel == "dkdv":
         key += ["DQ_ATOMIC", "TMA"]
     if _AUTOTUNE:
-        candidates = _CANDIDATES_SM90 if kernel.endswith("_tma") else _CANDIDATES + _CANDIDATES_FP32
+        candidates = _CANDIDATES + _CANDIDATES_FP32
+        if kernel == "fwd_tma":
+            candidates = list(dict.fromkeys(c for (k, _, _), tiles in _MEASURED.items() if k == kernel for c in tiles))
+        elif kernel == "dkdv":  # the five-matmul form's measured tiles, in its order, then the others
+            fused = [c for (k, _, _), tiles in _MEASURED.items() if k == "dkdv_dq" for c in tiles]
+            candidates = list(dict.fromkeys(fused + candidates))
         configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
                    for m, n, w, s in candidates]
         return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": _pruner(kernel)})
@@ -418,8 +459,9 @@ def _bwd_dkdv_kernel(Q, K, V, dOut, Lse, Delta, Mask, Seed, dK, dV, dQacc, CuQ, 
 
     ``DQ_ATOMIC``: also add this key tile's share of dQ, dS @ K, into the fp32 ``dQacc`` with atomics: the whole
     backward in five matmuls per tile (S, dP, dV, dK, dQ) instead of seven with the separate dQ pass, at the price
-    of a summation order that varies from run to run. ``TMA``: read the Q and dO tiles through tensor descriptors
-    (sm_90; the rows then need no masks: TMA fills what lies past the sequence with zeros)."""
+    of a summation order that varies from run to run; 1: per-element atomics, 2: one bulk TMA reduction per tile
+    (sm_90; the interpreter has no descriptor reductions). ``TMA``: read K, V, Q and dO tiles through tensor
+    descriptors (sm_90; rows need no masks: TMA fills what lies past the sequence with zeros)."""
     pid_n, bhk = _tile_and_group(Nk, BLOCK_N)
     b = bhk // Hk
     hk = bhk % Hk
@@ -434,10 +476,16 @@ def _bwd_dkdv_kernel(Q, K, V, dOut, Lse, Delta, Mask, Seed, dK, dV, dQacc, CuQ, 
     d_ok = offs_d < D
     n_ok = offs_n < nk
     kv_ok = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + b * skb + hk * skh + (k_start + offs_n[:, None]) * skn + offs_d[None, :] * skd, mask=kv_ok,
-                other=0.0)
-    v = tl.load(V + b * svb + hk * svh + (k_start + offs_n[:, None]) * svn + offs_d[None, :] * svd, mask=kv_ok,
-                other=0.0)
+    if TMA:  # straight into shared memory, where the matmuls read them
+        k = tl.make_tensor_descriptor(K + b * skb + hk * skh + k_start * skn, shape=[nk, D], strides=[skn, 1],
+                                      block_shape=[BLOCK_N, BLOCK_D]).load([n0, 0])
+        v = tl.make_tensor_descriptor(V + b * svb + hk * svh + k_start * svn, shape=[nk, D], strides=[svn, 1],
+                                      block_shape=[BLOCK_N, BLOCK_D]).load([n0, 0])
+    else:
+        k = tl.load(K + b * skb + hk * skh + (k_start + offs_n[:, None]) * skn + offs_d[None, :] * skd, mask=kv_ok,
+                    other=0.0)
+        v = tl.load(V + b * svb + hk * svh + (k_start + offs_n[:, None]) * svn + offs_d[None, :] * svd, mask=kv_ok,
+                    other=0.0)
     seed = 0
     if DROPOUT:
         seed = tl.load(Seed).to(tl.uint64)
@@ -460,6 +508,9 @@ def _bwd_dkdv_kernel(Q, K, V, dOut, Lse, Delta, Mask, Seed, dK, dV, dQacc, CuQ, 
             q_desc = tl.make_tensor_descriptor(q_base, shape=[nq, D], strides=[sqm, 1], block_shape=[BLOCK_M, BLOCK_D])
             do_desc = tl.make_tensor_descriptor(do_base, shape=[nq, D], strides=[sdm, 1],
                                                 block_shape=[BLOCK_M, BLOCK_D])
+            if DQ_ATOMIC == 2:
+                dq_desc = tl.make_tensor_descriptor(dq_base, shape=[nq, D], strides=[sam, 1],
+                                                    block_shape=[BLOCK_M, BLOCK_D])
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + offs_i
             m_ok = offs_m < nq
@@ -493,8 +544,12 @@ def _bwd_dkdv_kernel(Q, K, V, dOut, Lse, Delta, Mask, Seed, dK, dV, dQacc, CuQ, 
             dk += _mm(tl.trans(ds), q, PRECISION, F32_DOT)
             if DQ_ATOMIC:
                 # dQ's scale is applied when the launcher converts the fp32 sum to q's dtype.
-                tl.atomic_add(dq_base + offs_m[:, None] * sam + offs_d[None, :], _mm(ds, k, PRECISION, F32_DOT),
-                              mask=m_ok[:, None] & d_ok[None, :], sem="relaxed")
+                dq = _mm(ds, k, PRECISION, F32_DOT)
+                if DQ_ATOMIC == 2:  # one bulk reduction through shared memory: no per-element addresses
+                    dq_desc.atomic_add([start_m, 0], dq)
+                else:
+                    tl.atomic_add(dq_base + offs_m[:, None] * sam + offs_d[None, :], dq,
+                                  mask=m_ok[:, None] & d_ok[None, :], sem="relaxed")
 
     out_ptr = b * sgb + hk * sgh + (k_start + offs_n[:, None]) * sgn + offs_d[None, :]
     tl.store(dK + out_ptr, (dk * scale).to(dK.dtype.element_ty), mask=kv_ok)
@@ -685,6 +740,25 @@ def use_tma(q4, k4, v4, *more, tma=None) -> bool:
     return bool(tma)
 
 
+def _tma_forward_fits(c, elem: int) -> bool:
+    """Whether the Hopper forward has a measured tile for these inputs. An attention mask keeps the other kernel:
+    its [BLOCK_M, BLOCK_N] loads beside the in-flight scores spill 0.1-10 KB in every tile measured."""
+    consts = c["consts"]
+    if consts["MASK_KIND"] != MASK_NONE:
+        return False
+    return any(config_fits("fwd_tma", *tile[:2], consts["BLOCK_D"], *tile[2:], elem, _shared_limit(), _capability(),
+                           consts["DROPOUT"])
+               for tile in measured_tiles("fwd_tma", consts["BLOCK_D"], elem, _capability()))
+
+
+def five_matmul_backward(elem: int, block_d: int) -> bool:
+    """dQ added by the dK/dV pass with atomics (five matmuls a tile), unless deterministic algorithms are asked
+    for or no measured tile holds it (d256, fp32): then the separate dQ pass (seven, in a fixed order)."""
+    if torch.are_deterministic_algorithms_enabled():
+        return False
+    return bool(measured_tiles("dkdv_dq", block_d, elem, _capability()))
+
+
 def _launch_fwd(q4, k4, v4, out4, lse, lay, c, scale, dropout_p, autotune=None, tma=None):
     def grid(meta):
         return (triton.cdiv(lay.max_q, meta["BLOCK_M"]) * lay.nseq * c["hq"],)
@@ -697,7 +771,7 @@ def _launch_fwd(q4, k4, v4, out4, lse, lay, c, scale, dropout_p, autotune=None, 
     )
     idx64 = needs_int64(q4, k4, v4, out4, c["mask"] if c["consts"]["MASK_KIND"] else None)
     kernel = _fwd_kernel
-    if use_tma(q4, k4, v4, tma=tma):
+    if use_tma(q4, k4, v4, tma=tma) and _tma_forward_fits(c, q4.element_size()):
         from genfast.kernels import attention_sm90  # imports this module's jit helpers: imported at call time
 
         kernel = attention_sm90._fwd_tma_kernel
@@ -721,7 +795,9 @@ def _launch_bwd(grad_out4, grad_lse, q4, k4, v4, out4, lse, dq4, dk4, dv4, lay, 
         *grad_out4.stride(), c["hq"], rows, c["d"], HAS_DLSE=grad_lse is not None, IDX64=idx64, BLOCK_M=block_m,
         BLOCK_D=block_d,
     )
-    atomic = not torch.are_deterministic_algorithms_enabled()
+    atomic = five_matmul_backward(q4.element_size(), block_d)
+    tma = use_tma(q4, k4, v4, grad_out4, tma=tma)
+    reduce = 0 if not atomic else 2 if tma and os.environ.get("TRITON_INTERPRET") != "1" else 1
     dq_acc = torch.zeros(q4.shape, dtype=torch.float32, device=q4.device) if atomic else dq4
     strides = (*lay.strides(q4), *lay.strides(k4), *lay.strides(v4), *lay.strides(grad_out4), *c["mask_strides"])
     consts = dict(VARLEN=lay.varlen, IDX64=idx64, **c["consts"])
@@ -731,7 +807,7 @@ def _launch_bwd(grad_out4, grad_lse, q4, k4, v4, out4, lse, dq4, dk4, dv4, lay, 
         *lay.strides(dk4, 3), *lay.strides(dq_acc, 3), c["hq"], c["hk"], lay.max_q, lay.max_k, lay.total_q,
         lay.total_k, c["d"], c["group"], scale * LOG2E, scale, dropout_p, c["drop_scale"], c["left"], c["right"],
         *buckets,
-    ), dict(consts, DQ_ATOMIC=atomic, TMA=use_tma(q4, k4, v4, grad_out4, tma=tma)), autotune)
+    ), dict(consts, DQ_ATOMIC=reduce, TMA=tma), autotune)
     if atomic:
         dq4.copy_(dq_acc.mul_(scale))
         return
