@@ -7,7 +7,12 @@
 
 - Generators (A->B and B->A): the ResNet generator of the paper — reflection padding, a 7x7 stem, strided 3x3
   convolutions down, residual blocks, then transposed 3x3 convolutions up (genfast.nn.ConvTranspose2dNormAct
-  with InstanceNorm and ReLU: genfast's kernel for the convolution), a 7x7 head and tanh.
+  with InstanceNorm and ReLU: genfast's kernel for the convolution), a 7x7 head and tanh. With ``input_skip`` the
+  head also sees the input image (concatenated to the last features), so the input's colours reach the output
+  without passing through the InstanceNorms, which normalise each feature map's mean and scale away. Without it,
+  on circles <-> squares that differ only in shape, every translation came out in one colour (green, or blue)
+  whatever the input's: a per-image discriminator cannot see that, and a generator can meet the cycle loss by
+  hiding the colour in faint patterns (Chu et al., 2017).
 - Discriminators (one per domain): the 70x70 PatchGAN, a grid of real/fake logits, one per image patch.
 - Losses: least-squares adversarial (LSGAN), cycle consistency L1 (weight lambda_cycle = 10) and identity L1
   (weight lambda_cycle * lambda_identity = 5), the paper's defaults; discriminator losses halved.
@@ -40,12 +45,15 @@ class CycleGANConfig(ModelConfig):
     disc_layers: int = 3         # strided layers of the PatchGAN (3: 70x70 receptive field)
     lambda_cycle: float = 10.0
     lambda_identity: float = 0.5  # identity weight relative to lambda_cycle (0 disables the identity loss)
+    input_skip: bool = False     # the generators' head also sees the input image (the recipe's default: True)
 
     def __post_init__(self) -> None:
         check_ints(self, ("channels", "ngf", "ndf", "n_downsample", "disc_layers"))
         check_int(self, "n_residual", minimum=0)
         check_number(self, "lambda_cycle", minimum=0.0)
         check_number(self, "lambda_identity", minimum=0.0)
+        if not isinstance(self.input_skip, bool):
+            raise ValueError(f"CycleGANConfig.input_skip must be a bool, got {self.input_skip!r}")
 
 
 def _check_images(name: str, x, channels: int, multiple: int = 1) -> None:
@@ -96,7 +104,8 @@ class ResnetGenerator(nn.Module):
                                              norm="instance", activation="relu"))
             width //= 2
         self.upsample = nn.Sequential(*up)
-        self.head = nn.Sequential(nn.ReflectionPad2d(3), nn.Conv2d(width, c, 7), nn.Tanh())
+        self.head = nn.Sequential(nn.ReflectionPad2d(3), nn.Conv2d(width + (c if config.input_skip else 0), c, 7),
+                                  nn.Tanh())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_images("x", x, self.config.channels, 2 ** self.config.n_downsample)
@@ -105,7 +114,10 @@ class ResnetGenerator(nn.Module):
         # upsampling runs in the parameters' dtype whatever autocast made of h.
         if self.config.n_downsample:
             h = h.to(self.upsample[0][0].weight.dtype)
-        return self.head(self.upsample(h))
+        features = self.upsample(h)
+        if self.config.input_skip:
+            features = torch.cat([features, x.to(features.dtype)], dim=1)
+        return self.head(features)
 
 
 class PatchDiscriminator(nn.Module):

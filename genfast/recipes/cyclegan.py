@@ -74,6 +74,10 @@ def _train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lambda-cycle", type=non_negative_float, default=10.0)
     parser.add_argument("--lambda-identity", type=non_negative_float, default=0.5, help="relative to --lambda-cycle")
     parser.add_argument("--pool-size", type=non_negative_int, default=50, help="image pool size (0: no pool)")
+    parser.add_argument("--input-skip", action=argparse.BooleanOptionalAction, default=True,
+                        help="the generators' last layer also sees the input image, which carries its colours to "
+                             "the output (default on; --no-input-skip: the paper's generator, whose outputs on the "
+                             "built-in shapes all came out one colour)")
     return parser
 
 
@@ -114,7 +118,7 @@ def train_main(argv: list[str]) -> int:
     try:
         config = CycleGANConfig(channels=3, ngf=args.ngf, ndf=args.ndf, n_residual=args.n_residual,
                                 disc_layers=args.disc_layers, lambda_cycle=args.lambda_cycle,
-                                lambda_identity=args.lambda_identity)
+                                lambda_identity=args.lambda_identity, input_skip=args.input_skip)
     except ValueError as exc:
         parser.error(str(exc))
     with start_run(parser, args, recipe="cyclegan", ops=OPS) as run:
