@@ -93,7 +93,7 @@ def test_heuristic_backward_matches_reference(monkeypatch):
 @pytest.mark.parametrize("head_dim", [16, 32, 64, 128, 256])
 @pytest.mark.parametrize("limit,capability", [(HOPPER_SMEM, (9, 0)), (A100_SMEM, (8, 0))], ids=["sm90", "sm80"])
 def test_every_head_dim_keeps_a_config(kernel, elem, head_dim, limit, capability):
-    candidates = kernels._CANDIDATES + kernels._CANDIDATES_FP32
+    candidates = kernels._tuned_candidates(kernel)
     kept = [c for c in candidates
             if kernels.config_fits(kernel, c[0], c[1], head_dim, c[2], c[3], elem, limit, capability)]
     assert kept, "no config fits"
@@ -122,11 +122,36 @@ def test_every_head_dim_keeps_a_config(kernel, elem, head_dim, limit, capability
     ("sm80", "dq", 256, (64, 32, 8, 1), "spills 6.6 KB"),
     ("sm80", "dkdv", 64, (64, 32, 8, 1), "spills 8 B"),
     ("sm90", "dkdv", 128, (32, 32, 8, 1), "spills 84 B"),
+    ("sm90", "fwd", 128, (32, 32, 4, 2), "lowers to mma.sync"),
+    ("sm90", "fwd_tma", 128, (128, 128, 8, 2), "spills 1,028 B"),
+    ("sm90", "fwd_tma", 64, (64, 128, 4, 2), "spills 188 B"),
+    ("sm90", "fwd_tma", 256, (128, 64, 8, 2), "spills 564 B"),
+    ("sm90", "dkdv_dq", 64, (64, 128, 8, 2), "spills 432 B"),
+    ("sm90", "dkdv_dq", 128, (64, 64, 8, 2), "spills 80 B"),
+    ("sm90", "dkdv_dq", 256, (64, 64, 8, 2), "spills 1,020 B"),
+    ("sm80", "dkdv_dq", 128, (64, 32, 8, 2), "spills 28 B"),
+    ("sm80", "dkdv_dq", 256, (64, 32, 8, 2), "spills 1,368 B"),
 ])
 def test_configs_measured_to_spill_or_overflow_are_pruned(arch, kernel, head_dim, config, why):
     m, n, warps, stages = config
     limit, capability = (HOPPER_SMEM, (9, 0)) if arch == "sm90" else (A100_SMEM, (8, 0))
     assert not kernels.config_fits(kernel, m, n, head_dim, warps, stages, 2, limit, capability), why
+
+
+# With a bool mask and dropout (bf16, d128), measured likewise.
+@pytest.mark.parametrize("arch,kernel,config,why", [
+    ("sm90", "fwd", (128, 64, 8, 2), "spills 2,816 B"),
+    ("sm90", "fwd", (64, 32, 4, 2), "spills 20 B"),
+    ("sm90", "fwd_tma", (128, 64, 8, 2), "spills 572 B with dropout alone"),
+    ("sm90", "dkdv_dq", (128, 32, 8, 1), "spills 68 B"),
+    ("sm90", "dkdv", (64, 32, 8, 1), "spills 276 B"),
+    ("sm90", "dq", (64, 64, 8, 2), "spills 224 B"),
+])
+def test_configs_measured_to_spill_with_masks_and_dropout_are_pruned(arch, kernel, config, why):
+    m, n, warps, stages = config
+    limit, capability = (HOPPER_SMEM, (9, 0)) if arch == "sm90" else (A100_SMEM, (8, 0))
+    assert not kernels.config_fits(kernel, m, n, 128, warps, stages, 2, limit, capability, dropout=True,
+                                   mask=kernel != "fwd_tma"), why
 
 
 @pytest.mark.parametrize("head_dim,config", [(128, (32, 32, 4, 1)), (128, (64, 32, 8, 2)), (64, (64, 64, 8, 2))])

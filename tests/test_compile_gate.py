@@ -1,6 +1,7 @@
 """The compile gate's CPU-side logic: checks, report files, log parsing, and what it captures from the launchers.
 
-The gate itself (every kernel compiled for sm_90a and sm_80) is `make compile-gate`; `make test` runs its CUDA half.
+The gate itself (every kernel compiled for sm_90a and sm_80, under both Tritons) is `make compile-gate`, which
+`make test` runs before these tests.
 """
 
 from __future__ import annotations
@@ -126,6 +127,16 @@ def test_ptx_instruction_counts():
         """)
     assert ptx_numbers(ptx) == {"wgmma": 2, "wgmma_async": False, "mma_sync": 1, "tma": 1}
     assert ptx_numbers(ptx + "wgmma.wait_group.sync.aligned 1;\n")["wgmma_async"] is True
+
+
+def test_softmax_under_an_uncommitted_wait_counts_as_in_flight():
+    """The Hopper attention's pattern: next scores' wgmma committed, the softmax's ex2, then wait 0."""
+    issue = "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%r1}, %rd1, %rd2, 1, 1, 1, 0, 1;\n"
+    commit, ex2, wait = ("wgmma.commit_group.sync.aligned;\n", "ex2.approx.ftz.f32 %f1, %f2;\n",
+                         "wgmma.wait_group.sync.aligned 0;\n")
+    overlapped, waited = issue + commit + ex2 + wait, issue + commit + wait + ex2
+    assert ptx_numbers(overlapped)["wgmma_async"] is True
+    assert ptx_numbers(waited)["wgmma_async"] is False
 
 
 def test_nvcc_log_per_kernel_and_ptx_entries():

@@ -88,8 +88,8 @@ def markdown(report: dict, rows: list[dict]) -> str:
         "every csrc/cuda kernel, compiled for this GPU without one. `regs`/`spill` (spill stores + loads, bytes)",
         "from `ptxas -v`; `smem`: shared memory per block in bytes (Triton: what the kernel needs at launch;",
         f"CUDA: static shared memory only), limit {SHARED_LIMIT[arch]} B; `wgmma`, `mma.sync`, `tma`",
-        "(`cp.async.bulk.tensor`): instructions in the PTX; `async`: a `wgmma.wait_group N>0` keeps wgmma",
-        "groups in flight.",
+        "(`cp.async.bulk.tensor`): instructions in the PTX; `async`: wgmma groups stay in flight while the",
+        "warps go on (a `wgmma.wait_group N>0`, or `ex2` between a `wgmma.commit_group` and the next wait).",
         "",
     ]
     if fails:

@@ -69,15 +69,31 @@ def ptxas_numbers(log: str) -> dict:
 _WAIT_GROUP = re.compile(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)")
 
 
+def _math_in_flight(ptx: str) -> bool:
+    """Whether some committed wgmma group is still pending while the warpgroup runs ``ex2`` (a softmax): a
+    ``wgmma.commit_group`` followed by ``ex2`` before the next ``wgmma.wait_group``, in program order."""
+    pending = False
+    for line in ptx.splitlines():
+        if "wgmma.commit_group" in line:
+            pending = True
+        elif "wgmma.wait_group" in line:
+            pending = False
+        elif pending and "ex2.approx" in line:
+            return True
+    return False
+
+
 def ptx_numbers(ptx: str) -> dict:
     """Tensor-core and TMA instructions in PTX text.
 
-    ``wgmma_async``: some ``wgmma.wait_group N`` has N > 0, i.e. wgmma groups stay in flight while the
-    warpgroup goes on (the pipelined form); N = 0 everywhere means each wgmma is waited for at once.
+    ``wgmma_async``: wgmma groups stay in flight while the warpgroup goes on: some ``wgmma.wait_group N`` has
+    N > 0 (the pipelined matmul form), or a group is committed and the softmax's ``ex2`` runs before the next
+    wait (attention issuing the next tile's scores before this tile's softmax; Triton then waits with N = 0 at
+    the next iteration's top). Otherwise each wgmma is waited for at once.
     """
     return {
         "wgmma": len(re.findall(r"\bwgmma\.mma_async", ptx)),
-        "wgmma_async": any(int(n) > 0 for n in _WAIT_GROUP.findall(ptx)),
+        "wgmma_async": any(int(n) > 0 for n in _WAIT_GROUP.findall(ptx)) or _math_in_flight(ptx),
         "mma_sync": len(re.findall(r"\bmma\.sync", ptx)),
         "tma": len(re.findall(r"\bcp\.async\.bulk\.tensor", ptx)),
     }

@@ -67,9 +67,22 @@ _MEASURED = {
     ("fwd_tma", True, 256): [(128, 32, 8, 2)],
     ("dkdv_dq", True, 64): [(128, 64, 8, 2), (64, 64, 8, 2), (64, 64, 8, 1)],
     ("dkdv_dq", True, 128): [(128, 32, 8, 2), (128, 32, 8, 1)],
+    ("dkdv", True, 256): [(128, 16, 8, 1)],  # with TMA: its K/V/Q/dO copies need 278,528 B of shared memory without
+    ("dq", True, 256): [(64, 32, 8, 2)],
     ("dkdv_dq", False, 64): [(32, 32, 4, 2), (32, 32, 8, 1)],
     ("dkdv_dq", False, 128): [(32, 32, 8, 1), (16, 16, 8, 1)],
     ("dkdv_dq", False, 256): [(32, 32, 8, 1), (16, 16, 8, 1)],
+}
+# With an attention mask or dropout (their [BLOCK_M, BLOCK_N] loads and Philox draws hold registers of their own),
+# where measured (bf16 and fp16, d80-d128). On Hopper every five-matmul tile measured spills 8-700 B with them:
+# the separate dQ pass is taken there.
+_MEASURED_FLAGGED = {
+    ("fwd", True, 128): [(64, 32, 8, 2)],
+    ("dkdv", True, 128): [(128, 16, 8, 1), (64, 16, 8, 1)],
+    ("dq", True, 128): [(64, 32, 8, 2), (128, 32, 8, 1), (64, 16, 8, 1)],
+    ("dkdv_dq", True, 64): [], ("dkdv_dq", True, 128): [],
+    ("fwd", False, 128): [(64, 32, 8, 2), (32, 32, 4, 2), (32, 32, 8, 1)],
+    ("dkdv_dq", False, 128): [(32, 32, 8, 1), (16, 16, 8, 1)],
 }
 # With dropout the Hopper forward keeps at most 112 fp32 tile elements per thread (measured: 112 fits, 160 spills).
 _MEASURED_DROPOUT_BUDGET = 112
@@ -120,22 +133,31 @@ def _shared_limit() -> int:
         return 99 * 1024  # the smallest of the recent GPUs (sm_86/89/120)
 
 
-def measured_tiles(kernel: str, block_d: int, elem: int, capability: tuple[int, int]) -> list:
-    """The measured configs (see _MEASURED) of ``kernel`` ("fwd_tma" or "dkdv_dq"), [] where it is not taken."""
+def measured_tiles(kernel: str, block_d: int, elem: int, capability: tuple[int, int], flagged: bool = False):
+    """The measured configs of ``kernel`` (see _MEASURED, and _MEASURED_FLAGGED for inputs with a mask or dropout),
+    or None where none were measured. For "fwd_tma" and "dkdv_dq" None and [] mean the kernel is not taken."""
     if elem != 2:
-        return []
-    return _MEASURED.get((kernel, capability[0] >= 9, max(64, block_d)), [])
+        return None
+    key = (kernel, capability[0] >= 9, max(64, block_d))
+    if flagged and key in _MEASURED_FLAGGED:
+        return _MEASURED_FLAGGED[key]
+    return _MEASURED.get(key)
 
 
 def config_fits(kernel: str, block_m: int, block_n: int, block_d: int, num_warps: int, num_stages: int, elem: int,
-                shared_limit: int, capability: tuple[int, int] = (9, 0), dropout: bool = False) -> bool:
+                shared_limit: int, capability: tuple[int, int] = (9, 0), dropout: bool = False,
+                mask: bool = False, tma: bool = True) -> bool:
     """The rule every config passes: no register spills and no shared-memory overflow on a GPU of
-    ``capability`` with ``shared_limit`` bytes of shared memory per block (``elem``: bytes per input element)."""
+    ``capability`` with ``shared_limit`` bytes of shared memory per block (``elem``: bytes per input element),
+    for inputs with ``dropout`` and/or an attention ``mask``. Measured tiles where they exist, else a count."""
     if shared_bytes(kernel, block_m, block_n, block_d, num_stages, elem) > shared_limit:
         return False
     config = (block_m, block_n, num_warps, num_stages)
-    if kernel in ("fwd_tma", "dkdv_dq"):
-        if config not in measured_tiles(kernel, block_d, elem, capability):
+    measured = measured_tiles(kernel, block_d, elem, capability, dropout or mask)
+    if kernel == "dkdv" and block_d > 128 and not tma:
+        measured = None  # the d256 entry holds through TMA only
+    if kernel in ("fwd_tma", "dkdv_dq") or measured is not None:
+        if config not in (measured or []):
             return False
         return not (kernel == "fwd_tma" and dropout
                     and live_fp32_per_thread(kernel, *config[:2], block_d, num_warps) > _MEASURED_DROPOUT_BUDGET)
@@ -144,6 +166,8 @@ def config_fits(kernel: str, block_m: int, block_n: int, block_d: int, num_warps
     if (block_m, block_n, num_warps, num_stages) not in _CANDIDATES:
         return False
     hopper = capability[0] >= 9
+    if hopper and block_m < 64:
+        return False  # wgmma takes 64 query rows per warpgroup: smaller tiles lower to mma.sync on Hopper
     budget = _LIVE_BUDGET if block_d <= 128 else _LIVE_BUDGET_D256
     if kernel == "fwd" and not hopper:
         budget = min(budget, _LIVE_BUDGET_SM80_FWD)
@@ -175,14 +199,24 @@ def _pruner(kernel: str):
         limit, capability = _shared_limit(), _capability()
         kept = [c for c in configs if config_fits(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], block_d,
                                                   c.num_warps, c.num_stages, elem, limit, capability,
-                                                  bool(kwargs.get("DROPOUT")))]
-        if kind in ("fwd_tma", "dkdv_dq"):  # measured order, not the list's
-            order = measured_tiles(kind, block_d, elem, capability)
+                                                  bool(kwargs.get("DROPOUT")), bool(kwargs.get("MASK_KIND")),
+                                                  kwargs.get("TMA", True))]
+        order = measured_tiles(kind, block_d, elem, capability, bool(kwargs.get("DROPOUT") or kwargs.get("MASK_KIND")))
+        if order:  # measured order, not the list's
             kept.sort(key=lambda c: order.index((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
                                                  c.num_stages)))
         # At most 3 to benchmark (the best-ranked that fit): a new key costs 3 runs, not 14.
         return kept[:3] or configs[-1:]
     return prune
+
+
+def _tuned_candidates(kernel: str) -> list:
+    """The configs a kernel's autotuner holds: every tile measured for it (for dK/dV also its five-matmul form),
+    then the counted candidates; the rules then keep those that fit each call."""
+    kinds = {kernel, "dkdv_dq"} if kernel == "dkdv" else {kernel}
+    measured = [c for table in (_MEASURED, _MEASURED_FLAGGED) for (k, _, _), tiles in table.items() if k in kinds
+                for c in tiles]
+    return list(dict.fromkeys(measured if kernel == "fwd_tma" else measured + _CANDIDATES + _CANDIDATES_FP32))
 
 
 def _tuned(kernel: str):
@@ -191,14 +225,8 @@ def _tuned(kernel: str):
     if kernel == "dkdv":
         key += ["DQ_ATOMIC", "TMA"]
     if _AUTOTUNE:
-        candidates = _CANDIDATES + _CANDIDATES_FP32
-        if kernel == "fwd_tma":
-            candidates = list(dict.fromkeys(c for (k, _, _), tiles in _MEASURED.items() if k == kernel for c in tiles))
-        elif kernel == "dkdv":  # the five-matmul form's measured tiles, in its order, then the others
-            fused = [c for (k, _, _), tiles in _MEASURED.items() if k == "dkdv_dq" for c in tiles]
-            candidates = list(dict.fromkeys(fused + candidates))
         configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-                   for m, n, w, s in candidates]
+                   for m, n, w, s in _tuned_candidates(kernel)]
         return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": _pruner(kernel)})
     return triton.autotune(configs=[_INTERPRETER_CONFIG], key=key)
 
@@ -751,12 +779,13 @@ def _tma_forward_fits(c, elem: int) -> bool:
                for tile in measured_tiles("fwd_tma", consts["BLOCK_D"], elem, _capability()))
 
 
-def five_matmul_backward(elem: int, block_d: int) -> bool:
+def five_matmul_backward(elem: int, block_d: int, flagged: bool = False) -> bool:
     """dQ added by the dK/dV pass with atomics (five matmuls a tile), unless deterministic algorithms are asked
-    for or no measured tile holds it (d256, fp32): then the separate dQ pass (seven, in a fixed order)."""
+    for or no measured tile holds it (d256, fp32, a mask or dropout on Hopper): then the separate dQ pass (seven,
+    in a fixed order)."""
     if torch.are_deterministic_algorithms_enabled():
         return False
-    return bool(measured_tiles("dkdv_dq", block_d, elem, _capability()))
+    return bool(measured_tiles("dkdv_dq", block_d, elem, _capability(), flagged))
 
 
 def _launch_fwd(q4, k4, v4, out4, lse, lay, c, scale, dropout_p, autotune=None, tma=None):
@@ -795,7 +824,8 @@ def _launch_bwd(grad_out4, grad_lse, q4, k4, v4, out4, lse, dq4, dk4, dv4, lay, 
         *grad_out4.stride(), c["hq"], rows, c["d"], HAS_DLSE=grad_lse is not None, IDX64=idx64, BLOCK_M=block_m,
         BLOCK_D=block_d,
     )
-    atomic = five_matmul_backward(q4.element_size(), block_d)
+    atomic = five_matmul_backward(q4.element_size(), block_d,
+                                  c["consts"]["MASK_KIND"] != MASK_NONE or c["consts"]["DROPOUT"])
     tma = use_tma(q4, k4, v4, grad_out4, tma=tma)
     reduce = 0 if not atomic else 2 if tma and os.environ.get("TRITON_INTERPRET") != "1" else 1
     dq_acc = torch.zeros(q4.shape, dtype=torch.float32, device=q4.device) if atomic else dq4
