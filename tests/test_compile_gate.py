@@ -203,8 +203,10 @@ def test_capture_covers_every_family_and_kernel():
                 configs[launch.kernel] += 1
         first = launches[0]
         keys = {triton_build.cache_key(first, arch) for arch in ("90a", "80")}
+        triton_build._MEASURING_CODE = "another way of reading the compiler's output"
+        remeasured = triton_build.cache_key(first, "90a") not in keys
         print(json.dumps({"families": sorted(families), "uncovered": _uncovered(modules, launched),
-                          "fwd_configs": configs["_fwd_kernel"], "keys": len(keys)}))
+                          "fwd_configs": configs["_fwd_kernel"] + configs["_fwd_tma_kernel"], "keys": len(keys), "remeasured": remeasured}))
         """)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT
@@ -216,5 +218,6 @@ def test_capture_covers_every_family_and_kernel():
 
     assert result["families"] == sorted(FAMILIES)
     assert result["uncovered"] == []
-    assert result["fwd_configs"] > 3  # the forward's autotuner configs, not one
+    assert result["fwd_configs"] > 3  # the forward's autotuner configs (pointer and TMA kernels), not one
     assert result["keys"] == 2  # a different specialization per target
+    assert result["remeasured"]  # cached rows are not reused once the gate measures differently

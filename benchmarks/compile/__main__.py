@@ -129,9 +129,11 @@ def _print_compile_times(pending, done) -> None:
     import triton
 
     timed = sorted(((done[p[4]].get("seconds") or 0.0, p) for p in pending), key=lambda t: -t[0])
+    per_arch = ", ".join(f"sm_{arch} {sum(t[0] for t in timed if t[1][0] == arch):.0f} s"
+                         for arch in dict.fromkeys(p[0] for p in pending))
     slowest = "; ".join(f"sm_{p[0]} {p[2]} [{p[3]}] {seconds:.0f} s" for seconds, p in timed[:3])
     print(f"compile gate: triton {triton.__version__}: {len(pending)} compiles, "
-          f"{sum(t[0] for t in timed):.0f} s of compiler time; slowest: {slowest}", flush=True)
+          f"{sum(t[0] for t in timed):.0f} s of compiler time ({per_arch}); slowest: {slowest}", flush=True)
 
 
 def cuda_rows(archs, families, jobs: int) -> tuple[str | None, dict[str, list[dict]]]:

@@ -42,13 +42,20 @@ def specialize(launch: Launch, arch: str):
     return ASTSource(fn, signature, constexprs, attrs), options, backend
 
 
+# This file's own text enters the cache key: a cached row holds what this code read from the compiler's output,
+# so a change to how rows are measured (a new PTX count, another log pattern) measures every kernel again.
+with open(__file__, "rb") as _self:
+    _MEASURING_CODE = hashlib.sha256(_self.read()).hexdigest()
+
+
 def cache_key(launch: Launch, arch: str) -> str:
     """Triton's own cache key (source of the kernel and every function it calls, specialization, options,
-    target and ptxas version): a kernel nobody changed is not compiled again."""
+    target and ptxas version) and this file's: a kernel nobody changed is not compiled again."""
     from triton.runtime.cache import get_cache_key
 
     src, options, backend = specialize(launch, arch)
-    return hashlib.sha256(get_cache_key(src, backend, options, env_vars={}).encode()).hexdigest()
+    key = get_cache_key(src, backend, options, env_vars={}) + _MEASURING_CODE
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 _REGS = re.compile(r"Used (\d+) registers")
