@@ -8,7 +8,8 @@ FlexAttention under torch.compile (``flex-attention``; its block mask is built i
 FLOPs are the standard count: 4 * B * H * Nq * Nk * D for the forward, halved when causal; the backward
 (``attention_bwd``: dq, dk, dv from a saved forward, the forward not included) counts 2.5x that.
 Grid on a GPU: bf16 and fp16, D 64 and 128 (H = 2048 / D), N 512 to 16k with B * N = 16k tokens, causal and
-not. On a CPU a small grid (fp32 and bf16, D 64, N 256 and 1024 with B * N = 2048, H 8).
+not (--quick: bf16 D 128 at N 1k and 4k). On a CPU a small grid (fp32 and bf16, D 64, N 256 and 1024 with
+B * N = 2048, H 8). The report gives each TFLOP/s as a share of the bf16 matmul measured in the same run.
 
 Decode (``attention_decode``, see ``decode_cases``): one new token per sequence over full caches, bytes = the
 K and V caches read once (memory bound), so GB/s compares directly with the copy bandwidth of the same run.
@@ -40,9 +41,10 @@ MATH_MAX_N = 4096  # the math backend materialises B*H*N*N scores: beyond this i
 def _grid(device: torch.device, quick: bool):
     """(dtype, D, H, B, N, causal) per case."""
     if device.type == "cuda":
+        # quick (make gpu-check's headline): the Hopper targets' case, bf16 d128 at N 4k, beside a short one.
         dtypes = [torch.bfloat16] if quick else [torch.bfloat16, torch.float16]
-        dims = [64] if quick else [64, 128]
-        lengths = [512, 2048] if quick else [512, 1024, 2048, 4096, 8192, 16384]
+        dims = [128] if quick else [64, 128]
+        lengths = [1024, 4096] if quick else [512, 1024, 2048, 4096, 8192, 16384]
         tokens = 16384
     else:
         dtypes = [torch.float32] if quick else [torch.float32, torch.bfloat16]

@@ -55,7 +55,7 @@ _AUTOTUNE = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != 
 _CANDIDATES = [(128, 128, 8, 2), (128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2),
                (64, 32, 4, 2), (64, 32, 8, 2), (64, 32, 8, 1), (32, 32, 4, 2), (32, 32, 8, 1), (16, 16, 8, 1)]
 # fp32 inputs run their ieee dots on the FMA units, where each thread holds rows of both operands: small tiles.
-_CANDIDATES_FP32 = [(32, 32, 4, 1), (16, 16, 4, 1)]
+_CANDIDATES_FP32 = [(32, 32, 4, 1), (16, 16, 4, 1), (16, 16, 8, 1)]
 # Tiles measured with ptxas -v (python -m benchmarks.compile; bf16, sm_90a / sm_80) to neither spill nor overflow,
 # in order of preference, for the kernels whose register use the count below does not predict: the Hopper forward
 # (the next tile's scores in flight beside the softmax's) and the five-matmul backward (dQ's tile beside dK/dV).
@@ -162,7 +162,9 @@ def config_fits(kernel: str, block_m: int, block_n: int, block_d: int, num_warps
         return not (kernel == "fwd_tma" and dropout
                     and live_fp32_per_thread(kernel, *config[:2], block_d, num_warps) > _MEASURED_DROPOUT_BUDGET)
     if elem == 4:  # FMA dots (measured on sm_90a: 32x32 fits at d64, spills 3 KB at d128; 16x16 fits at d128)
-        return (block_m, block_n, num_warps, num_stages) in _CANDIDATES_FP32 and block_m * block_n * block_d <= 65536
+        if kernel == "dkdv" and config == (16, 16, 4, 1) and block_d >= 128:
+            return False  # sm_80: 16 B spill at 96 registers; 8 warps fit in 62
+        return config in _CANDIDATES_FP32 and block_m * block_n * block_d <= 65536
     if (block_m, block_n, num_warps, num_stages) not in _CANDIDATES:
         return False
     hopper = capability[0] >= 9
