@@ -367,6 +367,21 @@ def test_training_reaches_loss_bound(tmp_path):
     assert result["loss"] < 0.6, result
 
 
+def test_eval_samples_vary(tmp_path, capsys):
+    """Each eval prints a sample drawn from its step: the evals at steps 3 and 4 (the last) show two different valid
+    pairs, neither the first ("zero", the hardest), which step // sample_every * 37 showed at the end of every run
+    shorter than --sample-every, and twice here."""
+    import re
+
+    args = [a for a in TINY if a != "--quiet"] + ["--steps", "4", "--sample-every", "3", "--eval-examples", "200",
+                                                  "--out", str(tmp_path / "run")]
+    assert recipe.train_main(args) == 0
+    output = capsys.readouterr()
+    shown = re.findall(r"step (\d+): valid loss .*?; '([^']*)' ->", output.out + output.err)
+    assert [step for step, _ in shown] == ["3", "4"], shown
+    assert shown[0][1] != shown[1][1] and "zero" not in {source for _, source in shown}
+
+
 def test_resume_equals_uninterrupted(tmp_path):
     """Stopping after step 3 and resuming gives bitwise the weights of an uninterrupted 6-step run (with dropout
     on, so the RNG state must come back too)."""

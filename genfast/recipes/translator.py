@@ -19,6 +19,7 @@ written in the same atomic step and cannot drift apart.
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 import time
 from pathlib import Path
@@ -323,9 +324,10 @@ class TranslatorTask(TrainTask):
         run, args = self.run, self.run.args
         if not run.verbose:
             return False
-        # A different valid pair at each eval: one fixed example (the first is "zero") would hide progress.
+        # A different valid pair at each eval, drawn from the step: one fixed example (the first is "zero", the
+        # hardest to get right) would hide progress, and so would index 0 for every run shorter than --sample-every.
         result = evaluate(self.model, self.valid_pairs, self.src_vocab, self.tgt_vocab, run.device,
-                          max_examples=args.eval_examples, sample_index=step // args.sample_every * 37)
+                          max_examples=args.eval_examples, sample_index=random.Random(step).randrange(1 << 30))
         src, ref, guess = result["sample"]
         run.log(f"step {step}: valid loss {result['loss']:.4f} ({len(self.valid_pairs)} pairs), exact match "
                 f"{result['exact']:.1%} (first {min(len(self.valid_pairs), args.eval_examples)}); {src!r} -> "
