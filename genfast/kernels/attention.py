@@ -56,9 +56,10 @@ _CANDIDATES = [(128, 128, 8, 2), (128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2
                (64, 32, 4, 2), (64, 32, 8, 2), (64, 32, 8, 1), (32, 32, 4, 2), (32, 32, 8, 1), (16, 16, 8, 1)]
 # fp32 inputs run their ieee dots on the FMA units, where each thread holds rows of both operands: small tiles.
 _CANDIDATES_FP32 = [(32, 32, 4, 1), (16, 16, 4, 1), (16, 16, 8, 1)]
-# Tiles measured with ptxas -v (python -m benchmarks.compile; bf16, sm_90a / sm_80) to neither spill nor overflow,
-# in order of preference, for the kernels whose register use the count below does not predict: the Hopper forward
-# (the next tile's scores in flight beside the softmax's) and the five-matmul backward (dQ's tile beside dK/dV).
+# Tiles measured with ptxas -v (python -m benchmarks.compile; bf16; sm_90a and sm_80; triton 3.9 and 3.6, which
+# torch 2.11 pins) to neither spill nor overflow, in order of preference, where the count below does not predict
+# register use: the Hopper forward (the next tile's scores in flight beside the softmax's), the five-matmul
+# backward (dQ's tile beside dK/dV), and a few tiles of the others that one Triton spills and the other not.
 # Key: (kernel, Hopper?, BLOCK_D); head dims under 64 take the 64 entry. No entry: the kernel is not taken there
 # (d256 backward: the separate dQ pass; the tile the count allows there spills 1-9 KB with dQ fused).
 _MEASURED = {
@@ -66,10 +67,12 @@ _MEASURED = {
     ("fwd_tma", True, 128): [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (128, 32, 8, 2)],
     ("fwd_tma", True, 256): [(128, 32, 8, 2)],
     ("dkdv_dq", True, 64): [(128, 64, 8, 2), (64, 64, 8, 2), (64, 64, 8, 1)],
-    ("dkdv_dq", True, 128): [(128, 32, 8, 2), (128, 32, 8, 1)],
+    # d128: 16-key tiles (the dK/dV dots on mma.sync); 32-key ones spill 220 B (triton 3.9) or 628 B (3.6).
+    ("dkdv_dq", True, 128): [(128, 16, 8, 1), (64, 16, 8, 1)],
     ("dkdv", True, 256): [(128, 16, 8, 1)],  # with TMA: its K/V/Q/dO copies need 278,528 B of shared memory without
     ("dq", True, 256): [(64, 32, 8, 2)],
-    ("dkdv_dq", False, 64): [(32, 32, 4, 2), (32, 32, 8, 1)],
+    ("dkdv_dq", False, 64): [(32, 32, 8, 1), (16, 16, 8, 1)],
+    ("fwd", False, 256): [(64, 32, 8, 2), (32, 32, 4, 2), (16, 16, 8, 1)],
     ("dkdv_dq", False, 128): [(32, 32, 8, 1), (16, 16, 8, 1)],
     ("dkdv_dq", False, 256): [(32, 32, 8, 1), (16, 16, 8, 1)],
 }
