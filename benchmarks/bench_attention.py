@@ -3,7 +3,9 @@
 Providers: each genfast backend that can serve the call (``genfast-triton`` on a GPU; the interpreter is not
 timed), ``genfast-auto`` (what a user gets by default), ``reference`` (attention_ref's dispatcher path), every
 torch SDPA backend that runs here (``torch-sdpa-flash``, ``-efficient``, ``-cudnn``, ``-math``), and on a GPU
-FlexAttention under torch.compile (``flex-attention``; its block mask is built in setup, not timed).
+FlexAttention under torch.compile (``flex-attention``; its block mask is built in setup, not timed). The backward
+also as ``genfast-triton-deterministic``: under torch.use_deterministic_algorithms(True) dQ gets its own pass in
+a fixed order (seven matmuls a tile) instead of the default's atomics (five).
 
 FLOPs are the standard count: 4 * B * H * Nq * Nk * D for the forward, halved when causal; the backward
 (``attention_bwd``: dq, dk, dv from a saved forward, the forward not included) counts 2.5x that.
@@ -79,8 +81,9 @@ def _inputs(device, dtype, b, h, n, d, grad):
     return [torch.randn(b, h, n, d, device=device, dtype=dtype, generator=g).requires_grad_(grad) for _ in range(3)]
 
 
-def _timed(forward, device, dtype, shape, backward):
-    """setup() for one provider: inputs allocated, the forward (and for backward, one saved forward) done."""
+def _timed(forward, device, dtype, shape, backward, deterministic=False):
+    """setup() for one provider: inputs allocated, the forward (and for backward, one saved forward) done.
+    ``deterministic``: the backward runs under torch.use_deterministic_algorithms(True)."""
     b, h, n, d = shape
 
     def setup():
@@ -89,7 +92,17 @@ def _timed(forward, device, dtype, shape, backward):
             return lambda: forward(q, k, v)
         out = forward(q, k, v)
         dout = torch.randn_like(out)
-        return lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+        if not deterministic:
+            return lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+
+        def run():
+            before = torch.are_deterministic_algorithms_enabled()
+            torch.use_deterministic_algorithms(True)
+            try:
+                return torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+            finally:
+                torch.use_deterministic_algorithms(before)
+        return run
 
     return setup
 
@@ -146,6 +159,11 @@ def cases(device: torch.device, quick: bool = False) -> list[BenchCase]:
             for provider, fn in providers.items():
                 out.append(BenchCase(FAMILY, op, label, provider, _timed(fn, device, dtype, (b, h, n, d), backward),
                                      flops=flops))
+        if "genfast-triton" in providers:
+            # The option beside the default: dQ in its own fixed-order pass (seven matmuls) instead of atomics.
+            out.append(BenchCase(FAMILY, "attention_bwd", label, "genfast-triton-deterministic",
+                                 _timed(providers["genfast-triton"], device, dtype, (b, h, n, d), True, True),
+                                 flops=2.5 * flops_fwd))
     return out + decode_cases(device, quick) + varlen_cases(device, quick)
 
 
