@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Syntax-check the torch bindings of the CUDA kernels with the host compiler. Runs where nvcc exists even if
 # torch has no CUDA, so CUDA code cannot rot unseen. Every .cu itself is compiled for sm_90a and sm_80, with
-# -Werror all-warnings and -Xptxas -v, by the compile gate (python -m benchmarks.compile, make compile-gate).
+# -Werror all-warnings and -Xptxas -v, by the compile gate (python -m benchmarks.compile, make compile-gate,
+# which make test runs after this check).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NVCC=${NVCC:-nvcc}

@@ -223,7 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.triton_path:
         version, rows = _other_triton(path, args)
         by_version[version] = rows
+    cuda_start = time.time()
     nvcc, cuda = (None, {a: [] for a in args.arch}) if args.no_cuda else cuda_rows(args.arch, args.family, args.jobs)
+    if nvcc is not None:
+        print(f"compile gate: nvcc {nvcc}: {sum(map(len, cuda.values()))} rows in {time.time() - cuda_start:.0f} s",
+              flush=True)
 
     meta = {"nvcc": nvcc, "commit": _git_commit(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
