@@ -75,9 +75,10 @@ $(GATE_TRITON_DIR)/.installed:
 # compile error, shared-memory overflow, a spill, an attention/conv_transpose dot without wgmma or a *_tma_kernel
 # without TMA loads and async wgmma (sm_90a). It writes the four reports
 # benchmarks/results/compile-sm{90a,80}-triton{3.9.0,3.6.0}.{json,md}. Measured from an empty cache with
-# GATE_JOBS=2 on 2 cores shared with other work (load 5-7): 13.4 min in all (triton 3.9.0: 140 compiles in 347 s;
-# triton 3.6.0: 140 in 230 s; nvcc: 6 .cu x 2 archs in 222 s), within CI's share for it (~25 of its 90 minutes
-# beside ~25 of pytest). build/compile-gate/ caches each Triton compile, so a rerun redoes only what changed.
+# GATE_JOBS=2 on 2 cores shared with other work (load 4-5): 9.3 min in all (triton 3.9.0: 137 compiles in 230 s;
+# triton 3.6.0: 137 in 173 s; nvcc: 6 .cu x 2 archs in 148 s; 13.4 min at load 5-7), within CI's share for it
+# (~25 of its 90 minutes beside ~25 of pytest). build/compile-gate/ caches each Triton compile, so a rerun
+# redoes only what changed.
 compile-gate: $(ENV_STAMP) $(GATE_TRITON_STAMP)
 	NVCC=$(NVCC) $(PYTHON) -m benchmarks.compile --jobs $(GATE_JOBS) $(GATE_ARGS)
 
