@@ -8,8 +8,12 @@ position mask is computed there) and the partial tiles before and after them (th
 window's edges, the ragged end of Nk), where the position mask is applied.
 
 Backward: ``delta = rowsum(dO * O) - dlse`` (a small kernel), then one program per key/value tile that
-accumulates dK and dV over every query head of its GQA group (no atomics, deterministic), and one program
-per query tile for dQ. Both recompute P from q, k and lse, and redraw the dropout mask from the seed.
+accumulates dK and dV over every query head of its GQA group (no atomics for them). By default that program also
+adds its share of dQ into an fp32 buffer with atomics (five matmuls per tile: S, dP, dV, dK, dQ); under
+``torch.use_deterministic_algorithms(True)``, or where no measured tile holds it (``five_matmul_backward``), one
+program per query tile computes dQ instead, in a fixed order. Each recomputes P from q, k and lse, and redraws
+the dropout mask from the seed. On Hopper (genfast/kernels/attention_sm90.py for the forward) the tiles come
+through TMA descriptors.
 
 Masks: an attn_mask arrives as a [B, Hq, Nq, Nk] view with stride 0 along broadcast dims, so a [Nq, Nk] or
 [B, 1, 1, Nk] mask is read without being materialised. Head dims are padded to a power of two >= 16

@@ -1,21 +1,24 @@
-"""Hopper (sm_90) attention forward: K/V through TMA tensor descriptors, wgmma kept in flight across softmax.
+"""Hopper (sm_90) attention forward: Q/K/V through TMA tensor descriptors, a wgmma in flight across the softmax.
 
-The forward of genfast/kernels/attention.py with the same arguments, masks, positions, dropout, lse and varlen
-layout (the shared pieces are that module's jit helpers). What differs is how a key tile reaches the tensor
-cores:
+The forward of genfast/kernels/attention.py with the same arguments, positions, dropout, lse and varlen layout
+(the shared pieces are that module's jit helpers); inputs with an attention mask keep that module's kernel.
+What differs is how a key tile reaches the tensor cores:
 
 - Q, K and V are read through tensor descriptors made on the device (``tl.make_tensor_descriptor``), one per
   (sequence, head): the copy engine moves whole tiles into shared memory, the ragged end of a sequence comes in
-  as zeros, and the loop's pipeline stages hold TMA loads in flight rather than thousands of cp.async addresses
-  in registers.
-- The loop is software-pipelined by hand one tile deep: the scores of tile j + 1 (``q @ k^T``, a wgmma group) are
-  issued before the softmax of tile j runs, and P @ V accumulates into the output in place. The wgmma of the next
-  tile thus runs on the tensor cores while the warps do tile j's exp2 and row sums (FlashAttention-3's intra-warp
-  overlap); the compiled PTX shows it as a ``wgmma.wait_group 1``.
+  as zeros, and the loop's pipeline stages hold TMA loads in flight rather than cp.async addresses in registers.
+- The loop is software-pipelined by hand one tile deep. Iteration j issues P @ V of tile j - 1 (waited for at
+  once: Triton makes an accumulating dot whose result is rescaled synchronous), then the scores of tile j + 1
+  (``q @ k^T``), which only iteration j + 1 reads, then the softmax of tile j. That wgmma group thus runs on the
+  tensor cores while the warps do the exp2 and row sums (FlashAttention-3's intra-warpgroup overlap); in the PTX
+  the softmax's ``ex2`` sits between its ``wgmma.commit_group`` and the next ``wgmma.wait_group 0``, which the
+  compile gate reports as ``wgmma_async``. With 8 warps on 128 rows, the two warpgroups interleave on their own
+  (the installed Tritons do not warp-specialize this loop on Hopper).
 
 The launcher (genfast/kernels/attention.py, ``_launch_fwd``) takes this kernel on a GPU of capability 9.x for
-fp16/bf16 inputs whose layout a descriptor can describe (rows 16-byte aligned, last dim contiguous), and the
-interpreter runs it on CPU tensors when asked (``tma=True``), so the tests check it against the reference.
+fp16/bf16 inputs whose layout a descriptor can describe (rows 16-byte aligned, last dim contiguous) when a
+measured tile fits, and the interpreter runs it on CPU tensors when asked (``tma=True`` or
+GENFAST_ATTENTION_TMA=1), so the tests check it against the reference.
 """
 
 from __future__ import annotations
