@@ -206,7 +206,8 @@ def test_capture_covers_every_family_and_kernel():
         triton_build._MEASURING_CODE = "another way of reading the compiler's output"
         remeasured = triton_build.cache_key(first, "90a") not in keys
         print(json.dumps({"families": sorted(families), "uncovered": _uncovered(modules, launched),
-                          "fwd_configs": configs["_fwd_kernel"] + configs["_fwd_tma_kernel"], "keys": len(keys), "remeasured": remeasured}))
+                          "fwd_configs": configs["_fwd_kernel"] + configs["_fwd_tma_kernel"], "keys": len(keys),
+                          "remeasured": remeasured}))
         """)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT
