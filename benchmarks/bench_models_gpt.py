@@ -96,14 +96,22 @@ def _transformers_model(model: GPT, device, dtype):
     """transformers' GPT2LMHeadModel on ``model``'s weights, through save_pretrained (None without transformers).
 
     save_pretrained writes bos/eos ids only where the vocabulary holds GPT-2's, so small vocabularies load without
-    transformers' warning about ids outside it."""
+    transformers' warning about ids outside it. transformers' "Loading weights" bar is off while it loads: it would
+    break into the suite's own progress bar once per case."""
     try:
         import transformers
+        from transformers.utils import logging as hf_logging
     except ImportError:
         return None
-    with tempfile.TemporaryDirectory(prefix="genfast-bench-gpt-") as directory:
-        model.save_pretrained(directory)
-        hf = transformers.GPT2LMHeadModel.from_pretrained(directory).to(device=device, dtype=dtype).eval()
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with tempfile.TemporaryDirectory(prefix="genfast-bench-gpt-") as directory:
+            model.save_pretrained(directory)
+            hf = transformers.GPT2LMHeadModel.from_pretrained(directory).to(device=device, dtype=dtype).eval()
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
     return hf

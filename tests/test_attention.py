@@ -6,6 +6,7 @@ reference math run in the low dtype itself. Outputs, lse and the gradients of q,
 Shapes stay tiny: the Triton kernels run in the interpreter here.
 """
 
+import importlib
 import math
 
 import pytest
@@ -131,6 +132,44 @@ def test_reference_sdpa_path_meets_the_rule(dtype, kwargs):
     floor = FLOOR[dtype] + torch.finfo(dtype).eps * exact.abs().max().item()
     assert fast.dtype == dtype
     assert_within_tolerance("out", max_error(fast, exact), max_error(torch_low, exact), floor)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("upcast", [False, True], ids=["native-half", "fp32-backward"])
+def test_reference_sdpa_backward_meets_the_rule(monkeypatch, dtype, upcast):
+    """The SDPA path's gradients, in the input dtype and through fp32 (what a CPU without native half matmuls
+    takes when a gradient is needed), both obey the rule; outputs and gradients keep the input dtype, and the fp32
+    path really ran: its gradients differ from the half kernel's."""
+    attention_module = importlib.import_module("genfast.ops.attention")  # the module; genfast.ops.attention is the op
+    monkeypatch.setattr(attention_module, "_cpu_lacks_half_matmul", lambda _dtype: upcast)
+    q, k, v = _make((2, 4, 33, 16), (2, 2, 33, 16), dtype, "cpu", seed=4)
+    w_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    w_lse = torch.zeros(q.shape[:3], dtype=torch.float64)
+
+    def with_zero_lse(fn):
+        return lambda q, k, v: (fn(q, k, v), torch.zeros(q.shape[:3]))
+
+    got = run_forward_backward(with_zero_lse(lambda q, k, v: attention(q, k, v, causal=True)), q, k, v, w_out, w_lse)
+    exact = run_forward_backward(with_zero_lse(lambda q, k, v: attention_ref(q, k, v, causal=True)),
+                                 q.double(), k.double(), v.double(), w_out, w_lse)
+    torch_low = run_forward_backward(
+        with_zero_lse(lambda q, k, v: attention_ref(q, k, v, causal=True, compute_dtype=dtype)), q, k, v, w_out, w_lse)
+    for name, g, e, t in zip(("out", "lse", "dq", "dk", "dv"), got, exact, torch_low):
+        if name == "lse":
+            continue
+        assert g.dtype == dtype, name
+        floor = FLOOR[dtype] + torch.finfo(dtype).eps * e.abs().max().item()
+        assert_within_tolerance(name, max_error(g, e), max_error(t, e), floor)
+    monkeypatch.setattr(attention_module, "_cpu_lacks_half_matmul", lambda _dtype: not upcast)
+    other = run_forward_backward(with_zero_lse(lambda q, k, v: attention(q, k, v, causal=True)), q, k, v, w_out, w_lse)
+    assert any(not torch.equal(a, b) for a, b in zip(got[2:], other[2:]))
+
+
+def test_cpu_half_probe_only_concerns_half_dtypes():
+    from genfast.ops.attention import _cpu_lacks_half_matmul
+
+    assert _cpu_lacks_half_matmul(torch.float32) is False and _cpu_lacks_half_matmul(torch.float64) is False
+    assert isinstance(_cpu_lacks_half_matmul(torch.bfloat16), bool)
 
 
 def test_reference_large_n_matches_math():

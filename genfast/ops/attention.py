@@ -15,14 +15,16 @@
   dropout_p`` with ``c = ((b * Hq + h) * Nq + i) * Nk + j`` and a seed drawn from ``generator``; kept
   probabilities are scaled by ``1 / (1 - dropout_p)``, as torch does. lse is that of the undropped P.
 
-Backends: on CPU tensors the reference path: torch's SDPA in the input dtype where SDPA has every feature the
-call uses, else the written-out math in fp32 (``attention_ref``, the specification, is always the latter); on
-CUDA tensors the Triton kernels of genfast/kernels/attention.py (custom ops ``genfast::attention_fwd_triton``
--> (out, lse) and ``genfast::attention_bwd_triton`` -> (dq, dk, dv)).
+Backends: on CPU tensors the reference path: torch's SDPA in the input dtype (in fp32 when a half-precision call
+needs gradients on a CPU without native half matmuls) where SDPA has every feature the call uses, else the
+written-out math in fp32 (``attention_ref``, the specification, is always the latter); on CUDA tensors the
+Triton kernels of genfast/kernels/attention.py (custom ops ``genfast::attention_fwd_triton`` -> (out, lse) and
+``genfast::attention_bwd_triton`` -> (dq, dk, dv)).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import NamedTuple
@@ -113,13 +115,36 @@ def _sdpa_serves(q, k, attn_mask, knobs: Knobs, need_lse: bool) -> bool:
             and (attn_mask is None or attn_mask.dtype == torch.bool))
 
 
+@functools.cache
+def _cpu_lacks_half_matmul(dtype: torch.dtype) -> bool:
+    """True for bf16/fp16 on a CPU whose oneDNN has no native instructions for them (AVX2 parts, for example).
+
+    There torch's SDPA backward in half precision is emulated: bf16 d64 B8 H8 N256 took 164 ms against 33 ms in
+    fp32 on an AVX2 EPYC (benchmarks/results/cpu-x86-64-x2-threads-20261129-1f31844.md), while the two forwards
+    cost about the same. On CPUs with AVX512-BF16 or AMX the half kernels are the fast ones.
+    """
+    probes = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}
+    if dtype not in probes:
+        return False
+    probe = getattr(torch.ops.mkldnn, probes[dtype], None)
+    try:
+        return probe is not None and not bool(probe())
+    except RuntimeError:  # a torch built without oneDNN: keep the input dtype, as before this probe
+        return False
+
+
 def _reference(q, k, v, attn_mask, seed, knobs: Knobs, need_lse: bool, compute_dtype=None):
     """The dispatcher's reference: (out, lse or None), differentiable by ordinary autograd."""
     if _sdpa_serves(q, k, attn_mask, knobs, need_lse):
-        # Same semantics, torch's fused kernel in the input dtype (it accumulates in fp32 inside): what lets auto
-        # keep up with SDPA on CPU. Upcasting first would cost bf16 on CPU 2x and buy nothing the tests need.
+        # Same semantics, torch's fused kernel (it accumulates in fp32 inside): what lets auto keep up with SDPA on
+        # CPU. It runs in the input dtype, except for a backward on a CPU without native half matmuls, where the
+        # fp32 kernels are several times faster (_cpu_lacks_half_matmul): autograd then casts the gradients back.
+        dtype = q.dtype
+        backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        if backward and q.device.type == "cpu" and _cpu_lacks_half_matmul(dtype):
+            q, k, v = q.float(), k.float(), v.float()
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=knobs.causal, scale=knobs.scale,
-                                             enable_gqa=q.shape[1] != k.shape[1])
+                                             enable_gqa=q.shape[1] != k.shape[1]).to(dtype)
         # SDPA's CPU kernel returns 0 for a query row with a NaN (it takes the row for fully masked); every other
         # backend, and the math, give NaN there. A NaN must never come back as a plausible number.
         return torch.where(q.isnan().any(dim=-1, keepdim=True), float("nan"), out), None
