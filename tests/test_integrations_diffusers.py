@@ -56,21 +56,26 @@ def conditional_inputs(batch=2):
     return torch.randn(batch, 3, 4, 4), torch.tensor([10, 500])[:batch], torch.randn(batch, 5, 16)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_conditional_unet_outputs_and_gradients(backend, monkeypatch):
-    theirs = tiny_conditional_unet()
-    ours = with_genfast(theirs)
-    x, t, context = conditional_inputs(batch=1 if backend == "triton" else 2)  # the interpreter is slow
-    calls = AttentionKernelCalls(monkeypatch)
+def assert_same_outputs_and_gradients(theirs, ours, backend, *args, **kwargs):
+    """diffusers' model and its genfast copy: the same sample, and the same parameter gradients of a square loss."""
     with genfast.backend(backend):
-        want = theirs(x, t, encoder_hidden_states=context).sample
-        got = ours(x, t, encoder_hidden_states=context).sample
+        want = theirs(*args, **kwargs).sample
+        got = ours(*args, **kwargs).sample
         torch.testing.assert_close(got, want, **TOL)
         want.square().mean().backward()
         got.square().mean().backward()
     mine = dict(ours.named_parameters())
     for name, param in theirs.named_parameters():
         torch.testing.assert_close(mine[name].grad, param.grad, rtol=1e-3, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_conditional_unet_outputs_and_gradients(backend, monkeypatch):
+    theirs = tiny_conditional_unet()
+    ours = with_genfast(theirs)
+    x, t, context = conditional_inputs(batch=1 if backend == "triton" else 2)  # the interpreter is slow
+    calls = AttentionKernelCalls(monkeypatch)
+    assert_same_outputs_and_gradients(theirs, ours, backend, x, t, encoder_hidden_states=context)
     # 4 transformer blocks (down, mid, 2 up) x (self + cross attention), forward and backward, through the kernels.
     assert (calls.fwd, calls.bwd) == ((8, 8) if backend == "triton" else (0, 0))
 
@@ -97,15 +102,7 @@ def test_unet2d_outputs_and_gradients(backend, monkeypatch):
     torch.manual_seed(2)
     x, t = torch.randn(2, 3, 4, 4), torch.tensor([3, 700])
     calls = AttentionKernelCalls(monkeypatch)
-    with genfast.backend(backend):
-        want = theirs(x, t).sample
-        got = ours(x, t).sample
-        torch.testing.assert_close(got, want, **TOL)
-        want.square().mean().backward()
-        got.square().mean().backward()
-    mine = dict(ours.named_parameters())
-    for name, param in theirs.named_parameters():
-        torch.testing.assert_close(mine[name].grad, param.grad, rtol=1e-3, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    assert_same_outputs_and_gradients(theirs, ours, backend, x, t)
     # Attention in the down block, the mid block and the up block's two layers, forward and backward.
     assert (calls.fwd, calls.bwd) == ((4, 4) if backend == "triton" else (0, 0))
 
