@@ -3,7 +3,7 @@ draws, a forward+backward run that returns every output, and the error measure (
 
 import torch
 
-from tests.tolerance import max_error  # noqa: F401 (re-exported for the attention tests)
+from tests.tolerance import assert_within_tolerance, max_error
 
 # The floor: one ulp of the tensor's largest magnitude (finfo.eps * max|exact|) plus a tiny absolute term. It
 # matters only where torch's own error is near zero by luck of the shape: with N = 1 softmax is exactly 1, the
@@ -26,6 +26,28 @@ def run_forward_backward(fn, q, k, v, w_out, w_lse):
     loss = (out.double() * w_out).sum() + (torch.where(finite, lse.double(), 0.0) * w_lse).sum()
     loss.backward()
     return [out.detach(), lse.detach()] + [t.grad for t in leaves]
+
+
+def assert_grads_meet_the_rule(ours, spec, q, k, v, w_out):
+    """``ours(q, k, v) -> out`` (no lse: the SDPA paths) against ``spec(q, k, v, compute_dtype) -> out``: the output
+    and dq, dk, dv of ``sum(out * w_out)`` keep q's dtype and are within the rule of the fp64 spec, torch's error
+    being the spec's in q's dtype. Returns ours' [out, dq, dk, dv]."""
+    dtype = q.dtype
+    w_lse = torch.zeros(q.shape[:-1], dtype=torch.float64)  # unused: the SDPA paths return no lse
+
+    def without_lse(fn):
+        return lambda q, k, v: (fn(q, k, v), torch.zeros(q.shape[:-1]))
+
+    got = run_forward_backward(without_lse(ours), q, k, v, w_out, w_lse)
+    exact = run_forward_backward(without_lse(lambda *t: spec(*t, torch.float64)), q.double(), k.double(), v.double(),
+                                 w_out, w_lse)
+    torch_low = run_forward_backward(without_lse(lambda *t: spec(*t, dtype)), q, k, v, w_out, w_lse)
+    got, exact, torch_low = ([t[0]] + t[2:] for t in (got, exact, torch_low))
+    for name, g, e, t in zip(("out", "dq", "dk", "dv"), got, exact, torch_low):
+        assert g.dtype == dtype, name
+        floor = FLOOR[dtype] + torch.finfo(dtype).eps * e.abs().max().item()
+        assert_within_tolerance(name, max_error(g, e), max_error(t, e), floor)
+    return got
 
 
 class AttentionKernelCalls:

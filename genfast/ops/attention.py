@@ -133,18 +133,24 @@ def _cpu_lacks_half_matmul(dtype: torch.dtype) -> bool:
         return False
 
 
+def sdpa_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q, k, v as the CPU reference paths hand them to torch's SDPA: as they are, or in fp32 for a half-precision
+    call that needs gradients on a CPU without native half matmuls, where the fp32 kernels are several times faster
+    (:func:`_cpu_lacks_half_matmul`). The caller casts the output back; autograd casts the gradients back."""
+    backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if backward and q.device.type == "cpu" and _cpu_lacks_half_matmul(q.dtype):
+        return q.float(), k.float(), v.float()
+    return q, k, v
+
+
 def _reference(q, k, v, attn_mask, seed, knobs: Knobs, need_lse: bool, compute_dtype=None):
     """The dispatcher's reference: (out, lse or None), differentiable by ordinary autograd."""
     if _sdpa_serves(q, k, attn_mask, knobs, need_lse):
         # Same semantics, torch's fused kernel (it accumulates in fp32 inside): what lets auto keep up with SDPA on
-        # CPU. It runs in the input dtype, except for a backward on a CPU without native half matmuls, where the
-        # fp32 kernels are several times faster (_cpu_lacks_half_matmul): autograd then casts the gradients back.
-        dtype = q.dtype
-        backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        if backward and q.device.type == "cpu" and _cpu_lacks_half_matmul(dtype):
-            q, k, v = q.float(), k.float(), v.float()
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=knobs.causal, scale=knobs.scale,
-                                             enable_gqa=q.shape[1] != k.shape[1]).to(dtype)
+        # CPU. It runs in the input dtype but where sdpa_inputs says otherwise.
+        qs, ks, vs = sdpa_inputs(q, k, v)
+        out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=attn_mask, is_causal=knobs.causal,
+                                             scale=knobs.scale, enable_gqa=q.shape[1] != k.shape[1]).to(q.dtype)
         # SDPA's CPU kernel returns 0 for a query row with a NaN (it takes the row for fully masked); every other
         # backend, and the math, give NaN there. A NaN must never come back as a plausible number.
         return torch.where(q.isnan().any(dim=-1, keepdim=True), float("nan"), out), None

@@ -56,6 +56,7 @@ from genfast.ops.attention import (
     _window_pair,
     check_qkv,
     dropout_probability,
+    sdpa_inputs,
     softmax_scale,
     triton_supports,
 )
@@ -194,8 +195,10 @@ def _reference(q, k, v, packing: Packing, seed, knobs: Knobs, need_lse: bool):
         last = torch.minimum(last, pos + right)
     mask = ((j >= first[:, :, None]) & (j <= last[:, :, None]) & valid_q[:, :, None])[:, None]  # (B, 1, max_q, max_k)
     if dropout_p == 0.0 and not need_lse:
-        # torch's fused kernel in the input dtype; rows with no visible key are set to 0 below, whatever SDPA gives.
-        out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale, enable_gqa=hq != k.shape[1])
+        # torch's fused kernel (in the input dtype but where sdpa_inputs says otherwise); rows with no visible key
+        # are set to 0 below, whatever SDPA gives.
+        out = F.scaled_dot_product_attention(*sdpa_inputs(qp, kp, vp), attn_mask=mask, scale=scale,
+                                             enable_gqa=hq != k.shape[1]).to(q.dtype)
         # SDPA's CPU kernel gives 0 for a query row holding a NaN; the math and the kernels give NaN.
         out = torch.where(qp.isnan().any(dim=-1, keepdim=True), float("nan"), out)
         lse = None
