@@ -150,18 +150,17 @@ def test_reference_sdpa_backward_meets_the_rule(monkeypatch, dtype, upcast):
     def spec(q, k, v, compute_dtype):
         return attention_ref(q, k, v, causal=True, compute_dtype=compute_dtype)
 
-    monkeypatch.setattr(attention_module, "_cpu_lacks_half_matmul", lambda _dtype: upcast)
+    monkeypatch.setattr(attention_module, "CPU_SLOW_HALF_DTYPES", frozenset({dtype} if upcast else ()))
     got = assert_grads_meet_the_rule(ours, spec, q, k, v, w_out)
-    monkeypatch.setattr(attention_module, "_cpu_lacks_half_matmul", lambda _dtype: not upcast)
+    monkeypatch.setattr(attention_module, "CPU_SLOW_HALF_DTYPES", frozenset(() if upcast else {dtype}))
     other = assert_grads_meet_the_rule(ours, spec, q, k, v, w_out)
     assert any(not torch.equal(a, b) for a, b in zip(got[1:], other[1:]))
 
 
-def test_cpu_half_probe_only_concerns_half_dtypes():
-    from genfast.ops.attention import _cpu_lacks_half_matmul
+def test_cpu_half_probe_only_lists_half_dtypes():
+    from genfast.ops.attention import CPU_SLOW_HALF_DTYPES
 
-    assert _cpu_lacks_half_matmul(torch.float32) is False and _cpu_lacks_half_matmul(torch.float64) is False
-    assert isinstance(_cpu_lacks_half_matmul(torch.bfloat16), bool)
+    assert CPU_SLOW_HALF_DTYPES <= {torch.bfloat16, torch.float16}
 
 
 def test_reference_large_n_matches_math():
@@ -310,3 +309,24 @@ def test_compile_fullgraph(device, backend):
     with genfast.backend(backend):
         compiled = torch.compile(fn, fullgraph=True)
         torch.testing.assert_close(compiled(q, k, v), fn(q, k, v))
+
+
+@pytest.mark.parametrize("upcast", [False, True], ids=["native-half", "fp32-backward"])
+def test_compile_fullgraph_half_backward_on_cpu(monkeypatch, upcast):
+    """The SDPA path's dtype choice traces under torch.compile(fullgraph=True) with gradients, both ways."""
+    attention_module = importlib.import_module("genfast.ops.attention")
+    monkeypatch.setattr(attention_module, "CPU_SLOW_HALF_DTYPES", frozenset({torch.bfloat16} if upcast else ()))
+    q, k, v = (t.requires_grad_(True) for t in _make((1, 2, 9, 16), (1, 1, 9, 16), torch.bfloat16, "cpu", seed=11))
+
+    def fn(q, k, v):
+        return attention(q, k, v, causal=True)
+
+    compiled = torch.compile(fn, fullgraph=True)
+    got = compiled(q, k, v)
+    got_grads = torch.autograd.grad(got.float().square().sum(), (q, k, v))
+    want = fn(q, k, v)
+    want_grads = torch.autograd.grad(want.float().square().sum(), (q, k, v))
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_grads, want_grads):
+        assert g.dtype == torch.bfloat16
+        torch.testing.assert_close(g, w)

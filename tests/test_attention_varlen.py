@@ -131,9 +131,9 @@ def test_reference_sdpa_backward_meets_the_rule(monkeypatch, dtype, upcast):
     def spec(q, k, v, compute_dtype):
         return attention_varlen_ref(q, k, v, *lens, causal=True, compute_dtype=compute_dtype)
 
-    monkeypatch.setattr(attention_module, "_cpu_lacks_half_matmul", lambda _dtype: upcast)
+    monkeypatch.setattr(attention_module, "CPU_SLOW_HALF_DTYPES", frozenset({dtype} if upcast else ()))
     got = assert_grads_meet_the_rule(ours, spec, q, k, v, w_out)
-    monkeypatch.setattr(attention_module, "_cpu_lacks_half_matmul", lambda _dtype: not upcast)
+    monkeypatch.setattr(attention_module, "CPU_SLOW_HALF_DTYPES", frozenset(() if upcast else {dtype}))
     other = assert_grads_meet_the_rule(ours, spec, q, k, v, w_out)
     assert any(not torch.equal(a, b) for a, b in zip(got[1:], other[1:]))
 

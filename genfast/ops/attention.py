@@ -24,7 +24,6 @@ Triton kernels of genfast/kernels/attention.py (custom ops ``genfast::attention_
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 from typing import NamedTuple
@@ -115,30 +114,35 @@ def _sdpa_serves(q, k, attn_mask, knobs: Knobs, need_lse: bool) -> bool:
             and (attn_mask is None or attn_mask.dtype == torch.bool))
 
 
-@functools.cache
-def _cpu_lacks_half_matmul(dtype: torch.dtype) -> bool:
-    """True for bf16/fp16 on a CPU whose oneDNN has no native instructions for them (AVX2 parts, for example).
+def _half_dtypes_without_native_cpu_matmul() -> frozenset[torch.dtype]:
+    """bf16/fp16 where this CPU's oneDNN has no native instructions for them (AVX2 parts, for example).
 
     There torch's SDPA backward in half precision is emulated: bf16 d64 B8 H8 N256 took 164 ms against 33 ms in
     fp32 on an AVX2 EPYC (benchmarks/results/cpu-x86-64-x2-threads-20261129-1f31844.md), while the two forwards
-    cost about the same. On CPUs with AVX512-BF16 or AMX the half kernels are the fast ones.
+    cost about the same. On CPUs with AVX512-BF16 or AMX the half kernels are the fast ones. Probed once, at
+    import: torch.compile cannot trace the probes.
     """
     probes = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}
-    if dtype not in probes:
-        return False
-    probe = getattr(torch.ops.mkldnn, probes[dtype], None)
-    try:
-        return probe is not None and not bool(probe())
-    except RuntimeError:  # a torch built without oneDNN: keep the input dtype, as before this probe
-        return False
+    slow = set()
+    for dtype, name in probes.items():
+        probe = getattr(torch.ops.mkldnn, name, None)
+        try:
+            if probe is not None and not bool(probe()):
+                slow.add(dtype)
+        except RuntimeError:  # a torch built without oneDNN: keep the input dtype, as before this probe
+            pass
+    return frozenset(slow)
+
+
+CPU_SLOW_HALF_DTYPES = _half_dtypes_without_native_cpu_matmul()
 
 
 def sdpa_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """q, k, v as the CPU reference paths hand them to torch's SDPA: as they are, or in fp32 for a half-precision
-    call that needs gradients on a CPU without native half matmuls, where the fp32 kernels are several times faster
-    (:func:`_cpu_lacks_half_matmul`). The caller casts the output back; autograd casts the gradients back."""
+    call that needs gradients on a CPU without native half matmuls (``CPU_SLOW_HALF_DTYPES``), where the fp32
+    kernels are several times faster. The caller casts the output back; autograd casts the gradients back."""
     backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if backward and q.device.type == "cpu" and _cpu_lacks_half_matmul(q.dtype):
+    if backward and q.device.type == "cpu" and q.dtype in CPU_SLOW_HALF_DTYPES:
         return q.float(), k.float(), v.float()
     return q, k, v
 
