@@ -248,16 +248,18 @@ def readme_block(data: dict, results_name: str) -> str:
              f"Measured on {data['device']}, commit {data['commit']}, {data['date'][:10]} (`{results_name}`"
              + (f"; the whole `make bench` run took {data['duration_s'] / 60:.0f} min" if data.get("duration_s")
                 else "; that run predates the record of the suite's duration")
-             + "): genfast's default call against each peer, the geometric mean of `peer time / genfast time` over "
-             "the family's cases (above 1x genfast is faster), with the range.", "",
-             "| family | vs | cases | geometric mean | range |", "|---|---|---:|---:|---|"]
+             + "): genfast's default call (`auto`, or where a benchmark names backends, the one auto takes on this "
+             "device) and its fast options (`-validate-off`) against each peer, the geometric mean of "
+             "`peer time / genfast time` over the family's cases (above 1x genfast is faster), with the range.", "",
+             "| family | genfast | vs | cases | geometric mean | range |", "|---|---|---|---:|---:|---|"]
     for s in summary(comps):
-        lines.append(f"| {s['family']} | {s['peer']} | {s['cases']} | {_x(s['geomean'])} | "
+        lines.append(f"| {s['family']} | {_short(s['genfast'])} | {s['peer']} | {s['cases']} | {_x(s['geomean'])} | "
                      f"{_x(s['min'])} – {_x(s['max'])} |")
     big = losses(comps, README_LOSS_MARGIN)
     small = len(losses(comps)) - len(big)
     lines += ["", f"Losses, where genfast is more than {README_LOSS_MARGIN:.0%} slower than a peer ({len(big)}):", ""]
-    lines += [f"- {c['family']} `{c['op']}` [{c['case']}]: {_x(c['speedup'])} {c['peer']}" for c in big] or ["- none"]
+    lines += [f"- {c['family']} `{c['op']}` [{c['case']}]: {_short(c['genfast'])} at {_x(c['speedup'])} of {c['peer']}"
+              for c in big] or ["- none"]
     lines += ["", f"and {small} more within {README_LOSS_MARGIN:.0%} (run-to-run noise on this machine); "
               "every case is in the results' `.md`.", README_END]
     return "\n".join(lines)

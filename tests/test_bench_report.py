@@ -96,14 +96,22 @@ def test_readme_block_is_rewritten_in_place(tmp_path):
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("\noutro\n") and "old table" not in text
     assert "the whole `make bench` run took 21 min" in text
-    assert "| attention | torch-sdpa | 2 | 0.71x | 0.25x – 2.00x |" in text
-    assert "- attention `attention_decode` [B1]: 0.25x torch-sdpa" in text  # a loss beyond 5%
+    assert "| attention | auto | torch-sdpa | 2 | 0.71x | 0.25x – 2.00x |" in text
+    assert "- attention `attention_decode` [B1]: auto at 0.25x of torch-sdpa" in text  # a loss beyond 5%
     assert "and 1 more within 5%" in text  # sample_tokens at 0.97x
     report.update_readme({**DATA, "duration_s": 1260}, str(results), str(readme))
     assert readme.read_text() == text  # idempotent
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="bench-table"):
         report.update_readme(DATA, str(results), str(readme))
+
+
+def test_readme_block_keeps_the_fast_options_apart():
+    """A family timed with a default backend and a fast option gets one row per genfast provider, each named."""
+    fast = _r("sampling", "sample_tokens", "greedy", "genfast-cpu-validate-off", 0.5)
+    text = report.readme_block({**DATA, "results": DATA["results"] + [fast]}, "r.json")
+    assert "| sampling | cpu | reference | 1 | 0.97x | 0.97x – 0.97x |" in text
+    assert "| sampling | cpu-validate-off | reference | 1 | 1.94x | 1.94x – 1.94x |" in text
 
 
 def test_latest_results_by_date_ignores_compile_reports(tmp_path):
