@@ -249,7 +249,7 @@ def readme_block(data: dict, results_name: str) -> str:
              + (f"; the whole `make bench` run took {data['duration_s'] / 60:.0f} min" if data.get("duration_s")
                 else "; that run predates the record of the suite's duration")
              + "): genfast's default call (`auto`, or where a benchmark names backends, the one auto takes on this "
-             "device) and its fast options (`-validate-off`) against each peer, the geometric mean of "
+             "device) and its fast options (each named in the genfast column) against each peer, the geometric mean of "
              "`peer time / genfast time` over the family's cases (above 1x genfast is faster), with the range.", "",
              "| family | genfast | vs | cases | geometric mean | range |", "|---|---|---|---:|---:|---|"]
     for s in summary(comps):
