@@ -1,6 +1,7 @@
 """The benchmark harness shared by every benchmarks/bench_<family>.py.
 
-A bench module exposes ``cases(device) -> list[BenchCase]``: one entry per (op, case, provider).
+A bench module exposes ``cases(device) -> list[BenchCase]``: one entry per (op, case, provider), and may expose
+``replaced(device) -> list[ReplacedCase]``: the drop-in comparisons (see ``ReplacedCase``).
 ``benchmarks/run.py`` times them all in one run and writes the result files; the same cases run
 under pytest-benchmark through ``benchmarks/test_benchmarks.py``. Ratios are only ever derived from
 rows of the same run (CONTRIBUTING.md, section 4).
@@ -44,6 +45,85 @@ class BenchCase:
     @property
     def name(self) -> str:
         return f"{self.op}[{self.case}]-{self.provider}"
+
+
+REPLACED_REPS = 21  # at least 20 alternating repetitions (issue 26); odd, so the median is one measured pair
+
+
+@dataclasses.dataclass
+class ReplacedCase:
+    """A "replaced" row: genfast's default call against exactly what a user had before the swap.
+
+    How to add rows (any bench module): define ``replaced(device, quick=False) -> list[ReplacedCase]`` beside
+    ``cases``; ``benchmarks/run.py`` collects it from every bench module (``--replaced`` runs only these rows,
+    in a few minutes) and ``benchmarks/report.py`` prints them as their own table, flagging every row whose
+    median ratio is below ``1 - report.LOSS_MARGIN`` (0.97x) as a loss.
+
+    - ``drop_in``: what the user swaps in, as they would write it (``genfast.ops.attention``,
+      ``attn_implementation="genfast"``); ``before``: what it replaces, as they had it
+      (``F.scaled_dot_product_attention``, ``transformers generate``).
+    - ``setup()`` allocates everything once (inputs, models; not timed) and returns ``(genfast_call,
+      before_call)``: two zero-argument callables doing the same work, each genfast's or the user's default
+      call (no backend forced, no fast option the user would not know of). A backward row times forward and
+      backward in each callable.
+    - ``measure_replaced`` alternates the two every repetition (which one goes first alternates too), at least
+      ``REPLACED_REPS`` times, and reports the median of the per-repetition ratios ``before / genfast``, so
+      that a noisy machine hits both providers alike.
+    """
+
+    family: str
+    drop_in: str
+    case: str
+    before: str
+    setup: Callable[[], tuple[Callable[[], Any], Callable[[], Any]]]
+
+    @property
+    def name(self) -> str:
+        return f"{self.drop_in}[{self.case}] vs {self.before}"
+
+
+def _timed_sample(fn: Callable[[], Any], device: torch.device, inner: int) -> float:
+    synchronize(device)
+    begin = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - begin) * 1e3 / inner
+
+
+def measure_replaced(case: ReplacedCase, device: torch.device, *, reps: int = REPLACED_REPS, warmup: int = 3,
+                     min_sample_ms: float = 2.0) -> dict:
+    """Time ``case``'s two callables alternately; the row of the results file's ``"replaced"`` list.
+
+    A sample is ``inner`` back-to-back calls (the same count for both providers), enough that the shorter of the
+    two lasts ``min_sample_ms``: sub-millisecond calls are otherwise below what perf_counter and the scheduler
+    resolve. ``ratio`` is the median over repetitions of ``before ms / genfast ms`` (above 1: genfast faster).
+    """
+    ours, theirs = case.setup()
+    for _ in range(warmup):
+        ours()
+        theirs()
+    shortest = min(_timed_sample(ours, device, 1), _timed_sample(theirs, device, 1))
+    inner = max(1, min(1000, int(min_sample_ms / max(shortest, 1e-6)) + 1))
+    mine, peer, ratios = [], [], []
+    for rep in range(max(reps, REPLACED_REPS)):
+        if rep % 2 == 0:
+            a = _timed_sample(ours, device, inner)
+            b = _timed_sample(theirs, device, inner)
+        else:
+            b = _timed_sample(theirs, device, inner)
+            a = _timed_sample(ours, device, inner)
+        mine.append(a)
+        peer.append(b)
+        ratios.append(b / a)
+    ordered = sorted(ratios)
+    return {
+        "family": case.family, "drop_in": case.drop_in, "case": case.case, "before": case.before,
+        "genfast_ms": round(statistics.median(mine), 5), "before_ms": round(statistics.median(peer), 5),
+        "ratio": round(statistics.median(ratios), 4), "ratio_p20": round(ordered[int(0.2 * len(ordered))], 4),
+        "ratio_p80": round(ordered[min(len(ordered) - 1, int(0.8 * len(ordered)))], 4),
+        "reps": len(ratios), "calls_per_sample": inner,
+    }
 
 
 def genfast_providers(op: str, device: torch.device) -> list[str]:

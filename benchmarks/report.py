@@ -8,6 +8,12 @@ over each peer and every case where genfast is slower than a peer; then one tabl
 
 Speedups are ratios of median times of rows of the same file: ``peer ms / genfast ms`` (above 1: genfast is
 faster). genfast's row is the default call (``genfast-auto``) where the case has one, else each genfast backend.
+
+The "replaced" rows (``harness.ReplacedCase``, the file's ``"replaced"`` list) get their own table: genfast's
+default call against exactly what a user had before the swap, the median of ratios from alternating repetitions,
+each row below ``1 - LOSS_MARGIN`` flagged as a loss. Given several results files of one device (``python -m
+benchmarks.report A.json B.json --readme``), ``combine`` takes the per-row median of them: a replaced row below
+the margin in every run is a loss, below it in only some is named as noise.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import json
 import math
 import os
 import re
+import statistics
 import textwrap
 from collections import defaultdict
 
@@ -26,8 +33,9 @@ README = os.path.join(os.path.dirname(RESULTS_DIR), "..", "README.md")
 README_START, README_END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
 OWN_PREFIX = "genfast-"
 DEFAULT_PROVIDER = "genfast-auto"
-# README losses: cases slower than a peer by more than this fraction are listed one by one.
-README_LOSS_MARGIN = 0.05
+# The one loss margin: a "replaced" row below 1 - LOSS_MARGIN (0.97x) is flagged as a loss, and the README lists
+# one by one the comparisons slower than a peer by more than it (closer than that is this machine's noise).
+LOSS_MARGIN = 0.03
 
 
 def load(path: str) -> dict:
@@ -40,12 +48,75 @@ def load(path: str) -> dict:
 
 
 def latest_results(results_dir: str = RESULTS_DIR) -> str:
-    """The results file with the latest date in ``results_dir`` (compile reports are not benchmark results)."""
+    """The results file with the latest date in ``results_dir`` (compile reports are not benchmark results; older
+    runs live in ``results_dir/history/``, not searched)."""
+    # A `--replaced` run times no cases: it cannot stand for the suite.
     paths = [p for p in glob.glob(os.path.join(results_dir, "*.json"))
-             if not os.path.basename(p).startswith("compile-")]
+             if not os.path.basename(p).startswith("compile-") and load(p)["results"]]
     if not paths:
         raise FileNotFoundError(f"no benchmark results in {results_dir}")
     return max(paths, key=lambda p: (load(p)["date"], p))
+
+
+def combine(runs: list[dict]) -> dict:
+    """One results dict from several runs of one suite: the first run's header, every timed row's median ``ms``
+    over the runs that have it, every replaced row's median ratio, with ``run_ratios`` and ``below`` (in how many
+    of its ``runs`` it fell under ``1 - LOSS_MARGIN``)."""
+    timed: dict[tuple, list[dict]] = defaultdict(list)
+    swapped: dict[tuple, list[dict]] = defaultdict(list)
+    for data in runs:
+        for r in data["results"]:
+            timed[(r["family"], r["op"], r["case"], r["provider"])].append(r)
+        for r in data.get("replaced", []):
+            swapped[(r["family"], r["drop_in"], r["case"], r["before"])].append(r)
+    results = []
+    for rows in timed.values():
+        row = dict(rows[0])
+        for key in ("ms", "ms_p20", "ms_p80"):
+            row[key] = statistics.median(r[key] for r in rows)
+        results.append(row)
+    replaced = []
+    for rows in swapped.values():
+        row = dict(rows[0])
+        for key in ("ratio", "ratio_p20", "ratio_p80", "genfast_ms", "before_ms"):
+            row[key] = statistics.median(r[key] for r in rows)
+        row["run_ratios"] = [r["ratio"] for r in rows]
+        row["runs"] = len(rows)
+        row["below"] = sum(r["ratio"] < 1.0 - LOSS_MARGIN for r in rows)
+        replaced.append(row)
+    out = {**runs[0], "results": results, "replaced": replaced}
+    if len(runs) > 1:
+        out["combined_from"] = [f"{d['commit']} {d['date']}" for d in runs]
+    return out
+
+
+def replaced_verdict(row: dict) -> str:
+    """'loss' when the row is below the margin in every run it has, 'noise (...)' in only some, else ''."""
+    runs = row.get("runs", 1)
+    below = row.get("below", int(row["ratio"] < 1.0 - LOSS_MARGIN))
+    if below and below == runs:
+        return "**loss**"
+    return f"noise (below in {below} of {runs} runs)" if below else ""
+
+
+def replaced_markdown(data: dict, heading: str = "## ") -> list[str]:
+    """The "replaced" table: every drop-in against what it replaces, losses flagged."""
+    rows = data.get("replaced", [])
+    if not rows:
+        return []
+    reps = min(r["reps"] for r in rows)
+    lines = [f"{heading}Replaced: genfast's default call against what it replaces", "",
+             f"Each row alternates the two calls every repetition ({reps} or more), so that machine noise hits both; "
+             "the ratio is the median of `before ms / genfast ms` (above 1x genfast is faster; p20–p80 beside it). "
+             f"A row below {1 - LOSS_MARGIN:.2f}x is flagged as a loss.", "",
+             "| family | drop-in | case | replaces | genfast ms | before ms | ratio | p20–p80 | flag |",
+             "|---|---|---|---|---:|---:|---:|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["family"], r["drop_in"], r["case"])):
+        runs = f" (runs: {', '.join(_x(v) for v in r['run_ratios'])})" if len(r.get("run_ratios", [])) > 1 else ""
+        lines.append(f"| {r['family']} | `{r['drop_in']}` | {r['case']} | `{r['before']}` | {r['genfast_ms']:.4f} | "
+                     f"{r['before_ms']:.4f} | {_x(r['ratio'])}{runs} | {_x(r['ratio_p20'])}–{_x(r['ratio_p80'])} | "
+                     f"{replaced_verdict(r)} |")
+    return lines + [""]
 
 
 def comparisons(results: list[dict]) -> list[dict]:
@@ -119,6 +190,7 @@ def markdown(data: dict, figure_names: dict | None = None) -> str:
              + (f", the whole run took {data['duration_s'] / 60:.0f} min" if data.get("duration_s") else ""), "",
              "Ceilings measured in this run: " + ", ".join(f"{k} = {v}" for k, v in ceilings.items()), ""]
     lines += summary_markdown(data, comps)
+    lines += replaced_markdown(data)
     copy = ceilings.get("copy_GBps")
     # Compute-bound cases read against this run's own matmul (bf16 on a GPU, fp32 on a CPU), as they do copy.
     matmul = ceilings.get("bf16_matmul_TFLOPs") or ceilings.get("fp32_matmul_TFLOPs")
@@ -255,13 +327,18 @@ def readme_block(data: dict, results_name: str) -> str:
     for s in summary(comps):
         lines.append(f"| {s['family']} | {_short(s['genfast'])} | {s['peer']} | {s['cases']} | {_x(s['geomean'])} | "
                      f"{_x(s['min'])} – {_x(s['max'])} |")
-    big = losses(comps, README_LOSS_MARGIN)
+    big = losses(comps, LOSS_MARGIN)
     small = len(losses(comps)) - len(big)
-    lines += ["", f"Losses, where genfast is more than {README_LOSS_MARGIN:.0%} slower than a peer ({len(big)}):", ""]
+    lines += ["", f"Losses, where genfast is more than {LOSS_MARGIN:.0%} slower than a peer ({len(big)}):", ""]
     lines += [f"- {c['family']} `{c['op']}` [{c['case']}]: {_short(c['genfast'])} at {_x(c['speedup'])} of {c['peer']}"
               for c in big] or ["- none"]
-    lines += ["", f"and {small} more within {README_LOSS_MARGIN:.0%} (run-to-run noise on this machine); "
-              "every case is in the results' `.md`.", README_END]
+    lines += ["", f"and {small} more within {LOSS_MARGIN:.0%} (run-to-run noise on this machine); "
+              "every case is in the results' `.md`."]
+    if data.get("combined_from"):
+        lines += ["", "Every time above is the per-row median of the runs " + ", ".join(data["combined_from"]) + "."]
+    if data.get("replaced"):
+        lines += [""] + replaced_markdown(data, heading="#### ")[:-1]
+    lines.append(README_END)
     return "\n".join(lines)
 
 
@@ -279,14 +356,18 @@ def update_readme(data: dict, results_path: str, readme: str = README) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", nargs="?", help="a results .json (default: the latest in benchmarks/results/)")
+    parser.add_argument("results", nargs="*",
+                        help="results .json file(s) (default: the latest in benchmarks/results/); with several, "
+                             "--readme takes the per-row median of them")
     parser.add_argument("--readme", action="store_true", help="also rewrite the README's headline table")
     args = parser.parse_args(argv)
-    path = args.results or latest_results()
-    for written in write(path):
-        print(f"wrote {os.path.relpath(written)}")
+    paths = args.results or [latest_results()]
+    for path in paths:
+        for written in write(path):
+            print(f"wrote {os.path.relpath(written)}")
     if args.readme:
-        update_readme(load(path), path)
+        runs = [load(p) for p in paths]
+        update_readme(combine(runs) if len(runs) > 1 else runs[0], paths[-1])
         print(f"rewrote the headline table of {os.path.relpath(README)}")
     return 0
 

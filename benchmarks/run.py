@@ -1,5 +1,8 @@
 """Run the benchmark suite: `make bench` or `python -m benchmarks.run [--family F] [--quick] [--publish]`.
 
+Only the "replaced" rows (genfast's default call against what it replaces, alternating, a few minutes):
+`python -m benchmarks.run --replaced` (add `--family attention` for one family's).
+
 Times every case of every benchmarks/bench_<family>.py on the device present (CUDA if available,
 else the CPU), prints the summary of ratios measured in this run (benchmarks/report.py), and writes
 <device>-<date>-<commit>.json with its .md and one .png per family into benchmarks/results/local/
@@ -37,6 +40,14 @@ def collect_cases(device: torch.device, families: list[str] | None, quick: bool)
     return cases
 
 
+def collect_replaced(device: torch.device, families: list[str] | None, quick: bool) -> list[harness.ReplacedCase]:
+    cases = []
+    for _, module in bench_modules(families):
+        if hasattr(module, "replaced"):
+            cases.extend(module.replaced(device, quick=quick))
+    return cases
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", action="append", help="only this family (repeatable): e.g. sampling")
@@ -48,14 +59,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="write into this folder instead (e.g. make gpu-check's)")
     parser.add_argument("--name", help="file name stem (default <device>-<date>-<commit>)")
     parser.add_argument("--one-figure", action="store_true", help="one figure with a panel per family")
+    parser.add_argument("--replaced", action="store_true",
+                        help="only the 'replaced' rows: each drop-in against what it replaces, the two alternating "
+                             "every repetition (a few minutes on 2 cores)")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     timing = {"min_time_s": 0.05, "max_reps": 20} if args.quick else {}
     env = harness.environment(device)
-    cases = collect_cases(device, args.family, args.quick)
-    if not cases:
+    cases = [] if args.replaced else collect_cases(device, args.family, args.quick)
+    swaps = collect_replaced(device, args.family, args.quick)
+    if not cases and not swaps:
         print("no benchmark cases selected", file=sys.stderr)
         return 1
     try:
@@ -63,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # tqdm is a dependency; stay usable without it all the same
         tqdm = lambda xs, **_: xs  # noqa: E731
 
-    print(f"genfast benchmarks on {env['device']}: {len(cases)} timings", flush=True)
+    print(f"genfast benchmarks on {env['device']}: {len(cases)} timings, {len(swaps)} replaced rows", flush=True)
     ceilings = harness.ceilings(device)
     results = []
     for case in tqdm(cases, desc="benchmarks", unit="case"):
@@ -71,9 +86,15 @@ def main(argv: list[str] | None = None) -> int:
             results.append(harness.measure(case, device, **timing))
         except Exception as error:  # one failing provider must not lose the rest of the run
             print(f"\n{case.name}: FAILED ({type(error).__name__}: {error})", file=sys.stderr)
-    data = {**env, "ceilings": ceilings, "results": results,
+    replaced = []
+    for swap in tqdm(swaps, desc="replaced", unit="row"):
+        try:
+            replaced.append(harness.measure_replaced(swap, device))
+        except Exception as error:  # as above: one failing row must not lose the rest
+            print(f"\n{swap.name}: FAILED ({type(error).__name__}: {error})", file=sys.stderr)
+    data = {**env, "ceilings": ceilings, "results": results, "replaced": replaced,
             "duration_s": round(time.perf_counter() - started)}
-    print("\n".join(report.summary_markdown(data, report.comparisons(results))))
+    print("\n".join(report.summary_markdown(data, report.comparisons(results)) + report.replaced_markdown(data)))
     print(f"the suite took {data['duration_s'] / 60:.1f} min")
     if not args.no_write:
         folder = args.out or (harness.RESULTS_DIR if args.publish else os.path.join(harness.RESULTS_DIR, "local"))
