@@ -231,13 +231,19 @@ def _tuned_candidates(kernel: str) -> list:
 def _tuned(kernel: str):
     # Lengths enter the key bucketed (next power of two), so a new length does not re-tune.
     key = ["q_bucket", "k_bucket", "BLOCK_D", "MASK_KIND", "DROPOUT", "HAS_WINDOW", "PRECISION", "VARLEN"]
+    # The autotuner launches each kept config several times on the caller's tensors before the real launch (triton
+    # 3.6 even a lone one). dK/dV adds dQ into dQacc (atomics or a bulk reduction): zeroed before every run, and
+    # once more after the last, or the first backward of a key would return (1 + runs) x dQ. The other kernels
+    # store each element once.
+    reset = ["dQacc"] if kernel == "dkdv" else None
     if kernel == "dkdv":
         key += ["DQ_ATOMIC", "TMA"]
     if _AUTOTUNE:
         configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
                    for m, n, w, s in _tuned_candidates(kernel)]
-        return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": _pruner(kernel)})
-    return triton.autotune(configs=[_INTERPRETER_CONFIG], key=key)
+        return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": _pruner(kernel)},
+                               reset_to_zero=reset)
+    return triton.autotune(configs=[_INTERPRETER_CONFIG], key=key, reset_to_zero=reset)
 
 
 def length_bucket(n: int) -> int:
