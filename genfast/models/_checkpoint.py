@@ -3,13 +3,17 @@ the layout), without importing genfast.training: config.json and the weights are
 
 The config is checked against the weights' shapes, read from the safetensors header, before any memory is
 allocated for the model: a hostile config.json (a width of 10**9) cannot exhaust memory.
+
+``check_weights`` is the one rule for the values of a loaded state dict (dtype kinds, casts, non-finite values):
+every loader here calls it, and so does training's ``--resume``.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
@@ -19,6 +23,74 @@ from genfast._io import load_safetensors_state, read_json_config, read_safetenso
 FORMAT_VERSION = 2  # the same as genfast.training.checkpoint.FORMAT_VERSION (a test keeps them equal)
 CHECKPOINT_DIR = "checkpoint"
 CONFIG_FILE = "config.json"
+
+log = logging.getLogger("genfast")
+
+
+class CheckpointError(ValueError):
+    """A weights file whose tensors do not fit the model (dtype kind, non-finite values): a ValueError, so the CLI
+    ends it in one line, with the file and the tensor named."""
+
+
+def _dtype_kind(dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_complex:
+        return "complex"
+    return "float" if dtype.is_floating_point else "integer"
+
+
+def _count_nonfinite(tensor: torch.Tensor) -> int:
+    if tensor.element_size() == 1:  # float8: torch has no isfinite for it on CPU; widen a slice at a time
+        flat = tensor.reshape(-1)
+        return sum(int((~torch.isfinite(flat[i:i + 2**22].float())).sum()) for i in range(0, flat.numel(), 2**22))
+    return int((~torch.isfinite(tensor)).sum())
+
+
+def check_weights(state: Mapping[str, torch.Tensor], model: nn.Module | Mapping[str, torch.Tensor],
+                  source: str | os.PathLike, *, allow_nonfinite: bool = False) -> None:
+    """Check the tensors read from a weights file before they are copied into ``model``; call it between reading
+    ``state`` and ``model.load_state_dict(state)`` (the model may still be on the meta device: only dtypes are read).
+
+    - A tensor whose dtype kind (float, integer, bool, complex) differs from the model's tensor of the same name is
+      refused: load_state_dict would cast int64 or bool weights to float without a word. Same-kind integers pass
+      (BatchNorm's int64 ``num_batches_tracked``).
+    - A float-to-float change (bf16 or fp16 in the file, fp32 in the model ...) is allowed and announced in one
+      warning line on the ``genfast`` logger, once per call, counting the tensors per (file, model) dtype pair.
+    - A tensor holding NaN or +-inf is refused, naming it, unless ``allow_nonfinite=True`` (for debugging a run that
+      diverged; the CLI's ``--allow-nonfinite``).
+
+    ``model``: the module, or its ``state_dict()``. Names the model does not have are left to load_state_dict's
+    ``strict`` check. ``source``: the file, for the messages. Raises CheckpointError (a ValueError) naming
+    ``source`` and the tensor.
+    """
+    if not isinstance(allow_nonfinite, bool):
+        raise TypeError(f"allow_nonfinite must be a bool, got {type(allow_nonfinite).__name__}")
+    expected = model.state_dict() if isinstance(model, nn.Module) else model
+    casts: dict[tuple[torch.dtype, torch.dtype], int] = {}
+    for name, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(f"{source}: {name!r} is a {type(tensor).__name__}, not a tensor")
+        target = expected.get(name)
+        if target is not None:
+            have, want = _dtype_kind(tensor.dtype), _dtype_kind(target.dtype)
+            if have != want:
+                raise CheckpointError(f"{source}: tensor {name!r} is {str(tensor.dtype).replace('torch.', '')} "
+                                      f"({have}) in the file, but the model's is "
+                                      f"{str(target.dtype).replace('torch.', '')} ({want}); genfast does not "
+                                      "convert between kinds")
+            if tensor.dtype != target.dtype:
+                casts[tensor.dtype, target.dtype] = casts.get((tensor.dtype, target.dtype), 0) + 1
+        if not allow_nonfinite and (tensor.is_floating_point() or tensor.is_complex()):
+            bad = _count_nonfinite(tensor)
+            if bad:
+                raise CheckpointError(f"{source}: tensor {name!r} holds {bad} non-finite value(s) (NaN or inf) of "
+                                      f"{tensor.numel()}; refused (allow_nonfinite=True, or --allow-nonfinite, "
+                                      "loads them for debugging)")
+    if casts:
+        pairs = ", ".join(f"{n} {str(a).replace('torch.', '')} -> {str(b).replace('torch.', '')}"
+                          for (a, b), n in casts.items())
+        log.warning("genfast: %s: weights cast to the model's dtype (%s tensors)", source, pairs)
 
 
 def find_run_checkpoint(path: str | os.PathLike) -> Path:
@@ -57,10 +129,12 @@ def read_run(path: str | os.PathLike, recipe: str | tuple[str, ...]) -> tuple[Pa
 
 
 def build_and_load(factory: Callable[[], nn.Module], directory: Path,
-                   roles: str | dict[str, Callable[[nn.Module], nn.Module]]) -> nn.Module:
+                   roles: str | dict[str, Callable[[nn.Module], nn.Module]], *,
+                   allow_nonfinite: bool = False) -> nn.Module:
     """``factory()`` with the weights of ``directory/<role>.safetensors``, after checking on the meta device (no
-    memory) that the parameter names and shapes are the files'. ``roles``: one role for the whole module, or
-    role -> the part of the module it holds (e.g. ``{"generators": lambda m: m.generators, ...}``)."""
+    memory) that the parameter names and shapes are the files', and the values with ``check_weights``. ``roles``:
+    one role for the whole module, or role -> the part of the module it holds (e.g.
+    ``{"generators": lambda m: m.generators, ...}``)."""
     parts = {roles: lambda m: m} if isinstance(roles, str) else roles
     with torch.device("meta"):
         shell = factory()
@@ -76,10 +150,15 @@ def build_and_load(factory: Callable[[], nn.Module], directory: Path,
                 f"{wrong[0]} is {list(found[wrong[0]])} in the file, {list(expected[wrong[0]])} for the config"
                 if wrong else "") if text)
             raise ValueError(f"{path} does not fit the config in {directory / CONFIG_FILE}: {detail}")
+    states = {}
+    for role, part in parts.items():
+        path = directory / f"{role}.safetensors"
+        states[role] = load_safetensors_state(path)
+        check_weights(states[role], part(shell), path, allow_nonfinite=allow_nonfinite)
     module = factory()
     for role, part in parts.items():
-        part(module).load_state_dict(load_safetensors_state(directory / f"{role}.safetensors"))
+        part(module).load_state_dict(states[role])
     return module
 
 
-__all__ = ["FORMAT_VERSION", "find_run_checkpoint", "read_run", "build_and_load"]
+__all__ = ["FORMAT_VERSION", "CheckpointError", "check_weights", "find_run_checkpoint", "read_run", "build_and_load"]
