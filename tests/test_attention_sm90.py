@@ -7,10 +7,13 @@ same kernels here, so they meet the rule of tests/test_attention.py (CONTRIBUTIN
 mask, dropout and the varlen layout, gradients included.
 """
 
+import contextvars
 import os
 
 import pytest
 import torch
+import triton
+from triton.runtime import _allocation
 
 import genfast
 from genfast.kernels import attention as kernels
@@ -150,3 +153,61 @@ def test_tma_needs_a_layout_descriptors_can_describe():
 def test_tma_kernel_keeps_the_forward_arguments():
     """One launcher feeds both forwards: their argument lists must stay the same."""
     assert attention_sm90._fwd_tma_kernel.fn.arg_names == kernels._fwd_kernel.fn.arg_names
+
+
+def _padded(shape, row, seed):
+    """A bf16 [B, H, N, D] view whose rows are ``row`` elements apart (D < row): aligned rows, odd D."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape[:3], row, generator=gen).to(torch.bfloat16)[..., :shape[3]]
+
+
+def test_backward_takes_no_descriptors_where_dq_sum_rows_would_be_unaligned(launched):
+    """Issue 25, fix 5: q, k, v and dO with 32-byte rows but D = 10 pass TMA's rules, while the fp32 dQ sum a
+    descriptor would reduce into has rows 40 bytes apart: the backward keeps pointer loads (and still meets the
+    rule); the forward, which has no such buffer, keeps its descriptors."""
+    q, k, v, grad = (_padded((1, 2, 19, 10), 16, seed) for seed in range(4))
+    dq_sum = torch.zeros(q.shape, dtype=torch.float32)
+    assert kernels.tma_eligible(q, k, v, grad) and not kernels.tma_eligible(q, k, v, grad, accumulators=(dq_sum,))
+    with pytest.raises(ValueError, match="multiple of 4"):
+        kernels.use_tma(q, k, v, grad, accumulators=(dq_sum,), tma=True)
+    out, lse = kernels.attention_fwd(q, k, v, None, None, True, 0.0, 0.3, -1, -1)
+    got = kernels.attention_bwd(grad, None, q, k, v, out, lse, None, None, True, 0.0, 0.3, -1, -1)
+    assert _names(launched) == ["_fwd_tma_kernel", "_bwd_dkdv_kernel"]
+    assert not launched[1][1]["TMA"] and launched[1][1]["DQ_ATOMIC"] == 1
+    exact = [t.double().requires_grad_(True) for t in (q, k, v)]
+    attention_ref(*exact, causal=True, scale=0.3).backward(grad.double())
+    low = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    attention_ref(*low, causal=True, scale=0.3).backward(grad)
+    for name, g, e, t in zip(("dq", "dk", "dv"), got, exact, low):
+        floor = FLOOR[torch.bfloat16] + torch.finfo(torch.bfloat16).eps * e.grad.abs().max().item()
+        assert_within_tolerance(name, max_error(g, e.grad), max_error(t.grad, e.grad), floor)
+
+
+def test_scratch_allocator_is_the_launch_devices(monkeypatch):
+    """Issue 25, fix 4: descriptor scratch comes from the device of the launch's tensors, not from the first device
+    genfast ever saw; an allocator the caller set is left alone. (Triton keeps it in a ContextVar: each body runs
+    in a copy of the context, so nothing leaks into other tests.)"""
+    def ours_for_two_devices():
+        allocators = []
+        for index in (0, 1, 0):
+            kernels.set_scratch_allocator(torch.device("cuda", index))
+            allocators.append(_allocation._allocator.get())
+        return allocators
+
+    allocators = contextvars.copy_context().run(ours_for_two_devices)
+    asked = []
+    monkeypatch.setattr(torch, "empty", lambda size, dtype, device: asked.append(torch.device(device)) or size)
+    for allocator in allocators:
+        allocator(256, 128, None)
+    assert asked == [torch.device("cuda", 0), torch.device("cuda", 1), torch.device("cuda", 0)]
+    monkeypatch.undo()
+
+    def callers_own_is_kept():
+        def mine(size, alignment, stream):
+            raise AssertionError("never called here")
+
+        triton.set_allocator(mine)
+        kernels.set_scratch_allocator(torch.device("cuda", 1))
+        return _allocation._allocator.get() is mine
+
+    assert contextvars.copy_context().run(callers_own_is_kept)

@@ -63,6 +63,7 @@ def cuda_on_meta(arch: str = "90a"):
         "get_device_properties": lambda device=None: props,
         "get_device_name": lambda device=None: props.name,
         "current_device": lambda: 0,
+        "device": lambda device=None: contextlib.nullcontext(),  # the launchers' device guard
     }
     saved = {name: getattr(torch.cuda, name) for name in patched}
     for name, fn in patched.items():

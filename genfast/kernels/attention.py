@@ -36,6 +36,7 @@ Grids are one flat axis (tile index fastest), so B x H may pass the 65535 limit 
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -267,11 +268,18 @@ def _launch(kernel, grid, args, kwargs, autotune=None):
     rules keep for these arguments (no benchmarking)."""
     if autotune is None:
         autotune = autotune_enabled()
-    if autotune:
-        kernel[grid](*args, **kwargs)
-        return
-    config = heuristic_config(kernel, dict(zip(kernel.arg_names, args)), kwargs)
-    kernel.fn[grid](*args, **kwargs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+    with on_device_of(args[0]):
+        if autotune:
+            kernel[grid](*args, **kwargs)
+            return
+        config = heuristic_config(kernel, dict(zip(kernel.arg_names, args)), kwargs)
+        kernel.fn[grid](*args, **kwargs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def on_device_of(t):
+    """Triton launches on the current CUDA device (and asks the scratch allocator there): make it ``t``'s own, so
+    a call on cuda:1 from code whose current device is cuda:0 runs where its tensors are."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def heuristic_config(kernel, named_args: dict, kwargs: dict):
@@ -739,35 +747,56 @@ def needs_int64(*tensors) -> bool:
                for t in tensors if t is not None and t.numel() > 0)
 
 
-def tma_eligible(*tensors) -> bool:
-    """Whether tensor descriptors can describe these [B, H, N, D] tensors (TMA's rules): fp16/bf16, the last dim
-    contiguous, the other strides and the start 16-byte aligned. Strides of 0 (the varlen batch) are fine."""
-    for t in tensors:
-        if t.dtype not in (torch.float16, torch.bfloat16) or (t.shape[-1] > 1 and t.stride(-1) != 1):
-            return False
-        size = t.element_size()
-        if t.data_ptr() % 16 or any(st * size % 16 for st in t.stride()[:-1]):
-            return False
-    return True
+def _descriptor_layout(t) -> bool:
+    """TMA's layout rules for a [B, H, N, D] tensor: the last dim contiguous, the start and the other strides
+    16-byte aligned (strides of 0, the varlen batch, are fine)."""
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        return False
+    size = t.element_size()
+    return not (t.data_ptr() % 16 or any(st * size % 16 for st in t.stride()[:-1]))
+
+
+def tma_eligible(*tensors, accumulators=()) -> bool:
+    """Whether tensor descriptors can describe these [B, H, N, D] fp16/bf16 tensors, and the fp32
+    ``accumulators`` a descriptor reduces into (the backward's dQ sum: its rows are 4 * D bytes apart, so a q
+    whose padded rows are aligned may still give it unaligned ones when D % 4 != 0)."""
+    if any(t.dtype not in (torch.float16, torch.bfloat16) for t in tensors):
+        return False
+    return all(_descriptor_layout(t) for t in (*tensors, *accumulators))
+
+
+# One allocator per device, made once: Triton keeps the allocator in a ContextVar and asks it for scratch at each
+# launch, so it is (re)set to the launch's device before every launch.
+_SCRATCH_ALLOCATORS: dict = {}
+
+
+def scratch_allocator(device: torch.device):
+    """The allocator of descriptor scratch on ``device``: torch's caching allocator (so CUDA-graph capture and
+    streams work as for any tensor)."""
+    device = torch.device(device)
+    if device not in _SCRATCH_ALLOCATORS:
+        def scratch(size: int, alignment: int, stream):
+            return torch.empty(size, dtype=torch.int8, device=device)
+
+        _SCRATCH_ALLOCATORS[device] = scratch
+    return _SCRATCH_ALLOCATORS[device]
 
 
 def set_scratch_allocator(device: torch.device) -> None:
     """Descriptors made on the device live in a little global scratch per program, which Triton asks of the
-    allocator given to ``triton.set_allocator``. Give it torch's caching allocator (so CUDA-graph capture and
-    streams work as for any tensor), unless the caller has set one of their own."""
-    if _allocation._allocator.get() is not _allocation._NULL_ALLOCATOR:
+    allocator given to ``triton.set_allocator``. Give it the allocator of ``device`` (the launch's tensors'), unless
+    the caller has set one of their own; one of ours made for another device is replaced, since an allocator
+    pinned to the first device seen would hand a launch on a second GPU scratch on the first."""
+    current = _allocation._allocator.get()
+    if current is not _allocation._NULL_ALLOCATOR and current not in _SCRATCH_ALLOCATORS.values():
         return
-
-    def scratch(size: int, alignment: int, stream):
-        return torch.empty(size, dtype=torch.int8, device=device)
-
-    triton.set_allocator(scratch)
+    triton.set_allocator(scratch_allocator(device))
 
 
-def use_tma(q4, k4, v4, *more, tma=None) -> bool:
+def use_tma(q4, k4, v4, *more, accumulators=(), tma=None) -> bool:
     """Take the Hopper forward (genfast/kernels/attention_sm90.py)? ``tma=None``: on a GPU of capability 9.x when
-    the tensors allow it; True: always (the interpreter runs it on CPU tensors; a layout TMA cannot describe
-    raises); False: never."""
+    the tensors (and the fp32 ``accumulators`` a descriptor reduces into) allow it; True: always (the interpreter
+    runs it on CPU tensors; a layout TMA cannot describe raises); False: never."""
     if tma is None:
         # GENFAST_ATTENTION_TMA=0 keeps the sm_80-style kernel on Hopper; =1 takes the TMA one wherever the layout
         # allows it (under the interpreter too: how the CPU tests run it).
@@ -775,9 +804,11 @@ def use_tma(q4, k4, v4, *more, tma=None) -> bool:
         if choice in ("0", "false", "off", "no"):
             return False
         hopper = q4.is_cuda and _capability()[0] == 9
-        tma = (hopper or choice in ("1", "true", "on", "yes")) and tma_eligible(q4, k4, v4, *more)
-    elif tma and not tma_eligible(q4, k4, v4, *more):
-        raise ValueError("tma=True needs fp16/bf16 q, k, v with a contiguous head dim and 16-byte aligned rows")
+        tma = (hopper or choice in ("1", "true", "on", "yes")) and tma_eligible(q4, k4, v4, *more,
+                                                                                accumulators=accumulators)
+    elif tma and not tma_eligible(q4, k4, v4, *more, accumulators=accumulators):
+        raise ValueError("tma=True needs fp16/bf16 q, k, v with a contiguous head dim and 16-byte aligned rows "
+                         "(and, for the backward, a head dim that is a multiple of 4: dQ's fp32 rows)")
     if tma:
         set_scratch_allocator(q4.device)
     return bool(tma)
@@ -834,16 +865,17 @@ def _launch_bwd(grad_out4, grad_lse, q4, k4, v4, out4, lse, dq4, dk4, dv4, lay, 
                         c["mask"] if c["consts"]["MASK_KIND"] else None)
     # delta for every stored row, whatever sequence it belongs to: lse is [B, Hq, Nq] (or [Hq, total_q], B = 1).
     rows = lse.shape[-1]
-    _delta_kernel[(triton.cdiv(rows, block_m) * (lse.numel() // max(rows, 1)),)](
-        out4, grad_out4, grad_lse.contiguous() if grad_lse is not None else lse, delta, *out4.stride()[:3],
-        *grad_out4.stride(), c["hq"], rows, c["d"], HAS_DLSE=grad_lse is not None, IDX64=idx64, BLOCK_M=block_m,
-        BLOCK_D=block_d,
-    )
+    with on_device_of(out4):
+        _delta_kernel[(triton.cdiv(rows, block_m) * (lse.numel() // max(rows, 1)),)](
+            out4, grad_out4, grad_lse.contiguous() if grad_lse is not None else lse, delta, *out4.stride()[:3],
+            *grad_out4.stride(), c["hq"], rows, c["d"], HAS_DLSE=grad_lse is not None, IDX64=idx64,
+            BLOCK_M=block_m, BLOCK_D=block_d,
+        )
     atomic = five_matmul_backward(q4.element_size(), block_d,
                                   c["consts"]["MASK_KIND"] != MASK_NONE or c["consts"]["DROPOUT"])
-    tma = use_tma(q4, k4, v4, grad_out4, tma=tma)
-    reduce = 0 if not atomic else 2 if tma and os.environ.get("TRITON_INTERPRET") != "1" else 1
     dq_acc = torch.zeros(q4.shape, dtype=torch.float32, device=q4.device) if atomic else dq4
+    tma = use_tma(q4, k4, v4, grad_out4, accumulators=(dq_acc,) if atomic else (), tma=tma)
+    reduce = 0 if not atomic else 2 if tma and os.environ.get("TRITON_INTERPRET") != "1" else 1
     strides = (*lay.strides(q4), *lay.strides(k4), *lay.strides(v4), *lay.strides(grad_out4), *c["mask_strides"])
     consts = dict(VARLEN=lay.varlen, IDX64=idx64, **c["consts"])
     buckets = (length_bucket(lay.max_q), length_bucket(lay.max_k))
