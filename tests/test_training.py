@@ -44,8 +44,9 @@ def test_checkpoint_round_trip(tmp_path):
     opt.step()
     state = {"optimizer": opt.state_dict(), "step": 7, "rng": capture_rng_state()}
     path = save_checkpoint(tmp_path / "ck", modules={"net": net}, trainer_state=state, config={"width": 4})
-    assert sorted(p.name for p in path.iterdir()) == ["config.json", "net.safetensors", "trainer.pt"]
-    assert [p.name for p in tmp_path.iterdir()] == ["ck"]  # no temporary or .old directory left
+    # (.genfast-made: the marker that lists what genfast wrote, so that only that is ever removed)
+    assert sorted(p.name for p in path.iterdir()) == [".genfast-made", "config.json", "net.safetensors", "trainer.pt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]  # no temporary or displaced directory left
     other = _net(seed=1)
     trainer, config = load_checkpoint(path, modules={"net": other})
     assert config == {"width": 4} and trainer["step"] == 7
@@ -85,9 +86,9 @@ def test_crash_mid_swap_keeps_a_complete_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="simulated crash"):
         save_checkpoint(tmp_path / "ck", modules={"net": _net(seed=1)}, trainer_state={"step": 2})
     monkeypatch.setattr(checkpoint_module.os, "replace", real_replace)
-    assert not (tmp_path / "ck").exists() and (tmp_path / "ck.old").is_dir()
+    assert not (tmp_path / "ck").exists() and (tmp_path / ".ck.genfast-old").is_dir()
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # the half-written new one was removed
-    assert find_checkpoint(tmp_path / "ck") == tmp_path / "ck.old"
+    assert find_checkpoint(tmp_path / "ck") == tmp_path / ".ck.genfast-old"
     loaded = _net(seed=5)
     trainer, _ = load_checkpoint(tmp_path / "ck", modules={"net": loaded})
     assert trainer["step"] == 1
@@ -237,7 +238,7 @@ def test_stop_on_interrupt_sets_the_flag_then_restores():
 class _ToyTask:
     """A one-layer regression trained by genfast.training's loop (what a recipe contributes)."""
 
-    def __new__(cls, run, nan_at=None, signal_at=None):
+    def __new__(cls, run, nan_at=None, signal_at=None, on_save=None):
         from genfast.training import TrainTask
 
         class Toy(TrainTask):
@@ -249,6 +250,10 @@ class _ToyTask:
 
             def config_dict(self):
                 return {"model": {"in": 3}}
+
+            def write_side_files(self, directory):
+                if on_save is not None:
+                    on_save(directory)
 
             def train_step(self, step):
                 if signal_at is not None and step == signal_at:
@@ -267,11 +272,10 @@ class _ToyTask:
 
 
 def _toy_main(argv, **task_options):
-    import argparse
 
-    from genfast.training import add_train_args, start_run
+    from genfast.training import CommandParser, add_train_args, start_run
 
-    parser = argparse.ArgumentParser(prog="toy")
+    parser = CommandParser(prog="toy")  # one-line usage errors, as every recipe's
     add_train_args(parser, recipe="toy", steps=6, batch_size=4, lr=0.05, ops=(), save_every=2)
     args = parser.parse_args([*argv, "--quiet", "--device", "cpu"])
     with start_run(parser, args, recipe="toy") as run:
@@ -289,13 +293,16 @@ def test_loop_never_touches_the_users_files(tmp_path):
     out = tmp_path / "runs"
     (out / "other_experiment").mkdir(parents=True)
     (out / "notes.txt").write_text("mine")
-    (out / ".checkpoint.tmp-deadbeef").mkdir()  # left by a save that was killed: genfast's own, removed
-    (out / ".checkpoint.tmp-deadbeef" / "model.safetensors").write_bytes(b"x" * 100)
+    # left by a save that was killed: genfast's own (its marker), removed
+    from genfast.training.checkpoint import make_temp_dir
+
+    (make_temp_dir(out, "checkpoint") / "model.safetensors").write_bytes(b"x" * 100)
     assert _toy_main(["--out", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "notes.txt", "other_experiment"]
+    # (.genfast-lock: the run's lock, see test_loop_second_run_into_the_same_out_exits_at_once)
+    assert sorted(p.name for p in out.iterdir()) == [".genfast-lock", "checkpoint", "notes.txt", "other_experiment"]
     assert (out / "notes.txt").read_text() == "mine"
     assert _toy_main(["--out", str(out), "--overwrite", "--seed", "1"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "notes.txt", "other_experiment"]
+    assert sorted(p.name for p in out.iterdir()) == [".genfast-lock", "checkpoint", "notes.txt", "other_experiment"]
 
 
 def test_loop_refuses_to_replace_a_run_and_resumes_exactly(tmp_path, capsys):
@@ -365,7 +372,7 @@ def test_loop_missing_trainer_state_is_no_silent_fallback(tmp_path, capsys):
     assert _toy_main(["--out", str(out)]) == 0
     import shutil
 
-    shutil.copytree(out / "checkpoint", out / "checkpoint.old")  # a stale older copy beside it
+    shutil.copytree(out / "checkpoint", out / ".checkpoint.genfast-old")  # a stale older copy beside it
     (out / "checkpoint" / "trainer.pt").unlink()
     assert _exit_code(["--out", str(out), "--resume", "--steps", "8"]) == 2
     assert str(out / "checkpoint" / "trainer.pt") + " is missing" in capsys.readouterr().err
@@ -384,3 +391,199 @@ def test_model_and_training_format_versions_agree():
     from genfast.training import checkpoint
 
     assert _checkpoint.FORMAT_VERSION == checkpoint.FORMAT_VERSION
+
+
+# ------------------------------------------------------------------------------------------ what genfast deletes
+def _ls(path):
+    return sorted(p.name for p in path.iterdir())
+
+
+def test_loop_keeps_a_users_checkpoint_old_folder(tmp_path):
+    """D3: a folder the user named checkpoint.old (or .checkpoint.tmp-x, without genfast's marker) survives."""
+    out = tmp_path / "run"
+    (out / "checkpoint.old").mkdir(parents=True)
+    (out / "checkpoint.old" / "mine.txt").write_text("mine")
+    (out / ".checkpoint.tmp-mine").mkdir()
+    (out / ".checkpoint.tmp-mine" / "x.txt").write_text("mine too")
+    assert _toy_main(["--out", str(out)]) == 0
+    assert (out / "checkpoint.old" / "mine.txt").read_text() == "mine"
+    assert (out / ".checkpoint.tmp-mine" / "x.txt").read_text() == "mine too"
+    assert load_checkpoint(out)[0]["step"] == 6
+
+
+def test_replacing_a_checkpoint_removes_only_what_genfast_wrote(tmp_path):
+    save_checkpoint(tmp_path / "ck", modules={"net": _net()}, trainer_state={"step": 1})
+    (tmp_path / "ck" / "NOTES.txt").write_text("mine")  # a user's file inside genfast's folder
+    save_checkpoint(tmp_path / "ck", modules={"net": _net()}, trainer_state={"step": 2})
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("ck.kept-")]
+    assert len(kept) == 1 and _ls(kept[0]) == ["NOTES.txt"] and (kept[0] / "NOTES.txt").read_text() == "mine"
+    assert load_checkpoint(tmp_path / "ck")[0]["step"] == 2
+    # A folder without the marker (written by hand, or by an earlier genfast) is renamed, never deleted.
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "config.json").write_text("{}")
+    save_checkpoint(tmp_path / "bare", modules={"net": _net()})
+    assert [(p / "config.json").read_text() for p in tmp_path.iterdir() if p.name.startswith("bare.kept-")] == ["{}"]
+
+
+def test_loop_refuses_a_checkpoint_folder_it_did_not_write(tmp_path, capsys):
+    out = tmp_path / "run"
+    (out / "checkpoint").mkdir(parents=True)
+    (out / "checkpoint" / "mine.txt").write_text("mine")
+    assert _exit_code(["--out", str(out)]) == 2
+    assert "did not write" in capsys.readouterr().err
+    assert _ls(out / "checkpoint") == ["mine.txt"]
+
+
+def _old_vae_run(run, notes=True):
+    from safetensors.torch import save_file
+
+    (run / "checkpoint").mkdir(parents=True)
+    save_file({"w": torch.zeros(2)}, str(run / "checkpoint" / "vae.safetensors"))
+    (run / "checkpoint" / "config.json").write_text('{"model": "vae", "config": {"latent_dim": 2}, "seed": 0}')
+    torch.save({"step": 3, "optimizer": {}, "rng": {}}, run / "checkpoint" / "trainer.pt")
+    if notes:
+        (run / "checkpoint" / "NOTES.txt").write_text("mine")
+
+
+def test_convert_keeps_the_old_checkpoint_folder_and_the_users_files(tmp_path):
+    """D1: converting renames the old checkpoint/ folder whole (NOTES.txt included); deletes nothing."""
+    from genfast.training.convert import main as convert_main
+
+    run = tmp_path / "run"
+    _old_vae_run(run)
+    assert convert_main([str(run)]) == 0
+    assert (run / "checkpoint-format1" / "NOTES.txt").read_text() == "mine"
+    assert _ls(run / "checkpoint-format1") == ["NOTES.txt", "config.json", "trainer.pt", "vae.safetensors"]
+    assert load_checkpoint(run)[1]["format_version"] == 2
+    # A second old run whose checkpoint-format1 name is taken: refused, nothing moved.
+    other = tmp_path / "other"
+    _old_vae_run(other)
+    (other / "checkpoint-format1").mkdir()
+    assert convert_main([str(other)]) == 1
+    assert (other / "checkpoint" / "NOTES.txt").read_text() == "mine"
+
+
+def test_convert_never_replaces_a_users_checkpoint_folder(tmp_path, capsys):
+    """D1: an old GAN run keeps its files in the run folder; a user's <run>/checkpoint/ there is refused."""
+    from safetensors.torch import save_file
+
+    from genfast.training.convert import main as convert_main
+
+    run = tmp_path / "gan"
+    (run / "checkpoint").mkdir(parents=True)
+    (run / "checkpoint" / "mine.txt").write_text("mine")
+    for role in ("generator", "discriminator"):
+        save_file({"w": torch.zeros(2)}, str(run / f"{role}.safetensors"))
+    (run / "config.json").write_text('{"recipe": "dcgan", "model": {}}')
+    torch.save({"step": 1, "opt_g": {}, "opt_d": {}, "rng": {}}, run / "trainer.pt")
+    assert convert_main([str(run)]) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert _ls(run / "checkpoint") == ["mine.txt"]
+
+
+def test_convert_copies_only_genfasts_tokenizer_file_and_follows_no_link(tmp_path, capsys):
+    """D2: <run>/tokenizer/config.json does not replace the converted config; a symlink is never followed."""
+    from safetensors.torch import save_file
+
+    from genfast.training.convert import main as convert_main
+
+    secret = tmp_path / "secret"
+    secret.write_text("PRIVATE KEY")
+
+    def old_gpt_run(run):
+        (run / "checkpoint").mkdir(parents=True)
+        save_file({"w": torch.zeros(2)}, str(run / "checkpoint" / "model.safetensors"))
+        (run / "checkpoint" / "config.json").write_text('{"model": {"n_layer": 1}, "tokenizer": "CharTokenizer"}')
+        torch.save({"step": 3, "optimizer": {}, "rng": {}}, run / "checkpoint" / "trainer.pt")
+        (run / "tokenizer").mkdir()
+        (run / "tokenizer" / "config.json").write_text('{"evil": true}')
+        (run / "tokenizer" / "id_rsa").symlink_to(secret)
+
+    run = tmp_path / "gpt"
+    old_gpt_run(run)
+    (run / "tokenizer" / "char_tokenizer.json").write_text('{"type": "char", "itos": ["a"]}')
+    assert convert_main([str(run)]) == 0
+    ckpt = run / "checkpoint"
+    assert _ls(ckpt) == [".genfast-made", "char_tokenizer.json", "config.json", "model.safetensors", "trainer.pt"]
+    assert load_checkpoint(run)[1]["format_version"] == 2
+    linked = tmp_path / "linked"
+    old_gpt_run(linked)
+    (linked / "tokenizer" / "char_tokenizer.json").symlink_to(secret)
+    assert convert_main([str(linked)]) == 1
+    assert "symbolic link" in capsys.readouterr().err
+    assert not (linked / "checkpoint-format1").exists() and _ls(linked / "checkpoint") == [
+        "config.json", "model.safetensors", "trainer.pt"]
+
+
+# ------------------------------------------------------------------------------------------ hangs and crashes
+def test_loop_second_run_into_the_same_out_exits_at_once(tmp_path, capsys):
+    """C3: a run holds an flock on --out; a second one is a one-line usage error naming the first's pid."""
+    import argparse
+
+    from genfast.training import add_train_args, start_run
+
+    out = tmp_path / "run"
+    parser = argparse.ArgumentParser(prog="toy")
+    add_train_args(parser, recipe="toy", steps=6, batch_size=4, lr=0.05, ops=())
+    with start_run(parser, parser.parse_args(["--out", str(out), "--device", "cpu", "--quiet"]), recipe="toy"):
+        assert _exit_code(["--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"in use by another genfast run (process {os.getpid()})" in err and len(err.strip().splitlines()) == 1
+    assert _toy_main(["--out", str(out)]) == 0  # released when the run ends
+
+
+def test_loop_refuses_a_symlinked_checkpoint_folder(tmp_path, capsys):
+    """C4: refused before training, and nothing behind the link is touched."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("mine")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint").symlink_to(elsewhere, target_is_directory=True)
+    assert _exit_code(["--out", str(out)]) == 2
+    assert "symbolic link" in capsys.readouterr().err
+    assert _ls(elsewhere) == ["keep.txt"]
+    with pytest.raises(ValueError, match="symbolic link"):
+        save_checkpoint(out / "checkpoint", modules={"net": _net()})
+    assert _ls(elsewhere) == ["keep.txt"]
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"),
+                                     RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")])
+def test_loop_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch, failure):
+    """C5: the disk fills at the second save (step 4): exit 1, one line, the checkpoint of step 2 stays."""
+    real_save, calls = torch.save, []
+
+    def filling_save(obj, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            raise failure
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", filling_save)
+    out = tmp_path / "run"
+    assert _toy_main(["--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "could not save step 4" in err
+    assert "the last good checkpoint (step 2) stays" in err
+    monkeypatch.undo()
+    assert load_checkpoint(out)[0]["step"] == 2
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+
+
+def test_loop_sighup_during_the_first_save_saves_and_exits_130(tmp_path):
+    """C6: SIGHUP is treated like SIGTERM (a subprocess: SIGHUP's default action would kill pytest)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    code = ("import os, signal\n"
+            "from tests.test_training import _toy_main\n"
+            "sent = []\n"
+            "hup = lambda directory: sent or sent.append(os.kill(os.getpid(), signal.SIGHUP))\n"
+            f"raise SystemExit(_toy_main(['--out', {str(out)!r}, '--save-every', '1'], on_save=hup))\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert load_checkpoint(out)[0]["step"] == 2  # the save at step 1 completed, then the step in flight
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]

@@ -10,10 +10,17 @@ Layout of a run folder (``--out``) and of its checkpoint (format_version 2)::
     <out>/samples/                       sample grids
 
 Atomicity: everything is written into a temporary sibling directory (``.checkpoint.tmp-*``), which then replaces
-the old checkpoint by two renames (old -> ``checkpoint.old``, new -> ``checkpoint``). An interruption at any
-moment leaves either the old or the new checkpoint complete; ``find_checkpoint`` recovers ``checkpoint.old`` only
+the old checkpoint by two renames (old -> ``.checkpoint.genfast-old``, new -> ``checkpoint``). An interruption at
+any moment leaves either the old or the new checkpoint complete; ``find_checkpoint`` recovers the displaced one only
 when ``checkpoint`` itself is absent (the process died between the two renames), never in place of a broken one.
 Files and folders are created with the user's umask.
+
+What genfast deletes: only folders it can prove it made. Each folder it creates holds a marker file
+(``.genfast-made``, JSON) and has a name a user would not pick (``.checkpoint.tmp-<random>``,
+``.checkpoint.genfast-old``). A temporary folder's marker says the whole folder is genfast's; a committed
+checkpoint's marker lists the files genfast wrote into it, and only those are removed when it is replaced: a folder
+that still holds anything else (a user's NOTES.txt), has no marker, or is a symbolic link is never deleted but
+renamed to a visible ``checkpoint.kept-<random>``.
 """
 
 from __future__ import annotations
@@ -35,6 +42,9 @@ CHECKPOINT_DIR = "checkpoint"
 TRAINER_FILE = "trainer.pt"
 CONFIG_FILE = "config.json"
 TMP_MARKER = ".tmp-"
+MADE_MARKER = ".genfast-made"  # inside every folder genfast creates: the proof that it may remove it
+DISPLACED_SUFFIX = ".genfast-old"  # `.checkpoint.genfast-old`: the replaced checkpoint, between the two renames
+KEPT_INFIX = ".kept-"  # `checkpoint.kept-<random>`: a replaced folder that held files genfast did not write
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -67,28 +77,100 @@ def _write_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def make_temp_dir(parent: Path, name: str) -> Path:
-    """A new empty directory ``parent/.<name>.tmp-<random>``, created with the user's umask (mkdtemp's is 0700)."""
+    """A new empty directory ``parent/.<name>.tmp-<random>`` (created with the user's umask; mkdtemp's is 0700)
+    holding only the marker that says it is genfast's temporary folder (removable whole)."""
     parent.mkdir(parents=True, exist_ok=True)
     while True:
         tmp = parent / f".{name}{TMP_MARKER}{secrets.token_hex(6)}"
         try:
             tmp.mkdir()
-            return tmp
         except FileExistsError:
             continue
+        _write_marker(tmp, None)
+        return tmp
+
+
+def displaced_dir(directory: Path) -> Path:
+    """Where ``commit_dir`` moves the folder it replaces until the new one is in place."""
+    return directory.with_name(f".{directory.name}{DISPLACED_SUFFIX}")
+
+
+def _write_marker(folder: Path, files: list[str] | None) -> None:
+    """The marker: files None for a temporary folder (all of it genfast's), else the names genfast wrote."""
+    (folder / MADE_MARKER).write_text(json.dumps({"made_by": "genfast", "files": files}))
+
+
+def _marker(folder: Path) -> tuple[bool, list[str] | None]:
+    """(made by genfast, the files it wrote or None for all) of ``folder``, reading its marker without following
+    links; (False, None) when there is no readable marker."""
+    path = folder / MADE_MARKER
+    try:
+        if folder.is_symlink() or not folder.is_dir() or not path.is_file() or path.is_symlink():
+            return False, None
+        data = json.loads(path.read_text()[:1_000_000])
+    except (OSError, ValueError):
+        return False, None
+    if not isinstance(data, dict) or data.get("made_by") != "genfast":
+        return False, None
+    files = data.get("files")
+    if files is None:
+        return True, None
+    if not isinstance(files, list) or not all(isinstance(f, str) and f and "/" not in f and f not in (".", "..")
+                                              for f in files):
+        return False, None
+    return True, files
+
+
+def remove_own_dir(folder: Path) -> bool:
+    """Remove ``folder`` if genfast made it (its marker), deleting only the files genfast wrote there; True when
+    it is gone. A folder without the marker, a symbolic link, or one that still holds other files is left."""
+    made, files = _marker(folder)
+    if not made:
+        return False
+    if files is None:  # a temporary folder: all of it is genfast's (rmtree never follows links inside)
+        shutil.rmtree(folder, ignore_errors=True)
+        return not folder.exists()
+    for name in [*files, MADE_MARKER]:
+        child = folder / name
+        if child.is_symlink() or child.is_file():  # unlink removes a link itself, never what it points to
+            child.unlink(missing_ok=True)
+    try:
+        folder.rmdir()  # fails when anything else is in it: that is the user's, and stays
+        return True
+    except OSError:
+        return False
+
+
+def _discard(folder: Path) -> Path | None:
+    """Remove genfast's folder ``folder``; what cannot be proved genfast's is renamed to a visible
+    ``<name>.kept-<random>`` beside it instead (returned). Nothing that is not genfast's is ever deleted."""
+    if not (folder.exists() or folder.is_symlink()) or remove_own_dir(folder):
+        return None
+    base = folder.name[1:-len(DISPLACED_SUFFIX)] if folder.name.endswith(DISPLACED_SUFFIX) else folder.name
+    kept = folder.with_name(f"{base}{KEPT_INFIX}{secrets.token_hex(4)}")
+    os.replace(folder, kept)
+    return kept
 
 
 def remove_stale_temp_dirs(parent: str | os.PathLike, name: str = CHECKPOINT_DIR) -> list[Path]:
     """Delete ``parent/.<name>.tmp-*`` folders left by a save that was killed; returns what was removed.
 
-    Only genfast writes these names (see make_temp_dir), so nothing of the user's is touched."""
+    Only folders with genfast's marker (or empty ones: killed before the marker was written) are removed, so
+    nothing of the user's is touched even if it bears such a name."""
     parent = Path(parent)
     removed = []
     if parent.is_dir():
         for child in parent.iterdir():
-            if child.name.startswith(f".{name}{TMP_MARKER}") and child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child, ignore_errors=True)
+            if not child.name.startswith(f".{name}{TMP_MARKER}") or child.is_symlink() or not child.is_dir():
+                continue
+            if remove_own_dir(child):
                 removed.append(child)
+            else:
+                try:
+                    child.rmdir()  # only if empty
+                    removed.append(child)
+                except OSError:
+                    pass
     return removed
 
 
@@ -125,18 +207,24 @@ def save_checkpoint(directory: str | os.PathLike, *, modules: dict[str, nn.Modul
     return directory
 
 
-def commit_dir(tmp: Path, directory: Path) -> None:
+def commit_dir(tmp: Path, directory: Path) -> Path | None:
     """Put the finished folder ``tmp`` (from make_temp_dir beside ``directory``) in place of ``directory`` by two
-    renames, so that an interruption leaves the old or the new one complete."""
+    renames, so that an interruption leaves the old or the new one complete. The replaced folder is removed only
+    as far as genfast wrote it (see the module docstring); returns where the rest was kept, if anything was.
+    ValueError when ``directory`` is a symbolic link (genfast never replaces or follows one)."""
+    if directory.is_symlink():
+        raise ValueError(f"{directory} is a symbolic link; genfast does not write checkpoints through links "
+                         "(replace it with a folder, or choose another --out)")
+    _write_marker(tmp, sorted(p.name for p in tmp.iterdir() if p.name != MADE_MARKER))
     _fsync_tree(tmp)
-    old = directory.with_name(directory.name + ".old")
-    if directory.exists():  # (if only .old exists, a crash mid-swap left it: keep it until the new is in place)
-        if old.exists():
-            shutil.rmtree(old)
+    old = displaced_dir(directory)
+    kept = None
+    if directory.exists():  # (if only the displaced one exists, a crash mid-swap left it: keep it until the new
+        kept = _discard(old)  # is in place)
         os.replace(directory, old)
     os.replace(tmp, directory)
     _fsync_dir(directory.parent)
-    shutil.rmtree(old, ignore_errors=True)
+    return _discard(old) or kept
 
 
 def _fsync_tree(path: Path) -> None:
@@ -159,11 +247,13 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _resolve(directory: Path) -> Path | None:
-    """``directory`` if it is a complete checkpoint; its ``.old`` twin if it is absent after a crash mid-swap;
-    ValueError naming the missing file if it is a checkpoint with a file missing; else None."""
-    old = directory.with_name(directory.name + ".old")
+    """``directory`` if it is a complete checkpoint; its displaced twin (genfast's, with the marker) if it is
+    absent after a crash mid-swap; ValueError naming the missing file if it is a checkpoint with a file missing;
+    else None."""
+    old = displaced_dir(directory)
+    old_is_ours = _marker(old)[0]
     if not directory.exists():
-        if (old / CONFIG_FILE).is_file() and (old / TRAINER_FILE).is_file():
+        if old_is_ours and (old / CONFIG_FILE).is_file() and (old / TRAINER_FILE).is_file():
             return old
         return None
     if not directory.is_dir():
@@ -171,9 +261,9 @@ def _resolve(directory: Path) -> Path | None:
     has_config, has_trainer = (directory / CONFIG_FILE).is_file(), (directory / TRAINER_FILE).is_file()
     if has_config and has_trainer:
         return directory
-    meant_as_checkpoint = has_trainer or directory.name == CHECKPOINT_DIR or old.exists() or any(
+    meant_as_checkpoint = has_trainer or directory.name == CHECKPOINT_DIR or old_is_ours or any(
         directory.glob("*.safetensors")) and has_config and _has_format_version(directory / CONFIG_FILE)
-    if meant_as_checkpoint and (has_config or has_trainer or old.exists()):
+    if meant_as_checkpoint and (has_config or has_trainer or old_is_ours):
         missing = TRAINER_FILE if has_config else CONFIG_FILE
         raise ValueError(f"{directory / missing} is missing: the checkpoint in {directory} is incomplete "
                          "(copy the whole folder, or start again with --overwrite)")
@@ -193,7 +283,7 @@ def find_checkpoint(path: str | os.PathLike) -> Path | None:
     None when there is none; ValueError naming the file when a checkpoint is there but incomplete."""
     path = Path(path)
     inner = path / CHECKPOINT_DIR
-    if inner.exists() or inner.with_name(CHECKPOINT_DIR + ".old").exists():
+    if inner.exists() or displaced_dir(inner).exists():
         return _resolve(inner)
     return _resolve(path)
 
@@ -233,4 +323,4 @@ def load_checkpoint(directory: str | os.PathLike, *, modules: dict[str, nn.Modul
 
 __all__ = ["FORMAT_VERSION", "CHECKPOINT_DIR", "save_checkpoint", "load_checkpoint", "find_checkpoint",
            "read_checkpoint_config", "load_safetensors_state", "remove_stale_temp_dirs", "make_temp_dir",
-           "commit_dir"]
+           "commit_dir", "remove_own_dir", "displaced_dir", "MADE_MARKER"]

@@ -4,22 +4,29 @@
 
 Earlier recipes wrote five config.json schemas, and the GANs kept their checkpoint files in the run folder itself.
 This writes ``<run>/checkpoint/`` in format 2 (config.json with "format_version" and "recipe", the weights renamed
-to today's roles, trainer.pt with the optimizers under "optimizers"), atomically; the old files are left where
-they were (delete them when the converted run works). The GPT's tokenizer moves from ``<run>/tokenizer/`` into the
-checkpoint. Nothing is executed from the old files: trainer.pt is read with weights_only=True.
+to today's roles, trainer.pt with the optimizers under "optimizers"), atomically. Nothing is deleted or
+overwritten: the GANs' old files stay where they are (a ``<run>/checkpoint/`` that is already there is refused), and
+an old ``<run>/checkpoint/`` folder is renamed, with everything in it, to ``<run>/checkpoint-format1/`` (delete
+either when the converted run works). The GPT's tokenizer file (``char_tokenizer.json`` or ``tokenizer.json``, the
+names genfast writes) is copied from ``<run>/tokenizer/`` into the checkpoint; nothing else there is read, and a
+symbolic link is refused rather than followed. Nothing is executed from the old files: trainer.pt is read with
+weights_only=True.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import stat
 import sys
 from pathlib import Path
 
 import torch
 
 from genfast._io import read_json_config
+from genfast.data.tokenizers import BPE_FILE, CHAR_FILE
 from genfast.training.checkpoint import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
@@ -30,10 +37,16 @@ from genfast.training.checkpoint import (
 )
 
 GAN_RECIPES = ("numbergan", "dcgan", "cgan")
+KEPT_DIR = "checkpoint-format1"  # where an old <run>/checkpoint/ goes, whole, when the new one takes its name
+TOKENIZER_FILES = (CHAR_FILE, BPE_FILE)  # what genfast's tokenizers write; nothing else is copied
 
 
 def _old_checkpoint(run: Path) -> Path:
-    for candidate in (run / CHECKPOINT_DIR, run):
+    # (KEPT_DIR: a conversion killed between its two renames left the old checkpoint there and no new one.)
+    candidates = (run / CHECKPOINT_DIR, run) if (run / CHECKPOINT_DIR).exists() else (run / KEPT_DIR, run)
+    for candidate in candidates:
+        if candidate.is_symlink():
+            raise ValueError(f"{candidate} is a symbolic link; genfast converts only folders it can write beside")
         if (candidate / CONFIG_FILE).is_file() and (candidate / TRAINER_FILE).is_file():
             return candidate
     raise FileNotFoundError(f"no checkpoint in {run} (expected {CONFIG_FILE} and {TRAINER_FILE} in {run} or "
@@ -88,21 +101,59 @@ def convert_run(run: str | Path) -> Path:
         raise ValueError(f"{old}: cannot convert this checkpoint ({type(exc).__name__}: {exc})") from exc
     except Exception as exc:  # torch.load refusing pickled code, or a corrupt file
         raise ValueError(f"{old / TRAINER_FILE} could not be loaded safely: {exc}") from exc
+    target = run / CHECKPOINT_DIR
+    keep_old_at = run / KEPT_DIR if old == target else None
+    if keep_old_at is None and (target.exists() or target.is_symlink()):
+        raise ValueError(f"{target} already exists and is not this run's old checkpoint; move it away first "
+                         "(the converter never replaces a folder it did not write)")
+    if keep_old_at is not None and (keep_old_at.exists() or keep_old_at.is_symlink()):
+        raise ValueError(f"{keep_old_at} already exists; the old checkpoint is kept under that name during the "
+                         "conversion: move it away first")
+    tokenizer = _tokenizer_file(run) if recipe == "gpt" else None
     tmp = make_temp_dir(run, CHECKPOINT_DIR)
     try:
         for stem, role in roles.items():
-            shutil.copyfile(old / f"{stem}.safetensors", tmp / f"{role}.safetensors")
+            _copy_regular_file(old / f"{stem}.safetensors", tmp / f"{role}.safetensors")
+        if tokenizer is not None:
+            _copy_regular_file(tokenizer, tmp / tokenizer.name)
         torch.save({"recipe": recipe, **state}, tmp / TRAINER_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION, "recipe": recipe,
                                                    **new_config}, indent=2, sort_keys=True))
-        if recipe == "gpt":
-            for child in (run / "tokenizer").iterdir():
-                shutil.copyfile(child, tmp / child.name)
-        commit_dir(tmp, run / CHECKPOINT_DIR)
+        if keep_old_at is not None:
+            os.rename(target, keep_old_at)  # the whole old folder, user files included, under a new name
+        commit_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return run / CHECKPOINT_DIR
+    return target
+
+
+def _tokenizer_file(run: Path) -> Path:
+    """The tokenizer file genfast wrote in ``<run>/tokenizer/`` (by its name; a link or anything else refused)."""
+    folder = run / "tokenizer"
+    for name in TOKENIZER_FILES:
+        path = folder / name
+        if path.is_symlink():
+            raise ValueError(f"{path} is a symbolic link; the converter copies only regular files genfast wrote")
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"no tokenizer in {folder} (expected {' or '.join(TOKENIZER_FILES)})")
+
+
+def _copy_regular_file(source: Path, dest: Path) -> None:
+    """Copy ``source`` to the new file ``dest``: never through a symbolic link, never over an existing file."""
+    try:
+        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        if source.is_symlink():
+            raise ValueError(f"{source} is a symbolic link; the converter copies only regular files") from exc
+        raise
+    with os.fdopen(fd, "rb") as src:
+        if not stat.S_ISREG(os.fstat(src.fileno()).st_mode):
+            raise ValueError(f"{source} is not a regular file")
+        out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(out, "wb") as dst:
+            shutil.copyfileobj(src, dst)
 
 
 def main(argv: list[str] | None = None) -> int:

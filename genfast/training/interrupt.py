@@ -3,10 +3,12 @@
     with StopOnInterrupt() as stop:
         for step in ...:
             train_step()
-            if stop.requested:          # set by the first Ctrl-C (SIGINT) or SIGTERM
+            if stop.requested:          # set by the first Ctrl-C (SIGINT), SIGTERM or SIGHUP
                 save(); break
 
-A second Ctrl-C raises KeyboardInterrupt at once, for when saving itself hangs. Outside the main thread
+SIGHUP (the terminal closed, an ssh session dropped) is treated like SIGTERM: without it the default action
+kills the process mid-save and leaves a temporary folder behind. A second Ctrl-C raises KeyboardInterrupt at
+once, for when saving itself hangs. Outside the main thread
 (where Python cannot install signal handlers) the context does nothing and Ctrl-C behaves as usual.
 """
 
@@ -15,6 +17,9 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+
+# SIGHUP does not exist on Windows.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 class StopOnInterrupt:
@@ -31,7 +36,7 @@ class StopOnInterrupt:
 
     def __enter__(self) -> "StopOnInterrupt":
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 

@@ -58,12 +58,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 import genfast
 from genfast._backend import BackendError
@@ -72,10 +78,12 @@ from genfast.training.checkpoint import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
     FORMAT_VERSION,
+    MADE_MARKER,
     TRAINER_FILE,
     find_checkpoint,
     load_checkpoint,
     make_temp_dir,
+    remove_own_dir,
     remove_stale_temp_dirs,
     save_checkpoint,
 )
@@ -129,6 +137,17 @@ class TrainTask:
 
 class _Diverged(Exception):
     pass
+
+
+class _SaveFailed(Exception):
+    pass
+
+
+def _one_line(exc: BaseException) -> str:
+    """An OSError as "<strerror> (<file>)", anything else as its first line: no traceback reaches the user."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror + (f" ({exc.filename})" if exc.filename else "")
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 class Run:
@@ -202,10 +221,18 @@ class Run:
             trainer = {"recipe": self.recipe, "step": at, "rng": capture_rng_state(), "task": task.state_dict(),
                        "optimizers": {name: opt.state_dict() for name, opt in task.optimizers.items()}}
             if dist.is_main:
-                save_checkpoint(self.checkpoint_dir, modules=task.modules, trainer_state=trainer, config=config,
-                                side_files=task.write_side_files)
+                try:
+                    save_checkpoint(self.checkpoint_dir, modules=task.modules, trainer_state=trainer, config=config,
+                                    side_files=task.write_side_files)
+                except (OSError, RuntimeError) as exc:  # a full disk: OSError ENOSPC, or torch.save's RuntimeError
+                    raise _SaveFailed(f"could not save step {at} in {self.checkpoint_dir}: "
+                                      f"{_one_line(exc)}") from exc
             dist.barrier()
             saved_at = at
+
+        def kept_text() -> str:
+            return f"the last good checkpoint (step {saved_at}) stays in {self.checkpoint_dir}" \
+                if saved_at is not None else "no checkpoint was written"
 
         interrupted = stopped_early = False
         self._bar = progress_bar(args.steps, initial=step, desc=f"train {self.recipe}", enabled=self.verbose)
@@ -230,10 +257,13 @@ class Run:
                         break
         except _Diverged as exc:
             self._close_bar()
-            kept = f"the last good checkpoint (step {saved_at}) stays in {self.checkpoint_dir}" \
-                if saved_at is not None else "no checkpoint was written"
-            self.say(f"genfast train {self.recipe}: error: non-finite loss ({exc}); stopped, {kept}. "
+            self.say(f"genfast train {self.recipe}: error: non-finite loss ({exc}); stopped, {kept_text()}. "
                      "Try a lower --lr.")
+            return 1
+        except (_SaveFailed, OSError) as exc:  # a full disk (at a save or a sample grid), a vanished folder
+            self._close_bar()
+            text = str(exc) if isinstance(exc, _SaveFailed) else _one_line(exc)
+            self.say(f"genfast train {self.recipe}: error: {text}; stopped, {kept_text()}")
             return 1
         except BackendError as exc:
             self._close_bar()
@@ -284,16 +314,62 @@ def _stderr(message: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------- start_run
-def _prepare_out(parser: argparse.ArgumentParser, out: Path) -> None:
-    """Make --out (and check it is writable) before any data loads; remove genfast's stale temporary folders."""
+LOCK_FILE = ".genfast-lock"  # in --out: flock'ed for the run's whole life, holds the running process's pid
+
+
+def _is_main_process() -> bool:
+    """Rank 0 of torchrun (or a plain process): the one that owns --out (its lock, its cleanup, its saves)."""
+    try:
+        return int(os.environ.get("RANK", "0")) == 0
+    except ValueError:
+        return True
+
+
+def _lock_out(parser: argparse.ArgumentParser, out: Path) -> int | None:
+    """An exclusive flock on ``out/.genfast-lock`` (the kernel drops it when the process ends, even by SIGKILL), with
+    this process's pid written in; a usage error naming the process that holds it. Returns the lock's fd."""
+    if fcntl is None:  # not a POSIX system: no lock, as before
+        return None
+    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        parser.error(f"--out {out} is in use by another genfast run (process {holder}); wait for it to end, or "
+                     "choose another --out")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _prepare_out(parser: argparse.ArgumentParser, out: Path) -> int | None:
+    """Make --out (and check it is writable) before any data loads, lock it, and remove genfast's stale temporary
+    folders; returns the lock's fd (None on the other ranks of torchrun, which leave the folder to rank 0)."""
     if out.exists() and not out.is_dir():
         parser.error(f"--out {out} is a file, not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        make_temp_dir(out, CHECKPOINT_DIR).rmdir()  # a real write: os.access says yes to root on read-only mounts
+        probe = make_temp_dir(out, CHECKPOINT_DIR)  # a real write: os.access says yes to root on read-only mounts
+        remove_own_dir(probe)
+        lock = _lock_out(parser, out) if _is_main_process() else None
     except OSError as exc:
         parser.error(f"--out {out} is not a folder genfast can write: {exc.strerror or exc}")
-    remove_stale_temp_dirs(out, CHECKPOINT_DIR)
+    try:
+        inner = out / CHECKPOINT_DIR
+        if inner.is_symlink():
+            parser.error(f"--out {out}: {inner} is a symbolic link; genfast writes checkpoints only into a real "
+                         "folder (replace the link with the folder, or choose another --out)")
+        if inner.is_dir() and not (inner / MADE_MARKER).is_file() and not (inner / CONFIG_FILE).is_file():
+            parser.error(f"--out {out}: {inner} is a folder genfast did not write; move it away or choose another "
+                         "--out (genfast replaces its checkpoint folder at every save)")
+        if lock is not None:
+            remove_stale_temp_dirs(out, CHECKPOINT_DIR)
+    except BaseException:
+        if lock is not None:
+            os.close(lock)
+        raise
+    return lock
 
 
 LEGACY_HINT = ("it was written by an earlier genfast (before checkpoint format {version}); convert it with "
@@ -348,8 +424,21 @@ class start_run(contextlib.AbstractContextManager):
         check_backend(parser, args.backend, device, ops)
         if args.resume and args.overwrite:
             parser.error("--resume and --overwrite contradict each other: continue the run, or start it over")
+        self._lock = _prepare_out(parser, Path(args.out))
+        try:
+            self._open(parser, args, recipe, device)
+        except BaseException:  # a usage error after the lock was taken: free --out at once (tests run in-process)
+            self._unlock()
+            raise
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+    def _open(self, parser: argparse.ArgumentParser, args: argparse.Namespace, recipe: str,
+              device: torch.device) -> None:
         out = Path(args.out)
-        _prepare_out(parser, out)
         try:
             found = find_checkpoint(out)
         except ValueError as exc:
@@ -386,6 +475,7 @@ class start_run(contextlib.AbstractContextManager):
     def __exit__(self, *exc) -> None:
         self._backend.__exit__(None, None, None)
         self.run.dist.close()
+        self._unlock()
 
 
 __all__ = ["TrainTask", "Run", "start_run", "check_checkpoint_config", "SAMPLES_DIR", "INTERRUPTED_EXIT"]
