@@ -5,8 +5,10 @@ The bottom layer: imports only torch, safetensors and json, so that models and t
 - ``load_safetensors_state(path)``: the tensors of a .safetensors file (no code runs: safetensors holds data only).
 - ``read_safetensors_header(path)``: each tensor's dtype and shape, read from the file's header without loading
   any weight, so a loader can compare a config with the weights before it allocates a model.
-- ``read_json_config(path)``: a JSON object from a config file, with bounded size and nesting; every error is a
-  ValueError/FileNotFoundError naming the file (and the key where one is at fault).
+- ``read_json_config(path)``: a JSON object from a config file, with bounded size, nesting and integers; every
+  error is a ValueError/FileNotFoundError naming the file (and the key where one is at fault).
+- ``check_fits_memory(nbytes, what)``: refuse, before allocating, what a config or a file header asks for beyond
+  this machine's memory (``machine_memory_bytes()``), in one line naming ``what``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ import torch
 MAX_JSON_BYTES = 16 * 2**20
 MAX_JSON_DEPTH = 32
 MAX_SAFETENSORS_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
+# JSON integers beyond int64 are no size, count or seed genfast takes; Python would parse a 4300-digit one (and
+# refuse a longer one without naming the key), so they are refused with the key named.
+MAX_JSON_INT = 2**63 - 1
 # safetensors dtype names -> bytes per element.
 SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                            "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
@@ -117,15 +122,61 @@ def _depth(value, limit: int) -> int:
     return deepest
 
 
+class _HugeInt:
+    """What the JSON parser leaves for an integer beyond MAX_JSON_INT, so the key holding it can be named."""
+
+    def __init__(self, digits: int):
+        self.digits = digits
+
+
+def _parse_int(text: str) -> int | _HugeInt:
+    digits = len(text.lstrip("-"))
+    if digits > 19 or abs(int(text)) > MAX_JSON_INT:  # 19 digits: int() stays far below Python's digit limit
+        return _HugeInt(digits)
+    return int(text)
+
+
+def _huge_int_key(value, prefix: str = "") -> tuple[str, _HugeInt] | None:
+    """(dotted key, the _HugeInt) of the first integer beyond MAX_JSON_INT in parsed JSON, without recursion."""
+    stack = [(prefix, value)]
+    while stack:
+        key, item = stack.pop()
+        if isinstance(item, _HugeInt):
+            return key, item
+        if isinstance(item, dict):
+            stack.extend((f"{key}.{k}" if key else str(k), v) for k, v in item.items())
+        elif isinstance(item, list):
+            stack.extend((f"{key}[{i}]", v) for i, v in enumerate(item))
+    return None
+
+
+def machine_memory_bytes() -> int:
+    """This machine's physical memory in bytes (the bound for what an untrusted config may ask to allocate)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): no bound rather than a wrong one
+        return 2**62
+
+
+def check_fits_memory(nbytes: int, what: str) -> None:
+    """ValueError (one line, starting with ``what``) if ``nbytes`` exceed this machine's memory; call it with the
+    size a config or a header implies before allocating it."""
+    memory = machine_memory_bytes()
+    if nbytes > memory:
+        raise ValueError(f"{what} needs {nbytes / 2**30:,.1f} GiB, more than this machine's "
+                         f"{memory / 2**30:,.1f} GiB of memory")
+
+
 def read_json_config(path: str | os.PathLike, *, max_depth: int = MAX_JSON_DEPTH) -> dict:
-    """The JSON object in ``path``: ValueError naming the file if it is too large, not JSON, not an object or
-    nested deeper than ``max_depth`` (FileNotFoundError if missing). Check each key's type where it is used."""
+    """The JSON object in ``path``: ValueError naming the file if it is too large, not JSON, not an object,
+    nested deeper than ``max_depth`` or holding an integer beyond int64 (naming its key); FileNotFoundError if
+    missing. Check each key's type where it is used."""
     path = _existing_file(path, "config file")
     size = path.stat().st_size
     if size > MAX_JSON_BYTES:
         raise ValueError(f"{path}: a config of {size} bytes is larger than the {MAX_JSON_BYTES} genfast reads")
     try:
-        value = json.loads(path.read_bytes())
+        value = json.loads(path.read_bytes(), parse_int=_parse_int)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path} is not valid JSON: {exc}") from exc
     except RecursionError as exc:
@@ -134,7 +185,12 @@ def read_json_config(path: str | os.PathLike, *, max_depth: int = MAX_JSON_DEPTH
         raise ValueError(f"{path} must hold a JSON object ({{...}}), got a {type(value).__name__}")
     if _depth(value, max_depth) > max_depth:
         raise ValueError(f"{path} is nested more than {max_depth} levels deep; not a config genfast reads")
+    huge = _huge_int_key(value)
+    if huge is not None:
+        raise ValueError(f"{path}: key {huge[0]!r} is an integer of {huge[1].digits} digits, beyond the int64 range "
+                         "of any size or count genfast reads")
     return value
 
 
-__all__ = ["TensorInfo", "load_safetensors_state", "read_safetensors_header", "read_json_config"]
+__all__ = ["TensorInfo", "load_safetensors_state", "read_safetensors_header", "read_json_config", "check_fits_memory",
+           "machine_memory_bytes"]

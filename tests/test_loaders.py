@@ -7,13 +7,19 @@ writes), so a hostile file costs no training.
 
 from __future__ import annotations
 
+import json
 import logging
+import time
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
-from genfast.models._checkpoint import CheckpointError, check_weights
+import genfast
+from genfast.models._checkpoint import FORMAT_VERSION, CheckpointError, check_weights
+from genfast.models.gpt import GPT, GPTConfig
 
 
 def _model_state(dtype=torch.float32):
@@ -62,3 +68,165 @@ def test_check_weights_refuses_nonfinite_unless_allowed(bad):
     check_weights(state, model, "w.safetensors", allow_nonfinite=True)
     with pytest.raises(TypeError, match="allow_nonfinite"):
         check_weights(state, model, "w.safetensors", allow_nonfinite="yes")
+
+
+# ---------------------------------------------------------------------------------------------- run folders
+GPT_CONFIG = dict(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8)
+
+
+def _write_run(out: Path, recipe: str, model_config: dict, weights: dict[str, dict[str, torch.Tensor]],
+               **extra) -> Path:
+    """A run folder as `genfast train` writes it: checkpoint/config.json and one safetensors file per role."""
+    directory = out / "checkpoint"
+    directory.mkdir(parents=True)
+    config = {"format_version": FORMAT_VERSION, "recipe": recipe, "model": model_config, **extra}
+    (directory / "config.json").write_text(json.dumps(config))
+    for role, state in weights.items():
+        save_file({k: v.detach().clone().contiguous() for k, v in state.items()}, directory / f"{role}.safetensors")
+    return out
+
+
+def _gpt_run(tmp_path, **model_overrides) -> Path:
+    torch.manual_seed(0)
+    state = GPT(GPTConfig(**GPT_CONFIG)).state_dict()
+    return _write_run(tmp_path / "run", "gpt", {**GPT_CONFIG, "dropout": 0.0, **model_overrides}, {"model": state})
+
+
+def _gpt_loaders():
+    """Every public path that reads a GPT run folder."""
+    return {"models.load": genfast.models.load, "GPT.from_pretrained": GPT.from_pretrained}
+
+
+@pytest.mark.parametrize("loader", sorted(_gpt_loaders()))
+def test_a_huge_layer_count_is_refused_at_once(tmp_path, loader):
+    """C1: "n_layer": 100000 in config.json hung models.load (and `genfast sample gpt`) for minutes."""
+    run = _gpt_run(tmp_path, n_layer=100000)
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="n_layer") as caught:
+        _gpt_loaders()[loader](run)
+    assert time.perf_counter() - start < 5
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("loader", sorted(_gpt_loaders()))
+def test_a_width_beyond_any_storage_is_refused_naming_it(tmp_path, loader):
+    """n_embd = 10**9 overflowed torch's storage size (a RuntimeError) while the model was built."""
+    run = _gpt_run(tmp_path, n_embd=10**9, n_head=1)
+    with pytest.raises(ValueError, match="n_embd") as caught:
+        _gpt_loaders()[loader](run)
+    assert "\n" not in str(caught.value)
+
+
+def test_run_folder_loads_with_matching_config(tmp_path):
+    run = _gpt_run(tmp_path)
+    model = genfast.models.load(run)
+    torch.manual_seed(0)
+    reference = GPT(GPTConfig(**GPT_CONFIG))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+
+
+def _gpt_run_with(tmp_path, change) -> Path:
+    """A GPT run folder whose saved weights are ``change(state)``."""
+    torch.manual_seed(0)
+    state = {k: v.clone() for k, v in GPT(GPTConfig(**GPT_CONFIG)).state_dict().items()}
+    change(state)
+    return _write_run(tmp_path / "run", "gpt", {**GPT_CONFIG, "dropout": 0.0}, {"model": state})
+
+
+def _set(name, value):
+    def change(state):
+        state[name] = value(state[name])
+    return change
+
+
+@pytest.mark.parametrize("loader", sorted(_gpt_loaders()))
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.bool])
+def test_loaders_refuse_weights_of_another_kind(tmp_path, loader, dtype):
+    """int64, uint8 and bool weights were cast to float32 without a word."""
+    run = _gpt_run_with(tmp_path, _set("transformer.h.0.ln_1.weight", lambda t: t.to(dtype)))
+    with pytest.raises(CheckpointError, match=r"'transformer\.h\.0\.ln_1\.weight' is (int64|uint8|bool)"):
+        _gpt_loaders()[loader](run)
+
+
+@pytest.mark.parametrize("loader", sorted(_gpt_loaders()))
+def test_loaders_announce_a_float_cast_once(tmp_path, loader, caplog):
+    def to_bf16(state):
+        for name in state:
+            state[name] = state[name].to(torch.bfloat16)
+    run = _gpt_run_with(tmp_path, to_bf16)
+    with caplog.at_level(logging.WARNING, logger="genfast"):
+        model = _gpt_loaders()[loader](run)
+    casts = [r.getMessage() for r in caplog.records if "cast" in r.getMessage()]
+    assert len(casts) == 1 and "bfloat16 -> float32" in casts[0], casts
+    assert model.transformer.wte.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("loader", sorted(_gpt_loaders()))
+def test_loaders_refuse_nonfinite_weights_unless_allowed(tmp_path, loader):
+    def poison(t):
+        t = t.clone()
+        t[1, 2] = float("nan")
+        return t
+    run = _gpt_run_with(tmp_path, _set("transformer.h.1.mlp.c_fc.weight", poison))
+    with pytest.raises(CheckpointError, match=r"'transformer\.h\.1\.mlp\.c_fc\.weight' holds 1 non-finite"):
+        _gpt_loaders()[loader](run)
+    model = _gpt_loaders()[loader](run, allow_nonfinite=True)
+    assert torch.isnan(model.transformer.h[1].mlp.c_fc.weight[1, 2])
+
+
+def test_vae_loader_keeps_batchnorm_counters_and_refuses_nan(tmp_path):
+    from genfast.models.vae import VAE, VAEConfig
+
+    config = dict(image_size=16, channels=1, latent_dim=4, base_channels=4)
+    state = VAE(VAEConfig(**config)).state_dict()
+    counters = [k for k, v in state.items() if k.endswith("num_batches_tracked")]
+    assert counters and all(state[k].dtype == torch.int64 for k in counters)
+    run = _write_run(tmp_path / "ok", "vae", config, {"model": state})
+    assert isinstance(genfast.models.load(run), VAE)
+    poisoned = dict(state)
+    name = next(k for k in state if k.endswith("running_var"))
+    poisoned[name] = torch.full_like(state[name], float("inf"))
+    run = _write_run(tmp_path / "nan", "vae", config, {"model": poisoned})
+    with pytest.raises(CheckpointError, match=name.replace(".", r"\.")):
+        genfast.models.load(run)
+    with pytest.raises(CheckpointError, match=name.replace(".", r"\.")):
+        VAE.from_checkpoint(run)
+
+
+@pytest.mark.parametrize("loader", sorted(_gpt_loaders()))
+def test_an_integer_of_5001_digits_is_refused_naming_its_key(tmp_path, loader):
+    """Python refused it with "Exceeds the limit (4300 digits)" and no file or key."""
+    run = _gpt_run(tmp_path)
+    config_file = run / "checkpoint" / "config.json"
+    text = config_file.read_text().replace('"n_layer": 2', '"n_layer": ' + "9" * 5001)
+    config_file.write_text(text)
+    with pytest.raises(ValueError, match=r"key 'model\.n_layer' is an integer of 5001 digits"):
+        _gpt_loaders()[loader](run)
+
+
+def _sparse_gpt_run(tmp_path, vocab_size: int) -> Path:
+    """A run folder whose config and safetensors header agree on a vocab_size x 8 float32 embedding, written
+    sparse: the file claims vocab_size * 64 bytes of tensors without holding them on disk."""
+    config = {**GPT_CONFIG, "vocab_size": vocab_size, "dropout": 0.0}
+    with torch.device("meta"):
+        shapes = {k: (list(v.shape), v.numel()) for k, v in GPT(GPTConfig(**config)).state_dict().items()}
+    header, offset = {}, 0
+    for name, (shape, numel) in shapes.items():
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + 4 * numel]}
+        offset += 4 * numel
+    raw = json.dumps(header).encode()
+    run = _write_run(tmp_path / "sparse", "gpt", config, {})
+    with open(run / "checkpoint" / "model.safetensors", "wb") as fh:
+        fh.write(len(raw).to_bytes(8, "little") + raw)
+        fh.truncate(8 + len(raw) + offset)
+    return run
+
+
+@pytest.mark.parametrize("loader", sorted(_gpt_loaders()))
+def test_weights_beyond_the_machines_memory_are_refused_before_loading(tmp_path, loader, monkeypatch):
+    """A sparse safetensors file claiming 4 GB (config and header agreeing) reached the allocator."""
+    run = _sparse_gpt_run(tmp_path, vocab_size=2**23)  # 2 x 2**23 x 8 x 4 bytes: 0.5 GiB of embeddings
+    monkeypatch.setattr(genfast._io, "machine_memory_bytes", lambda: 2**28)  # a 256 MiB machine
+    with pytest.raises(ValueError, match=r"'(transformer\.wte|lm_head)\.weight'.*more than this machine's") as caught:
+        _gpt_loaders()[loader](run)
+    assert "\n" not in str(caught.value)

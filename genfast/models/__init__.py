@@ -39,13 +39,17 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *_EXPORTS, *_SUBMODULES])
 
 
-def load(path: str | os.PathLike, device: str = "cpu"):
+def load(path: str | os.PathLike, device: str = "cpu", *, allow_nonfinite: bool = False):
     """The model a `genfast train <model> --out PATH` run trained (PATH: the run folder or its checkpoint folder),
     in eval mode on ``device``:
 
     gpt -> GPT; translator -> Transformer; numbergan, dcgan, cgan -> their Generator; cyclegan -> CycleGAN;
     vae -> VAE; ebm -> EBM (with its replay buffer); ddpm -> a DiffusionPipeline around the EMA UNet with the
     run's DDIM schedule.
+
+    The files are untrusted: config.json is checked against the weights' header before the model is built, and
+    weights of another dtype kind than the model's, or holding NaN/inf (unless ``allow_nonfinite=True``, to debug
+    a diverged run), are refused with a ValueError naming the file and the tensor or key at fault.
     """
     from genfast._io import read_json_config
     from genfast.models._checkpoint import build_and_load, find_run_checkpoint, read_run
@@ -56,29 +60,32 @@ def load(path: str | os.PathLike, device: str = "cpu"):
 
         directory, saved = read_run(path, "gpt")
         config = GPTConfig.from_dict(saved["model"])
-        return build_and_load(lambda: GPT(config), directory, "model").to(device).eval()
+        return build_and_load(lambda: GPT(config), directory, "model",
+                              allow_nonfinite=allow_nonfinite).to(device).eval()
     if recipe == "translator":
         from genfast.models.transformer import Transformer, TransformerConfig
 
         directory, saved = read_run(path, "translator")
         config = TransformerConfig.from_dict(saved["model"])
-        return build_and_load(lambda: Transformer(config), directory, "model").to(device).eval()
+        return build_and_load(lambda: Transformer(config), directory, "model",
+                              allow_nonfinite=allow_nonfinite).to(device).eval()
     if recipe in ("numbergan", "dcgan", "cgan", "vae"):
         module = importlib.import_module(f"genfast.models.{recipe}")
-        return (module.VAE if recipe == "vae" else module.Generator).from_checkpoint(path, device)
+        model_class = module.VAE if recipe == "vae" else module.Generator
+        return model_class.from_checkpoint(path, device, allow_nonfinite=allow_nonfinite)
     if recipe == "cyclegan":
         from genfast.models.cyclegan import CycleGAN
 
-        return CycleGAN.from_checkpoint(path, device)
+        return CycleGAN.from_checkpoint(path, device, allow_nonfinite=allow_nonfinite)
     if recipe == "ebm":
         from genfast.models.ebm import EBM
 
-        return EBM.from_checkpoint(path, device).eval()
+        return EBM.from_checkpoint(path, device, allow_nonfinite=allow_nonfinite).eval()
     if recipe == "ddpm":
         from genfast.diffusion.pipeline import DiffusionPipeline, make_scheduler
         from genfast.models.unet import UNet
 
-        unet = UNet.from_checkpoint(path, device)
+        unet = UNet.from_checkpoint(path, device, allow_nonfinite=allow_nonfinite)
         options = read_run(path, "ddpm")[1].get("scheduler")
         if not isinstance(options, dict):
             raise ValueError(f"{path}: the run's config.json has no 'scheduler' options")

@@ -11,14 +11,22 @@ every loader here calls it, and so does training's ``--resume``.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
-from genfast._io import load_safetensors_state, read_json_config, read_safetensors_header
+from genfast._io import (
+    SAFETENSORS_DTYPE_BYTES,
+    check_fits_memory,
+    load_safetensors_state,
+    read_json_config,
+    read_safetensors_header,
+)
 
 FORMAT_VERSION = 2  # the same as genfast.training.checkpoint.FORMAT_VERSION (a test keeps them equal)
 CHECKPOINT_DIR = "checkpoint"
@@ -128,20 +136,89 @@ def read_run(path: str | os.PathLike, recipe: str | tuple[str, ...]) -> tuple[Pa
     return directory, config
 
 
+# Tensor factories whose size arguments the build budget reads before the call, so that a config asking for a
+# tensor of 10**18 elements is refused before torch computes (and overflows) its storage size.
+_SIZED_FACTORIES = frozenset({torch.empty, torch.zeros, torch.ones, torch.full, torch.rand, torch.randn})
+
+
+def _requested_numel(args: tuple, kwargs: dict) -> int | None:
+    """The element count a sized factory call asks for (Python ints: no overflow), or None if not readable."""
+    size = kwargs.get("size", args[0] if len(args) == 1 or (args and not isinstance(args[0], int)) else args)
+    if isinstance(size, int):
+        size = (size,)
+    if not isinstance(size, (tuple, list, torch.Size)) or not all(isinstance(d, int) for d in size):
+        return None
+    return math.prod(size)
+
+
+class _BuildBudget(TorchFunctionMode):
+    """While a model is built on the meta device: refuse (before it runs) the tensor that takes the count of
+    tensors or elements past what the weights file holds, with generous slack (temporaries, non-persistent
+    buffers). A model whose config matches the file never comes near it; one with 100000 layers stops after a
+    few, instead of spending minutes building them; one as wide as 10**9 stops before its storage overflows."""
+
+    def __init__(self, tensors: int, numel: int, refuse: Callable[[], Exception]):
+        super().__init__()
+        self.tensors_left, self.numel_left, self.refuse = 2 * tensors + 64, 2 * numel + 2**20, refuse
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _SIZED_FACTORIES:
+            n = _requested_numel(args, kwargs)
+            self.tensors_left -= 1
+            self.numel_left -= 0 if n is None else n
+            if self.tensors_left < 0 or self.numel_left < 0:
+                raise self.refuse()
+        return func(*args, **kwargs)
+
+
+def _largest_sizes(model_config: object, largest_dim: int, tensors: int) -> str:
+    """The config's int sizes that no tensor of the file shows (the likely culprits), else its two largest."""
+    if not isinstance(model_config, dict):
+        return ""
+    sizes = {f"model.{k}": v for k, v in model_config.items() if isinstance(v, int) and not isinstance(v, bool)}
+    sizes.update({f"model.{k}": max(v) for k, v in model_config.items() if isinstance(v, list) and v
+                  and all(isinstance(x, int) and not isinstance(x, bool) for x in v)})
+    ranked = sorted(sizes.items(), key=lambda kv: -kv[1])
+    culprits = [kv for kv in ranked if kv[1] > max(largest_dim, tensors)] or ranked[:2]
+    return ", ".join(f"{k} = {v}" for k, v in culprits)
+
+
 def build_and_load(factory: Callable[[], nn.Module], directory: Path,
                    roles: str | dict[str, Callable[[nn.Module], nn.Module]], *,
                    allow_nonfinite: bool = False) -> nn.Module:
-    """``factory()`` with the weights of ``directory/<role>.safetensors``, after checking on the meta device (no
-    memory) that the parameter names and shapes are the files', and the values with ``check_weights``. ``roles``:
-    one role for the whole module, or role -> the part of the module it holds (e.g.
-    ``{"generators": lambda m: m.generators, ...}``)."""
+    """``factory()`` with the weights of ``directory/<role>.safetensors``, after checking that the config fits
+    them, before anything of the model's size is allocated or built:
+
+    1. the headers are read (no weights), and the model is built on the meta device (no memory) under a budget
+       taken from them, so a config of 100000 layers or a width of 10**9 is refused in a second, naming the
+       config's sizes at fault;
+    2. the parameter names and shapes must be the files', and loading must fit this machine's memory;
+    3. the values pass ``check_weights`` (dtype kinds, non-finite values unless ``allow_nonfinite``).
+
+    ``roles``: one role for the whole module, or role -> the part of the module it holds (e.g.
+    ``{"generators": lambda m: m.generators, ...}``). Every error is a ValueError naming the file."""
     parts = {roles: lambda m: m} if isinstance(roles, str) else roles
-    with torch.device("meta"):
+    headers = {role: read_safetensors_header(directory / f"{role}.safetensors") for role in parts}
+    infos = [info for header in headers.values() for info in header.values()]
+    largest_dim = max((d for info in infos for d in info.shape), default=0)
+
+    def too_large() -> ValueError:
+        model_config = read_json_config(directory / CONFIG_FILE).get("model")
+        files = ", ".join(f"{role}.safetensors" for role in parts)
+        return ValueError(f"{directory / CONFIG_FILE}: the model it describes is larger than its weights ({files}: "
+                          f"{len(infos)} tensors, {sum(i.numel for i in infos):,} values, no dimension above "
+                          f"{largest_dim}): {_largest_sizes(model_config, largest_dim, len(infos))}; refused before "
+                          "building it")
+
+    with torch.device("meta"), _BuildBudget(len(infos), sum(i.numel for i in infos), too_large):
         shell = factory()
+    needed = 0
     for role, part in parts.items():
         path = directory / f"{role}.safetensors"
-        expected = {name: tuple(t.shape) for name, t in part(shell).state_dict().items()}
-        found = {name: info.shape for name, info in read_safetensors_header(path).items()}
+        model_state = part(shell).state_dict()
+        expected = {name: tuple(t.shape) for name, t in model_state.items()}
+        found = {name: info.shape for name, info in headers[role].items()}
         if expected != found:
             missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
             wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
@@ -150,6 +227,14 @@ def build_and_load(factory: Callable[[], nn.Module], directory: Path,
                 f"{wrong[0]} is {list(found[wrong[0]])} in the file, {list(expected[wrong[0]])} for the config"
                 if wrong else "") if text)
             raise ValueError(f"{path} does not fit the config in {directory / CONFIG_FILE}: {detail}")
+        # The file's tensors and the model's are both in memory while load_state_dict copies one into the other.
+        needed += sum(info.numel * SAFETENSORS_DTYPE_BYTES[info.dtype] for info in headers[role].values())
+        needed += sum(t.numel() * t.element_size() for t in model_state.values())
+    if needed:
+        biggest = max(((name, info) for header in headers.values() for name, info in header.items()),
+                      key=lambda item: item[1].numel)
+        check_fits_memory(needed, f"{directory}: loading the model (largest tensor {biggest[0]!r}, "
+                                  f"{list(biggest[1].shape)})")
     states = {}
     for role, part in parts.items():
         path = directory / f"{role}.safetensors"

@@ -147,11 +147,13 @@ class Generator(nn.Module):
         return self(z, torch.full((n,), index, dtype=torch.int64, device=z.device))
 
     @classmethod
-    def from_checkpoint(cls, path, device: str | torch.device = "cpu") -> "Generator":
+    def from_checkpoint(cls, path, device: str | torch.device = "cpu", *,
+                        allow_nonfinite: bool = False) -> "Generator":
         """The generator of a `genfast train cgan` run folder (or its checkpoint folder), in eval mode."""
         directory, saved = read_run(path, "cgan")
         config = CGANConfig.from_dict(saved["model"])
-        return build_and_load(lambda: cls(config), directory, "generator").to(device).eval()
+        return build_and_load(lambda: cls(config), directory, "generator",
+                              allow_nonfinite=allow_nonfinite).to(device).eval()
 
 
 class Discriminator(nn.Module):

@@ -194,12 +194,14 @@ class CycleGAN(nn.Module):
         self.discriminators = CycleDiscriminators(self.config)
 
     @classmethod
-    def from_checkpoint(cls, path, device: str | torch.device = "cpu") -> "CycleGAN":
+    def from_checkpoint(cls, path, device: str | torch.device = "cpu", *,
+                        allow_nonfinite: bool = False) -> "CycleGAN":
         """The CycleGAN of a `genfast train cyclegan` run folder (or its checkpoint folder), in eval mode."""
         directory, saved = read_run(path, "cyclegan")
         config = CycleGANConfig.from_dict(saved["model"])
         roles = {"generators": lambda m: m.generators, "discriminators": lambda m: m.discriminators}
-        return build_and_load(lambda: cls(config), directory, roles).to(device).eval()
+        return build_and_load(lambda: cls(config), directory, roles,
+                              allow_nonfinite=allow_nonfinite).to(device).eval()
 
     def translate_a_to_b(self, images: torch.Tensor) -> torch.Tensor:
         return self.generators.g_ab(images)

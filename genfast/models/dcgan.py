@@ -115,11 +115,13 @@ class Generator(nn.Module):
         return latent(batch, self.config.latent_dim, generator, device or next(self.parameters()).device)
 
     @classmethod
-    def from_checkpoint(cls, path, device: str | torch.device = "cpu") -> "Generator":
+    def from_checkpoint(cls, path, device: str | torch.device = "cpu", *,
+                        allow_nonfinite: bool = False) -> "Generator":
         """The generator of a `genfast train dcgan` run folder (or its checkpoint folder), in eval mode."""
         directory, saved = read_run(path, "dcgan")
         config = DCGANConfig.from_dict(saved["model"])
-        return build_and_load(lambda: cls(config), directory, "generator").to(device).eval()
+        return build_and_load(lambda: cls(config), directory, "generator",
+                              allow_nonfinite=allow_nonfinite).to(device).eval()
 
 
 class Discriminator(nn.Module):

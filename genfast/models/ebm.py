@@ -180,11 +180,13 @@ class EBM(nn.Module):
         return contrastive_divergence_loss(energies, alpha)
 
     @classmethod
-    def from_checkpoint(cls, path, device: str | torch.device = "cpu") -> "EBM":
+    def from_checkpoint(cls, path, device: str | torch.device = "cpu", *,
+                        allow_nonfinite: bool = False) -> "EBM":
         """The model (energy net and replay buffer) of a `genfast train ebm` run folder or its checkpoint folder."""
         directory, saved = read_run(path, "ebm")
         config = EBMConfig.from_dict(saved["model"])
-        return build_and_load(lambda: cls(config), directory, "model").to(device)
+        return build_and_load(lambda: cls(config), directory, "model",
+                              allow_nonfinite=allow_nonfinite).to(device)
 
 
 def contrastive_divergence_loss(energies: torch.Tensor, alpha: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

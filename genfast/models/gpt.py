@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genfast import _io, ops
+from genfast.models._checkpoint import check_weights
 from genfast.nn.attention import CausalSelfAttention, KVCache, capture_decode_step
 
 # Presets: the sizes of OpenAI's GPT-2 models, and a tiny one that trains in minutes on a CPU.
@@ -411,7 +412,7 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------------------------------ Hugging Face
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
-                        device: str | torch.device | None = None) -> "GPT":
+                        device: str | torch.device | None = None, allow_nonfinite: bool = False) -> "GPT":
         """A GPT from local files (never a download): ``path`` is one of
 
         - a run folder of ``genfast train gpt`` (``<out>``; its ``checkpoint/`` is read), or that checkpoint
@@ -423,8 +424,11 @@ class GPT(nn.Module):
 
         The files are untrusted: the config is read with bounded size and nesting, its sizes are bounded
         (``CONFIG_LIMITS``) and compared with the weights' shapes, read from the safetensors header, before the
-        model is allocated; every error names the file and the key or tensor at fault. Dropout is 0 (an
-        inference model; set ``model.config``'s and the modules' dropout yourself to fine-tune with it).
+        model is allocated, and so is the memory loading needs; weights of another dtype kind than the model's,
+        or holding NaN/inf (unless ``allow_nonfinite=True``, to debug a diverged run), are refused
+        (``genfast.models._checkpoint.check_weights``); every error names the file and the key or tensor at fault.
+        Dropout is 0 (an inference model; set ``model.config``'s and the modules' dropout yourself to fine-tune
+        with it).
         """
         folder = _checkpoint_folder(Path(path))
         config_file = folder / "config.json"
@@ -436,12 +440,15 @@ class GPT(nn.Module):
         else:
             config = _config_from_run(raw, config_file)
             weights = folder / "model.safetensors"
-            shapes = {name: info.shape for name, info in _io.read_safetensors_header(weights).items()}
-            _check_shapes(shapes, config, weights, hf=False)
+            header = _io.read_safetensors_header(weights)
+            _check_shapes({name: info.shape for name, info in header.items()}, config, weights, hf=False)
+            _check_memory(header, config, weights)
             state = _io.load_safetensors_state(weights)
-        model = cls(config)
-        model.load_state_dict(_state_for(state, weights, hf=hf), strict=True)
-        return model.to(device=device, dtype=dtype)
+        state = _state_for(state, weights, hf=hf)
+        model = cls(config).to(device=device, dtype=dtype)
+        check_weights(state, model, weights, allow_nonfinite=allow_nonfinite)
+        model.load_state_dict(state, strict=True)
+        return model
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:
         """Write config.json and model.safetensors in Hugging Face's GPT-2 format (each file atomically)."""
@@ -623,11 +630,22 @@ def _check_shapes(shapes: dict[str, tuple[int, ...]], config: GPTConfig, source:
                          f"{'; '.join(wrong[:5])}")
 
 
+def _check_memory(header: dict[str, _io.TensorInfo], config: GPTConfig, source: Path) -> None:
+    """Loading holds the file's tensors and the fp32 model at once: refuse it, naming the largest tensor, where
+    that exceeds this machine's memory (a sparse file can claim gigabytes it does not hold on disk)."""
+    file_bytes = sum(info.numel * _io.SAFETENSORS_DTYPE_BYTES[info.dtype] for info in header.values())
+    model_bytes = 4 * sum(math.prod(shape) for shape in _expected_shapes(config).values())
+    name, info = max(header.items(), key=lambda item: item[1].numel)
+    _io.check_fits_memory(file_bytes + model_bytes, f"GPT.from_pretrained: {source} (largest tensor {name!r}, "
+                                                    f"{info.dtype} {list(info.shape)})")
+
+
 def _read_hf_weights(path: Path, config: GPTConfig) -> tuple[Path, dict[str, torch.Tensor]]:
     safetensors_file, bin_file = path / "model.safetensors", path / "pytorch_model.bin"
     if safetensors_file.is_file():
-        shapes = {name: info.shape for name, info in _io.read_safetensors_header(safetensors_file).items()}
-        _check_shapes(shapes, config, safetensors_file, hf=True)
+        header = _io.read_safetensors_header(safetensors_file)
+        _check_shapes({name: info.shape for name, info in header.items()}, config, safetensors_file, hf=True)
+        _check_memory(header, config, safetensors_file)
         return safetensors_file, _io.load_safetensors_state(safetensors_file)
     if bin_file.is_file():
         try:

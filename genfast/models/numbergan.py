@@ -126,11 +126,13 @@ class Generator(nn.Module):
         return tokens.view(batch, self.config.seq_len)
 
     @classmethod
-    def from_checkpoint(cls, path, device: str | torch.device = "cpu") -> "Generator":
+    def from_checkpoint(cls, path, device: str | torch.device = "cpu", *,
+                        allow_nonfinite: bool = False) -> "Generator":
         """The generator of a `genfast train numbergan` run folder (or its checkpoint folder), in eval mode."""
         directory, saved = read_run(path, "numbergan")
         config = NumberGANConfig.from_dict(saved["model"])
-        return build_and_load(lambda: cls(config), directory, "generator").to(device).eval()
+        return build_and_load(lambda: cls(config), directory, "generator",
+                              allow_nonfinite=allow_nonfinite).to(device).eval()
 
 
 class Discriminator(nn.Module):

@@ -296,13 +296,15 @@ class UNet(nn.Module):
         return layer["attn"](h) if "attn" in layer else h
 
     @classmethod
-    def from_checkpoint(cls, path, device: str | torch.device = "cpu", *, ema: bool = True) -> "UNet":
+    def from_checkpoint(cls, path, device: str | torch.device = "cpu", *, ema: bool = True,
+                        allow_nonfinite: bool = False) -> "UNet":
         """The UNet of a `genfast train ddpm` run folder (or its checkpoint folder), in eval mode: its EMA weights
         (what the recipe samples with), or the raw ones with ``ema=False``. The sampling schedule is in the run's
         config.json under "scheduler" (``genfast.models.load`` returns a ready DiffusionPipeline)."""
         directory, saved = read_run(path, "ddpm")
         config = UNetConfig.from_dict(saved["model"])
-        return build_and_load(lambda: cls(config), directory, "ema" if ema else "model").to(device).eval()
+        return build_and_load(lambda: cls(config), directory, "ema" if ema else "model",
+                              allow_nonfinite=allow_nonfinite).to(device).eval()
 
 
 # ---------------------------------------------------------------------------------------------- training loss

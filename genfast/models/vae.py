@@ -83,11 +83,13 @@ class VAE(nn.Module):
         self.decoder = nn.Sequential(*dec)
 
     @classmethod
-    def from_checkpoint(cls, path, device: str | torch.device = "cpu") -> "VAE":
+    def from_checkpoint(cls, path, device: str | torch.device = "cpu", *,
+                        allow_nonfinite: bool = False) -> "VAE":
         """The VAE of a `genfast train vae` run folder (or its checkpoint folder), in eval mode."""
         directory, saved = read_run(path, "vae")
         config = VAEConfig.from_dict(saved["model"])
-        return build_and_load(lambda: cls(config), directory, "model").to(device).eval()
+        return build_and_load(lambda: cls(config), directory, "model",
+                              allow_nonfinite=allow_nonfinite).to(device).eval()
 
     # --------------------------------------------------------------------------------------------- checks
     def _check_images(self, name: str, x) -> None:
