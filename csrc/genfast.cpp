@@ -70,4 +70,12 @@ TORCH_LIBRARY(genfast, m) {
       "conv_transpose2d(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, int[] output_padding, "
       "int groups, int[] dilation, Tensor? scale, Tensor? shift, str activation, float negative_slope, "
       "bool save_pre) -> (Tensor, Tensor)");
+
+  // Fused LSTM cell (genfast/ops/lstm.py): x_gates, h_gates [B, 4H] in nn.LSTM's gate order (i, f, g, o), one
+  // float dtype; c [B, H] in that dtype or float32. Returns (h in the gates' dtype, c_new in c's dtype). The
+  // backward returns (the gradient of the gates, shared by x_gates and h_gates, and of c).
+  m.def("lstm_cell(Tensor x_gates, Tensor h_gates, Tensor c) -> (Tensor, Tensor)");
+  m.def(
+      "lstm_cell_backward(Tensor grad_h, Tensor grad_c, Tensor x_gates, Tensor h_gates, Tensor c) -> "
+      "(Tensor, Tensor)");
 }

@@ -13,6 +13,7 @@ from genfast.ops.latent import (
     reparameterize,
     reparameterize_ref,
 )
+from genfast.ops.lstm import lstm_cell, lstm_cell_ref
 from genfast.ops.random import philox_noise, philox_noise_ref
 from genfast.ops.sampling import filter_logits, filter_logits_ref, sample_tokens, sample_tokens_ref
 
@@ -25,4 +26,5 @@ __all__ = [
     "scheduler_step", "scheduler_step_ref", "cfg_combine", "cfg_combine_ref",
     "reparameterize", "reparameterize_ref", "gaussian_kl", "gaussian_kl_ref", "langevin_step", "langevin_step_ref",
     "attention_varlen", "attention_varlen_ref",
+    "lstm_cell", "lstm_cell_ref",
 ]
