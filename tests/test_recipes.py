@@ -65,7 +65,9 @@ def runs(tmp_path_factory):
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_one_run_folder_layout(runs, recipe):
     run = runs / recipe
-    assert sorted(p.name for p in run.iterdir()) in (["checkpoint"], ["checkpoint", "samples"])
+    # (.genfast-lock: the run's flock, so that two runs never write one folder)
+    assert sorted(p.name for p in run.iterdir()) in ([".genfast-lock", "checkpoint"],
+                                                     [".genfast-lock", "checkpoint", "samples"])
     config = json.loads((run / "checkpoint" / "config.json").read_text())
     assert config["format_version"] == 2 and config["recipe"] == recipe and isinstance(config["model"], dict)
     state = torch.load(run / "checkpoint" / "trainer.pt", weights_only=True)
@@ -210,3 +212,42 @@ def test_earlier_checkpoints_convert(runs, recipe, tmp_path, capsys):
     assert convert_main([str(old)]) == 0
     assert module.train_main([*train_argv(recipe, old, tmp_path, "--steps", "3"), "--resume"]) == 0
     assert "resumed from step 2" in capsys.readouterr().err
+
+
+def test_gpt_huge_bpe_vocabulary_is_a_usage_error(tmp_path, capsys):
+    """C2: --vocab-size 10**9 aborted the process (the tokenizers library allocated 70 GB); bounded by the data."""
+    argv = [*train_argv("gpt", tmp_path / "g", tmp_path), "--tokenizer", "bpe", "--vocab-size", str(10**9)]
+    assert code_of(load_recipe("gpt").train_main, argv) == 2
+    err = capsys.readouterr().err
+    assert f"--vocab-size {10**9}" in err and f"and {257 + len(TEXT)} tokens" in err and len(err.splitlines()) == 1
+
+
+def test_gpt_sample_with_a_tokenizer_smaller_than_the_model(runs, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "gpt"
+    shutil.copytree(runs / "gpt", run)
+    tokenizer = run / "checkpoint" / "char_tokenizer.json"
+    data = json.loads(tokenizer.read_text())
+    tokenizer.write_text(json.dumps({**data, "itos": data["itos"][:5]}))
+    assert code_of(load_recipe("gpt").sample_main, ["--ckpt", str(run), "--prompt", "t", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "has 5 tokens, fewer than the model's vocabulary" in err and "Traceback" not in err
+
+
+def test_sample_refuses_nan_weights_unless_allow_nonfinite(runs, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "vae"
+    shutil.copytree(runs / "vae", run)
+    weights = run / "checkpoint" / "model.safetensors"
+    state = load_file(str(weights))
+    name = sorted(k for k, v in state.items() if v.is_floating_point())[0]
+    state[name] = torch.full_like(state[name], float("nan"))
+    save_file(state, str(weights))
+    argv = ["--ckpt", str(run), "--device", "cpu", "--n", "2", "--out", str(tmp_path / "v.png")]
+    assert code_of(load_recipe("vae").sample_main, argv) == 2
+    assert "non-finite" in capsys.readouterr().err
+    assert code_of(load_recipe("vae").sample_main, [*argv, "--allow-nonfinite"]) == 0

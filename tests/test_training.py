@@ -246,7 +246,8 @@ class _ToyTask:
                 torch.manual_seed(run.args.seed)
                 self.net = nn.Linear(3, 1)
                 self.modules = {"model": self.net}
-                self.optimizers = {"model": torch.optim.SGD(self.net.parameters(), lr=run.args.lr)}
+                # (momentum: a per-parameter state that a resume must restore)
+                self.optimizers = {"model": torch.optim.SGD(self.net.parameters(), lr=run.args.lr, momentum=0.9)}
 
             def config_dict(self):
                 return {"model": {"in": 3}}
@@ -356,6 +357,13 @@ def test_loop_files_follow_the_umask(tmp_path):
     (lambda s: {**s, "step": -40}, "step must be an int >= 0, got -40"),
     (lambda s: {k: v for k, v in s.items() if k != "optimizers"}, "lacks optimizers"),
     (lambda s: {**s, "recipe": "vae"}, "of a 'vae' run, not a toy one"),
+    (lambda s: {**s, "rng": {}}, "rng lacks 'torch'"),
+    (lambda s: {**s, "rng": {**s["rng"], "torch": torch.zeros(7, dtype=torch.uint8)}}, "rng.torch must be a uint8"),
+    (lambda s: {**s, "rng": {**s["rng"], "python": [3, [1, 2], None]}}, "rng.python is not a Python random state"),
+    (lambda s: {**s, "rng": {**s["rng"], "python": [3, s["rng"]["python"][1], "x"]}}, "rng.python"),
+    (lambda s: {**s, "task": [1, 2]}, "task must be a dict, got list"),
+    (lambda s: {**s, "optimizers": {"model": 5}}, "optimizers.model is not an optimizer's state_dict"),
+    (lambda s: {**s, "extra": 1}, "unknown field 'extra'"),
 ])
 def test_loop_hostile_trainer_state_is_named(tmp_path, capsys, edit, message):
     out = tmp_path / "run"
@@ -587,3 +595,37 @@ def test_loop_sighup_during_the_first_save_saves_and_exits_130(tmp_path):
     assert proc.returncode == 130, proc.stderr[-2000:]
     assert load_checkpoint(out)[0]["step"] == 2  # the save at step 1 completed, then the step in flight
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+
+
+def test_loop_resume_with_a_wrong_optimizer_state_names_the_field(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _toy_main(["--out", str(out)]) == 0
+    path = out / "checkpoint" / "trainer.pt"
+    state = torch.load(path, weights_only=True)
+    state["optimizers"]["model"]["state"][0]["momentum_buffer"] = torch.zeros(5, 5)
+    torch.save(state, path)
+    code = _exit_code(["--out", str(out), "--resume", "--steps", "8"])
+    assert code not in (0, None)
+    message = str(code)
+    assert "optimizers.model.state[0].momentum_buffer has shape [5, 5], the parameter [1, 3]" in message
+
+
+def test_loop_resume_with_a_weights_file_missing_is_one_line(tmp_path):
+    out = tmp_path / "run"
+    assert _toy_main(["--out", str(out)]) == 0
+    (out / "checkpoint" / "model.safetensors").unlink()
+    code = _exit_code(["--out", str(out), "--resume", "--steps", "8"])
+    assert "--resume: no weights file at" in str(code) and "model.safetensors" in str(code)
+
+
+def test_loop_resume_refuses_nan_weights_unless_allowed(tmp_path):
+    from safetensors.torch import save_file
+
+    out = tmp_path / "run"
+    assert _toy_main(["--out", str(out)]) == 0
+    weights = out / "checkpoint" / "model.safetensors"
+    save_file({"weight": torch.full((1, 3), float("nan")), "bias": torch.zeros(1)}, str(weights))
+    code = _exit_code(["--out", str(out), "--resume", "--steps", "8"])
+    assert "non-finite" in str(code) and "'weight'" in str(code) and "--allow-nonfinite" in str(code)
+    # Allowed for debugging: it loads, and the NaN loss then stops the run (exit 1) keeping the checkpoint.
+    assert _exit_code(["--out", str(out), "--resume", "--steps", "8", "--allow-nonfinite"]) == 1

@@ -128,7 +128,8 @@ def sample_main(argv: list[str]) -> int:
     if args.interpolate and args.steps < 2:
         parser.error(f"--steps must be >= 2, got {args.steps}")
     device = sample_device(parser, args, OPS)
-    G = load_or_exit(parser, lambda: Generator.from_checkpoint(args.ckpt, device))
+    G = load_or_exit(parser, lambda: Generator.from_checkpoint(args.ckpt, device,
+                                                                allow_nonfinite=args.allow_nonfinite))
     config = G.config
     try:
         label = None if args.label is None else resolve_label(args.label, config.class_names, config.num_classes)

@@ -241,11 +241,11 @@ def _sample_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_cyclegan(ckpt, device: torch.device | str = "cpu") -> tuple[CycleGAN, dict]:
+def load_cyclegan(ckpt, device: torch.device | str = "cpu", *, allow_nonfinite: bool = False) -> tuple[CycleGAN, dict]:
     """The CycleGAN of a run folder (the training --out folder or its checkpoint/) and its config.json."""
     from genfast.models._checkpoint import read_run
 
-    model = CycleGAN.from_checkpoint(ckpt, device)
+    model = CycleGAN.from_checkpoint(ckpt, device, allow_nonfinite=allow_nonfinite)
     return model, read_run(ckpt, "cyclegan")[1]
 
 
@@ -253,7 +253,8 @@ def sample_main(argv: list[str]) -> int:
     parser = _sample_parser()
     args = parser.parse_args(argv)
     device = sample_device(parser, args, OPS)
-    model, meta = load_or_exit(parser, lambda: load_cyclegan(args.ckpt, device))
+    model, meta = load_or_exit(parser, lambda: load_cyclegan(args.ckpt, device,
+                                                                allow_nonfinite=args.allow_nonfinite))
     size = meta.get("image_size")
     if not (isinstance(size, list) and len(size) == 2 and all(type(v) is int and 0 < v <= 4096 for v in size)):
         parser.error(f"--ckpt: its config.json has no valid image_size (got {size!r})")

@@ -80,7 +80,8 @@ def sample_main(argv: list[str]) -> int:
     add_grid_args(parser, out="dcgan_samples.png")
     args = parser.parse_args(argv)
     device = sample_device(parser, args, OPS)
-    G = load_or_exit(parser, lambda: Generator.from_checkpoint(args.ckpt, device))
+    G = load_or_exit(parser, lambda: Generator.from_checkpoint(args.ckpt, device,
+                                                                allow_nonfinite=args.allow_nonfinite))
     with torch.no_grad():
         images = backend_errors(parser, lambda: G(G.latent(args.n, torch.Generator().manual_seed(args.seed))))
     write_grid(parser, images, args.out, nrow=args.nrow, scale=args.scale,

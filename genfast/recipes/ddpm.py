@@ -205,12 +205,14 @@ class DDPMTask(TrainTask):
 
 
 # ------------------------------------------------------------------------------------------------ sample
-def load_ddpm(ckpt, device: torch.device | str = "cpu", *, use_ema: bool = True) -> tuple[UNet, dict]:
+def load_ddpm(ckpt, device: torch.device | str = "cpu", *, use_ema: bool = True,
+              allow_nonfinite: bool = False) -> tuple[UNet, dict]:
     """The UNet of a run folder (the training --out folder or its checkpoint/), EMA weights by default, and its
     config.json (``model``, ``scheduler`` options, ``class_names``)."""
     from genfast.models._checkpoint import read_run
 
-    return UNet.from_checkpoint(ckpt, device, ema=use_ema), read_run(ckpt, "ddpm")[1]
+    unet = UNet.from_checkpoint(ckpt, device, ema=use_ema, allow_nonfinite=allow_nonfinite)
+    return unet, read_run(ckpt, "ddpm")[1]
 
 
 def _sample_parser() -> argparse.ArgumentParser:
@@ -237,7 +239,8 @@ def sample_main(argv: list[str]) -> int:
     device = sample_device(parser, args, OPS)
     if args.cuda_graph and device.type != "cuda":
         parser.error("--cuda-graph needs a CUDA device")
-    unet, meta = load_or_exit(parser, lambda: load_ddpm(args.ckpt, device, use_ema=not args.no_ema))
+    unet, meta = load_or_exit(parser, lambda: load_ddpm(args.ckpt, device, use_ema=not args.no_ema,
+                                                                allow_nonfinite=args.allow_nonfinite))
     names = meta.get("class_names") or []
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         parser.error("--ckpt: its config.json's class_names is not a list of names")

@@ -161,7 +161,8 @@ def sample_main(argv: list[str]) -> int:
     add_grid_args(parser, out="ebm_samples.png", scale=2)
     args = parser.parse_args(argv)
     device = sample_device(parser, args, OPS)
-    model = load_or_exit(parser, lambda: EBM.from_checkpoint(args.ckpt, device)).eval()
+    model = load_or_exit(parser, lambda: EBM.from_checkpoint(args.ckpt, device,
+                                                                allow_nonfinite=args.allow_nonfinite)).eval()
     n = args.n or (8 if args.chain else 64)
     if args.start == "buffer" and n > model.config.buffer_size:
         parser.error(f"--n {n}: the checkpoint's replay buffer holds {model.config.buffer_size} images")

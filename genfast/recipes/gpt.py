@@ -134,6 +134,16 @@ def sample_text(model: GPT, tokenizer, prompt_ids: list[int], n: int, seed: int,
     return tokenizer.decode(out[0].tolist())
 
 
+def _check_vocab_size(parser: argparse.ArgumentParser, vocab_size: int, text: str) -> None:
+    """A usage error unless a BPE of ``vocab_size`` can be learned from ``text``: 256 byte tokens and one special
+    token, plus at most one merge per byte of the text. (The tokenizers library reserves memory for the whole
+    vocabulary up front: 10**9 aborted the process.)"""
+    least, most = 257, 257 + len(text.encode("utf-8", "surrogatepass"))
+    if not least <= vocab_size <= most:
+        parser.error(f"--vocab-size {vocab_size}: a byte-level BPE of this text has between {least} (the bytes and "
+                     f"<|endoftext|>) and {most} tokens (one merge per byte of the text at most)")
+
+
 def train_main(argv: list[str]) -> int:
     parser = train_parser()
     args = parser.parse_args(argv)
@@ -144,6 +154,8 @@ def train_main(argv: list[str]) -> int:
                 tokenizer = load_tokenizer(run.checkpoint_found)
                 config = GPTConfig.from_dict(run.saved_config["model"])
             else:
+                if args.tokenizer == "bpe":
+                    _check_vocab_size(parser, args.vocab_size, text)
                 tokenizer = CharTokenizer.train(text) if args.tokenizer == "char" else \
                     HFTokenizer.train_bpe(text, vocab_size=args.vocab_size)
                 overrides = {"vocab_size": tokenizer.vocab_size}
@@ -242,7 +254,8 @@ def sample_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_for_sampling(ckpt: str | os.PathLike, device: torch.device) -> tuple[GPT, object]:
+def load_for_sampling(ckpt: str | os.PathLike, device: torch.device, *,
+                      allow_nonfinite: bool = False) -> tuple[GPT, object]:
     """(model, tokenizer) from a run folder, its checkpoint/ folder, or a Hugging Face GPT-2 directory."""
     path = Path(ckpt)
     if not path.is_dir():
@@ -250,19 +263,29 @@ def load_for_sampling(ckpt: str | os.PathLike, device: torch.device) -> tuple[GP
     if (path / "checkpoint").is_dir() or (path / "trainer.pt").is_file():  # a genfast run
         directory, saved = read_run(path, "gpt")
         config = GPTConfig.from_dict(saved["model"])
-        model = build_and_load(lambda: GPT(config), directory, "model")
-        return model.to(device), load_tokenizer(directory)
+        model = build_and_load(lambda: GPT(config), directory, "model", allow_nonfinite=allow_nonfinite)
+        return model.to(device), _fitting_tokenizer(load_tokenizer(directory), model, directory)
     if (path / "config.json").is_file():  # a Hugging Face GPT-2 directory
-        return GPT.from_pretrained(path, device=device), load_tokenizer(path)
+        model = GPT.from_pretrained(path, device=device, allow_nonfinite=allow_nonfinite)
+        return model, _fitting_tokenizer(load_tokenizer(path), model, path)
     raise FileNotFoundError(f"no GPT checkpoint in {path} (expected checkpoint/ from `genfast train gpt`, or a "
                             "Hugging Face GPT-2 directory)")
+
+
+def _fitting_tokenizer(tokenizer, model: GPT, where: Path):
+    """The tokenizer, unless it has fewer tokens than the model can sample (their ids would not decode)."""
+    if tokenizer.vocab_size < model.config.vocab_size:
+        raise ValueError(f"the tokenizer in {where} has {tokenizer.vocab_size} tokens, fewer than the model's "
+                         f"vocabulary of {model.config.vocab_size}: they do not belong together")
+    return tokenizer
 
 
 def sample_main(argv: list[str]) -> int:
     parser = sample_parser()
     args = parser.parse_args(argv)
     device = sample_device(parser, args, SAMPLE_OPS)
-    model, tokenizer = load_or_exit(parser, lambda: load_for_sampling(args.ckpt, device))
+    model, tokenizer = load_or_exit(parser, lambda: load_for_sampling(args.ckpt, device,
+                                                                       allow_nonfinite=args.allow_nonfinite))
     model.eval()
     prompt = tokenizer.encode(args.prompt)
     if not prompt:

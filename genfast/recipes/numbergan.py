@@ -106,7 +106,8 @@ def sample_main(argv: list[str]) -> int:
     parser.add_argument("--top-p", type=unit_interval, default=1.0)
     args = parser.parse_args(argv)
     device = sample_device(parser, args, OPS)
-    G = load_or_exit(parser, lambda: Generator.from_checkpoint(args.ckpt, device))
+    G = load_or_exit(parser, lambda: Generator.from_checkpoint(args.ckpt, device,
+                                                                allow_nonfinite=args.allow_nonfinite))
     samples = backend_errors(parser, lambda: G.sample(
         args.n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         generator=torch.Generator(device).manual_seed(args.seed)))

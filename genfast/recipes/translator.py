@@ -345,11 +345,12 @@ def _summed_loss(wrapped, batch, label_smoothing: float) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------- translate
-def load_translator(ckpt: str | Path, device="cpu") -> tuple[Transformer, Vocab, Vocab]:
+def load_translator(ckpt: str | Path, device="cpu", *,
+                    allow_nonfinite: bool = False) -> tuple[Transformer, Vocab, Vocab]:
     """A trained translator and its vocabularies from a run folder (or its checkpoint/ folder)."""
     directory, saved = read_run(ckpt, "translator")
     config, src_vocab, tgt_vocab = model_from_saved(saved)
-    model = build_and_load(lambda: Transformer(config), directory, "model")
+    model = build_and_load(lambda: Transformer(config), directory, "model", allow_nonfinite=allow_nonfinite)
     return model.to(device).eval(), src_vocab, tgt_vocab
 
 
@@ -378,6 +379,8 @@ def translate_main(argv: list[str], prog: str = "genfast translate") -> int:
                         help="GNMT length penalty alpha for beams")
     parser.add_argument("--max-len", type=positive_int, default=None, help="longest output (default: max_positions)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--allow-nonfinite", action="store_true",
+                        help="load weights holding NaN or inf (refused otherwise): to debug a run that diverged")
     parser.add_argument("text", nargs="*", help="text to translate")
     args = parser.parse_args(argv)
     texts = args.text or [line for line in sys.stdin.read().splitlines() if line.strip()]
@@ -385,7 +388,8 @@ def translate_main(argv: list[str], prog: str = "genfast translate") -> int:
         parser.error("nothing to translate: give TEXT arguments or lines on stdin")
     device = resolve_device(parser, args.device)
     try:
-        model, src_vocab, tgt_vocab = load_translator(args.ckpt, device)
+        model, src_vocab, tgt_vocab = load_translator(args.ckpt, device,
+                                                      allow_nonfinite=args.allow_nonfinite)
     except (FileNotFoundError, ValueError, TypeError) as exc:
         print(f"{prog}: error: --ckpt: {exc}", file=sys.stderr)
         return 2

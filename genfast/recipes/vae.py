@@ -185,9 +185,9 @@ def _sample_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_vae(ckpt, device: torch.device | str = "cpu") -> VAE:
+def load_vae(ckpt, device: torch.device | str = "cpu", *, allow_nonfinite: bool = False) -> VAE:
     """The VAE of a run folder (the training --out folder or its checkpoint/), in eval mode."""
-    return VAE.from_checkpoint(ckpt, device)
+    return VAE.from_checkpoint(ckpt, device, allow_nonfinite=allow_nonfinite)
 
 
 def _class_indices(parser, data: ImageData, name: str, option: str) -> torch.Tensor:
@@ -224,7 +224,7 @@ def sample_main(argv: list[str]) -> int:
     if args.mode == "interpolate" and args.steps < 2:
         parser.error("--steps must be >= 2 for interpolate")
     device = sample_device(parser, args, OPS)
-    model = load_or_exit(parser, lambda: load_vae(args.ckpt, device))
+    model = load_or_exit(parser, lambda: load_vae(args.ckpt, device, allow_nonfinite=args.allow_nonfinite))
     cfg = model.config
     g = torch.Generator().manual_seed(args.seed)
     with torch.no_grad():

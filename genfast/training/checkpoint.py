@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from genfast._io import load_safetensors_state, read_json_config
+from genfast.models._checkpoint import check_weights
 
 FORMAT_VERSION = 2
 CHECKPOINT_DIR = "checkpoint"
@@ -297,18 +298,23 @@ def read_checkpoint_config(directory: str | os.PathLike) -> dict:
 
 
 def load_checkpoint(directory: str | os.PathLike, *, modules: dict[str, nn.Module] | None = None,
-                    map_location: str | torch.device = "cpu", strict: bool = True) -> tuple[dict, dict]:
+                    map_location: str | torch.device = "cpu", strict: bool = True,
+                    allow_nonfinite: bool = False) -> tuple[dict, dict]:
     """Load the weights of ``modules`` (in place) and return ``(trainer_state, config)``.
 
     ``directory`` is a run folder or a checkpoint folder. Raises FileNotFoundError when there is no checkpoint
-    there and ValueError when a file is missing or unreadable or its weights do not fit the module.
+    there and ValueError when a file is missing or unreadable or its weights do not fit the module: the loaders'
+    one rule (genfast.models._checkpoint.check_weights) refuses another dtype kind and NaN/inf weights (unless
+    ``allow_nonfinite``) and announces float casts.
     """
+
     found = find_checkpoint(directory)
     if found is None:
         raise FileNotFoundError(f"no checkpoint at {directory} (expected {CONFIG_FILE} and {TRAINER_FILE})")
     config = read_json_config(found / CONFIG_FILE)
     for name, module in (modules or {}).items():
         state = load_safetensors_state(found / f"{name}.safetensors")
+        check_weights(state, _unwrap(module), found / f"{name}.safetensors", allow_nonfinite=allow_nonfinite)
         try:
             _unwrap(module).load_state_dict(state, strict=strict)
         except RuntimeError as exc:

@@ -91,7 +91,7 @@ from genfast.training.distributed import Distributed
 from genfast.training.interrupt import StopOnInterrupt
 from genfast.training.options import check_backend, resolve_device
 from genfast.training.progress import progress_bar
-from genfast.training.rng import capture_rng_state, restore_rng_state, seed_everything
+from genfast.training.rng import capture_rng_state, check_rng_state, restore_rng_state, seed_everything
 
 SAMPLES_DIR = "samples"
 INTERRUPTED_EXIT = 130  # what a shell reports for a process stopped by Ctrl-C
@@ -287,26 +287,47 @@ class Run:
         state = self.trainer_state
         where = self.checkpoint_found / TRAINER_FILE
         try:
-            load_checkpoint(self.checkpoint_found, modules=task.modules, map_location=self.device)
-        except ValueError as exc:
+            load_checkpoint(self.checkpoint_found, modules=task.modules, map_location=self.device,
+                            allow_nonfinite=bool(getattr(self.args, "allow_nonfinite", False)))
+        except (ValueError, FileNotFoundError) as exc:  # a weights file missing, foreign, NaN, another dtype kind
             raise SystemExit(f"genfast train {self.recipe}: error: --resume: {exc}") from None
         saved_opts = state["optimizers"]
         if set(saved_opts) != set(task.optimizers):
             raise SystemExit(f"genfast train {self.recipe}: error: --resume: {where} holds optimizers "
                              f"{sorted(saved_opts)}, this run has {sorted(task.optimizers)}")
+        field = "task"
         try:
             for name, opt in task.optimizers.items():
+                field = f"optimizers.{name}"
                 opt.load_state_dict(saved_opts[name])
+                _check_optimizer_state(opt, field)
+            field = "task"
             task.load_state_dict(state.get("task") or {})
-        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
-            raise SystemExit(f"genfast train {self.recipe}: error: --resume: {where} does not fit this run: "
-                             f"{exc}") from None
+        except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as exc:
+            raise SystemExit(f"genfast train {self.recipe}: error: --resume: {where}: {field} does not fit this "
+                             f"run: {_one_line(exc)}") from None
         step = state["step"]
         if self.dist.is_main:
             restore_rng_state(state["rng"])
         else:  # other ranks' RNG is not saved: reseed as a function of the step
             seed_everything((self.args.seed * 1_000_003 + step) * 4099 + self.dist.rank)
         return step
+
+
+def _check_optimizer_state(opt: torch.optim.Optimizer, field: str) -> None:
+    """ValueError naming ``field`` when a restored per-parameter state tensor (Adam's moments ...) has another shape
+    than its parameter: load_state_dict does not check, and the first step would fail with a torch traceback."""
+    index = 0
+    for group in opt.param_groups:
+        for param in group["params"]:
+            for key, value in opt.state.get(param, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
+                    raise ValueError(f"{field}.state[{index}].{key} has shape {list(value.shape)}, the parameter "
+                                     f"{list(param.shape)}")
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != param.dtype \
+                        and value.dim() > 0:
+                    raise ValueError(f"{field}.state[{index}].{key} is {value.dtype}, the parameter {param.dtype}")
+            index += 1
 
 
 def _stderr(message: str) -> None:
@@ -390,23 +411,42 @@ def check_checkpoint_config(config: dict, path: Path, recipe: str) -> None:
         raise ValueError(f"{path}: the 'model' entry must be an object with the model's config")
 
 
+TRAINER_KEYS = ("recipe", "step", "optimizers", "rng", "task")  # what Run.train's save writes into trainer.pt
+
+
 def _read_trainer_state(path: Path, recipe: str) -> dict:
+    """trainer.pt, every field checked (a hand-edited file is refused naming the field, never half-used)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ValueError(f"{path} could not be loaded safely: {str(exc).splitlines()[0]}") from exc
     if not isinstance(state, dict):
         raise ValueError(f"{path} does not hold a dict of trainer state")
-    missing = [key for key in ("recipe", "step", "optimizers", "rng") if key not in state]
+    missing = [key for key in TRAINER_KEYS[:4] if key not in state]
     if missing:
         raise ValueError(f"{path} lacks {', '.join(missing)}: not a genfast trainer state")
+    unknown = sorted(str(key) for key in state if key not in TRAINER_KEYS)
+    if unknown:
+        raise ValueError(f"{path}: unknown field {unknown[0]!r} (a genfast trainer state holds "
+                         f"{', '.join(TRAINER_KEYS)})")
     if state["recipe"] != recipe:
         raise ValueError(f"{path} is the trainer state of a {state['recipe']!r} run, not a {recipe} one")
     step = state["step"]
     if type(step) is not int or step < 0:
         raise ValueError(f"{path}: step must be an int >= 0, got {step!r}")
-    if not isinstance(state["optimizers"], dict) or not isinstance(state["rng"], dict):
-        raise ValueError(f"{path}: optimizers and rng must be dicts")
+    optimizers = state["optimizers"]
+    if not isinstance(optimizers, dict):
+        raise ValueError(f"{path}: optimizers must be a dict, got {type(optimizers).__name__}")
+    for name, saved in optimizers.items():
+        if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict) \
+                or not isinstance(saved.get("param_groups"), list):
+            raise ValueError(f"{path}: optimizers.{name} is not an optimizer's state_dict (state, param_groups)")
+    if not isinstance(state.get("task", {}), dict):
+        raise ValueError(f"{path}: task must be a dict, got {type(state['task']).__name__}")
+    try:
+        check_rng_state(state["rng"])
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
     return state
 
 

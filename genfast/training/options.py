@@ -57,11 +57,14 @@ def backend_choices(ops: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def add_device_args(parser: argparse.ArgumentParser, *, ops: tuple[str, ...]) -> None:
-    """--device and --backend (the choices this model's ops can be served by; see backend_choices)."""
+    """--device, --backend (the choices this model's ops can be served by; see backend_choices) and
+    --allow-nonfinite: the options of every `genfast train` and `genfast sample` that load weights."""
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     choices = backend_choices(ops)
     parser.add_argument("--backend", default=None, choices=choices,
                         help=f"genfast kernel backend: {', '.join(choices)} (default: auto)")
+    parser.add_argument("--allow-nonfinite", action="store_true",
+                        help="load weights holding NaN or inf (refused otherwise): to debug a run that diverged")
 
 
 def add_train_args(parser: argparse.ArgumentParser, *, recipe: str, steps: int, batch_size: int, lr: float,

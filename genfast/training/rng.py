@@ -34,6 +34,36 @@ def capture_rng_state() -> dict:
     return state
 
 
+def check_rng_state(state: object) -> None:
+    """ValueError naming the field unless ``state`` is what capture_rng_state writes: without it a resume is no
+    longer exact (an empty dict restored nothing), and a garbage state ends in a torch traceback."""
+    if not isinstance(state, dict):
+        raise ValueError(f"rng must be a dict, got {type(state).__name__}")
+    unknown = sorted(str(k) for k in state if k not in ("torch", "python", "cuda"))
+    if unknown:
+        raise ValueError(f"rng: unknown field {unknown[0]!r}")
+    for key in ("torch", "python"):
+        if key not in state:
+            raise ValueError(f"rng lacks {key!r}: resuming without it would not be exact")
+    cpu = state["torch"]
+    reference = torch.get_rng_state()
+    if not isinstance(cpu, torch.Tensor) or cpu.dtype != torch.uint8 or cpu.shape != reference.shape:
+        what = f"{cpu.dtype} {list(cpu.shape)}" if isinstance(cpu, torch.Tensor) else type(cpu).__name__
+        raise ValueError(f"rng.torch must be a uint8 tensor of shape {list(reference.shape)}, got {what}")
+    py = state["python"]
+    try:
+        version, internal, gauss = py
+        if gauss is not None and type(gauss) is not float:
+            raise TypeError(f"its gauss entry must be None or a float, got {type(gauss).__name__}")
+        random.Random().setstate((version, tuple(internal), gauss))  # a throwaway generator: validates only
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ValueError(f"rng.python is not a Python random state: {exc}") from None
+    cuda = state.get("cuda", [])
+    if not isinstance(cuda, list) or not all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.dim() == 1
+                                             for t in cuda):
+        raise ValueError("rng.cuda must be a list of uint8 tensors")
+
+
 def restore_rng_state(state: dict) -> None:
     if "torch" in state:
         torch.set_rng_state(state["torch"])
