@@ -147,33 +147,36 @@ def test_gradcheck_fp64(backend):
         assert torch.autograd.gradcheck(lstm_cell, (xg * 0.5, hg * 0.5, c))
 
 
-def test_scalar_path_matches_vector_path():
-    # ATEN_CPU_CAPABILITY=default makes the C++ kernel take its scalar loop (elsewhere it runs AVX2 + SLEEF).
+# Run in a subprocess with ATEN_CPU_CAPABILITY=default (the path to save to in GENFAST_TEST_OUT), and here.
+_PATH_SCRIPT = """
+import os, torch, genfast
+from genfast.ops import lstm_cell
+g = torch.Generator().manual_seed(0)
+xg, hg = 3 * torch.randn(5, 4 * 37, generator=g), torch.randn(5, 4 * 37, generator=g)
+c = torch.randn(5, 37, generator=g)
+leaves = [t.requires_grad_() for t in (xg, hg, c)]
+with genfast.backend("cpu"):
+    h, cn = lstm_cell(*leaves)
+grads = torch.autograd.grad((h, cn), leaves, (torch.ones_like(h), torch.ones_like(cn)))
+out = [h.detach(), cn.detach(), *grads]
+if os.environ.get("GENFAST_TEST_OUT"):
+    torch.save(out, os.environ["GENFAST_TEST_OUT"])
+"""
+
+
+def test_scalar_path_matches_vector_path(tmp_path):
+    # ATEN_CPU_CAPABILITY=default makes the C++ kernel take its scalar loop; this process runs AVX2 + SLEEF (where
+    # the CPU has them).
     if "cpu" not in [p.values[1] for p in backend_params("lstm_cell")]:
         pytest.skip("the C++ extension is not built")
-    script = (
-        "import torch, genfast\n"
-        "from genfast.ops import lstm_cell\n"
-        "g = torch.Generator().manual_seed(0)\n"
-        "xg, hg = 3 * torch.randn(5, 4 * 37, generator=g), torch.randn(5, 4 * 37, generator=g)\n"
-        "c = torch.randn(5, 37, generator=g)\n"
-        "leaves = [t.requires_grad_() for t in (xg, hg, c)]\n"
-        "with genfast.backend('cpu'):\n"
-        "    h, cn = lstm_cell(*leaves)\n"
-        "grads = torch.autograd.grad((h, cn), leaves, (torch.ones_like(h), torch.ones_like(cn)))\n"
-        "torch.save([h, cn, *grads], __import__('sys').argv[1])\n"
-    )
-    results = {}
-    for capability in ("default", None):
-        env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
-        if capability:
-            env["ATEN_CPU_CAPABILITY"] = capability
-        path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"genfast-lstm-{os.getpid()}-{capability}.pt")
-        subprocess.run([sys.executable, "-c", script, path], check=True, env=env, timeout=120)
-        results[capability] = torch.load(path, weights_only=True)
-        os.remove(path)
-    for scalar, vector in zip(results["default"], results[None]):
-        torch.testing.assert_close(scalar, vector, atol=1e-6, rtol=1e-5)
+    path = tmp_path / "scalar.pt"
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default", "GENFAST_TEST_OUT": str(path)}
+    subprocess.run([sys.executable, "-c", _PATH_SCRIPT], check=True, env=env, timeout=120)
+    scalar = torch.load(path, weights_only=True)
+    here: dict = {}
+    exec(_PATH_SCRIPT.replace("GENFAST_TEST_OUT", "GENFAST_TEST_OUT_UNUSED"), here)
+    for s, v in zip(scalar, here["out"]):
+        torch.testing.assert_close(s, v, atol=1e-6, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------- opcheck, compile
