@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import genfast
 from genfast.ops import attention, attention_ref
@@ -259,6 +260,11 @@ def _bad_cases():
         ((q, k, torch.randn(1, 2, 0, 16)), {}, ValueError, "v has shape"),
         ((q, torch.randn(1, 2, 0, 16), torch.randn(1, 2, 0, 16)), {}, ValueError, "at least one key"),
         ((torch.randn(2, 4, 8, 16), k, v), {}, ValueError, "k has batch"),
+        # Calls that look everyday but are not: the fast path must hand them to the checks (issue 26).
+        ((q, k, v), {"dropout_p": False}, TypeError, "dropout_p must be a real number"),
+        ((q, k, v), {"return_lse": 1}, TypeError, "return_lse must be a bool"),
+        ((q, k.transpose(0, 1), v.transpose(0, 1)), {}, ValueError, "k has batch"),
+        ((q, k, v, ), {"scale": None, "window": (None, None), "causal": None}, TypeError, "causal must be a bool"),
     ]
 
 
@@ -266,6 +272,56 @@ def _bad_cases():
 def test_bad_input(args, kwargs, error, match):
     with pytest.raises(error, match=match):
         attention(*args, **kwargs)
+
+
+class _WrittenTensors(TorchDispatchMode):
+    """The aten ops (but SDPA's own kernels) that write a tensor of more than one element while active; views,
+    which share an input's storage and write nothing, are not counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if "scaled_dot_product" not in str(func):
+            inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.numel() > 1 and t.untyped_storage().data_ptr() not in inputs:
+                    self.ops.append(str(func))
+        return out
+
+
+def _written(fn, q, k, v):
+    with _WrittenTensors() as forward:
+        out = fn(q, k, v)
+    with _WrittenTensors() as backward:
+        out.backward(torch.ones_like(out))
+    return sorted(forward.ops), sorted(backward.ops)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_nan_guarantee_adds_no_full_tensor_pass_on_the_cpu_sdpa_path(dtype, causal):
+    """Issue 26: the NaN rule cost four full-tensor passes (isnan, any, where, and where's backward) around SDPA.
+
+    Now a call without NaN writes no tensor that torch's own SDPA call does not write (one reduction of q to a
+    scalar checks), forward and backward; a call with a NaN still gets its row back as NaN (tests/test_errors.py
+    checks every backend)."""
+    if dtype in importlib.import_module("genfast.ops.attention").CPU_SLOW_HALF_DTYPES:
+        pytest.skip("the backward runs SDPA in fp32 here: the casts are passes of their own")
+    made = [t.requires_grad_(True) for t in _make((2, 4, 33, 16), (2, 2, 33, 16), dtype, "cpu", seed=12)]
+    ours = _written(lambda q, k, v: attention(q, k, v, causal=causal), *made)
+    theirs = _written(lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=causal, enable_gqa=True), *(t.detach().requires_grad_(True) for t in made))
+    assert ours == theirs
+    with torch.no_grad():
+        bad = made[0].detach().clone()
+        bad[1, 3, 7, 5] = float("nan")
+        got = attention(bad, made[1], made[2], causal=causal)
+        want = attention(made[0], made[1], made[2], causal=causal)
+    assert got[1, 3, 7].isnan().all() and got.isnan().any(dim=-1).sum() == 1
+    torch.testing.assert_close(got[0], want[0])
 
 
 def test_mask_requiring_grad_is_refused():

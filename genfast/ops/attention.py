@@ -141,10 +141,27 @@ def sdpa_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torc
     """q, k, v as the CPU reference paths hand them to torch's SDPA: as they are, or in fp32 for a half-precision
     call that needs gradients on a CPU without native half matmuls (``CPU_SLOW_HALF_DTYPES``), where the fp32
     kernels are several times faster. The caller casts the output back; autograd casts the gradients back."""
-    backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if backward and q.device.type == "cpu" and q.dtype in CPU_SLOW_HALF_DTYPES:
+    if q.dtype in CPU_SLOW_HALF_DTYPES and q.device.type == "cpu" and torch.is_grad_enabled() and (
+            q.requires_grad or k.requires_grad or v.requires_grad):
         return q.float(), k.float(), v.float()
     return q, k, v
+
+
+def nan_query_rows(q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out`` with NaN in every row whose query row holds a NaN (q [..., N, D], out [..., N, Dv]).
+
+    torch's SDPA CPU kernel returns 0 for such a row (it takes it for a fully masked one); every other backend,
+    and the math, give NaN there, and a NaN must never come back as a plausible number. The guarantee used to
+    cost four full-tensor passes per call (isnan, any, where, and where's backward); now eager CPU calls pay one
+    read-only reduction of q to a scalar (q is the attention's smallest operand: it reads q once against Nk
+    times for the scores), and the row-wise fix-up runs only when that sum is NaN (a NaN in q, or, harmlessly,
+    infinities of both signs). Traced by torch.compile, or on a GPU where a branch on a value would synchronise,
+    it stays the branch-free form, which inductor fuses into the output's pass.
+    """
+    if q.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(torch.isnan(q.detach().sum())):
+            return out
+    return torch.where(q.isnan().any(dim=-1, keepdim=True), float("nan"), out)
 
 
 def _reference(q, k, v, attn_mask, seed, knobs: Knobs, need_lse: bool, compute_dtype=None):
@@ -154,10 +171,8 @@ def _reference(q, k, v, attn_mask, seed, knobs: Knobs, need_lse: bool, compute_d
         # CPU. It runs in the input dtype but where sdpa_inputs says otherwise.
         qs, ks, vs = sdpa_inputs(q, k, v)
         out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=attn_mask, is_causal=knobs.causal,
-                                             scale=knobs.scale, enable_gqa=q.shape[1] != k.shape[1]).to(q.dtype)
-        # SDPA's CPU kernel returns 0 for a query row with a NaN (it takes the row for fully masked); every other
-        # backend, and the math, give NaN there. A NaN must never come back as a plausible number.
-        return torch.where(q.isnan().any(dim=-1, keepdim=True), float("nan"), out), None
+                                             scale=knobs.scale, enable_gqa=q.shape[1] != k.shape[1])
+        return nan_query_rows(q, out if out.dtype == q.dtype else out.to(q.dtype)), None
     compute_dtype = compute_dtype or torch.promote_types(q.dtype, torch.float32)
     keep = dropout_keep(seed, mask_shape(q, k), knobs.dropout_p) if knobs.dropout_p else None
     return _math(q, k, v, attn_mask, keep, *knobs, compute_dtype)
@@ -354,6 +369,21 @@ def dropout_probability(op: str, dropout_p) -> float:
     return dropout_p
 
 
+def _everyday(q, k, v, causal, attn_mask, dropout_p, scale, window, return_lse, generator) -> bool:
+    """True for the everyday call that is valid by inspection: q, k, v plain 4-D tensors of one float dtype and
+    device that ``check_qkv`` would pass, no mask, dropout, scale, window or generator. Such a call skips the
+    checks below (about 40 us of Python a call, more than SDPA's whole overhead); any other call, valid or not,
+    takes them, so every error still comes from them and names the argument."""
+    return (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
+            and attn_mask is None and scale is None and window is None and generator is None
+            and dropout_p.__class__ in (float, int) and dropout_p == 0
+            and causal.__class__ is bool and return_lse.__class__ is bool
+            and q.dtype in _checks.FLOAT_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
+            and q.dim() == 4 and k.dim() == 4 and k.shape == v.shape and q.device == k.device == v.device
+            and q.shape[0] == k.shape[0] and q.shape[3] == k.shape[3] and q.shape[3] > 0 and k.shape[2] > 0
+            and k.shape[1] > 0 and q.shape[1] % k.shape[1] == 0)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
               attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, scale: float | None = None,
               window: tuple[int | None, int | None] | None = None, return_lse: bool = False,
@@ -367,17 +397,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     Returns out [B, Hq, Nq, D] in q's dtype, and with ``return_lse`` also lse [B, Hq, Nq] float32
     (differentiable too).
     """
-    check_qkv(OP, q, k, v)
-    causal = _flag(OP, "causal", causal)
-    return_lse = _flag(OP, "return_lse", return_lse)
-    _check_mask(OP, attn_mask, q, k)
-    dropout_p = dropout_probability(OP, dropout_p)
-    scale = softmax_scale(OP, scale, q.shape[-1])
-    left, right = _window_pair(OP, window)
-    _checks.generator(OP, generator, q.device)
-    seed = _checks.draw_seed(generator, q.device) if dropout_p > 0 else None
-    mask = _broadcast_mask(attn_mask, q, k)
-    knobs = Knobs(causal, dropout_p, scale, left, right)
+    if _everyday(q, k, v, causal, attn_mask, dropout_p, scale, window, return_lse, generator):
+        seed, mask, knobs = None, None, Knobs(causal, 0.0, 1.0 / math.sqrt(q.shape[-1]), -1, -1)
+    else:
+        check_qkv(OP, q, k, v)
+        causal = _flag(OP, "causal", causal)
+        return_lse = _flag(OP, "return_lse", return_lse)
+        _check_mask(OP, attn_mask, q, k)
+        dropout_p = dropout_probability(OP, dropout_p)
+        scale = softmax_scale(OP, scale, q.shape[-1])
+        left, right = _window_pair(OP, window)
+        _checks.generator(OP, generator, q.device)
+        seed = _checks.draw_seed(generator, q.device) if dropout_p > 0 else None
+        mask = _broadcast_mask(attn_mask, q, k)
+        knobs = Knobs(causal, dropout_p, scale, left, right)
     out, lse = _dispatch(q, k, v, mask, seed, knobs, return_lse, device=q.device, dtype=q.dtype,
                          facts={"head_dim": q.shape[-1]})
     return (out, lse) if return_lse else out
