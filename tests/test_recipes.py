@@ -251,3 +251,20 @@ def test_sample_refuses_nan_weights_unless_allow_nonfinite(runs, tmp_path, capsy
     assert code_of(load_recipe("vae").sample_main, argv) == 2
     assert "non-finite" in capsys.readouterr().err
     assert code_of(load_recipe("vae").sample_main, [*argv, "--allow-nonfinite"]) == 0
+
+
+def test_gpt_resume_refuses_another_architecture(runs, tmp_path, capsys):
+    """`--resume --config gpt2 --lr 5` trained the tiny model under a 'GPT gpt2' header: now --config is refused
+    (fixed by the run), and --help says which flags are."""
+    import shutil
+
+    run = tmp_path / "gpt"
+    shutil.copytree(runs / "gpt", run)
+    gpt = load_recipe("gpt")
+    # (train_argv(..., runs): the run's own --data file; another path would be refused too, --data being fixed)
+    argv = [*train_argv("gpt", run, runs, "--steps", "3"), "--resume", "--config", "gpt2", "--lr", "5"]
+    assert code_of(gpt.train_main, argv) == 2
+    err = capsys.readouterr().err
+    assert "--resume: --config gpt2 differs from the run's tiny" in err and len(err.strip().splitlines()) == 1
+    help_text = " ".join(gpt.train_parser().format_help().split())
+    assert "model size (default tiny) [fixed by the run" in help_text

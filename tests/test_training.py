@@ -274,10 +274,12 @@ class _ToyTask:
 
 def _toy_main(argv, **task_options):
 
-    from genfast.training import CommandParser, add_train_args, start_run
+    from genfast.training import CommandParser, add_train_args, mark_fixed, start_run
 
     parser = CommandParser(prog="toy")  # one-line usage errors, as every recipe's
     add_train_args(parser, recipe="toy", steps=6, batch_size=4, lr=0.05, ops=(), save_every=2)
+    parser.add_argument("--width", type=int, default=1)  # an architecture flag, fixed by the run
+    mark_fixed(parser, "--width")
     args = parser.parse_args([*argv, "--quiet", "--device", "cpu"])
     with start_run(parser, args, recipe="toy") as run:
         return run.train(_ToyTask(run, **task_options))
@@ -629,3 +631,44 @@ def test_loop_resume_refuses_nan_weights_unless_allowed(tmp_path):
     assert "non-finite" in str(code) and "'weight'" in str(code) and "--allow-nonfinite" in str(code)
     # Allowed for debugging: it loads, and the NaN loss then stops the run (exit 1) keeping the checkpoint.
     assert _exit_code(["--out", str(out), "--resume", "--steps", "8", "--allow-nonfinite"]) == 1
+
+
+# ------------------------------------------------------------------------------------------ --resume and flags
+def _model_bytes(out):
+    return (out / "checkpoint" / "model.safetensors").read_bytes()
+
+
+def test_loop_resume_takes_the_runs_flags_and_stays_exact(tmp_path, capsys):
+    """Flags not given on --resume are the run's (not the defaults): a run at --lr 0.01 resumed without --lr
+    ends bitwise where an uninterrupted run does."""
+    assert _toy_main(["--out", str(tmp_path / "whole"), "--lr", "0.01", "--steps", "8"]) == 0
+    assert _toy_main(["--out", str(tmp_path / "split"), "--lr", "0.01", "--steps", "8", "--stop-after", "3"]) == 0
+    capsys.readouterr()
+    assert _toy_main(["--out", str(tmp_path / "split"), "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "changed from the run" not in err
+    assert load_checkpoint(tmp_path / "split")[0]["step"] == 8  # --steps 8 is the run's, not the default 6
+    assert _model_bytes(tmp_path / "whole") == _model_bytes(tmp_path / "split")
+
+
+def test_loop_resume_refuses_fixed_flags_and_announces_training_ones(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _toy_main(["--out", str(out), "--stop-after", "2"]) == 0
+    capsys.readouterr()
+    for flag, value in (("--width", "2"), ("--seed", "3")):
+        assert _exit_code(["--out", str(out), "--resume", flag, value]) == 2
+        err = capsys.readouterr().err
+        assert f"--resume: {flag} {value} differs from the run's" in err and "fixed by the run" in err
+    assert _exit_code(["--out", str(out), "--resume", "--width", "1"]) == 0  # the run's own value is fine
+    assert "changed from the run" not in capsys.readouterr().err
+    assert _toy_main(["--out", str(out), "--resume", "--lr", "0.5", "--steps", "9"]) == 0
+    err = capsys.readouterr().err
+    assert "--resume: changed from the run: --steps 9 (the run had 6), --lr 0.5 (the run had 0.05)" in err
+    assert load_checkpoint(out)[1]["flags"]["lr"] == 0.5  # recorded for the next resume
+
+
+def test_help_marks_the_flags_fixed_by_the_run(capsys):
+    with pytest.raises(SystemExit):
+        _toy_main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--width WIDTH [fixed by the run" in text and "init [fixed by the run" in text

@@ -34,7 +34,7 @@ from genfast.recipes._gan import (
     mode_seeking_penalty,
     real_images,
 )
-from genfast.training import CommandParser, add_train_args, non_negative_float, positive_int, start_run
+from genfast.training import CommandParser, add_train_args, mark_fixed, non_negative_float, positive_int, start_run
 
 OPS = ("conv_transpose2d",)
 
@@ -49,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--mode-seeking", type=non_negative_float, default=0.2,
                         help="weight of the mode-seeking term (MSGAN) in G's loss, which keeps the samples of one "
                              "class apart (without it each class collapsed to nearly one image); 0: off (default 0.2)")
+    mark_fixed(parser, "--data", "--image-size", "--channels", "--latent-dim", "--g-features", "--d-features",
+               "--embed-dim")
     return parser
 
 

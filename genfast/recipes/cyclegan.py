@@ -42,6 +42,7 @@ from genfast.training import (
     TrainTask,
     add_train_args,
     batch_generator,
+    mark_fixed,
     non_negative_float,
     non_negative_int,
     positive_int,
@@ -78,6 +79,8 @@ def _train_parser() -> argparse.ArgumentParser:
                         help="the generators' last layer also sees the input image, which carries its colours to "
                              "the output (default on; --no-input-skip: the paper's generator, whose outputs on the "
                              "built-in shapes all came out one colour)")
+    mark_fixed(parser, "--data-a", "--data-b", "--image-size", "--ngf", "--ndf", "--n-residual", "--disc-layers",
+               "--input-skip")
     return parser
 
 

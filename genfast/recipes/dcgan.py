@@ -33,7 +33,7 @@ from genfast.recipes._gan import (
     load_image_data,
     real_images,
 )
-from genfast.training import CommandParser, add_train_args, positive_int, start_run
+from genfast.training import CommandParser, add_train_args, mark_fixed, positive_int, start_run
 
 OPS = ("conv_transpose2d",)
 
@@ -44,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     add_train_args(parser, recipe="dcgan", steps=2000, batch_size=128, lr=2e-4, ops=OPS)
     add_gan_args(parser)
     add_image_args(parser, data="digits")
+    mark_fixed(parser, "--data", "--image-size", "--channels", "--latent-dim", "--g-features", "--d-features")
     return parser
 
 

@@ -39,6 +39,7 @@ from genfast.training import (
     TrainTask,
     add_train_args,
     batch_generator,
+    mark_fixed,
     non_negative_float,
     non_negative_int,
     open_probability,
@@ -100,6 +101,8 @@ def _train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weight-decay", type=non_negative_float, default=0.0)
     parser.add_argument("--grad-clip", type=non_negative_float, default=1.0, help="max gradient norm (0: none)")
     parser.add_argument("--sample-steps", type=positive_int, default=50, help="DDIM steps of the sample grids")
+    mark_fixed(parser, "--data", "--config", "--image-size", "--channels", "--num-images", "--base-channels",
+               "--upsample", "--prediction", "--num-train-timesteps", "--beta-schedule", "--class-cond")
     return parser
 
 

@@ -31,6 +31,7 @@ from genfast.training import (
     CommandParser,
     TrainTask,
     add_train_args,
+    mark_fixed,
     non_negative_float,
     positive_int,
     save_image_grid,
@@ -125,6 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--n-samples", type=positive_int, default=64, help="images in each sample grid (default 64)")
     parser.add_argument("--sample-steps", type=positive_int, default=60,
                         help="Langevin steps of the fresh chains in the sample grids (default 60)")
+    mark_fixed(parser, "--data", "--image-size", "--channels", "--features")
     return parser
 
 

@@ -34,6 +34,7 @@ from genfast.training import (
     add_device_args,
     add_train_args,
     batch_generator,
+    mark_fixed,
     non_negative_float,
     non_negative_int,
     open_probability,
@@ -77,6 +78,7 @@ def train_parser() -> argparse.ArgumentParser:
                    help="tokens of the sample printed at each eval, 0 for none (default %(default)s)")
     add_train_args(p, recipe="gpt", steps=2000, batch_size=32, lr=1e-3, ops=TRAIN_OPS, save_every=250,
                    sample_every=250)
+    mark_fixed(p, "--data", "--max-chars", "--config", "--tokenizer", "--vocab-size", "--block-size", "--dropout")
     return p
 
 

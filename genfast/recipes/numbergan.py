@@ -32,6 +32,7 @@ from genfast.training import (
     CommandParser,
     add_train_args,
     batch_generator,
+    mark_fixed,
     non_negative_float,
     non_negative_int,
     positive_float,
@@ -56,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="stop when the mean squared remainder mod 5 is at most this (default 0.02)")
     parser.add_argument("--patience", type=positive_int, default=20,
                         help="stop after this many checks without improvement")
+    mark_fixed(parser, "--latent-dim", "--hidden")
     return parser
 
 

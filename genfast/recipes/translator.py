@@ -37,6 +37,7 @@ from genfast.training import (
     TrainTask,
     add_train_args,
     batch_generator,
+    mark_fixed,
     non_negative_float,
     non_negative_int,
     open_probability,
@@ -207,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     # --lr defaults to the preset's too: None here, resolved by resolve_training_defaults.
     lr_action = next(action for action in parser._actions if action.dest == "lr")
     lr_action.default, lr_action.help = None, "learning rate (default: the preset's, " + _defaults_text("lr") + ")"
+    mark_fixed(parser, "--data", "--valid-data", "--valid-fraction", "--config", "--max-positions", "--dropout",
+               "--post-norm", "--shared-vocab")
     return parser
 
 

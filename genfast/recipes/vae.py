@@ -40,6 +40,7 @@ from genfast.training import (
     TrainTask,
     add_train_args,
     batch_generator,
+    mark_fixed,
     non_negative_float,
     positive_int,
     save_image_grid,
@@ -62,6 +63,7 @@ def _train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--latent-dim", type=positive_int, default=16)
     parser.add_argument("--base-channels", type=positive_int, default=32)
     parser.add_argument("--beta", type=non_negative_float, default=1.0, help="weight of the KL term (default 1)")
+    mark_fixed(parser, "--data", "--image-size", "--channels", "--latent-dim", "--base-channels", "--beta")
     return parser
 
 
@@ -84,16 +86,21 @@ def _grid_generator(seed: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
+def _vae_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[VAEConfig, int]:
+    channels = args.channels or (1 if args.data == "digits" else 3)
+    try:
+        return VAEConfig(image_size=args.image_size, channels=channels, latent_dim=args.latent_dim,
+                         base_channels=args.base_channels, beta=args.beta), channels
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
 def train_main(argv: list[str]) -> int:
     parser = _train_parser()
     args = parser.parse_args(argv)
-    channels = args.channels or (1 if args.data == "digits" else 3)
-    try:
-        config = VAEConfig(image_size=args.image_size, channels=channels, latent_dim=args.latent_dim,
-                           base_channels=args.base_channels, beta=args.beta)
-    except ValueError as exc:
-        parser.error(str(exc))
+    _vae_config(parser, args)  # bad sizes are usage errors before the run folder is touched
     with start_run(parser, args, recipe="vae", ops=OPS) as run:
+        config, channels = _vae_config(parser, args)  # (on --resume, with the run's flags where none were given)
         if run.resuming and run.saved_config["model"] != config.to_dict():
             parser.error(f"--resume: the checkpoint in {args.out} was trained with another model config "
                          f"({run.saved_config['model']}); pass the same options")

@@ -23,6 +23,7 @@ from genfast.training.options import (
     CommandParser,
     add_device_args,
     add_train_args,
+    mark_fixed,
     non_negative_float,
     non_negative_int,
     open_probability,
@@ -36,7 +37,8 @@ from genfast.training.progress import progress_bar
 from genfast.training.rng import batch_generator, capture_rng_state, restore_rng_state, seed_everything
 from genfast.training.schedule import warmup_cosine_lr
 
-__all__ = ["CommandParser", "TrainTask", "Run", "start_run", "add_train_args", "add_device_args", "resolve_device",
+__all__ = ["CommandParser", "mark_fixed", "TrainTask", "Run", "start_run", "add_train_args", "add_device_args",
+           "resolve_device",
            "positive_int", "non_negative_int", "positive_float", "non_negative_float", "probability",
            "open_probability", "unit_interval", "INTERRUPTED_EXIT", "SAMPLES_DIR", "CHECKPOINT_DIR", "FORMAT_VERSION",
            "save_checkpoint", "load_checkpoint", "find_checkpoint", "read_checkpoint_config",

@@ -159,6 +159,7 @@ class Run:
         self.saved_config, self.trainer_state, self.checkpoint_found = saved_config, trainer_state, checkpoint_found
         self.out = Path(args.out)
         self._bar = None
+        self.recorded_flags: tuple[str, ...] = ()  # the dests saved as config.json's "flags" (see start_run)
 
     @property
     def resuming(self) -> bool:
@@ -204,7 +205,9 @@ class Run:
         if self.resuming:
             self.say(f"resumed from step {step} ({self.checkpoint_found})")
         end = args.steps if args.stop_after is None else min(args.steps, step + args.stop_after)
-        config = {"format_version": FORMAT_VERSION, "recipe": self.recipe, **task.config_dict()}
+        # "flags": the run's resolved flags, which a --resume takes for those it is not given (exact resume).
+        config = {"format_version": FORMAT_VERSION, "recipe": self.recipe, **task.config_dict(),
+                  "flags": {dest: _jsonable(getattr(args, dest)) for dest in self.recorded_flags}}
         saved_at = step if self.resuming else None
         losses: dict[str, Any] = {}
 
@@ -450,6 +453,50 @@ def _read_trainer_state(path: Path, recipe: str) -> dict:
     return state
 
 
+# Flags that are not the run's (where it runs, how it reports, how this invocation stops): never saved or compared.
+UNRECORDED_FLAGS = frozenset({"help", "out", "resume", "overwrite", "quiet", "device", "backend", "stop_after",
+                              "allow_nonfinite"})
+
+
+def _recorded_flags(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """dest -> the option that sets it, for the flags config.json records (an alias with a suppressed default,
+    like gpt's --eval-every, gives way to the flag it stands for)."""
+    found: dict[str, argparse.Action] = {}
+    for action in parser._actions:
+        if action.option_strings and action.dest not in UNRECORDED_FLAGS and action.dest != argparse.SUPPRESS and (
+                action.dest not in found or found[action.dest].default is argparse.SUPPRESS):
+            found[action.dest] = action
+    return found
+
+
+def _jsonable(value: Any) -> Any:
+    return str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
+
+
+def _apply_saved_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, saved: dict) -> list[str]:
+    """--resume: a flag left at its default takes the run's saved value (the run continues exactly as it began); a
+    flag given with another value is refused if it is fixed by the run (architecture, data: mark_fixed), else
+    applied and returned as "--lr 5 (the run had 0.001)" to be announced."""
+    explicit = getattr(parser, "explicit", None)  # None: a plain argparse parser, whose values all count as given
+    changes = []
+    for dest, action in _recorded_flags(parser).items():
+        if dest not in saved:
+            continue
+        current, before = _jsonable(getattr(args, dest, None)), saved[dest]
+        if current == before:
+            continue
+        flag = action.option_strings[-1]
+        if explicit is not None and dest not in explicit:
+            setattr(args, dest, Path(before) if isinstance(action.default, Path) and isinstance(before, str)
+                    else before)
+        elif getattr(action, "fixed_on_resume", False):
+            parser.error(f"--resume: {flag} {current} differs from the run's {before}, and {flag} is fixed by the "
+                         "run (drop it to continue the run, or start a new run in another --out)")
+        else:
+            changes.append(f"{flag} {current} (the run had {before})")
+    return changes
+
+
 class start_run(contextlib.AbstractContextManager):
     """``with start_run(parser, args, recipe=..., ops=...) as run:``: check the common flags and the --out folder
     (usage errors through ``parser.error``), read the checkpoint to resume, join torchrun's process group, seed and
@@ -484,6 +531,7 @@ class start_run(contextlib.AbstractContextManager):
         except ValueError as exc:
             parser.error(str(exc))
         saved_config = trainer_state = None
+        changes: list[str] = []
         if found is not None and not args.resume and not args.overwrite:
             parser.error(f"--out {out} already holds a checkpoint ({found}): pass --resume to continue that run, "
                          "--overwrite to start over, or another --out")
@@ -496,6 +544,8 @@ class start_run(contextlib.AbstractContextManager):
                 trainer_state = _read_trainer_state(found / TRAINER_FILE, recipe)
             except (ValueError, FileNotFoundError) as exc:
                 parser.error(f"--resume: {exc}")
+            flags = saved_config.get("flags")
+            changes = _apply_saved_flags(parser, args, flags) if isinstance(flags, dict) else []
             if trainer_state["step"] > args.steps:
                 parser.error(f"--resume: the checkpoint is at step {trainer_state['step']}, past --steps "
                              f"{args.steps}")
@@ -508,6 +558,9 @@ class start_run(contextlib.AbstractContextManager):
         self._backend = genfast.backend(args.backend or genfast.get_backend())
         self._backend.__enter__()
         self.run = Run(args, recipe, dist, saved_config, trainer_state, found)
+        self.run.recorded_flags = tuple(_recorded_flags(parser))
+        if saved_config is not None and changes:
+            self.run.say(f"--resume: changed from the run: {', '.join(changes)}")
 
     def __enter__(self) -> Run:
         return self.run

@@ -15,13 +15,43 @@ import torch
 
 from genfast._backend import BACKENDS, DISPATCHERS
 
+FIXED_HELP = " [fixed by the run: --resume refuses another value]"
+
 
 class CommandParser(argparse.ArgumentParser):
     """argparse with one-line usage errors: ``<prog>: error: <message> (<prog> --help lists the options)``,
-    exit status 2."""
+    exit status 2. After parsing, ``explicit`` holds the dests the command line set (not left at their default):
+    --resume applies a run's saved flags to the others, and refuses or announces the ones given."""
+
+    explicit: set[str] | None = None
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists the options)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        result = super().parse_known_args(args, namespace)
+        # Parse again with every default suppressed: what is left in the namespace is what the user typed.
+        defaults = [(action, action.default) for action in self._actions]
+        try:
+            for action, _ in defaults:
+                action.default = argparse.SUPPRESS
+            probe, _ = super().parse_known_args(args, argparse.Namespace())
+        finally:
+            for action, default in defaults:
+                action.default = default
+        self.explicit = set(vars(probe))
+        return result
+
+
+def mark_fixed(parser: argparse.ArgumentParser, *flags: str) -> None:
+    """Mark architecture and data flags (``"--config"`` ...) as fixed by the run: on --resume a value other than
+    the run's is a usage error (the checkpoint's model is what trains), and --help says so. The other recorded
+    flags (--lr, --steps ...) may change on resume: they are applied and announced."""
+    by_flag = {flag: action for action in parser._actions for flag in action.option_strings}
+    for flag in flags:
+        action = by_flag[flag]
+        action.fixed_on_resume = True
+        action.help = (action.help or "") + FIXED_HELP
 
 
 def _number(kind, test, wanted: str):
@@ -78,7 +108,9 @@ def add_train_args(parser: argparse.ArgumentParser, *, recipe: str, steps: int, 
     parser.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     parser.add_argument("--overwrite", action="store_true",
                         help="start afresh even though --out holds a checkpoint (replaced at the first save)")
-    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the data order and init")
+    seed = parser.add_argument("--seed", type=non_negative_int, default=0,
+                               help="seed of the data order and init" + FIXED_HELP)
+    seed.fixed_on_resume = True
     add_device_args(parser, ops=ops)
     parser.add_argument("--batch-size", type=positive_int, default=batch_size,
                         help=f"global batch size, split over the processes (default {batch_size})")
@@ -131,6 +163,7 @@ def check_backend(parser: argparse.ArgumentParser, name: str | None, device: tor
             parser.error(f"--backend {name} cannot run {op} on {device.type}: {reason}")
 
 
-__all__ = ["CommandParser", "resolve_device", "check_backend", "add_train_args", "add_device_args", "backend_choices",
+__all__ = ["CommandParser", "mark_fixed", "resolve_device", "check_backend", "add_train_args", "add_device_args",
+           "backend_choices",
            "positive_int", "non_negative_int", "positive_float", "non_negative_float", "probability",
            "open_probability", "unit_interval"]
