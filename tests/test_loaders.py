@@ -230,3 +230,111 @@ def test_weights_beyond_the_machines_memory_are_refused_before_loading(tmp_path,
     with pytest.raises(ValueError, match=r"'(transformer\.wte|lm_head)\.weight'.*more than this machine's") as caught:
         _gpt_loaders()[loader](run)
     assert "\n" not in str(caught.value)
+
+
+def test_sample_gpt_refuses_a_huge_layer_count_in_one_line(tmp_path, capsys):
+    """C1 through the CLI: `genfast sample gpt` on n_layer 100000 hung."""
+    from genfast.cli import main as cli_main
+
+    run = _gpt_run(tmp_path, n_layer=100000)
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as exited:
+        cli_main(["sample", "gpt", "--ckpt", str(run), "--prompt", "a", "--max-new-tokens", "1"])
+    assert exited.value.code == 2 and time.perf_counter() - start < 5
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "n_layer = 100000" in err[-1] and "Traceback" not in "".join(err)
+
+
+def test_unknown_recipe_is_named(tmp_path):
+    run = _write_run(tmp_path / "run", "evil", {}, {})
+    with pytest.raises(ValueError, match=r"holds a 'evil' checkpoint, which genfast does not know"):
+        genfast.models.load(run)
+
+
+# ---------------------------------------------------------------------------------------------- DDPM
+def _ddpm_run(tmp_path, model_overrides=None, scheduler=None) -> Path:
+    from genfast.models.unet import UNet, UNetConfig
+
+    config = UNetConfig.preset("tiny").to_dict()
+    state = UNet(UNetConfig(**config)).state_dict()
+    return _write_run(tmp_path / "ddpm", "ddpm", {**config, **(model_overrides or {})},
+                      {"ema": state, "model": state}, scheduler={"num_train_timesteps": 1000, **(scheduler or {})})
+
+
+def test_ddpm_image_size_beyond_memory_is_refused(tmp_path):
+    """image_size = 10**6 loaded: no weight bounds it (the attention level it picks is set to match here), and
+    one image's feature map would take 32 TB."""
+    from genfast.models.unet import UNet
+
+    run = _ddpm_run(tmp_path, {"image_size": 2**20, "attention_resolutions": [2**19]})
+    for load in (genfast.models.load, UNet.from_checkpoint):
+        with pytest.raises(ValueError, match=r"model\.image_size=1048576 .*more than this machine's"):
+            load(run)
+
+
+def test_ddpm_image_size_is_checked_against_the_weights(tmp_path):
+    """Where the image size moves the attention levels, the weights' header refuses it."""
+    run = _ddpm_run(tmp_path, {"image_size": 64})
+    with pytest.raises(ValueError, match=r"ema\.safetensors does not fit the config"):
+        genfast.models.load(run)
+
+
+def test_ddpm_num_train_timesteps_beyond_memory_is_refused(tmp_path):
+    """num_train_timesteps = 10**10 ended in the allocator (40 GB of betas)."""
+    run = _ddpm_run(tmp_path, scheduler={"num_train_timesteps": 10**10})
+    with pytest.raises(ValueError, match=r"'scheduler': DDIMScheduler: num_train_timesteps=10000000000 needs"):
+        genfast.models.load(run)
+    from genfast.diffusion.pipeline import make_scheduler
+
+    with pytest.raises(ValueError, match="DDPMScheduler: num_train_timesteps=10000000000 needs"):
+        make_scheduler("ddpm", num_train_timesteps=10**10)
+    assert len(make_scheduler("ddpm", num_train_timesteps=1000)) == 1000
+
+
+# ---------------------------------------------------------------------------------------------- every recipe
+# recipe -> (a small config, the field blown up, its value). The weights are the small config's.
+BLOWN_UP = {
+    "numbergan": (dict(hidden=16, latent_dim=4, embed_dim=4), "hidden", 10**9),
+    "dcgan": (dict(image_size=32, latent_dim=4, g_features=4, d_features=4), "latent_dim", 10**9),
+    "cgan": (dict(num_classes=3, latent_dim=4, embed_dim=4, g_features=4, d_features=4), "num_classes", 10**12),
+    "vae": (dict(image_size=16, latent_dim=4, base_channels=4), "latent_dim", 10**9),
+    "cyclegan": (dict(channels=3, ngf=4, ndf=4, n_residual=1), "n_residual", 100000),
+    "ebm": (dict(image_size=16, features=4, buffer_size=8), "features", 1024),
+    "translator": (dict(src_vocab_size=8, tgt_vocab_size=8, d_model=8, n_heads=2, n_encoder_layers=1,
+                        n_decoder_layers=1, d_ff=16, max_positions=8), "n_decoder_layers", 100000),
+    "ddpm": (dict(image_size=8, base_channels=8, channel_mults=[1, 2], num_res_blocks=1, attention_resolutions=[4],
+                  attention_head_dim=8, num_groups=4), "num_res_blocks", 100000),
+}
+
+
+def _weights(recipe: str, config: dict) -> dict[str, dict[str, torch.Tensor]]:
+    """Each role's state dict, as the recipe's training saves it."""
+    from genfast.models import cgan, cyclegan, dcgan, ebm, numbergan, transformer, unet, vae
+
+    if recipe in ("numbergan", "dcgan", "cgan"):
+        module = {"numbergan": numbergan, "dcgan": dcgan, "cgan": cgan}[recipe]
+        config_class = {"numbergan": numbergan.NumberGANConfig, "dcgan": dcgan.DCGANConfig,
+                        "cgan": cgan.CGANConfig}[recipe]
+        return {"generator": module.Generator(config_class(**config)).state_dict()}
+    if recipe == "cyclegan":
+        model = cyclegan.CycleGAN(cyclegan.CycleGANConfig(**config))
+        return {"generators": model.generators.state_dict(), "discriminators": model.discriminators.state_dict()}
+    if recipe == "ddpm":
+        state = unet.UNet(unet.UNetConfig(**config)).state_dict()
+        return {"ema": state, "model": state}
+    model = {"vae": lambda: vae.VAE(vae.VAEConfig(**config)), "ebm": lambda: ebm.EBM(ebm.EBMConfig(**config)),
+             "translator": lambda: transformer.Transformer(transformer.TransformerConfig(**config))}[recipe]()
+    return {"model": model.state_dict()}
+
+
+@pytest.mark.parametrize("recipe", sorted(BLOWN_UP))
+def test_every_loader_refuses_a_blown_up_size_at_once_naming_it(tmp_path, recipe):
+    """The check against the header runs on every path through build_and_load; the small config loads."""
+    config, field, value = BLOWN_UP[recipe]
+    extra = {"scheduler": {"num_train_timesteps": 100}} if recipe == "ddpm" else {}
+    genfast.models.load(_write_run(tmp_path / "ok", recipe, config, _weights(recipe, config), **extra))
+    run = _write_run(tmp_path / "big", recipe, {**config, field: value}, _weights(recipe, config), **extra)
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=rf"model\.{field} = {value}\b") as caught:
+        genfast.models.load(run)
+    assert time.perf_counter() - start < 5 and "\n" not in str(caught.value)

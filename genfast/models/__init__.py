@@ -89,7 +89,11 @@ def load(path: str | os.PathLike, device: str = "cpu", *, allow_nonfinite: bool 
         options = read_run(path, "ddpm")[1].get("scheduler")
         if not isinstance(options, dict):
             raise ValueError(f"{path}: the run's config.json has no 'scheduler' options")
-        return DiffusionPipeline(unet, make_scheduler("ddim", **options))
+        try:
+            scheduler = make_scheduler("ddim", **options)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: the run's config.json 'scheduler': {exc}") from exc
+        return DiffusionPipeline(unet, scheduler)
     read_run(path, ())  # the clear error: an older format, or an unknown recipe
     raise ValueError(f"{path} holds a {recipe!r} checkpoint, which genfast.models.load does not know")
 

@@ -130,7 +130,8 @@ def read_run(path: str | os.PathLike, recipe: str | tuple[str, ...]) -> tuple[Pa
         raise ValueError(f"{where}: checkpoint format_version {config['format_version']!r}; this genfast reads "
                          f"{FORMAT_VERSION}")
     if config.get("recipe") not in recipes:
-        raise ValueError(f"{path} holds a {config.get('recipe')!r} checkpoint, not a {' or '.join(recipes)} one")
+        wanted = f"not a {' or '.join(recipes)} one" if recipes else "which genfast does not know"
+        raise ValueError(f"{path} holds a {str(config.get('recipe'))[:60]!r} checkpoint, {wanted}")
     if not isinstance(config.get("model"), dict):
         raise ValueError(f"{where}: 'model' must be an object holding the model's config")
     return directory, config
@@ -176,12 +177,14 @@ def _largest_sizes(model_config: object, largest_dim: int, tensors: int) -> str:
     """The config's int sizes that no tensor of the file shows (the likely culprits), else its two largest."""
     if not isinstance(model_config, dict):
         return ""
-    sizes = {f"model.{k}": v for k, v in model_config.items() if isinstance(v, int) and not isinstance(v, bool)}
-    sizes.update({f"model.{k}": max(v) for k, v in model_config.items() if isinstance(v, list) and v
-                  and all(isinstance(x, int) and not isinstance(x, bool) for x in v)})
+    sizes = {f"model.{k} = {v}": v for k, v in model_config.items() if isinstance(v, int) and not isinstance(v, bool)}
+    for k, v in model_config.items():  # a list (channel multipliers, levels): its largest entry and its length
+        if isinstance(v, list) and v and all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+            sizes[f"model.{k} holds {max(v)}"] = max(v)
+            sizes[f"model.{k} has {len(v)} entries"] = len(v)
     ranked = sorted(sizes.items(), key=lambda kv: -kv[1])
     culprits = [kv for kv in ranked if kv[1] > max(largest_dim, tensors)] or ranked[:2]
-    return ", ".join(f"{k} = {v}" for k, v in culprits)
+    return ", ".join(text for text, _ in culprits)
 
 
 def build_and_load(factory: Callable[[], nn.Module], directory: Path,

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genfast import ops
+from genfast._io import check_fits_memory
 from genfast.models._checkpoint import build_and_load, read_run
 from genfast.models._config import ModelConfig
 from genfast.nn.conv_transpose import ConvTranspose2d
@@ -303,6 +304,11 @@ class UNet(nn.Module):
         config.json under "scheduler" (``genfast.models.load`` returns a ready DiffusionPipeline)."""
         directory, saved = read_run(path, "ddpm")
         config = UNetConfig.from_dict(saved["model"])
+        # No weight bounds image_size (the convolutions fit any size; the attention levels it picks are checked
+        # against the file): refuse one where a single image's first feature map cannot fit in memory.
+        check_fits_memory(4 * config.base_channels * config.image_size**2,
+                          f"{directory / 'config.json'}: model.image_size={config.image_size} (one image's "
+                          f"{config.base_channels}-channel feature map)")
         return build_and_load(lambda: cls(config), directory, "ema" if ema else "model",
                               allow_nonfinite=allow_nonfinite).to(device).eval()
 
