@@ -268,3 +268,19 @@ def test_gpt_resume_refuses_another_architecture(runs, tmp_path, capsys):
     assert "--resume: --config gpt2 differs from the run's tiny" in err and len(err.strip().splitlines()) == 1
     help_text = " ".join(gpt.train_parser().format_help().split())
     assert "model size (default tiny) [fixed by the run" in help_text
+
+
+@pytest.mark.parametrize("recipe, flags, named", [
+    ("vae", ["--batch-size", str(10**12)], f"--batch-size {10**12}:"),
+    ("vae", ["--latent-dim", str(10**9)], f"--latent-dim {10**9} --base-channels 4:"),
+    ("vae", ["--base-channels", str(10**7)], f"--latent-dim 4 --base-channels {10**7}:"),
+    ("numbergan", ["--hidden", str(10**9)], f"--hidden {10**9} --latent-dim 8:"),
+])
+def test_huge_flags_are_refused_before_allocating(recipe, flags, named, tmp_path, capsys):
+    """Estimated from the flags (weights on the meta device, one sample's activations) against the machine's
+    memory: a one-line usage error naming the flag, before --out is made (these used to be allocator tracebacks)."""
+    out = tmp_path / "run"
+    assert code_of(load_recipe(recipe).train_main, [*train_argv(recipe, out, tmp_path), *flags]) == 2
+    err = capsys.readouterr().err
+    assert named in err and "more than the" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()

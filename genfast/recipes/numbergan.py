@@ -37,9 +37,11 @@ from genfast.training import (
     non_negative_int,
     positive_float,
     positive_int,
+    resolve_device,
     start_run,
     unit_interval,
 )
+from genfast.training.budget import check_training_memory
 
 OPS = ("sample_tokens",)
 
@@ -64,6 +66,14 @@ def _parser() -> argparse.ArgumentParser:
 def train_main(argv: list[str]) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    try:
+        wanted = NumberGANConfig(latent_dim=args.latent_dim, hidden=args.hidden, tau=args.tau)
+    except ValueError as exc:
+        parser.error(str(exc))
+    check_training_memory(parser, build=lambda: [Generator(wanted), Discriminator(wanted)],
+                          forward_one=lambda m: m[1](m[0](torch.zeros(1, wanted.latent_dim)).softmax(-1)),
+                          model_flags=f"--hidden {args.hidden} --latent-dim {args.latent_dim}",
+                          batch_size=args.batch_size, device=resolve_device(parser, args.device))
     with start_run(parser, args, recipe="numbergan", ops=OPS) as run:
         try:
             if run.resuming:

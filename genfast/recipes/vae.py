@@ -43,9 +43,11 @@ from genfast.training import (
     mark_fixed,
     non_negative_float,
     positive_int,
+    resolve_device,
     save_image_grid,
     start_run,
 )
+from genfast.training.budget import check_training_memory
 
 MODES = ("prior", "reconstruct", "interpolate", "arithmetic")
 BUILTIN_DATA = ("digits", "shapes")
@@ -98,7 +100,11 @@ def _vae_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tu
 def train_main(argv: list[str]) -> int:
     parser = _train_parser()
     args = parser.parse_args(argv)
-    _vae_config(parser, args)  # bad sizes are usage errors before the run folder is touched
+    config, channels = _vae_config(parser, args)  # bad sizes are usage errors before the run folder is touched
+    check_training_memory(parser, build=lambda: [VAE(config)], batch_size=args.batch_size,
+                          forward_one=lambda m: m[0](torch.zeros(1, channels, args.image_size, args.image_size)),
+                          model_flags=f"--latent-dim {args.latent_dim} --base-channels {args.base_channels}",
+                          device=resolve_device(parser, args.device))
     with start_run(parser, args, recipe="vae", ops=OPS) as run:
         config, channels = _vae_config(parser, args)  # (on --resume, with the run's flags where none were given)
         if run.resuming and run.saved_config["model"] != config.to_dict():
