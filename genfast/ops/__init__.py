@@ -16,9 +16,10 @@ from genfast.ops.latent import (
 from genfast.ops.lstm import lstm_cell, lstm_cell_ref
 from genfast.ops.random import philox_noise, philox_noise_ref
 from genfast.ops.sampling import filter_logits, filter_logits_ref, sample_tokens, sample_tokens_ref
+from genfast.ops.sdpa import scaled_dot_product_attention
 
 __all__ = [
-    "attention", "attention_ref",
+    "attention", "attention_ref", "scaled_dot_product_attention",
     "attention_decode", "attention_decode_ref", "kv_cache_append", "kv_cache_append_ref",
     "philox_noise", "philox_noise_ref",
     "conv_transpose2d", "conv_transpose2d_ref", "conv_transpose1d",

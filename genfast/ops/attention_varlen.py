@@ -54,8 +54,10 @@ from genfast.ops.attention import (
     _flag,
     _math,
     _window_pair,
+    allowed_positions,
     check_qkv,
     dropout_probability,
+    nan_query_rows,
     sdpa_inputs,
     softmax_scale,
     triton_supports,
@@ -165,13 +167,74 @@ def padded_lengths(packing: Packing, total_q: int, total_k: int) -> tuple[int, i
     return pad_q, pad_k
 
 
+# What one more SDPA call costs on a CPU, in floating-point operations of attention work (about 30 us of Python and
+# dispatch at the ~30 GFLOP/s torch's CPU SDPA reaches on two cores): the price of splitting a batch into calls.
+SDPA_CALL_FLOPS = 1.0e6
+
+
+def cpu_path(cu_q: list[int], cu_k: list[int], heads: int, head_dim: int, causal: bool) -> str:
+    """How the CPU path serves a call without dropout, lse or window: ``"per-sequence"`` (one SDPA call per
+    sequence, no padding: work sum_b Nq_b * Nk_b) or ``"padded"`` (one call over the batch padded to the longest
+    sequences: B * max Nq * max Nk, but one call). Whichever costs fewer operations with ``SDPA_CALL_FLOPS`` per
+    call; mixed lengths make the padded batch mostly padding (uniform lengths in [1, 2m): about 3x the work),
+    while many tiny sequences make the calls dominate. ``cu_q``/``cu_k``: the offsets, read on the host."""
+    len_q = [b - a for a, b in zip(cu_q, cu_q[1:])]
+    len_k = [b - a for a, b in zip(cu_k, cu_k[1:])]
+    if not len_q:
+        return "padded"
+    pair = 4.0 * heads * head_dim / (2 if causal else 1)
+    per_sequence = sum(pair * nq * nk + SDPA_CALL_FLOPS for nq, nk in zip(len_q, len_k) if nq and nk)
+    padded = pair * len(len_q) * max(len_q) * max(len_k) + SDPA_CALL_FLOPS
+    return "per-sequence" if per_sequence < padded else "padded"
+
+
+def _host_offsets(packing: Packing, total_q: int, total_k: int) -> tuple[list[int], list[int]] | None:
+    """The offsets as host lists when they are valid and free to read (CPU tensors, eager), else None (then the
+    padded path, which needs no host read and stays memory-safe whatever the values)."""
+    if packing.cu_q.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    cu_q, cu_k = packing.cu_q.tolist(), packing.cu_k.tolist()
+    for cu, total in ((cu_q, total_q), (cu_k, total_k)):
+        if cu[0] != 0 or cu[-1] != total or any(b < a for a, b in zip(cu, cu[1:])):
+            return None
+    return cu_q, cu_k
+
+
+def _per_sequence(q, k, v, cu_q: list[int], cu_k: list[int], knobs: Knobs) -> torch.Tensor:
+    """One SDPA call per sequence on views of the packed rows ([1, H, N_b, D], nothing gathered), the outputs
+    concatenated back into packed rows; a sequence with no key gives 0 rows. Causal is bottom-right within the
+    sequence: torch's is_causal where Nq_b == Nk_b, else the mask (rows that see no key: SDPA's CPU kernel
+    gives 0, the rule)."""
+    hq, d = q.shape[1], q.shape[2]
+    qs, ks, vs = sdpa_inputs(q, k, v)
+    outs = []
+    for (q0, q1), (k0, k1) in zip(zip(cu_q, cu_q[1:]), zip(cu_k, cu_k[1:])):
+        if q1 == q0:
+            continue
+        if k1 == k0:
+            outs.append(qs.new_zeros(q1 - q0, hq, d))
+            continue
+        qb, kb, vb = (t[a:b].transpose(0, 1).unsqueeze(0) for t, a, b in ((qs, q0, q1), (ks, k0, k1), (vs, k0, k1)))
+        square = q1 - q0 == k1 - k0
+        mask = allowed_positions(q1 - q0, k1 - k0, True, -1, -1, q.device) if knobs.causal and not square else None
+        out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, is_causal=knobs.causal and square,
+                                             scale=knobs.scale, enable_gqa=hq != k.shape[1])
+        outs.append(out[0].transpose(0, 1))
+    out = torch.cat(outs) if len(outs) > 1 else outs[0].contiguous()
+    return nan_query_rows(q, out if out.dtype == q.dtype else out.to(q.dtype))
+
+
 def _reference(q, k, v, packing: Packing, seed, knobs: Knobs, need_lse: bool):
-    """The dispatcher's reference: one padded, masked batch.
+    """The dispatcher's reference: one SDPA call per sequence, or one padded, masked batch (``cpu_path``).
 
     Memory is that of padded attention over the longest real sequences (B x H x Nq x Nk scores at most, see
     :func:`padded_lengths`); it is the CPU path and the ground the kernels are tested against, not the O(N) one.
     """
     total_q, hq, d = q.shape
+    plain = knobs.dropout_p == 0.0 and not need_lse and knobs.window_left < 0 and knobs.window_right < 0
+    offsets = _host_offsets(packing, total_q, k.shape[0]) if plain and total_q else None
+    if offsets is not None and cpu_path(*offsets, hq, d, knobs.causal) == "per-sequence":
+        return _per_sequence(q, k, v, *offsets, knobs), None
     cu_q, cu_k = packing.cu_q.long(), packing.cu_k.long()
     nseq = cu_q.shape[0] - 1
     max_q, max_k = padded_lengths(packing, total_q, k.shape[0])
@@ -196,11 +259,16 @@ def _reference(q, k, v, packing: Packing, seed, knobs: Knobs, need_lse: bool):
     mask = ((j >= first[:, :, None]) & (j <= last[:, :, None]) & valid_q[:, :, None])[:, None]  # (B, 1, max_q, max_k)
     if dropout_p == 0.0 and not need_lse:
         # torch's fused kernel (in the input dtype but where sdpa_inputs says otherwise); rows with no visible key
-        # are set to 0 below, whatever SDPA gives.
+        # are set to 0 below, whatever SDPA gives. Padded query rows are dropped below, so without a window the
+        # key-padding mask alone is exact (every real query sees every real key of its sequence), and causal
+        # self-attention padded at the end needs none: is_causal already hides the padded keys from real queries.
+        is_causal = False
+        if left < 0 and right < 0 and offsets is not None:
+            is_causal = knobs.causal and offsets[0] == offsets[1]
+            mask = None if is_causal else valid_k[:, None, None, :] if not knobs.causal else mask
         out = F.scaled_dot_product_attention(*sdpa_inputs(qp, kp, vp), attn_mask=mask, scale=scale,
-                                             enable_gqa=hq != k.shape[1]).to(q.dtype)
-        # SDPA's CPU kernel gives 0 for a query row holding a NaN; the math and the kernels give NaN.
-        out = torch.where(qp.isnan().any(dim=-1, keepdim=True), float("nan"), out)
+                                             is_causal=is_causal, enable_gqa=hq != k.shape[1])
+        out = nan_query_rows(qp, out if out.dtype == q.dtype else out.to(q.dtype))
         lse = None
     else:
         keep = None
