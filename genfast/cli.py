@@ -6,7 +6,10 @@ Every bad argument is a usage error: exit status 2 and one line on stderr, no tr
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+SIGPIPE_EXIT = 141  # what a shell reports for a process that SIGPIPE ended (128 + 13): the reader stopped reading
 
 
 def _models_help() -> str:
@@ -32,6 +35,19 @@ def _bench(parser: argparse.ArgumentParser, rest: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # `genfast info | head -3`: the reader closed the pipe. Stop quietly, as cat does, and point stdout at
+        # /dev/null so that Python's flush at exit does not raise (and print a traceback) a second time.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):  # stdout is not a file (replaced in-process)
+            pass
+        return SIGPIPE_EXIT
+
+
+def _main(argv: list[str] | None) -> int:
     parser = _Parser(prog="genfast", description="Fused kernels for generative models.",
                      formatter_class=argparse.RawDescriptionHelpFormatter,
                      epilog="models for train / sample:\n" + _models_help())

@@ -84,3 +84,22 @@ def test_library_layers_do_not_import_applications():
                            ("genfast/diffusion", r"genfast\.(training|recipes)"), ("benchmarks", r"genfast\.recipes")):
         for path in (ROOT / folder).rglob("*.py"):
             assert not re.search(rf"^\s*(from|import) {banned}", path.read_text(), re.M), path
+
+
+def test_info_into_a_closed_pipe_is_no_traceback():
+    """`python -m genfast info | head -3`: the reader goes away; genfast stops quietly (141, as SIGPIPE would)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "genfast", "info"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env, cwd=ROOT)
+    proc.stdout.close()  # before genfast has imported, let alone written: every write meets EPIPE
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_help_says_what_data_each_model_trains_on_by_default(capsys):
+    assert main(["train", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "between two image folders" not in out and "(TSV sentence pairs)" not in out
+    assert "cyclegan CycleGAN between two image domains (default data: built-in circles and squares" in out
+    assert "translation (default data: built-in English -> French number phrases" in out

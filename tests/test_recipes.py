@@ -284,3 +284,10 @@ def test_huge_flags_are_refused_before_allocating(recipe, flags, named, tmp_path
     err = capsys.readouterr().err
     assert named in err and "more than the" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_translator_prints_its_model_size(tmp_path, capsys):
+    argv = [a for a in train_argv("translator", tmp_path / "t", tmp_path, "--steps", "1") if a != "--quiet"]
+    assert load_recipe("translator").train_main(argv) == 0
+    err = capsys.readouterr().err
+    assert "Transformer tiny: " in err and "M parameters, vocabularies" in err

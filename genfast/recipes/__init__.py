@@ -14,11 +14,13 @@ import importlib
 # model name -> (module, one-line help)
 RECIPES: dict[str, tuple[str, str]] = {
     "gpt": ("genfast.recipes.gpt", "GPT-2-style language model (default data: the Python standard library's source)"),
-    "translator": ("genfast.recipes.translator", "encoder-decoder Transformer for translation (TSV sentence pairs)"),
+    "translator": ("genfast.recipes.translator", "encoder-decoder Transformer for translation (default data: "
+                   "built-in English -> French number phrases; or a TSV of sentence pairs)"),
     "numbergan": ("genfast.recipes.numbergan", "GAN over sequences of integers, learning multiples of 5"),
     "dcgan": ("genfast.recipes.dcgan", "DCGAN on 32x32 / 64x64 images"),
     "cgan": ("genfast.recipes.cgan", "class-conditional GAN"),
-    "cyclegan": ("genfast.recipes.cyclegan", "CycleGAN between two image folders"),
+    "cyclegan": ("genfast.recipes.cyclegan", "CycleGAN between two image domains (default data: built-in circles "
+                 "and squares; or two image folders)"),
     "vae": ("genfast.recipes.vae", "convolutional VAE"),
     "ddpm": ("genfast.recipes.ddpm", "diffusion UNet with DDPM / DDIM sampling"),
     "ebm": ("genfast.recipes.ebm", "energy-based model sampled by Langevin dynamics (contrastive divergence)"),

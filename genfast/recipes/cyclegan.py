@@ -58,8 +58,8 @@ OPS = ("conv_transpose2d",)
 
 def _train_parser() -> argparse.ArgumentParser:
     parser = CommandParser(prog="genfast train cyclegan",
-                           description="Train a CycleGAN between two image folders (default: the built-in circles "
-                                       "and squares).")
+                           description="Train a CycleGAN between two image domains (default: the built-in circles "
+                                       "and squares; or two folders, --data-a and --data-b).")
     add_train_args(parser, recipe="cyclegan", steps=2000, batch_size=4, lr=2e-4, ops=OPS)
     parser.add_argument("--data-a", type=Path, default=None, help="folder of domain A images (with --data-b)")
     parser.add_argument("--data-b", type=Path, default=None, help="folder of domain B images (with --data-a)")

@@ -244,7 +244,12 @@ def train_main(argv: list[str]) -> int:
         except (FileNotFoundError, ValueError) as exc:
             print(f"genfast train translator: error: {exc}", file=sys.stderr)
             return 2
-        return run.train(TranslatorTask(run, config, src_vocab, tgt_vocab, train_pairs, valid_pairs))
+        task = TranslatorTask(run, config, src_vocab, tgt_vocab, train_pairs, valid_pairs)
+        params = sum(p.numel() for p in task.model.parameters())
+        run.log(f"Transformer {args.config}: {params / 1e6:.2f}M parameters, vocabularies {src_vocab.size} -> "
+                f"{tgt_vocab.size}, {len(train_pairs)} training pairs, {run.dist.world_size} process(es) on "
+                f"{run.device}")
+        return run.train(task)
 
 
 def _model_setup(args, run: Run, train_pairs):
