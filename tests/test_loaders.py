@@ -71,6 +71,9 @@ def test_check_weights_refuses_nonfinite_unless_allowed(bad):
 
 
 # ---------------------------------------------------------------------------------------------- run folders
+# A refusal takes well under a second on a quiet machine; the code before took minutes (killed at 60 s). The bound
+# leaves room for a loaded 2-core machine.
+SECONDS = 20
 GPT_CONFIG = dict(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8)
 
 
@@ -104,7 +107,7 @@ def test_a_huge_layer_count_is_refused_at_once(tmp_path, loader):
     start = time.perf_counter()
     with pytest.raises(ValueError, match="n_layer") as caught:
         _gpt_loaders()[loader](run)
-    assert time.perf_counter() - start < 5
+    assert time.perf_counter() - start < SECONDS
     assert "\n" not in str(caught.value)
 
 
@@ -240,7 +243,7 @@ def test_sample_gpt_refuses_a_huge_layer_count_in_one_line(tmp_path, capsys):
     start = time.perf_counter()
     with pytest.raises(SystemExit) as exited:
         cli_main(["sample", "gpt", "--ckpt", str(run), "--prompt", "a", "--max-new-tokens", "1"])
-    assert exited.value.code == 2 and time.perf_counter() - start < 5
+    assert exited.value.code == 2 and time.perf_counter() - start < SECONDS
     err = capsys.readouterr().err.strip().splitlines()
     assert "n_layer = 100000" in err[-1] and "Traceback" not in "".join(err)
 
@@ -337,4 +340,4 @@ def test_every_loader_refuses_a_blown_up_size_at_once_naming_it(tmp_path, recipe
     start = time.perf_counter()
     with pytest.raises(ValueError, match=rf"model\.{field} = {value}\b") as caught:
         genfast.models.load(run)
-    assert time.perf_counter() - start < 5 and "\n" not in str(caught.value)
+    assert time.perf_counter() - start < SECONDS and "\n" not in str(caught.value)

@@ -156,11 +156,14 @@ class _BuildBudget(TorchFunctionMode):
     """While a model is built on the meta device: refuse (before it runs) the tensor that takes the count of
     tensors or elements past what the weights file holds, with generous slack (temporaries, non-persistent
     buffers). A model whose config matches the file never comes near it; one with 100000 layers stops after a
-    few, instead of spending minutes building them; one as wide as 10**9 stops before its storage overflows."""
+    few, instead of spending minutes building them; one as wide as 10**9 stops before its storage overflows.
+
+    The slack: building genfast's models at their default sizes creates 0.5-1.2x the file's tensors and 1.0-1.9x
+    its elements (1.9: a masked convolution's non-persistent mask), so 4x leaves room for models to come."""
 
     def __init__(self, tensors: int, numel: int, refuse: Callable[[], Exception]):
         super().__init__()
-        self.tensors_left, self.numel_left, self.refuse = 2 * tensors + 64, 2 * numel + 2**20, refuse
+        self.tensors_left, self.numel_left, self.refuse = 4 * tensors + 64, 4 * numel + 2**24, refuse
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
