@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", action="append", help="only this family (repeatable): e.g. sampling")
     parser.add_argument("--quick", action="store_true", help="small cases and short timing, for a smoke run")
+    parser.add_argument("--smoke", action="store_true", help="with --quick: every case built, the first of each "
+                        "family run once, no replaced rows (make gpu-check-dry)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--no-write", action="store_true", help="print the summary only")
     parser.add_argument("--publish", action="store_true",
@@ -70,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     env = harness.environment(device)
     cases = [] if args.replaced else collect_cases(device, args.family, args.quick)
     swaps = collect_replaced(device, args.family, args.quick)
+    if args.smoke:
+        firsts: dict = {}
+        cases = [firsts.setdefault(c.family, c) for c in cases if c.family not in firsts]
+        swaps, timing = [], {"min_time_s": 0.0, "max_reps": 1, "warmup": 0}
     if not cases and not swaps:
         print("no benchmark cases selected", file=sys.stderr)
         return 1
