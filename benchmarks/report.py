@@ -48,11 +48,12 @@ def load(path: str) -> dict:
 
 
 def latest_results(results_dir: str = RESULTS_DIR) -> str:
-    """The results file with the latest date in ``results_dir`` (compile reports are not benchmark results; older
-    runs live in ``results_dir/history/``, not searched)."""
+    """The results file with the latest date in ``results_dir`` or in a GPU run's folder under it
+    (``gpu/<date>-<commit>/``, from `make gpu-check`); compile reports and gpu-check's own summary are not benchmark
+    results, and older runs live in ``results_dir/history/``, not searched."""
     # A `--replaced` run times no cases: it cannot stand for the suite.
-    paths = [p for p in glob.glob(os.path.join(results_dir, "*.json"))
-             if not os.path.basename(p).startswith("compile-") and load(p)["results"]]
+    found = glob.glob(os.path.join(results_dir, "*.json")) + glob.glob(os.path.join(results_dir, "gpu", "*", "*.json"))
+    paths = [p for p in found if not os.path.basename(p).startswith(("compile-", "gpu-check")) and load(p)["results"]]
     if not paths:
         raise FileNotFoundError(f"no benchmark results in {results_dir}")
     return max(paths, key=lambda p: (load(p)["date"], p))

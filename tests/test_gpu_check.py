@@ -289,3 +289,36 @@ def test_without_a_gpu_the_real_run_says_so_and_writes_nothing(tmp_path, capsys)
     assert gpu_check_main([str(out)]) == 0
     assert "no GPU here" in capsys.readouterr().out
     assert not out.exists()
+
+
+def _bench_file(path, date):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"device": "d", "commit": "c", "date": date, "results": [{"family": "random"}]}))
+
+
+def test_report_reads_gpu_bench_results_and_skips_the_gpu_check_summary(tmp_path):
+    from benchmarks import report
+
+    _bench_file(tmp_path / "cpu-20261129-abc.json", "2026-11-29T00:00:00Z")
+    _bench_file(tmp_path / "gpu" / "20261206-def" / "bench.json", "2026-12-06T00:00:00Z")
+    (tmp_path / "gpu" / "20261206-def" / "gpu-check.json").write_text(json.dumps({"mode": "gpu", "families": {}}))
+    (tmp_path / "compile-sm90a-triton3.6.0.json").write_text(json.dumps({"rows": []}))
+    assert report.latest_results(str(tmp_path)) == str(tmp_path / "gpu" / "20261206-def" / "bench.json")
+
+
+def test_publish_copies_a_gpu_run_into_its_dated_folder_once(tmp_path, monkeypatch):
+    from benchmarks.gpu_check import __main__ as cli
+
+    monkeypatch.setattr(plan, "RESULTS_GPU", str(tmp_path / "results"))
+    fetched = tmp_path / "fetched"
+    fetched.mkdir()
+    (fetched / "gpu-check.json").write_text(json.dumps({"mode": "gpu", "date": "2026-12-06T04:00:00Z",
+                                                        "commit": "abc1234"}))
+    (fetched / "bench.json").write_text("{}")
+    assert cli.main(["--publish", str(fetched)]) == 0
+    dest = tmp_path / "results" / "20261206-abc1234"
+    assert sorted(os.listdir(dest)) == ["bench.json", "gpu-check.json"]
+    assert cli.main(["--publish", str(fetched)]) == 1  # never overwritten
+    (fetched / "gpu-check.json").write_text(json.dumps({"mode": "dry-run", "date": "2026-12-07T00:00:00Z",
+                                                        "commit": "x"}))
+    assert cli.main(["--publish", str(fetched)]) == 1  # a dry run is not a GPU result

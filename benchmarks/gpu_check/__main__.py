@@ -20,6 +20,28 @@ from benchmarks.gpu_check import lent_image, phases, plan
 from benchmarks.gpu_check.summary import Summary
 
 MAX_FILES = 8  # what one device call brings back
+OUTPUT_FILES = ("gpu-check.json", "gpu-check.md", "gpu-check.log", "sanitizer.log", "bench.json", "bench.md",
+                "bench.png")
+
+
+def publish(fetched: str) -> str:
+    """Copy a GPU run's files (a fetched OUT) into benchmarks/results/gpu/<YYYYMMDD>-<commit>/, to be committed;
+    benchmarks.report reads bench.json there. Refuses a dry run's files and an existing folder (never overwritten)."""
+    import json
+    import shutil
+
+    with open(os.path.join(fetched, "gpu-check.json")) as f:
+        data = json.load(f)
+    if data.get("mode") != "gpu":
+        raise ValueError(f"{fetched}: a {data.get('mode')} summary, not a GPU run's")
+    dest = os.path.join(plan.RESULTS_GPU, f"{data['date'][:10].replace('-', '')}-{data['commit']}")
+    if os.path.exists(dest):
+        raise FileExistsError(f"{dest} exists already: not overwritten")
+    os.makedirs(dest)
+    for name in OUTPUT_FILES:
+        if os.path.exists(os.path.join(fetched, name)):
+            shutil.copyfile(os.path.join(fetched, name), os.path.join(dest, name))
+    return dest
 
 
 def _commit() -> str:
@@ -45,7 +67,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-build", action="store_true", help="use the extension as it is")
     parser.add_argument("--families", help=f"comma-separated, of: {', '.join(plan.FAMILIES)} (default all)")
     parser.add_argument("--total-s", type=float, help="scale the phase limits down to this many seconds")
+    parser.add_argument("--publish", metavar="FETCHED", help="copy a GPU run's files into benchmarks/results/gpu/"
+                        "<date>-<commit>/ (to commit) and stop")
     args = parser.parse_args(argv)
+    if args.publish:
+        try:
+            print(f"gpu-check: copied into {publish(args.publish)}")
+        except (OSError, ValueError, KeyError) as error:
+            print(f"gpu-check: --publish: {error}", file=sys.stderr)
+            return 1
+        return 0
     if not args.out:
         parser.error("give the output folder: OUT, or GPU_CHECK_OUT (on a lent machine: its $OUT)")
     families = args.families.split(",") if args.families else list(plan.FAMILIES)
