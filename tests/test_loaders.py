@@ -305,6 +305,7 @@ BLOWN_UP = {
     "ebm": (dict(image_size=16, features=4, buffer_size=8), "features", 1024),
     "translator": (dict(src_vocab_size=8, tgt_vocab_size=8, d_model=8, n_heads=2, n_encoder_layers=1,
                         n_decoder_layers=1, d_ff=16, max_positions=8), "n_decoder_layers", 100000),
+    "lstm": (dict(vocab_size=8, n_embd=4, n_hidden=4, n_layer=1), "n_layer", 100000),
     "ddpm": (dict(image_size=8, base_channels=8, channel_mults=[1, 2], num_res_blocks=1, attention_resolutions=[4],
                   attention_head_dim=8, num_groups=4), "num_res_blocks", 100000),
 }
@@ -312,7 +313,7 @@ BLOWN_UP = {
 
 def _weights(recipe: str, config: dict) -> dict[str, dict[str, torch.Tensor]]:
     """Each role's state dict, as the recipe's training saves it."""
-    from genfast.models import cgan, cyclegan, dcgan, ebm, numbergan, transformer, unet, vae
+    from genfast.models import cgan, cyclegan, dcgan, ebm, lstm, numbergan, transformer, unet, vae
 
     if recipe in ("numbergan", "dcgan", "cgan"):
         module = {"numbergan": numbergan, "dcgan": dcgan, "cgan": cgan}[recipe]
@@ -326,7 +327,8 @@ def _weights(recipe: str, config: dict) -> dict[str, dict[str, torch.Tensor]]:
         state = unet.UNet(unet.UNetConfig(**config)).state_dict()
         return {"ema": state, "model": state}
     model = {"vae": lambda: vae.VAE(vae.VAEConfig(**config)), "ebm": lambda: ebm.EBM(ebm.EBMConfig(**config)),
-             "translator": lambda: transformer.Transformer(transformer.TransformerConfig(**config))}[recipe]()
+             "translator": lambda: transformer.Transformer(transformer.TransformerConfig(**config)),
+             "lstm": lambda: lstm.LSTMLM(lstm.LSTMConfig(**config))}[recipe]()
     return {"model": model.state_dict()}
 
 
@@ -341,3 +343,19 @@ def test_every_loader_refuses_a_blown_up_size_at_once_naming_it(tmp_path, recipe
     with pytest.raises(ValueError, match=rf"model\.{field} = {value}\b") as caught:
         genfast.models.load(run)
     assert time.perf_counter() - start < SECONDS and "\n" not in str(caught.value)
+
+
+def test_sample_vae_refuses_nan_weights_in_one_line(tmp_path, capsys):
+    """`genfast sample vae` exited 0 with non-finite images from NaN weights."""
+    from genfast.cli import main as cli_main
+    from genfast.models.vae import VAE, VAEConfig
+
+    config = dict(image_size=16, channels=1, latent_dim=4, base_channels=4)
+    state = dict(VAE(VAEConfig(**config)).state_dict())
+    state["decoder.0.1.weight"] = torch.full_like(state["decoder.0.1.weight"], float("nan"))
+    run = _write_run(tmp_path / "vae", "vae", config, {"model": state})
+    with pytest.raises(SystemExit) as exited:
+        cli_main(["sample", "vae", "--ckpt", str(run), "--out", str(tmp_path / "grid.png")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exited.value.code == 2 and "'decoder.0.1.weight' holds 4 non-finite" in err[-1], err
+    assert not (tmp_path / "grid.png").exists()
