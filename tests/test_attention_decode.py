@@ -126,6 +126,39 @@ def test_append_overflow(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", PARAMS)
+@pytest.mark.parametrize("d", [64, 40])
+def test_long_cache_splits_and_nan(device, backend, d):
+    """One sequence and one kv head over a long cache (the CPU kernel splits its keys across threads and merges
+    the splits): matches the spec; a NaN in one visible key makes its group's rows NaN, and a NaN query row NaN."""
+    q, k, v = _make(1, 4, 1, 2, 3000, d, torch.float32, device, seed=5)
+    lengths = torch.tensor([2900], device=device)
+    _check(backend, q, k, v, lengths)
+    k[0, 0, 1234, 3] = float("nan")
+    q2, _, _ = _make(2, 4, 2, 1, 3000, d, torch.float32, device, seed=6)
+    k2, v2 = torch.cat([k, k.clone().fill_(0.5)], 1).expand(2, 2, 3000, d), torch.cat([v, v], 1).expand(2, 2, 3000, d)
+    q2[1, 3, 0, 0] = float("nan")
+    with genfast.backend(backend):
+        out = attention_decode(q2, k2, v2, torch.tensor([2900, 2900], device=device))
+    assert out[:, :2].isnan().all() and not out[0, 2:].isnan().any()  # kv head 0 holds the NaN key
+    assert out[1, 3].isnan().all() and not out[1, 2].isnan().any()  # the NaN query row alone
+
+
+@pytest.mark.parametrize("device,backend", APPEND_PARAMS + [pytest.param("cpu", "auto", id="cpu-auto")])
+def test_append_unvalidated_negative_length_agrees_with_reference(device, backend):
+    """validate=False with a negative length: token t goes to slot L + t when that is in [0, Nmax), else it is
+    dropped, on every backend (the CPU kernel once clamped L to 0 and wrote slots 0, 1, 2 instead of slot 0)."""
+    k_cache, v_cache = torch.zeros(2, 2, 8, 4, device=device), torch.zeros(2, 2, 8, 4, device=device)
+    new = torch.arange(1, 3 * 4 + 1, dtype=torch.float32, device=device).reshape(1, 1, 3, 4).expand(2, 2, 3, 4)
+    lengths = torch.tensor([-2, -7], device=device)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    kv_cache_append_ref(want_k, want_v, new, -new, lengths)
+    with genfast.backend(backend):
+        kv_cache_append(k_cache, v_cache, new, -new, lengths, validate=False)
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+    assert torch.equal(k_cache[0, :, 0], new[0, :, 2]) and not k_cache[0, :, 1:].any() and not k_cache[1].any()
+
+
+@pytest.mark.parametrize("device,backend", PARAMS)
 def test_unvalidated_lengths_are_clamped(device, backend):
     """validate=False with lengths outside [Nq, Nmax]: no out-of-bounds read; as if clamped to [0, Nmax]."""
     q, k, v = _make(3, 2, 1, 2, 20, 16, torch.float32, device, seed=4)

@@ -1,24 +1,27 @@
 // CPU kernels of genfast::attention_decode and genfast::kv_cache_append (semantics: genfast/ops/attention_decode.py).
 //
-// Decode is memory bound: each step reads every visible key and value once for a handful of query rows. So one
-// task per (sequence, kv head) reads that head's cache once for all Hq / Hk query heads of its GQA group and all
-// Nq new tokens, and only the slots the sequence can see (torch's SDPA over the same cache reads all Nmax slots and
-// needs the unfilled ones zeroed first). Two passes over the visible range [lo, hi):
-//   1. scores s[r][j] = scale * q_r . k_j (fp32 accumulation), then per row its max m_r and sum l_r of exp(s - m_r);
-//   2. out_r = sum_j exp(s[r][j] - m_r) v_j / l_r.
-// With several rows per task (GQA, or Nq > 1) in fp32, both passes are small GEMMs (BLAS, as SDPA's own math) over
-// views of the cache, not row-by-row dot products. Rows that see no key give out 0 and lse -inf, as the reference
-// does. Lengths are clamped to [0, Nmax], so a bad
-// cache_seqlens (possible only with validate=False) never indexes outside the cache.
+// Decode is memory bound: each step reads every visible key and value once for a handful of query rows. So a task
+// is one (sequence, kv head, split of the keys): it reads that head's cache once for all Hq / Hk query heads of its
+// GQA group and all Nq new tokens (its R = G * Nq rows), and only the slots the sequence can see (torch's SDPA over
+// the same cache reads all Nmax slots, and a mask costs it another pass). Keys go by blocks of kBlock, one pass
+// with an online softmax (flash-decoding on a CPU): per block, scores s = scale * q . k for every row (fp32
+// accumulation), the row's running max and sum rescaled when the max grows, then acc += exp(s - max) v, with the
+// K and V rows of the block still in L1/L2. Splits (only when B * Hk tasks cannot keep the threads busy) each keep
+// (max, sum, acc) and are merged at the end, the log-sum-exp way.
 //
-// kv_cache_append is an in-place row copy (memcpy of D elements per (b, h, t)): no allocation, any dtype.
+// The inner loops (dot products, exp, axpy) have an AVX2+FMA path (exp from SLEEF: csrc/cpu/simd.h), chosen at run
+// time because the extension is built for the baseline x86-64; the scalar path is the same algorithm. Half and
+// bfloat16 caches are widened to fp32 a block at a time. Rows that see no key give out 0 and lse -inf, as the
+// reference does; NaN in a query row or in a visible key or value makes that row NaN. Lengths are clamped to
+// [0, Nmax], so a bad cache_seqlens (possible only with validate=False) never indexes outside the cache.
+//
+// kv_cache_append is an in-place row copy (memcpy of D elements per (b, h, t)): no allocation, any dtype. Slots
+// L + t outside [0, Nmax) are dropped, as by every other backend (the lengths are not clamped there).
 #include <ATen/Dispatch.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
-#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -29,15 +32,29 @@
 #include <type_traits>
 #include <vector>
 
+#include "simd.h"
+
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// Keys per block: the block's fp32 scores for 16 rows (4 KiB) and its K and V rows (32 KiB each at D 128) stay in
+// cache between the scores, the exp and the accumulation.
+constexpr int64_t kBlock = 64;
+// A task reads at least this many bytes of cache before a split or a thread is worth its start.
+constexpr int64_t kMinTaskBytes = 128 * 1024;
 
-std::vector<int64_t> read_lengths(const at::Tensor& seqlens, int64_t nmax) {
-  const at::Tensor lengths = seqlens.to(at::kLong).contiguous();
-  const int64_t* p = lengths.data_ptr<int64_t>();
-  std::vector<int64_t> out(p, p + lengths.numel());
-  for (auto& n : out) n = std::clamp<int64_t>(n, 0, nmax);
+// cache_seqlens[b] as int64, clamped to [lo, hi], read in place (int32 or int64, any stride).
+std::vector<int64_t> read_lengths(const at::Tensor& seqlens, int64_t lo, int64_t hi) {
+  std::vector<int64_t> out(seqlens.size(0));
+  const int64_t stride = seqlens.stride(0);
+  if (seqlens.scalar_type() == at::kInt) {
+    const int32_t* p = seqlens.data_ptr<int32_t>();
+    for (size_t b = 0; b < out.size(); ++b) out[b] = p[b * stride];
+  } else {
+    const int64_t* p = seqlens.data_ptr<int64_t>();
+    for (size_t b = 0; b < out.size(); ++b) out[b] = p[b * stride];
+  }
+  for (auto& n : out) n = std::clamp<int64_t>(n, lo, hi);
   return out;
 }
 
@@ -56,25 +73,220 @@ void check_decode_args(const char* op, const at::Tensor& q, const at::Tensor& k,
               ": every tensor must be on the CPU");
 }
 
-template <typename T>
-inline float dot(const float* a, const T* b, int64_t n) {
-  float acc = 0.f;
+// ----------------------------------------------------------------------------------------------- block math
+// What a task does to one row and one block of keys [a, z), on fp32 rows of length D (K and V rows `ks` / `vs`
+// apart): scores s[j] = q . k_j, p[j] = exp(s[j] - m) with their sum, acc += sum_j p[j] v_j. Scalar, and AVX2+FMA
+// with the row's accumulator held in registers across the keys (DV = D / 8 known at compile time for the common
+// head dims; DV = 0 takes any D).
+struct ScalarMath {
+  static void scores(const float* q, const float* k, int64_t ks, int64_t a, int64_t z, int64_t D, float* s) {
+    for (int64_t j = a; j < z; ++j) {
+      float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
-  for (int64_t d = 0; d < n; ++d) acc += a[d] * static_cast<float>(b[d]);
-  return acc;
+      for (int64_t d = 0; d < D; ++d) acc += q[d] * k[j * ks + d];
+      s[j] = acc;
+    }
+  }
+  static float exp_sum(float* s, int64_t n, float m) {
+    float sum = 0.f;
+    for (int64_t j = 0; j < n; ++j) {
+      s[j] = std::exp(s[j] - m);
+      sum += s[j];
+    }
+    return sum;
+  }
+  static void accumulate(float* acc, const float* p, const float* v, int64_t vs, int64_t a, int64_t z, int64_t D) {
+    for (int64_t j = a; j < z; ++j) {
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) acc[d] += p[j] * v[j * vs + d];
+    }
+  }
+};
+
+#ifdef GENFAST_CPU_X86
+#define GENFAST_AVX2 __attribute__((target("avx2,fma"))) static inline
+
+template <int DV>
+struct Avx2Math {
+  GENFAST_AVX2 float hsum(__m256 v) {
+    const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+  }
+  GENFAST_AVX2 void scores(const float* q, const float* k, int64_t ks, int64_t a, int64_t z, int64_t D, float* s) {
+    const int64_t dv = DV > 0 ? DV : D / 8;
+    for (int64_t j = a; j < z; ++j) {
+      const float* kj = k + j * ks;
+      __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();  // two chains: half the FMA latency
+      int64_t i = 0;
+      for (; i + 2 <= dv; i += 2) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * i), _mm256_loadu_ps(kj + 8 * i), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * i + 8), _mm256_loadu_ps(kj + 8 * i + 8), acc1);
+      }
+      if (i < dv) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * i), _mm256_loadu_ps(kj + 8 * i), acc0);
+      float dot = hsum(_mm256_add_ps(acc0, acc1));
+      if constexpr (DV == 0) {
+        for (int64_t d = 8 * dv; d < D; ++d) dot += q[d] * kj[d];
+      }
+      s[j] = dot;
+    }
+  }
+  GENFAST_AVX2 float exp_sum(float* s, int64_t n, float m) {
+    const __m256 mv = _mm256_set1_ps(m);
+    __m256 sum = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+      const __m256 e = Sleef_expf8_u10avx2(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
+      _mm256_storeu_ps(s + j, e);
+      sum = _mm256_add_ps(sum, e);
+    }
+    if (j < n) {  // the tail through one padded vector (exp(-inf) = 0 in the unused lanes)
+      alignas(32) float tail[8];
+      for (int l = 0; l < 8; ++l) tail[l] = j + l < n ? s[j + l] - m : kNegInf;
+      const __m256 e = Sleef_expf8_u10avx2(_mm256_load_ps(tail));
+      _mm256_store_ps(tail, e);
+      sum = _mm256_add_ps(sum, e);
+      for (int64_t l = 0; j + l < n; ++l) s[j + l] = tail[l];
+    }
+    return hsum(sum);
+  }
+  GENFAST_AVX2 void accumulate(float* acc, const float* p, const float* v, int64_t vs, int64_t a, int64_t z,
+                               int64_t D) {
+    if constexpr (DV > 0) {  // the row's D accumulators stay in registers for the whole block
+      __m256 r[DV];
+      for (int i = 0; i < DV; ++i) r[i] = _mm256_loadu_ps(acc + 8 * i);
+      for (int64_t j = a; j < z; ++j) {
+        const __m256 pj = _mm256_set1_ps(p[j]);
+        for (int i = 0; i < DV; ++i) r[i] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + j * vs + 8 * i), r[i]);
+      }
+      for (int i = 0; i < DV; ++i) _mm256_storeu_ps(acc + 8 * i, r[i]);
+    } else {
+      for (int64_t j = a; j < z; ++j) {
+        const __m256 pj = _mm256_set1_ps(p[j]);
+        int64_t d = 0;
+        for (; d + 8 <= D; d += 8) {
+          _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + j * vs + d), _mm256_loadu_ps(acc + d)));
+        }
+        for (; d < D; ++d) acc[d] += p[j] * v[j * vs + d];
+      }
+    }
+  }
+};
+#undef GENFAST_AVX2
+#endif
+
+// ----------------------------------------------------------------------------------------------- decode
+struct DecodeGeometry {
+  int64_t B, Hq, Hk, G, Nq, D, R, splits;
+  bool causal;
+  int64_t left, right;  // window, -1 for none
+};
+
+// Visible keys [lo, hi) of row r (query head h * G + r / Nq, new token r % Nq at position L - Nq + r % Nq).
+inline void row_range(const DecodeGeometry& g, int64_t L, int64_t r, int64_t& lo, int64_t& hi) {
+  const int64_t pos = L - g.Nq + r % g.Nq;
+  int64_t a = 0, z = L;
+  if (g.causal) z = std::min(z, pos + 1);
+  if (g.left >= 0) a = std::max<int64_t>(a, pos - g.left);
+  if (g.right >= 0) z = std::min(z, pos + g.right + 1);
+  lo = std::max<int64_t>(a, 0);
+  hi = std::max(lo, z);
 }
 
+// Widens n rows of D elements (row stride `stride`) to fp32 rows of stride D.
 template <typename T>
-inline void axpy(float* y, float a, const T* x, int64_t n) {
-#pragma omp simd
-  for (int64_t d = 0; d < n; ++d) y[d] += a * static_cast<float>(x[d]);
+inline void widen(const T* src, int64_t stride, int64_t n, int64_t D, float* dst) {
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t d = 0; d < D; ++d) dst[j * D + d] = static_cast<float>(src[j * stride + d]);
+  }
+}
+
+// One task: rows of (b, kv head h) over keys [k0, k1). On return m[r], l[r] and acc[r * D ..] hold the row's max,
+// sum of exp(s - max) and unnormalised output over those keys (m = -inf, l = 0, acc = 0 where it saw none).
+struct TaskArgs {
+  const float* qf;  // [R, D], scaled
+  const void* kh;   // this head's K rows, ksn elements apart
+  const void* vh;
+  int64_t ksn, vsn;
+  const int64_t *lo, *hi;  // each row's visible keys
+  int64_t k0, k1;
+  float *m, *l, *acc;        // outputs
+  float *s, *kbuf, *vbuf;    // scratch: R x kBlock scores, kBlock x D widened K and V (half types)
+};
+
+template <typename T, typename Math>
+__attribute__((always_inline)) inline void decode_task_body(const DecodeGeometry& g, const TaskArgs& t) {
+  const int64_t R = g.R, D = g.D;
+  const T* kh = static_cast<const T*>(t.kh);
+  const T* vh = static_cast<const T*>(t.vh);
+  float *m = t.m, *l = t.l, *acc = t.acc;
+  std::fill(m, m + R, kNegInf);
+  std::fill(l, l + R, 0.f);
+  std::fill(acc, acc + R * D, 0.f);
+  for (int64_t j0 = t.k0; j0 < t.k1; j0 += kBlock) {
+    const int64_t n = std::min(kBlock, t.k1 - j0);
+    const float* kb;
+    const float* vb;
+    int64_t kstride, vstride;
+    if constexpr (std::is_same_v<T, float>) {
+      kb = kh + j0 * t.ksn, vb = vh + j0 * t.vsn, kstride = t.ksn, vstride = t.vsn;
+    } else {
+      widen(kh + j0 * t.ksn, t.ksn, n, D, t.kbuf);
+      widen(vh + j0 * t.vsn, t.vsn, n, D, t.vbuf);
+      kb = t.kbuf, vb = t.vbuf, kstride = D, vstride = D;
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t a = std::max(t.lo[r] - j0, int64_t{0}), z = std::min(t.hi[r] - j0, n);
+      if (a >= z) continue;  // the row sees no key of this block
+      float* sr = t.s + r * kBlock;
+      Math::scores(t.qf + r * D, kb, kstride, a, z, D, sr);
+      float bmax = kNegInf;
+      for (int64_t j = a; j < z; ++j) bmax = sr[j] > bmax || std::isnan(sr[j]) ? sr[j] : bmax;  // NaN sticks
+      const float mnew = std::isnan(bmax) ? bmax : std::max(m[r], bmax);
+      if (mnew == kNegInf) continue;  // every score -inf: nothing to add yet (l stays 0)
+      if (mnew != m[r] && l[r] != 0.f) {  // the running max grew: rescale what was summed under the old one
+        const float alpha = std::exp(m[r] - mnew);
+        l[r] *= alpha;
+        for (int64_t d = 0; d < D; ++d) acc[r * D + d] *= alpha;
+      }
+      m[r] = mnew;
+      l[r] += Math::exp_sum(sr + a, z - a, mnew);
+      Math::accumulate(acc + r * D, sr, vb, vstride, a, z, D);
+    }
+  }
+}
+
+using TaskFn = void (*)(const DecodeGeometry&, const TaskArgs&);
+
+template <typename T>
+void decode_task_scalar(const DecodeGeometry& g, const TaskArgs& t) {
+  decode_task_body<T, ScalarMath>(g, t);
+}
+
+#ifdef GENFAST_CPU_X86
+template <typename T, int DV>
+__attribute__((target("avx2,fma"))) void decode_task_avx2(const DecodeGeometry& g, const TaskArgs& t) {
+  decode_task_body<T, Avx2Math<DV>>(g, t);
+}
+#endif
+
+// The task for this CPU and head dim: AVX2 with D / 8 fixed for D 64 and 128, any D otherwise.
+template <typename T>
+TaskFn choose_task(int64_t D) {
+#ifdef GENFAST_CPU_X86
+  if (genfast::cpu::simd_isa() != genfast::cpu::Isa::kScalar) {
+    if (D == 64) return decode_task_avx2<T, 8>;
+    if (D == 128) return decode_task_avx2<T, 16>;
+    return decode_task_avx2<T, 0>;
+  }
+#endif
+  return decode_task_scalar<T>;
 }
 
 template <typename T>
 void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::vector<int64_t>& lengths,
-                   bool causal, double scale, int64_t left, int64_t right, at::Tensor& out, at::Tensor& lse) {
-  const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3);
-  const int64_t Hk = k.size(1), G = Hq / Hk, R = G * Nq;
+                   const DecodeGeometry& g, double scale, at::Tensor& out, at::Tensor& lse) {
+  const int64_t Hq = g.Hq, Hk = g.Hk, G = g.G, Nq = g.Nq, D = g.D, R = g.R, S = g.splits;
   const T* qp = q.data_ptr<T>();  // contiguous [B, Hq, Nq, D]
   const T* kp = k.data_ptr<T>();
   const T* vp = v.data_ptr<T>();
@@ -82,98 +294,92 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   const int64_t vsb = v.stride(0), vsh = v.stride(1), vsn = v.stride(2);
   T* op = out.data_ptr<T>();  // contiguous, q's shape
   float* lp = lse.data_ptr<float>();  // contiguous [B, Hq, Nq]
-
-  // Threads only where each gets a few hundred KiB of cache to read: waking a thread costs more than a short
-  // decode (and on a loaded machine it can cost a scheduling period).
+  const int64_t tasks = g.B * Hk * S;
+  const TaskFn task_fn = choose_task<T>(D);
+  // Split partials (max, sum, acc per row): small (no cache-sized buffer), and none without splits.
+  std::vector<float> part(S > 1 ? tasks * R * (D + 2) : 0);
   const int64_t longest = *std::max_element(lengths.begin(), lengths.end());
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 17) / std::max<int64_t>(1, 2 * longest * D));
-  at::parallel_for(0, B * Hk, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(R * D), acc(R * D), scores;
+  const int64_t task_bytes = 2 * (longest / S + 1) * D * static_cast<int64_t>(sizeof(T));
+  const int64_t grain = std::max<int64_t>(1, kMinTaskBytes / task_bytes);
+  const auto row_index = [&](int64_t b, int64_t h, int64_t r) { return (b * Hq + h * G + r / Nq) * Nq + r % Nq; };
+  const auto finish = [&](int64_t row, float mr, float lr, const float* accr) {
+    T* dst = op + row * D;
+    const float inv = lr > 0.f ? 1.f / lr : 0.f;  // no key (or underflow): 0, as the reference; NaN stays NaN
+    const bool nan = std::isnan(lr) || std::isnan(mr);
+    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(nan ? accr[d] * lr : accr[d] * inv);
+    lp[row] = lr > 0.f || nan ? mr + std::log(lr) : kNegInf;
+  };
+  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(R * D), s(R * kBlock), mine(S > 1 ? 0 : R * (D + 2));
+    std::vector<float> kbuf(std::is_same_v<T, float> ? 0 : kBlock * D), vbuf(kbuf.size());
     std::vector<int64_t> lo(R), hi(R);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / Hk, h = task % Hk, L = lengths[b];
-      // Row r = g * Nq + i: query head h * G + g, new token i at position L - Nq + i.
+      const int64_t bh = task / S, split = task % S, b = bh / Hk, h = bh % Hk, L = lengths[b];
       int64_t span_lo = L, span_hi = 0;
       for (int64_t r = 0; r < R; ++r) {
-        const int64_t pos = L - Nq + r % Nq;
-        int64_t a = 0, z = L;  // visible keys [a, z)
-        if (causal) z = std::min(z, pos + 1);
-        if (left >= 0) a = std::max<int64_t>(a, pos - left);
-        if (right >= 0) z = std::min(z, pos + right + 1);
-        a = std::max<int64_t>(a, 0);
-        lo[r] = a;
-        hi[r] = std::max(a, z);
-        if (hi[r] > a) {
-          span_lo = std::min(span_lo, a);
-          span_hi = std::max(span_hi, hi[r]);
-        }
-        const T* src = qp + ((b * Hq + h * G + r / Nq) * Nq + r % Nq) * D;
+        row_range(g, L, r, lo[r], hi[r]);
+        if (hi[r] > lo[r]) span_lo = std::min(span_lo, lo[r]), span_hi = std::max(span_hi, hi[r]);
+        const T* src = qp + row_index(b, h, r) * D;
         for (int64_t d = 0; d < D; ++d) qf[r * D + d] = static_cast<float>(src[d]) * static_cast<float>(scale);
       }
+      // This split's keys: an equal share of the visible span, cut at block boundaries.
       const int64_t span = std::max<int64_t>(span_hi - span_lo, 0);
-      scores.assign(R * span, kNegInf);
-      const T* kh = kp + b * ksb + h * ksh;
-      const T* vh = vp + b * vsb + h * vsh;
-      const bool gemm = std::is_same_v<T, float> && R > 1 && span > 0;
-      const auto f32 = at::TensorOptions().dtype(at::kFloat);
-      if (gemm) {
-        at::Tensor s_view = at::from_blob(scores.data(), {R, span}, f32);
-        at::Tensor k_view = at::from_blob(const_cast<T*>(kh + span_lo * ksn), {span, D}, {ksn, 1}, f32);
-        at::mm_out(s_view, at::from_blob(qf.data(), {R, D}, f32), k_view.t());
-        for (int64_t r = 0; r < R; ++r) {  // keys outside the row's range are not seen
-          float* s = &scores[r * span];
-          for (int64_t j = 0; j < span; ++j) {
-            if (j + span_lo < lo[r] || j + span_lo >= hi[r]) s[j] = kNegInf;
-          }
-        }
-      } else {
-        for (int64_t j = span_lo; j < span_hi; ++j) {
-          const T* kj = kh + j * ksn;
-          for (int64_t r = 0; r < R; ++r) {
-            if (j >= lo[r] && j < hi[r]) scores[r * span + (j - span_lo)] = dot(&qf[r * D], kj, D);
-          }
-        }
-      }
-      std::vector<float> inv(R, 0.f);
-      for (int64_t r = 0; r < R; ++r) {
-        float* s = &scores[r * span];
-        float m = kNegInf;
-        for (int64_t j = lo[r] - span_lo; j < hi[r] - span_lo; ++j) m = std::max(m, s[j]);
-        float l = 0.f;
-        for (int64_t j = 0; j < span; ++j) {  // exp(-inf - m) = 0 outside the row's range
-          s[j] = hi[r] > lo[r] ? std::exp(s[j] - m) : 0.f;
-          l += s[j];
-        }
-        const int64_t row = (b * Hq + h * G + r / Nq) * Nq + r % Nq;
-        lp[row] = hi[r] > lo[r] ? m + std::log(l) : kNegInf;
-        inv[r] = hi[r] > lo[r] ? 1.f / l : 0.f;
-      }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      if (gemm) {
-        at::Tensor acc_view = at::from_blob(acc.data(), {R, D}, f32);
-        at::Tensor v_view = at::from_blob(const_cast<T*>(vh + span_lo * vsn), {span, D}, {vsn, 1}, f32);
-        at::mm_out(acc_view, at::from_blob(scores.data(), {R, span}, f32), v_view);
-      } else {
-        for (int64_t j = span_lo; j < span_hi; ++j) {
-          const T* vj = vh + j * vsn;
-          for (int64_t r = 0; r < R; ++r) {
-            if (j >= lo[r] && j < hi[r]) axpy(&acc[r * D], scores[r * span + (j - span_lo)], vj, D);
-          }
-        }
-      }
-      for (int64_t r = 0; r < R; ++r) {
-        T* dst = op + ((b * Hq + h * G + r / Nq) * Nq + r % Nq) * D;
-        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(acc[r * D + d] * inv[r]);
+      const int64_t per = (span / kBlock + S) / S * kBlock;
+      const int64_t k0 = std::min(span_lo + split * per, span_lo + span), k1 = std::min(k0 + per, span_lo + span);
+      float* base = S > 1 ? &part[task * R * (D + 2)] : mine.data();
+      float *m = base, *l = base + R, *acc = base + 2 * R;
+      task_fn(g, TaskArgs{qf.data(), kp + b * ksb + h * ksh, vp + b * vsb + h * vsh, ksn, vsn, lo.data(), hi.data(),
+                          k0, k1, m, l, acc, s.data(), kbuf.data(), vbuf.data()});
+      if (S == 1) {
+        for (int64_t r = 0; r < R; ++r) finish(row_index(b, h, r), m[r], l[r], acc + r * D);
       }
     }
   });
+  if (S == 1) return;
+  // Merge the splits of each (sequence, kv head): rescale each to the largest max, add.
+  at::parallel_for(0, g.B * Hk, std::max<int64_t>(1, 4096 / (R * D * S)), [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(D);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      for (int64_t r = 0; r < R; ++r) {
+        float M = kNegInf;
+        bool nan = false;
+        for (int64_t sp = 0; sp < S; ++sp) {
+          const float ms = part[(bh * S + sp) * R * (D + 2) + r];
+          nan |= std::isnan(ms);
+          M = std::max(M, ms);
+        }
+        float L = 0.f;
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t sp = 0; sp < S; ++sp) {
+          const float* base = &part[(bh * S + sp) * R * (D + 2)];
+          const float ls = base[R + r];
+          if (ls == 0.f && !std::isnan(ls)) continue;  // the split saw no key for this row
+          const float w = nan ? std::numeric_limits<float>::quiet_NaN() : std::exp(base[r] - M);
+          L += ls * w;
+          for (int64_t d = 0; d < D; ++d) acc[d] += base[2 * R + r * D + d] * w;
+        }
+        finish(row_index(bh / Hk, bh % Hk, r), nan ? std::numeric_limits<float>::quiet_NaN() : M, L, acc.data());
+      }
+    }
+  });
+}
+
+// Splits per (sequence, kv head): one unless B * Hk tasks would leave threads idle and the caches are long enough
+// that each split still reads kMinTaskBytes.
+int64_t choose_splits(int64_t tasks, int64_t longest, int64_t row_bytes) {
+  const int64_t threads = at::get_num_threads();
+  if (tasks >= 2 * threads) return 1;
+  const int64_t wanted = (2 * threads + tasks - 1) / tasks;
+  const int64_t affordable = std::max<int64_t>(1, 2 * longest * row_bytes / kMinTaskBytes);
+  return std::clamp<int64_t>(std::min(wanted, affordable), 1, std::max<int64_t>(1, longest / kBlock));
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache,
                                                         const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
                                                         bool causal, double scale, int64_t window_left,
                                                         int64_t window_right, int64_t num_splits) {
-  (void)num_splits;  // split-K is a GPU occupancy knob; the CPU runs one task per (sequence, kv head)
+  // num_splits is a GPU occupancy knob; the CPU splits the keys only to keep its threads busy (choose_splits).
+  (void)num_splits;
   constexpr const char* op = "attention_decode";
   check_decode_args(op, q, k_cache, v_cache, cache_seqlens);
   const at::Tensor qc = q.contiguous();
@@ -183,9 +389,13 @@ std::tuple<at::Tensor, at::Tensor> attention_decode_cpu(const at::Tensor& q, con
   at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   if (q.numel() == 0) return {out, lse};
-  const std::vector<int64_t> lengths = read_lengths(cache_seqlens, k_cache.size(2));
+  const std::vector<int64_t> lengths = read_lengths(cache_seqlens, 0, k_cache.size(2));
+  DecodeGeometry g{q.size(0), q.size(1), k.size(1), q.size(1) / k.size(1), q.size(2), q.size(3),
+                   q.size(1) / k.size(1) * q.size(2), 1, causal, window_left, window_right};
+  const int64_t longest = *std::max_element(lengths.begin(), lengths.end());
+  g.splits = choose_splits(g.B * g.Hk, longest, g.D * static_cast<int64_t>(q.element_size()));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_decode_cpu", [&] {
-    decode_kernel<scalar_t>(qc, k, v, lengths, causal, scale, window_left, window_right, out, lse);
+    decode_kernel<scalar_t>(qc, k, v, lengths, g, scale, out, lse);
   });
   return {out, lse};
 }
@@ -213,7 +423,9 @@ void kv_cache_append_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, c
   const int64_t B = k_cache.size(0), H = k_cache.size(1), Nmax = k_cache.size(2), D = k_cache.size(3);
   const int64_t T = k_new.size(2);
   if (B * H * T * D == 0) return;
-  const std::vector<int64_t> lengths = read_lengths(cache_seqlens, std::numeric_limits<int64_t>::max());
+  // Clamped only to [-T, Nmax], where every slot L + t is still dropped as it would be (clamping L to 0 would move
+  // the tokens instead), so L + t cannot overflow.
+  const std::vector<int64_t> lengths = read_lengths(cache_seqlens, -T, Nmax);
   const int64_t item = k_cache.element_size();
   for (int which = 0; which < 2; ++which) {
     const at::Tensor& cache = which == 0 ? k_cache : v_cache;
