@@ -359,3 +359,15 @@ def test_sample_vae_refuses_nan_weights_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert exited.value.code == 2 and "'decoder.0.1.weight' holds 4 non-finite" in err[-1], err
     assert not (tmp_path / "grid.png").exists()
+
+
+def test_a_pickle_beyond_the_machines_memory_is_refused_before_torch_load(tmp_path, monkeypatch):
+    """A Hugging Face folder's pytorch_model.bin has no header: its size bounds what torch.load would hold."""
+    folder = GPT(GPTConfig(**GPT_CONFIG)).save_pretrained(tmp_path / "hf")
+    (folder / "model.safetensors").unlink()
+    with open(folder / "pytorch_model.bin", "wb") as fh:
+        fh.truncate(2**30)  # sparse: claims 1 GiB
+    monkeypatch.setattr(genfast._io, "machine_memory_bytes", lambda: 2**30)
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load ran"))
+    with pytest.raises(ValueError, match=r"pytorch_model\.bin needs 2\.0 GiB, more than this machine's 1\.0 GiB"):
+        GPT.from_pretrained(folder)

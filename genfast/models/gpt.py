@@ -648,6 +648,8 @@ def _read_hf_weights(path: Path, config: GPTConfig) -> tuple[Path, dict[str, tor
         _check_memory(header, config, safetensors_file)
         return safetensors_file, _io.load_safetensors_state(safetensors_file)
     if bin_file.is_file():
+        # A pickle has no header to read first: torch.load holds at least the file's size, then the model as much.
+        _io.check_fits_memory(2 * bin_file.stat().st_size, f"GPT.from_pretrained: {bin_file}")
         try:
             state = torch.load(bin_file, map_location="cpu", weights_only=True)
         except Exception as exc:
