@@ -310,3 +310,15 @@ def test_sampling_generate_matches_transformers_warpers():
 def test_logits_processor_checks_its_arguments(bad, match):
     with pytest.raises((ValueError, TypeError), match=match):
         GenfastLogitsProcessor(**bad)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa"])
+def test_output_attentions_is_refused_not_answered_empty(name):
+    """Issue 27: GPT-2 (which does not pass output_attentions to the attention function) returned attentions=().
+    (transformers' own "sdpa" answers () there too; genfast says it cannot, as it does for Llama and BERT.)"""
+    reference, ours = pair(name)
+    ids = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(UnsupportedAttentionError, match="output_attentions"):
+        ours(ids, output_attentions=True)
+    with torch.no_grad():  # and without the flag, nothing changes
+        torch.testing.assert_close(ours(ids).logits, reference(ids).logits, **TOL)

@@ -55,6 +55,24 @@ def _unsupported(feature: str) -> UnsupportedAttentionError:
         "with attn_implementation='sdpa' or 'eager' for it")
 
 
+def _weights_requested() -> bool:
+    """Whether the running forward records attention weights (``output_attentions=True``).
+
+    transformers 5 passes ``output_attentions`` to some attention functions (Llama's, BERT's) but not to all
+    (GPT-2's pops it): it records whatever each attention module returns through forward hooks, into the collector
+    of the running forward. A fused call returns no weights, so without this check GPT-2 answered
+    ``attentions=()`` without a word."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # before the output collector: the flag reaches the function in kwargs
+        return False
+    try:
+        collected = _active_collector.get()
+    except LookupError:
+        return False
+    return bool(collected) and ("attentions" in collected or "cross_attentions" in collected)
+
+
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                       is_causal: bool | None = None, sliding_window: int | None = None, softcap: float | None = None,
@@ -69,7 +87,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
             raise _unsupported(f"attention sinks ({name})")
     if kwargs.get("position_bias") is not None:
         raise _unsupported("a position bias (position_bias)")
-    if kwargs.get("output_attentions"):
+    if kwargs.get("output_attentions") or _weights_requested():
         raise _unsupported("output_attentions=True (the fused kernel never forms the attention matrix)")
     if value.shape[-1] != query.shape[-1]:
         raise _unsupported(f"a value head dim ({value.shape[-1]}) that differs from the query's ({query.shape[-1]})")
