@@ -291,3 +291,32 @@ def test_translator_prints_its_model_size(tmp_path, capsys):
     assert load_recipe("translator").train_main(argv) == 0
     err = capsys.readouterr().err
     assert "Transformer tiny: " in err and "M parameters, vocabularies" in err
+
+
+def test_gpt_warmup_scales_to_a_short_run_and_resume_keeps_it(tmp_path, capsys):
+    """--warmup not given: at most a tenth of --steps (a 60-step run ended at 60% of its rate with the fixed 100),
+    saved in config.json at the first start, so a resume with more --steps keeps the schedule it began."""
+    argv = [a for a in train_argv("gpt", tmp_path / "g", tmp_path, "--steps", "20", "--stop-after", "1")]
+    warmup = argv.index("--warmup")
+    del argv[warmup:warmup + 2]
+    gpt = load_recipe("gpt")
+    assert gpt.train_main(argv) == 0
+    config = json.loads((tmp_path / "g" / "checkpoint" / "config.json").read_text())
+    assert config["flags"]["warmup"] == 2
+    assert gpt.train_main([*argv, "--resume", "--steps", "400"]) == 0
+    config = json.loads((tmp_path / "g" / "checkpoint" / "config.json").read_text())
+    assert config["flags"]["warmup"] == 2 and config["flags"]["steps"] == 400
+
+
+def test_cgan_sample_n_is_the_total(runs, tmp_path, capsys):
+    """`genfast sample cgan --n 18` wrote 162 images (18 per class); --n is now the number of images."""
+    from genfast.models.cgan import Generator
+
+    classes = Generator.from_checkpoint(runs / "cgan").config.num_classes
+    cgan = load_recipe("cgan")
+    base = ["--ckpt", str(runs / "cgan"), "--device", "cpu", "--out", str(tmp_path / "c.png")]
+    assert cgan.sample_main([*base, "--n", str(2 * classes)]) == 0
+    assert f"({2 * classes} images)" in capsys.readouterr().err
+    assert cgan.sample_main([*base, "--n", str(2 * classes + 1)]) == 0  # not a multiple: says what it writes
+    err = capsys.readouterr().err
+    assert f"writing {2 * classes} images, 2 for each of the {classes} classes" in err

@@ -238,7 +238,7 @@ def test_stop_on_interrupt_sets_the_flag_then_restores():
 class _ToyTask:
     """A one-layer regression trained by genfast.training's loop (what a recipe contributes)."""
 
-    def __new__(cls, run, nan_at=None, signal_at=None, on_save=None):
+    def __new__(cls, run, nan_at=None, signal_at=None, on_save=None, evaluated=None):
         from genfast.training import TrainTask
 
         class Toy(TrainTask):
@@ -251,6 +251,11 @@ class _ToyTask:
 
             def config_dict(self):
                 return {"model": {"in": 3}}
+
+            def evaluate(self, step):
+                if evaluated is not None:
+                    evaluated.append(step)
+                return False
 
             def write_side_files(self, directory):
                 if on_save is not None:
@@ -337,8 +342,10 @@ def test_loop_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
 def test_loop_sigterm_saves_and_exits_130(tmp_path):
     from genfast.training import INTERRUPTED_EXIT
 
-    assert _toy_main(["--out", str(tmp_path / "run")], signal_at=2) == INTERRUPTED_EXIT
+    evaluated = []
+    assert _toy_main(["--out", str(tmp_path / "run")], signal_at=2, evaluated=evaluated) == INTERRUPTED_EXIT
     assert load_checkpoint(tmp_path / "run")[0]["step"] == 3  # the step in flight finished and was saved
+    assert evaluated == [3]  # and its samples written (an interrupted run showed nothing)
 
 
 def test_loop_files_follow_the_umask(tmp_path):
@@ -672,3 +679,14 @@ def test_help_marks_the_flags_fixed_by_the_run(capsys):
         _toy_main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--width WIDTH [fixed by the run" in text and "init [fixed by the run" in text
+
+
+def test_training_grids_of_small_images_are_enlarged(tmp_path):
+    """Training grids of 16x16 images were 146x74 px files: Run.save_grid enlarges small images as --scale does."""
+    from genfast.training import Run
+    from genfast.training.images import grid_scale
+
+    assert [grid_scale(torch.zeros(1, 1, s, s)) for s in (8, 16, 32, 64, 256)] == [8, 4, 2, 1, 1]
+    path = Run.save_grid(None, torch.zeros(4, 1, 16, 16), tmp_path / "g.png")  # (uses nothing of the run)
+    width, height = struct.unpack(">II", path.read_bytes()[16:24])
+    assert (width, height) == (4 * (2 + 2 * (16 + 2)), 4 * (2 + 2 * (16 + 2)))  # 2x2 images, padding 2, scale 4

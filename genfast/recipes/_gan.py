@@ -158,9 +158,7 @@ def grid_writer(run: Run, draw: Callable[[], torch.Tensor], nrow: int | None = N
     <out>/samples/step_<N>.png at each evaluation and <out>/samples/final.png at the end."""
     def write(name: str) -> None:
         if run.dist.is_main:
-            from genfast.training import save_image_grid
-
-            save_image_grid(draw(), run.samples_dir / name, nrow=nrow)
+            run.save_grid(draw(), run.samples_dir / name, nrow=nrow)
 
     def evaluate(step: int) -> bool:
         write(f"step_{step:06d}.png")

@@ -12,6 +12,7 @@ Sample grids (one row per class, one fixed latent per column) go to <out>/sample
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
@@ -109,6 +110,9 @@ def train_main(argv: list[str]) -> int:
         return run.train(task)
 
 
+PER_ROW = 8  # sample's default: images of one class, or per class
+
+
 def _class_name(config: CGANConfig, index: int) -> str:
     return config.class_names[index] if config.class_names else str(index)
 
@@ -118,9 +122,10 @@ def sample_main(argv: list[str]) -> int:
     add_sample_args(parser, ops=OPS)
     parser.add_argument("--label", default=None,
                         help="the class to draw, by name (e.g. 'red circle') or index; default: every class")
-    parser.add_argument("--n", type=positive_int, default=8,
-                        help="images of --label's class, or per class (one row each) without --label; with "
-                             "--interpolate: the number of interpolation rows")
+    parser.add_argument("--n", type=positive_int, default=None,
+                        help="images in all: of --label's class (default 8), or without --label one row per class, "
+                             "--n / classes images each (default 8 per class); with --interpolate: the number of "
+                             "interpolation rows (default 8)")
     parser.add_argument("--interpolate", action="store_true",
                         help="rows walking from one random latent to another (same class along a row)")
     parser.add_argument("--steps", type=positive_int, default=8, help="images per interpolation row (default 8)")
@@ -139,7 +144,7 @@ def sample_main(argv: list[str]) -> int:
         parser.error(f"--label: {exc}")
     gen = torch.Generator().manual_seed(args.seed)
     if args.interpolate:
-        rows = args.n
+        rows = args.n or PER_ROW
         row_labels = torch.full((rows,), label) if label is not None else torch.arange(rows) % config.num_classes
         z0, z1 = G.latent(rows, gen), G.latent(rows, gen)
         z = interpolate(z0, z1, args.steps, args.mode).transpose(0, 1).reshape(rows * args.steps, -1)  # row-major
@@ -147,11 +152,18 @@ def sample_main(argv: list[str]) -> int:
         legend = (f"one {args.mode} walk per row between two random latents, class per row: "
                   + ", ".join(_class_name(config, int(i)) for i in row_labels))
     elif label is not None:
-        z, labels, nrow = G.latent(args.n, gen), torch.full((args.n,), label), None
-        legend = f"{args.n} samples of class {_class_name(config, label)}"
+        n = args.n or PER_ROW
+        z, labels, nrow = G.latent(n, gen), torch.full((n,), label), None
+        legend = f"{n} samples of class {_class_name(config, label)}"
     else:
-        labels = torch.arange(config.num_classes).repeat_interleave(args.n)
-        z, nrow = G.latent(args.n, gen).repeat(config.num_classes, 1), args.n
+        # --n is the total (18 used to mean 18 per class: 162 images); every row holds the same latents.
+        per_class = PER_ROW if args.n is None else max(1, args.n // config.num_classes)
+        if args.n is not None and per_class * config.num_classes != args.n:
+            print(f"--n {args.n}: writing {per_class * config.num_classes} images, {per_class} for each of the "
+                  f"{config.num_classes} classes (a row per class; a multiple of {config.num_classes} fills them "
+                  "exactly)", file=sys.stderr)
+        labels = torch.arange(config.num_classes).repeat_interleave(per_class)
+        z, nrow = G.latent(per_class, gen).repeat(config.num_classes, 1), per_class
         legend = ("one class per row (each column one latent): "
                   + ", ".join(_class_name(config, i) for i in range(config.num_classes)))
     with torch.no_grad():

@@ -46,7 +46,6 @@ from genfast.training import (
     non_negative_float,
     non_negative_int,
     positive_int,
-    save_image_grid,
     start_run,
 )
 
@@ -219,7 +218,7 @@ class CycleGANTask(TrainTask):
             grid = torch.cat([self.shown_a, model.translate_a_to_b(self.shown_a), self.shown_b,
                               model.translate_b_to_a(self.shown_b)])
         model.train()
-        save_image_grid(grid, path, nrow=self.shown_a.shape[0])
+        self.run.save_grid(grid, path, nrow=self.shown_a.shape[0])
 
     def evaluate(self, step: int) -> bool:
         if self.run.dist.is_main:

@@ -39,12 +39,12 @@ from genfast.training import (
     TrainTask,
     add_train_args,
     batch_generator,
+    default_warmup,
     mark_fixed,
     non_negative_float,
     non_negative_int,
     open_probability,
     positive_int,
-    save_image_grid,
     start_run,
     warmup_cosine_lr,
 )
@@ -52,6 +52,7 @@ from genfast.training import (
 GRID_SIZE = 16
 LOG_EVERY = 10  # steps between reading the loss on the host (a GPU synchronisation)
 OPS = ("conv_transpose2d", "attention", "scheduler_step")
+WARMUP = 200  # --warmup's default for a long run (default_warmup scales it to short ones)
 
 
 # ------------------------------------------------------------------------------------------------ EMA
@@ -97,7 +98,8 @@ def _train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--class-cond", action="store_true", help="condition on the data's class labels")
     parser.add_argument("--label-dropout", type=open_probability, default=0.1,
                         help="probability of training a label as the null class (classifier-free guidance)")
-    parser.add_argument("--warmup", type=non_negative_int, default=200, help="learning-rate warmup steps")
+    parser.add_argument("--warmup", type=non_negative_int, default=None,
+                        help=f"learning-rate warmup steps (default {WARMUP}, at most a tenth of --steps)")
     parser.add_argument("--weight-decay", type=non_negative_float, default=0.0)
     parser.add_argument("--grad-clip", type=non_negative_float, default=1.0, help="max gradient norm (0: none)")
     parser.add_argument("--sample-steps", type=positive_int, default=50, help="DDIM steps of the sample grids")
@@ -121,6 +123,8 @@ def train_main(argv: list[str]) -> int:
     channels = args.channels or (1 if args.data == "digits" else 3)
     image_size = args.image_size or PRESETS[args.config]["image_size"]
     with start_run(parser, args, recipe="ddpm", ops=OPS) as run:
+        if args.warmup is None:  # (on --resume the run's own value is already here: start_run applied its flags)
+            args.warmup = default_warmup(WARMUP, args.steps)
         data = _load_data(parser, args, image_size, channels)
         if args.class_cond and data.labels is None:
             parser.error(f"--class-cond: the data {args.data} has no labels (use a folder with one subfolder per "
@@ -193,7 +197,7 @@ class DDPMTask(TrainTask):
         with run.autocast():
             images = pipe.sample(GRID_SIZE, run.args.sample_steps, class_labels=grid_labels, generator=generator,
                                  progress=progress)
-        save_image_grid(images, path)
+        run.save_grid(images, path)
 
     def evaluate(self, step: int) -> bool:
         if self.run.dist.is_main:

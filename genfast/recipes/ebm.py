@@ -34,7 +34,6 @@ from genfast.training import (
     mark_fixed,
     non_negative_float,
     positive_int,
-    save_image_grid,
     start_run,
 )
 
@@ -84,7 +83,7 @@ class EBMTask(TrainTask):
         if not self.run.dist.is_main:
             return
         args, model = self.run.args, self.model
-        save_image_grid(model.replay[:args.n_samples], self.run.samples_dir / f"buffer_{name}.png")
+        self.run.save_grid(model.replay[:args.n_samples], self.run.samples_dir / f"buffer_{name}.png")
         was = model.training
         model.eval()
         try:
@@ -92,7 +91,7 @@ class EBMTask(TrainTask):
                                    generator=torch.Generator(self.run.device).manual_seed(args.seed))
         finally:
             model.train(was)
-        save_image_grid(fresh, self.run.samples_dir / f"chains_{name}.png")
+        self.run.save_grid(fresh, self.run.samples_dir / f"chains_{name}.png")
 
     def evaluate(self, step: int) -> bool:
         self._grids(f"{step:06d}")

@@ -34,6 +34,7 @@ from genfast.training import (
     add_device_args,
     add_train_args,
     batch_generator,
+    default_warmup,
     mark_fixed,
     non_negative_float,
     non_negative_int,
@@ -46,6 +47,7 @@ from genfast.training import (
 )
 
 VAL_FRACTION = 0.1
+WARMUP = 100  # --warmup's default for a long run (default_warmup scales it to short ones)
 LOG_EVERY = 10  # steps between reading the loss on the host (it waits for the device)
 TRAIN_OPS = ("attention",)
 SAMPLE_OPS = ("attention", "attention_decode", "kv_cache_append", "sample_tokens")
@@ -65,7 +67,8 @@ def train_parser() -> argparse.ArgumentParser:
                    help="tokens per sequence (default: the preset's context)")
     p.add_argument("--dropout", type=open_probability, default=None, help="dropout in [0, 1) (default: the preset's)")
     p.add_argument("--min-lr", type=non_negative_float, default=None, help="final learning rate (default lr/10)")
-    p.add_argument("--warmup", type=non_negative_int, default=100, help="warmup steps (default %(default)s)")
+    p.add_argument("--warmup", type=non_negative_int, default=None,
+                   help=f"warmup steps (default {WARMUP}, at most a tenth of --steps)")
     p.add_argument("--weight-decay", type=non_negative_float, default=0.1, help="AdamW (default %(default)s)")
     p.add_argument("--grad-clip", type=non_negative_float, default=1.0,
                    help="max gradient norm, 0 for none (default %(default)s)")
@@ -150,6 +153,9 @@ def train_main(argv: list[str]) -> int:
     parser = train_parser()
     args = parser.parse_args(argv)
     with start_run(parser, args, recipe="gpt", ops=TRAIN_OPS) as run:
+        if args.warmup is None:  # (on --resume the run's own value is already here: start_run applied its flags)
+            saved = (run.saved_config or {}).get("args", {})  # a run from before "flags": its args hold it
+            args.warmup = saved["warmup"] if type(saved.get("warmup")) is int else default_warmup(WARMUP, args.steps)
         try:
             text = read_text_file(args.data) if args.data else stdlib_text(args.max_chars)
             if run.resuming:

@@ -37,6 +37,7 @@ from genfast.training import (
     TrainTask,
     add_train_args,
     batch_generator,
+    default_warmup,
     mark_fixed,
     non_negative_float,
     non_negative_int,
@@ -220,13 +221,14 @@ def _defaults_text(key: str) -> str:
 
 def resolve_training_defaults(args: argparse.Namespace, saved_args: dict | None) -> None:
     """Fill --lr and --warmup left unset: from the checkpoint's run on --resume (so the schedule continues as it
-    began), else from the --config preset's TRAINING_DEFAULTS."""
+    began), else from the --config preset's TRAINING_DEFAULTS (the warmup at most a tenth of --steps)."""
     saved_args = saved_args if isinstance(saved_args, dict) else {}
     for key in ("lr", "warmup"):
         if getattr(args, key) is None:
             saved = saved_args.get(key)
             usable = isinstance(saved, (int, float)) and not isinstance(saved, bool) and saved >= 0
-            setattr(args, key, saved if usable else TRAINING_DEFAULTS[args.config][key])
+            preset = TRAINING_DEFAULTS[args.config][key]
+            setattr(args, key, saved if usable else default_warmup(preset, args.steps) if key == "warmup" else preset)
 
 
 def train_main(argv: list[str]) -> int:

@@ -44,7 +44,6 @@ from genfast.training import (
     non_negative_float,
     positive_int,
     resolve_device,
-    save_image_grid,
     start_run,
 )
 from genfast.training.budget import check_training_memory
@@ -144,8 +143,8 @@ class VAETask(TrainTask):
     def _prior_grid(self, path) -> None:
         self.model.eval()
         with torch.no_grad():
-            save_image_grid(self.model.sample(GRID_SIZE, generator=_grid_generator(self.run.args.seed,
-                                                                                   self.run.device)), path)
+            self.run.save_grid(self.model.sample(GRID_SIZE, generator=_grid_generator(self.run.args.seed,
+                                                                                      self.run.device)), path)
         self.model.train()
 
     def evaluate(self, step: int) -> bool:
@@ -160,8 +159,8 @@ class VAETask(TrainTask):
         self.model.eval()
         with torch.no_grad():
             originals = self.images[:32].to(self.run.device)
-            save_image_grid(_pairs_in_rows(originals, self.model.reconstruct(originals)),
-                            self.run.samples_dir / "reconstructions.png", nrow=8)
+            self.run.save_grid(_pairs_in_rows(originals, self.model.reconstruct(originals)),
+                               self.run.samples_dir / "reconstructions.png", nrow=8)
         self.run.say(f"samples: {self.run.samples_dir / 'final.png'}, "
                      f"{self.run.samples_dir / 'reconstructions.png'}")
 

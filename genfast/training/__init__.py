@@ -35,7 +35,7 @@ from genfast.training.options import (
 )
 from genfast.training.progress import progress_bar
 from genfast.training.rng import batch_generator, capture_rng_state, restore_rng_state, seed_everything
-from genfast.training.schedule import warmup_cosine_lr
+from genfast.training.schedule import default_warmup, warmup_cosine_lr
 
 __all__ = ["CommandParser", "mark_fixed", "TrainTask", "Run", "start_run", "add_train_args", "add_device_args",
            "resolve_device",
@@ -43,4 +43,5 @@ __all__ = ["CommandParser", "mark_fixed", "TrainTask", "Run", "start_run", "add_
            "open_probability", "unit_interval", "INTERRUPTED_EXIT", "SAMPLES_DIR", "CHECKPOINT_DIR", "FORMAT_VERSION",
            "save_checkpoint", "load_checkpoint", "find_checkpoint", "read_checkpoint_config",
            "load_safetensors_state", "Distributed", "save_image_grid", "StopOnInterrupt", "progress_bar",
-           "seed_everything", "capture_rng_state", "restore_rng_state", "batch_generator", "warmup_cosine_lr"]
+           "seed_everything", "capture_rng_state", "restore_rng_state", "batch_generator", "warmup_cosine_lr",
+           "default_warmup"]

@@ -68,6 +68,15 @@ def make_grid(images: torch.Tensor, *, nrow: int | None = None, padding: int = 2
     return grid[0] if c == 1 else grid.permute(1, 2, 0).contiguous()
 
 
+TRAINING_GRID_SIDE = 64  # training grids enlarge each image to about this many pixels a side
+
+
+def grid_scale(images: torch.Tensor) -> int:
+    """The --scale a training grid of ``images`` [N, C, H, W] gets: small images enlarged (nearest neighbour, as
+    `genfast sample --scale` does) to about TRAINING_GRID_SIDE pixels a side; a 16x16 grid was a 146x74 px file."""
+    return max(1, min(8, TRAINING_GRID_SIDE // max(1, min(images.shape[-2:]))))
+
+
 def save_image_grid(images: torch.Tensor, path: str | os.PathLike, *, nrow: int | None = None, padding: int = 2,
                     value_range: tuple[float, float] = (-1.0, 1.0), scale: int = 1) -> Path:
     """Write images [N, C, H, W] as one PNG grid at ``path`` (atomically) and return the path."""

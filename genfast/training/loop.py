@@ -35,7 +35,7 @@ hands that to ``run.train(task)``::
             return {"loss": loss.detach()}                              # shown on the bar, checked for NaN
 
         def evaluate(self, step):                                       # every --sample-every steps and the last
-            save_image_grid(..., self.run.samples_dir / f"step_{step:06d}.png")
+            self.run.save_grid(..., self.run.samples_dir / f"step_{step:06d}.png")  # small images enlarged
             return False                                                # True: stop early (and save)
 
 What the loop owns, so that every recipe behaves alike:
@@ -45,7 +45,9 @@ What the loop owns, so that every recipe behaves alike:
 - resume: config.json's ``format_version`` and ``recipe``, trainer.pt's keys and step checked (a clear error naming
   the file), optimizers, RNG states and the task's extra state restored, "resumed from step N" printed;
 - the progress bar (losses read every ``task.log_every`` steps: reading waits for the device), the --save-every
-  and --sample-every cadence, --stop-after, Ctrl-C and SIGTERM (finish the step, save, exit 130);
+  and --sample-every cadence, --stop-after, Ctrl-C, SIGTERM and SIGHUP (finish the step, save, write its samples,
+  exit 130);
+- --out locked for the run (an flock on ``.genfast-lock``, holding the pid: a second run into it is refused);
 - the NaN policy: a non-finite loss stops training with exit status 1 and a message, and nothing is saved after
   it, so the last good checkpoint stays;
 - atomic checkpoints in the run folder layout of genfast.training.checkpoint (with the task's side files);
@@ -88,6 +90,7 @@ from genfast.training.checkpoint import (
     save_checkpoint,
 )
 from genfast.training.distributed import Distributed
+from genfast.training.images import grid_scale, save_image_grid
 from genfast.training.interrupt import StopOnInterrupt
 from genfast.training.options import check_backend, resolve_device
 from genfast.training.progress import progress_bar
@@ -181,6 +184,10 @@ class Run:
     def verbose(self) -> bool:
         return self.dist.is_main and not self.args.quiet
 
+    def save_grid(self, images: torch.Tensor, path: str | Path, *, nrow: int | None = None) -> Path:
+        """A training sample grid (usually under samples_dir), small images enlarged (images.grid_scale)."""
+        return save_image_grid(images, path, nrow=nrow, scale=grid_scale(images))
+
     def autocast(self):
         """bf16 autocast on CUDA (what the recipes train in on a GPU); nothing on CPU."""
         if self.device.type == "cuda":
@@ -249,13 +256,16 @@ class Run:
                     if step % task.log_every == 0 or step % args.save_every == 0 or step == end:
                         check(step)
                         checked = True
-                    if step % args.sample_every == 0 or step == args.steps:
+                    evaluated = step % args.sample_every == 0 or step == args.steps
+                    if evaluated:
                         stopped_early = bool(task.evaluate(step)) and step < args.steps
                     interrupted = dist.any(stop.requested)
                     if step % args.save_every == 0 or step == end or stopped_early or interrupted:
                         if not checked:
                             check(step)
                         save(step)
+                    if interrupted and not evaluated:  # after the save: a second Ctrl-C here loses nothing
+                        task.evaluate(step)  # the interrupted run's last state gets its sample grid too
                     if stopped_early or interrupted:
                         break
         except _Diverged as exc:

@@ -4,6 +4,15 @@ from __future__ import annotations
 
 import math
 
+WARMUP_FRACTION = 10  # without --warmup, at most a tenth of a run warms up
+
+
+def default_warmup(preferred: int, steps: int) -> int:
+    """The warmup of a run of ``steps`` when --warmup is not given: ``preferred``, but at most a tenth of the run
+    (a 60-step GPT run with its 100-step warmup ended at 60% of its learning rate, showing nothing). The loop saves
+    the resolved value in config.json's "flags", so a resume with another --steps keeps it."""
+    return min(preferred, steps // WARMUP_FRACTION)
+
 
 def warmup_cosine_lr(step: int, *, base_lr: float, warmup_steps: int, total_steps: int,
                      min_lr: float = 0.0) -> float:
