@@ -41,13 +41,13 @@ State = tuple[torch.Tensor, torch.Tensor]  # (h, c), each [n_layer, B, n_hidden]
 class LSTMConfig(ModelConfig):
     vocab_size: int = 128
     n_embd: int = 64
-    n_hidden: int = 256
+    n_hidden: int = 128
     n_layer: int = 2
     dropout: float = 0.1
 
     PRESETS = {
         "tiny": dict(n_embd=16, n_hidden=32),  # tests
-        "small": dict(n_embd=64, n_hidden=256),  # the default run: minutes on two CPU cores
+        "small": dict(n_embd=64, n_hidden=128),  # the default run: minutes on two CPU cores
         "medium": dict(n_embd=128, n_hidden=512),
     }
 

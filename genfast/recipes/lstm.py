@@ -121,6 +121,9 @@ def sample_text(model: LSTMLM, tokenizer, prompt_ids: list[int], n: int, seed: i
 def train_main(argv: list[str]) -> int:
     parser = train_parser()
     args = parser.parse_args(argv)
+    # Before --out is made or the text read: the vocabulary is not known yet, so a character one is taken as 256.
+    vocab = args.vocab_size if args.tokenizer == "bpe" else 256
+    _check_step_memory(parser, LSTMConfig.preset(args.config, vocab_size=vocab), args.batch_size, args.seq_len)
     with start_run(parser, args, recipe="lstm", ops=TRAIN_OPS) as run:
         try:
             text = read_text_file(args.data, args.max_chars) if args.data else stdlib_text(args.max_chars)
@@ -143,7 +146,6 @@ def train_main(argv: list[str]) -> int:
             train_ids, val_ids = split_tokens(ids, args.seq_len)
         except (FileNotFoundError, ValueError) as exc:
             parser.error(f"--data {args.data}: {exc}" if args.data else str(exc))
-        _check_step_memory(parser, config, args.batch_size, args.seq_len)
         task = LSTMTask(run, config, tokenizer, train_ids, val_ids)
         run.log(f"LSTM {args.config}: {task.model.num_parameters() / 1e6:.2f}M parameters, vocabulary "
                 f"{config.vocab_size}, {len(train_ids)} training tokens, {task.eval_pieces[:, 1:].numel()} "
