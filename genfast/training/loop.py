@@ -230,14 +230,16 @@ class Run:
             nonlocal saved_at
             trainer = {"recipe": self.recipe, "step": at, "rng": capture_rng_state(), "task": task.state_dict(),
                        "optimizers": {name: opt.state_dict() for name, opt in task.optimizers.items()}}
+            failure = None
             if dist.is_main:
                 try:
                     save_checkpoint(self.checkpoint_dir, modules=task.modules, trainer_state=trainer, config=config,
                                     side_files=task.write_side_files)
                 except (OSError, RuntimeError) as exc:  # a full disk: OSError ENOSPC, or torch.save's RuntimeError
-                    raise _SaveFailed(f"could not save step {at} in {self.checkpoint_dir}: "
-                                      f"{_one_line(exc)}") from exc
-            dist.barrier()
+                    failure = f"could not save step {at} in {self.checkpoint_dir}: {_one_line(exc)}"
+            # Every rank learns of a failed save (the others would wait for rank 0 at the next collective forever).
+            if dist.any(failure is not None):
+                raise _SaveFailed(failure or f"rank 0 could not save step {at}")
             saved_at = at
 
         def kept_text() -> str:
