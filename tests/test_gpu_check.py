@@ -63,7 +63,7 @@ def test_the_dtype_shards_cover_every_dtype_once():
 
     shards = {k: Expression.compile(v) for k, v in plan.DTYPE_SHARDS.items()}
     for test_id in ("x[cuda-triton-torch.float32]", "x[cuda-triton-torch.float16]", "x[cuda-triton-torch.bfloat16]",
-                    "x[cuda-triton]"):
+                    "x[cuda-triton]", "x[cuda-fp32]", "x[sm90-fp16-128]", "x[bf16-cl]"):
         hits = [k for k, e in shards.items() if e.evaluate(lambda name, **_: name in test_id)]
         assert len(hits) == 1, (test_id, hits)
 

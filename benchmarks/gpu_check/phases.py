@@ -58,9 +58,15 @@ class Job:
     proc: subprocess.Popen | None = None
 
 
-def run_jobs(jobs: list[Job], deadline: float, slots: int, done) -> None:
+def run_jobs(jobs: list[Job], deadline: float, slots: int, done, lock=None) -> None:
     """Run ``jobs`` ``slots`` at a time, in the given order, each killed (with its children) at ``deadline``;
-    ``done(job, exit code or None when killed, output, seconds)`` as each ends."""
+    ``done(job, exit code or None when killed, output, seconds)`` as each ends, holding ``lock`` if given (the
+    summary's)."""
+    if lock is not None:
+        def done(job, code, output, seconds, _done=done):
+            with lock:
+                _done(job, code, output, seconds)
+
     waiting, running = list(jobs), []
     while waiting or running:
         while waiting and len(running) < slots and time.time() < deadline:
@@ -145,11 +151,12 @@ def build(ctx: Context, summary: Summary, limit: float) -> None:
         results["code"] = code
         append_log(os.path.join(ctx.out, "gpu-check.log"), f"build ({seconds:.0f} s, exit {code})", output)
 
-    run_jobs([Job("build", cmd, env, os.path.join(ctx.work, "build.log"))], start + limit, 1, done)
+    run_jobs([Job("build", cmd, env, os.path.join(ctx.work, "build.log"))], start + limit, 1, done, summary.lock)
     code = results.get("code")
     status = "pass" if code == 0 else "timeout" if code is None else "fail"
     summary.phase("build", status=status, s=round(time.time() - start, 1), limit_s=round(limit), arch=ctx.arch,
                   command=" ".join(cmd))
+    print(f"gpu-check: build {status} ({time.time() - start:.0f} s)", flush=True)
 
 
 # ------------------------------------------------------------------------------------------------------- tests
@@ -232,7 +239,7 @@ def _run_tests(ctx: Context, summary: Summary, ordered: list[plan.Step], deadlin
                   f"{result['failed']} failed, {result['skipped']} skipped ({seconds:.0f} s)", flush=True)
         summary.save()
 
-    run_jobs(jobs, deadline, ctx.slots, done)
+    run_jobs(jobs, deadline, ctx.slots, done, summary.lock)
 
 
 def _collect(ctx: Context, summary: Summary, chosen: list[plan.Step]) -> None:
@@ -259,16 +266,17 @@ def _collect(ctx: Context, summary: Summary, chosen: list[plan.Step]) -> None:
             collected = json.load(f)
     except (OSError, ValueError):
         collected = {"selected": {}, "errors": [{"nodeid": "", "error": f"collection exit {outcome.get('code')}"}]}
-    for step in chosen:
-        errors = [e for e in collected["errors"] if not e["nodeid"] or e["nodeid"] in step.files]
-        selected = collected["selected"].get(step.name, 0)
-        status = "error" if errors else "collected" if selected else "no tests"
-        summary.data["tests"][step.name] = {"family": step.family, "status": status, "selected": selected,
-                                            "errors": [e["error"][-500:] for e in errors], "autotune": step.autotune,
-                                            "s": round(outcome.get("s", 0.0), 1),
-                                            "command": "pytest " + " ".join(step.pytest_args())}
-        print(f"gpu-check: tests {step.name:28s} {status:9s} {selected} selected", flush=True)
-    summary.save()
+    with summary.lock:
+        for step in chosen:
+            errors = [e for e in collected["errors"] if not e["nodeid"] or e["nodeid"] in step.files]
+            selected = collected["selected"].get(step.name, 0)
+            status = "error" if errors else "collected" if selected else "no tests"
+            summary.data["tests"][step.name] = {"family": step.family, "status": status, "selected": selected,
+                                                "errors": [e["error"][-500:] for e in errors],
+                                                "autotune": step.autotune, "s": round(outcome.get("s", 0.0), 1),
+                                                "command": "pytest " + " ".join(step.pytest_args())}
+            print(f"gpu-check: tests {step.name:28s} {status:9s} {selected} selected", flush=True)
+        summary.save()
 
 
 # --------------------------------------------------------------------------------------------------- sanitizer
@@ -321,10 +329,11 @@ def sanitizer(ctx: Context, summary: Summary, limit: float) -> None:
     log = os.path.join(ctx.out, "sanitizer.log")
     tool_path = None if ctx.dry else find_tool("compute-sanitizer")
     if not ctx.dry and tool_path is None:
-        for family, backends in expected.items():
-            for backend in backends:
-                summary.data["sanitizer"].setdefault(family, {})[backend] = {t: "skipped (no compute-sanitizer)"
-                                                                             for t in tools}
+        with summary.lock:
+            for family, backends in expected.items():
+                for backend in backends:
+                    summary.data["sanitizer"].setdefault(family, {})[backend] = {t: "skipped (no compute-sanitizer)"
+                                                                                 for t in tools}
         summary.phase("sanitizer", status="fail: no compute-sanitizer", s=0.0, limit_s=round(limit))
         return
     env = ctx.env(TRITON_INTERPRET="1") if ctx.dry else ctx.env(TRITON_CACHE_DIR=os.path.join(ctx.work, "triton",
@@ -357,7 +366,7 @@ def sanitizer(ctx: Context, summary: Summary, limit: float) -> None:
         print(f"gpu-check: sanitizer {job.name} exit {code} ({seconds:.0f} s)", flush=True)
 
     jobs = [Job(f"{t}:filtered", command(t), env, os.path.join(ctx.work, f"sanitizer-{t}.log")) for t in tools]
-    run_jobs(jobs, deadline, len(jobs), done)
+    run_jobs(jobs, deadline, len(jobs), done, summary.lock)
     if retry:
         notes = {tool: f"the kernel filter was refused ({' / '.join(lines)}); ran unfiltered" for tool, lines in retry}
 
@@ -366,7 +375,7 @@ def sanitizer(ctx: Context, summary: Summary, limit: float) -> None:
             record(job.name.split(":")[0], code, output, notes[job.name.split(":")[0]])
 
         run_jobs([Job(f"{t}:unfiltered", command(t, False), env, os.path.join(ctx.work, f"sanitizer-{t}-2.log"))
-                  for t, _ in retry], deadline, len(retry), done_again)
+                  for t, _ in retry], deadline, len(retry), done_again, summary.lock)
     summary.phase("sanitizer", status="done", s=round(time.time() - start, 1), limit_s=round(limit))
 
 
@@ -381,7 +390,8 @@ def bench(ctx: Context, summary: Summary, limit: float) -> None:
     of the output folder."""
     start = time.time()
     if not any(f in ctx.families for f in plan.BENCH_FAMILIES):
-        summary.data["bench"] = {"status": "not run (no benchmarked family chosen)"}
+        with summary.lock:
+            summary.data["bench"] = {"status": "not run (no benchmarked family chosen)"}
         summary.phase("bench", status="skipped", s=0.0, limit_s=round(limit))
         return
     cmd = ctx.python("benchmarks.run", *bench_args(ctx), "--out", ctx.out, "--name", "bench", "--one-figure")
@@ -392,12 +402,13 @@ def bench(ctx: Context, summary: Summary, limit: float) -> None:
         result["status"] = "pass" if code == 0 else "timeout" if code is None else "fail"
         append_log(os.path.join(ctx.out, "gpu-check.log"), f"bench ({seconds:.0f} s, exit {code})", output)
 
-    run_jobs([Job("bench", cmd, env, os.path.join(ctx.work, "bench.log"))], start + limit, 1, done)
+    run_jobs([Job("bench", cmd, env, os.path.join(ctx.work, "bench.log"))], start + limit, 1, done, summary.lock)
     try:
         with open(os.path.join(ctx.out, "bench.json")) as f:
             data = json.load(f)
         result.update(ceilings=data.get("ceilings", {}), timings=len(data.get("results", [])))
     except (OSError, ValueError):
         pass
-    summary.data["bench"] = result
+    with summary.lock:
+        summary.data["bench"] = result
     summary.phase("bench", status=result.get("status", "fail"), s=round(time.time() - start, 1), limit_s=round(limit))

@@ -61,10 +61,11 @@ class Step:
         return [*self.files, "-k", self.keyword]
 
 
-# A test's id carries its dtype as torch prints it ("torch.bfloat16"); -k matches substrings, and "float16" is one of
-# "bfloat16". Every test falls in at least one of these four (one with two dtypes in its id runs twice).
-DTYPE_SHARDS = {"fp32": "float32", "fp16": "float16 and not bfloat16", "bf16": "bfloat16",
-                "other": "not float32 and not float16"}
+# A test's id carries its dtype as torch prints it ("torch.bfloat16") or short ("bf16"); -k matches substrings, and
+# "float16" is one of "bfloat16". Every test falls in at least one of these four (one whose id names two dtypes, say
+# an fp32 mask beside bf16 inputs, runs twice).
+DTYPE_SHARDS = {"fp32": "float32 or fp32", "fp16": "(float16 and not bfloat16) or fp16", "bf16": "bfloat16 or bf16",
+                "other": "not float32 and not fp32 and not float16 and not fp16 and not bf16"}
 
 
 def _by_dtype(name: str, family: str, files: tuple[str, ...]) -> tuple[Step, ...]:

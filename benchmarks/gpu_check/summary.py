@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 
 PASSING_TESTS = {"gpu": ("pass",), "dry-run": ("collected",)}
@@ -17,22 +18,27 @@ PASSING_TESTS = {"gpu": ("pass",), "dry-run": ("collected",)}
 class Summary:
     def __init__(self, out: str, mode: str, header: dict):
         self.out, self.started = out, time.time()
+        # A dry run's phases record side by side: every change of ``data`` and every save holds this.
+        self.lock = threading.RLock()
         self.data = {"mode": mode, **header, "wall_s": 0.0, "phases": {}, "tools": {}, "tests": {}, "sanitizer": {},
                      "bench": {}, "families": {}}
 
     def phase(self, name: str, **fields) -> None:
-        self.data["phases"].setdefault(name, {}).update(fields)
-        self.save()
+        with self.lock:
+            self.data["phases"].setdefault(name, {}).update(fields)
+            self.save()
 
     def save(self) -> None:
-        self.data["wall_s"] = round(time.time() - self.started, 1)
-        self.data["families"] = {f: family_verdict(self.data, f) for f in self.data["plan"]["families"]}
-        os.makedirs(self.out, exist_ok=True)
-        for name, text in (("gpu-check.json", json.dumps(self.data, indent=1)), ("gpu-check.md", markdown(self.data))):
-            tmp = os.path.join(self.out, name + ".tmp")
-            with open(tmp, "w") as f:
-                f.write(text)
-            os.replace(tmp, os.path.join(self.out, name))  # never a half-written file, even if killed here
+        with self.lock:
+            self.data["wall_s"] = round(time.time() - self.started, 1)
+            self.data["families"] = {f: family_verdict(self.data, f) for f in self.data["plan"]["families"]}
+            texts = (("gpu-check.json", json.dumps(self.data, indent=1)), ("gpu-check.md", markdown(self.data)))
+            os.makedirs(self.out, exist_ok=True)
+            for name, text in texts:
+                tmp = os.path.join(self.out, name + ".tmp")
+                with open(tmp, "w") as f:
+                    f.write(text)
+                os.replace(tmp, os.path.join(self.out, name))  # never a half-written file, even if killed here
 
     def failed_families(self) -> list[str]:
         return [f for f, v in self.data["families"].items() if v != "pass"]
