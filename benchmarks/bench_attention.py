@@ -23,6 +23,12 @@ the reference, ``torch-sdpa-padded`` (the same sequences padded to the longest, 
 them; padding not timed: SDPA with a key-padding mask, or ``is_causal``, exact for causal self-attention
 padded at the end) and, where torch has it, ``torch-varlen-attn`` (torch.nn.attention.varlen). FLOPs count only
 the real pairs, 4 * H * D * sum(N_b^2) (halved when causal), so padding shows up as lost TFLOP/s.
+
+Replaced rows (``replaced``, see harness.ReplacedCase): ``genfast.ops.attention`` and
+``genfast.ops.scaled_dot_product_attention`` against ``F.scaled_dot_product_attention`` (forward, and forward +
+backward), and ``genfast.ops.attention_varlen`` against what a user of padded batches runs: pad the packed
+sequences to the longest, SDPA with a key-padding mask (``is_causal`` when causal), unpad; padding and unpadding
+timed, as they are part of that user's call. Each varlen row names the CPU plan auto took (``cpu_path``).
 """
 
 from __future__ import annotations
@@ -31,8 +37,9 @@ import torch
 import torch.nn.functional as F
 
 import genfast
-from benchmarks.harness import BenchCase, genfast_providers
-from genfast.ops import attention, attention_decode, attention_varlen
+from benchmarks.harness import BenchCase, ReplacedCase, genfast_providers
+from genfast.ops import attention, attention_decode, attention_varlen, scaled_dot_product_attention
+from genfast.ops.attention_varlen import cpu_path
 
 FAMILY = "attention"
 SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
@@ -307,4 +314,102 @@ def _forward_or_backward(forward, leaves, backward: bool):
     return lambda: torch.autograd.grad(out, leaves, dout, retain_graph=True)
 
 
-__all__ = ["cases", "decode_cases", "varlen_cases"]
+def _attention_swaps(device: torch.device, quick: bool) -> list[ReplacedCase]:
+    # The issue's shapes: [4, 8, 1024, 64] causal and not, [8, 8, 256, 64]; on a GPU the bf16 d128 headline.
+    if device.type == "cuda":
+        shapes = [(torch.bfloat16, (4, 16, 4096, 128), causal, False) for causal in (False, True)]
+    else:
+        shapes = [(dtype, shape, causal, False) for dtype in (torch.float32, torch.bfloat16)
+                  for shape, causal in (((4, 8, 1024, 64), False), ((4, 8, 1024, 64), True),
+                                        ((8, 8, 256, 64), False))]
+        shapes += [(dtype, (8, 8, 256, 64), True, True) for dtype in (torch.float32, torch.bfloat16)]
+    if quick:
+        shapes = shapes[:1]
+    out = []
+    for dtype, (b, h, n, d), causal, backward in shapes:
+        label = (f"{str(dtype).replace('torch.', '')} [{b},{h},{n},{d}]{' causal' if causal else ''}"
+                 f"{' fwd+bwd' if backward else ''}")
+
+        def setup(dtype=dtype, shape=(b, h, n, d), causal=causal, backward=backward):
+            q, k, v = _inputs(device, dtype, *shape, backward)
+            ours = _fwd_bwd(lambda: attention(q, k, v, causal=causal), (q, k, v), backward)
+            theirs = _fwd_bwd(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), (q, k, v), backward)
+            return ours, theirs
+
+        def setup_sdpa(dtype=dtype, shape=(b, h, n, d), causal=causal, backward=backward):
+            q, k, v = _inputs(device, dtype, *shape, backward)
+            ours = _fwd_bwd(lambda: scaled_dot_product_attention(q, k, v, is_causal=causal), (q, k, v), backward)
+            theirs = _fwd_bwd(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), (q, k, v), backward)
+            return ours, theirs
+
+        out.append(ReplacedCase(FAMILY, "genfast.ops.attention", label, "F.scaled_dot_product_attention", setup))
+        if not backward and (n == 1024 or device.type == "cuda") or backward and dtype == torch.float32:
+            out.append(ReplacedCase(FAMILY, "genfast.ops.scaled_dot_product_attention", label,
+                                    "F.scaled_dot_product_attention", setup_sdpa))
+    return out
+
+
+def _fwd_bwd(forward, leaves, backward: bool):
+    """The timed call: the forward alone, or a fresh forward and its backward (what a training step runs)."""
+    if not backward:
+        return forward
+
+    def run():
+        out = forward()
+        return torch.autograd.grad(out, leaves, torch.ones_like(out))
+    return run
+
+
+def _varlen_swaps(device: torch.device, quick: bool) -> list[ReplacedCase]:
+    """attention_varlen against pad + SDPA with a key mask + unpad, at the suite's shapes and the issue's."""
+    if device.type == "cuda":
+        grid = [(torch.bfloat16, 128, 16, _varlen_lengths(16384, 512))]
+    else:
+        grid = [(torch.float32, 64, 8, _varlen_lengths(2048, mean)) for mean in (64, 256)]
+        grid.append((torch.float32, 64, 8, [64, 462, 174, 390, 256, 101]))  # the issue's: 6 sequences of 64-462
+    if quick:
+        grid = grid[-1:]
+    out = []
+    for dtype, d, h, lengths in grid:
+        cu = [0] + torch.tensor(lengths).cumsum(0).tolist()
+        for causal in (False, True):
+            plan = cpu_path(cu, cu, h, d, causal) if device.type == "cpu" else "triton"
+            for backward in (False, True):
+                label = (f"{str(dtype).replace('torch.', '')} d{d} H{h} B{len(lengths)} lengths {min(lengths)}-"
+                         f"{max(lengths)}{' causal' if causal else ''}{' fwd+bwd' if backward else ''} "
+                         f"(auto: {plan})")
+                out.append(ReplacedCase(FAMILY, "genfast.ops.attention_varlen", label,
+                                        "pad + F.scaled_dot_product_attention(key mask) + unpad",
+                                        _varlen_swap_setup(device, dtype, d, h, lengths, causal, backward)))
+    return out
+
+
+def _varlen_swap_setup(device, dtype, d, h, lengths, causal, backward):
+    def setup():
+        g = torch.Generator(device).manual_seed(0)
+        q, k, v = (torch.randn(sum(lengths), h, d, device=device, dtype=dtype, generator=g).requires_grad_(backward)
+                   for _ in range(3))
+        cu = torch.tensor([0] + lengths, device=device).cumsum(0).to(torch.int32)
+        valid = torch.arange(max(lengths), device=device) < torch.tensor(lengths, device=device)[:, None]
+        mask = None if causal else valid[:, None, None, :]
+
+        def padded_user():
+            # What a padded pipeline does: split, pad to the longest, SDPA with the key mask, keep the real rows.
+            qp, kp, vp = (torch.nn.utils.rnn.pad_sequence(t.split(lengths), batch_first=True).transpose(1, 2)
+                          for t in (q, k, v))
+            out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, is_causal=causal)
+            return out.transpose(1, 2)[valid]
+
+        def ours():
+            return attention_varlen(q, k, v, cu, cu, max(lengths), max(lengths), causal=causal)
+
+        return _fwd_bwd(ours, (q, k, v), backward), _fwd_bwd(padded_user, (q, k, v), backward)
+    return setup
+
+
+def replaced(device: torch.device, quick: bool = False) -> list[ReplacedCase]:
+    """The attention family's replaced rows (decode's are added by its own function, beside these)."""
+    return _attention_swaps(device, quick) + _varlen_swaps(device, quick)
+
+
+__all__ = ["cases", "decode_cases", "varlen_cases", "replaced"]

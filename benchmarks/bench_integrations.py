@@ -12,6 +12,11 @@ backend choice), ``transformers-sdpa``, ``transformers-flash_attention_2`` (wher
 is present), ``diffusers-default`` (``AttnProcessor2_0``: torch SDPA). FLOPs are the standard counts: 2 x the
 non-embedding parameters per token plus the causal attention's 2 x 2 x T^2 x d / 2 per layer (prefill); decode
 cases carry the weights' bytes read once per new token, as bench_models_gpt does.
+
+Replaced rows (``replaced``, see harness.ReplacedCase): ``attn_implementation="genfast"`` against ``"sdpa"`` on the
+tiny Llama's forward (the suite's left-padded B2 T128, and T512 unpadded, the larger size), and
+``GenfastAttnProcessor`` against diffusers' default ``AttnProcessor2_0`` on the tiny UNet (the suite's 16x16 and a
+32x32), the same weights on both sides.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import importlib.util
 
 import torch
 
-from benchmarks.harness import BenchCase
+from benchmarks.harness import BenchCase, ReplacedCase
 
 FAMILY = "integrations"
 PAD, BOS, EOS = 0, 1, 2
@@ -159,6 +164,71 @@ def _unet_cases(device, quick):
             return run
 
         out.append(BenchCase(FAMILY, "diffusers_unet_step", label, provider, setup))
+    return out
+
+
+def _llama_swaps(device, quick):
+    from genfast.integrations.transformers import register
+
+    name, config = _llama_config(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    sizes = [(2, 128, True), (1, 512, False)] if device.type == "cpu" else [(4, 1024, True), (1, 4096, False)]
+    out = []
+    for batch, length, padded in sizes[:1] if quick else sizes:
+        def setup(batch=batch, length=length, padded=padded):
+            ours, theirs = _llama(config, register(), device, dtype), _llama(config, "sdpa", device, dtype)
+            torch.manual_seed(1)
+            ids, mask = _left_padded(config, batch, length, device)
+            if not padded:
+                mask = torch.ones_like(mask)
+
+            def call(model):
+                def run():
+                    with torch.no_grad():
+                        return model(input_ids=ids, attention_mask=mask).logits
+                return run
+            return call(ours), call(theirs)
+
+        label = f"{name} {str(dtype)[6:]} B{batch} T{length}{' left-padded' if padded else ''} forward"
+        out.append(ReplacedCase(FAMILY, 'attn_implementation="genfast"', label, 'attn_implementation="sdpa"', setup))
+    return out
+
+
+def _unet_swaps(device, quick):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from genfast.integrations.diffusers import GenfastAttnProcessor
+
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    context, width = (77, 768) if device.type == "cuda" else (8, 64)
+    sizes = [16, 32] if device.type == "cpu" else [64]
+    out = []
+    for size in sizes[:1] if quick else sizes:
+        def setup(size=size):
+            ours, theirs = _unet(device, dtype, GenfastAttnProcessor()), _unet(device, dtype, AttnProcessor2_0())
+            x = torch.randn(2, ours.config.in_channels, size, size, device=device, dtype=dtype)
+            text = torch.randn(2, context, width, device=device, dtype=dtype)
+            t = torch.tensor([500, 500], device=device)
+
+            def call(unet):
+                def run():
+                    with torch.no_grad():
+                        return unet(x, t, encoder_hidden_states=text).sample
+                return run
+            return call(ours), call(theirs)
+
+        label = f"{'sd15' if device.type == 'cuda' else 'tiny'} UNet2DConditionModel {str(dtype)[6:]} B2 {size}x{size}"
+        out.append(ReplacedCase(FAMILY, "GenfastAttnProcessor", label, "AttnProcessor2_0 (diffusers' default)",
+                                setup))
+    return out
+
+
+def replaced(device: torch.device, quick: bool = False) -> list[ReplacedCase]:
+    out = []
+    if _available("transformers"):
+        out += _llama_swaps(device, quick)
+    if _available("diffusers"):
+        out += _unet_swaps(device, quick)
     return out
 
 

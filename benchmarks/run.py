@@ -96,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     for swap in tqdm(swaps, desc="replaced", unit="row"):
         try:
             replaced.append(harness.measure_replaced(swap, device))
+            row = replaced[-1]
+            print(f"\n{swap.name}: {row['ratio']:.2f}x ({row['genfast_ms']:.3f} vs {row['before_ms']:.3f} ms)",
+                  flush=True)  # as it goes: a long run interrupted still shows its rows
         except Exception as error:  # as above: one failing row must not lose the rest
             print(f"\n{swap.name}: FAILED ({type(error).__name__}: {error})", file=sys.stderr)
     data = {**env, "ceilings": ceilings, "results": results, "replaced": replaced,

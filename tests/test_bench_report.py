@@ -222,3 +222,27 @@ def test_run_replaced_times_only_the_replaced_rows(tmp_path, monkeypatch):
     assert "Replaced:" in (tmp_path / "local" / local.replace(".json", ".md")).read_text()
     with pytest.raises(FileNotFoundError):  # a replaced-only run does not stand for the suite
         report.latest_results(str(tmp_path / "local"))
+
+
+def test_latest_results_does_not_look_into_history(tmp_path):
+    (tmp_path / "history").mkdir()
+    (tmp_path / "a.json").write_text(json.dumps({**DATA, "date": "2026-11-22T00:00:00Z"}))
+    (tmp_path / "history" / "newer.json").write_text(json.dumps({**DATA, "date": "2026-12-01T00:00:00Z"}))
+    assert os.path.basename(report.latest_results(str(tmp_path))) == "a.json"
+
+
+def test_committed_results_keep_one_run_per_device_at_the_top_level():
+    """Issue 27: benchmarks/results/ held 51 files from 4 runs. The newest run of each device stays at the top level
+    (its index, README.md, names it); older runs live in history/; the README's headline comes from the current one."""
+    runs = {}
+    for name in os.listdir(report.RESULTS_DIR):
+        if name.endswith(".json") and not name.startswith("compile-"):
+            data = report.load(os.path.join(report.RESULTS_DIR, name))
+            runs.setdefault(data["device"], []).append(name)
+    assert runs and all(len(names) == 1 for names in runs.values()), runs
+    index = open(os.path.join(report.RESULTS_DIR, "README.md")).read()
+    current = os.path.basename(report.latest_results())
+    assert current[:-len(".json")] in index
+    assert f"benchmarks/results/{current}" in open(report.README).read()
+    for name in os.listdir(os.path.join(report.RESULTS_DIR, "history")):
+        assert not name.startswith("compile-")  # the compile gate rewrites those in place, at the top level

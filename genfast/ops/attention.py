@@ -118,7 +118,7 @@ def _half_dtypes_without_native_cpu_matmul() -> frozenset[torch.dtype]:
     """bf16/fp16 where this CPU's oneDNN has no native instructions for them (AVX2 parts, for example).
 
     There torch's SDPA backward in half precision is emulated: bf16 d64 B8 H8 N256 took 164 ms against 33 ms in
-    fp32 on an AVX2 EPYC (benchmarks/results/cpu-x86-64-x2-threads-20261129-1f31844.md), while the two forwards
+    fp32 on an AVX2 EPYC (benchmarks/results/history/cpu-x86-64-x2-threads-20261129-1f31844.md), while the two forwards
     cost about the same. On CPUs with AVX512-BF16 or AMX the half kernels are the fast ones. Probed once, at
     import: torch.compile cannot trace the probes.
     """
@@ -371,11 +371,13 @@ def dropout_probability(op: str, dropout_p) -> float:
 
 def _everyday(q, k, v, causal, attn_mask, dropout_p, scale, window, return_lse, generator) -> bool:
     """True for the everyday call that is valid by inspection: q, k, v plain 4-D tensors of one float dtype and
-    device that ``check_qkv`` would pass, no mask, dropout, scale, window or generator. Such a call skips the
-    checks below (about 40 us of Python a call, more than SDPA's whole overhead); any other call, valid or not,
-    takes them, so every error still comes from them and names the argument."""
+    device that ``check_qkv`` would pass, no mask, dropout, window or generator, a float scale or none (what the
+    transformers and diffusers doors pass). Such a call skips the checks below (about 5 us of Python, more than
+    SDPA's own 4 us per call on tiny inputs; this test costs 2 us); any other call, valid or not, takes them, so
+    every error still comes from them and names the argument."""
     return (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
-            and attn_mask is None and scale is None and window is None and generator is None
+            and attn_mask is None and window is None and generator is None
+            and (scale is None or scale.__class__ is float and math.isfinite(scale))
             and dropout_p.__class__ in (float, int) and dropout_p == 0
             and causal.__class__ is bool and return_lse.__class__ is bool
             and q.dtype in _checks.FLOAT_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
@@ -398,7 +400,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     (differentiable too).
     """
     if _everyday(q, k, v, causal, attn_mask, dropout_p, scale, window, return_lse, generator):
-        seed, mask, knobs = None, None, Knobs(causal, 0.0, 1.0 / math.sqrt(q.shape[-1]), -1, -1)
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        seed, mask, knobs = None, None, Knobs(causal, 0.0, scale, -1, -1)
     else:
         check_qkv(OP, q, k, v)
         causal = _flag(OP, "causal", causal)
