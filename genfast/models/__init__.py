@@ -23,8 +23,11 @@ _EXPORTS = {
     "CycleGAN": "cyclegan", "CycleGANConfig": "cyclegan",
     "DCGANConfig": "dcgan", "CGANConfig": "cgan", "NumberGANConfig": "numbergan",
     "EBM": "ebm", "EBMConfig": "ebm",
+    "PixelCNN": "pixelcnn", "PixelCNNConfig": "pixelcnn", "RealNVP": "realnvp", "RealNVPConfig": "realnvp",
+    "LSTMLM": "lstm", "LSTMConfig": "lstm",
 }
-_SUBMODULES = ("gpt", "transformer", "unet", "vae", "cyclegan", "dcgan", "cgan", "numbergan", "ebm")
+_SUBMODULES = ("gpt", "transformer", "unet", "vae", "cyclegan", "dcgan", "cgan", "numbergan", "ebm", "lstm", "pixelcnn",
+               "realnvp")
 
 
 def __getattr__(name: str):
@@ -44,8 +47,8 @@ def load(path: str | os.PathLike, device: str = "cpu", *, allow_nonfinite: bool 
     in eval mode on ``device``:
 
     gpt -> GPT; translator -> Transformer; numbergan, dcgan, cgan -> their Generator; cyclegan -> CycleGAN;
-    vae -> VAE; ebm -> EBM (with its replay buffer); ddpm -> a DiffusionPipeline around the EMA UNet with the
-    run's DDIM schedule.
+    vae -> VAE; ebm -> EBM (with its replay buffer); pixelcnn -> PixelCNN; realnvp -> RealNVP; ddpm -> a
+    DiffusionPipeline around the EMA UNet with the run's DDIM schedule; lstm -> LSTMLM.
 
     The files are untrusted: config.json is checked against the weights' header before the model is built, and
     weights of another dtype kind than the model's, or holding NaN/inf (unless ``allow_nonfinite=True``, to debug
@@ -77,10 +80,17 @@ def load(path: str | os.PathLike, device: str = "cpu", *, allow_nonfinite: bool 
         from genfast.models.cyclegan import CycleGAN
 
         return CycleGAN.from_checkpoint(path, device, allow_nonfinite=allow_nonfinite)
+    if recipe in ("pixelcnn", "realnvp"):
+        module = importlib.import_module(f"genfast.models.{recipe}")
+        return (module.PixelCNN if recipe == "pixelcnn" else module.RealNVP).from_checkpoint(path, device)
     if recipe == "ebm":
         from genfast.models.ebm import EBM
 
         return EBM.from_checkpoint(path, device, allow_nonfinite=allow_nonfinite).eval()
+    if recipe == "lstm":
+        from genfast.models.lstm import LSTMLM
+
+        return LSTMLM.from_checkpoint(path, device, allow_nonfinite=allow_nonfinite)
     if recipe == "ddpm":
         from genfast.diffusion.pipeline import DiffusionPipeline, make_scheduler
         from genfast.models.unet import UNet

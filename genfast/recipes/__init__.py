@@ -24,6 +24,8 @@ RECIPES: dict[str, tuple[str, str]] = {
     "vae": ("genfast.recipes.vae", "convolutional VAE"),
     "ddpm": ("genfast.recipes.ddpm", "diffusion UNet with DDPM / DDIM sampling"),
     "ebm": ("genfast.recipes.ebm", "energy-based model sampled by Langevin dynamics (contrastive divergence)"),
+    "pixelcnn": ("genfast.recipes.pixelcnn", "gated PixelCNN drawing images pixel by pixel (digits, shapes)"),
+    "realnvp": ("genfast.recipes.realnvp", "RealNVP normalizing flow (two moons, rings, digits)"),
     "lstm": ("genfast.recipes.lstm", "LSTM language model, characters by default (default data: the stdlib's source)"),
 }
 
