@@ -322,3 +322,23 @@ def test_publish_copies_a_gpu_run_into_its_dated_folder_once(tmp_path, monkeypat
     (fetched / "gpu-check.json").write_text(json.dumps({"mode": "dry-run", "date": "2026-12-07T00:00:00Z",
                                                         "commit": "x"}))
     assert cli.main(["--publish", str(fetched)]) == 1  # a dry run is not a GPU result
+
+
+def test_gpu_tests_phase_with_a_stand_in_step(tmp_path, monkeypatch):
+    """The GPU run's tests phase, driven on the CPU: a real pytest step (its -v output read back, its own Triton
+    cache counted, the summary written after it), the warm-up jobs beside it (they fail here: no GPU)."""
+    step = plan.Step("stand-in", "random", ("tests/test_gpu_check.py",), "usage_errors or shards")
+    monkeypatch.setattr(plan, "steps", lambda families=None: [step])
+    monkeypatch.setattr(plan, "BENCH_FAMILIES", ())
+    out = tmp_path / "out"
+    ctx = phases.Context("gpu", str(out), str(tmp_path / "work"), ["random"], 4)
+    s = summary.Summary(str(out), "gpu", {"plan": {"families": ["random"], "sanitizer_tools": ["memcheck"]}})
+    phases.tests(ctx, s, 240)
+    result = s.data["tests"]["stand-in"]
+    assert result["status"] == "pass" and result["passed"] == 2 and result["failed"] == 0, result
+    assert result["compiles"] == 0 and not result["autotune"]
+    assert set(s.data["phases"]["tests"]["warm"]) == {"warm-workload-random"}  # no benchmarked family chosen
+    assert s.data["phases"]["tests"]["s"] < 200  # it ended when its jobs did, not at the deadline
+    on_disk = json.loads((out / "gpu-check.json").read_text())
+    assert on_disk["tests"]["stand-in"]["passed"] == 2
+    assert "test_usage_errors_exit_2 PASSED" in (out / "gpu-check.log").read_text()

@@ -214,8 +214,9 @@ def _run_tests(ctx: Context, summary: Summary, ordered: list[plan.Step], deadlin
                                                       "--families", family),
                 ctx.env(TRITON_CACHE_DIR=shared), os.path.join(ctx.work, f"warm-workload-{family}.log"))
             for family in ctx.families]
-    jobs.append(Job("warm-bench", ctx.python("benchmarks.run", *bench_args(ctx), "--no-write"),
-                    ctx.env(TRITON_CACHE_DIR=shared), os.path.join(ctx.work, "warm-bench.log")))
+    if any(f in ctx.families for f in plan.BENCH_FAMILIES):
+        jobs.append(Job("warm-bench", ctx.python("benchmarks.run", *bench_args(ctx), "--no-write"),
+                        ctx.env(TRITON_CACHE_DIR=shared), os.path.join(ctx.work, "warm-bench.log")))
     for step in ordered:
         cache = os.path.join(ctx.work, "triton", step.name)
         shutil.rmtree(cache, ignore_errors=True)  # a fresh cache: its cubins are this step's compiles
