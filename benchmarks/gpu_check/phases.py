@@ -217,9 +217,10 @@ def _run_tests(ctx: Context, summary: Summary, ordered: list[plan.Step], deadlin
     if any(f in ctx.families for f in plan.BENCH_FAMILIES):
         jobs.append(Job("warm-bench", ctx.python("benchmarks.run", *bench_args(ctx), "--no-write"),
                         ctx.env(TRITON_CACHE_DIR=shared), os.path.join(ctx.work, "warm-bench.log")))
+    cached = {}  # the cubins each step's own cache held before: a rerun on the same machine reuses them
     for step in ordered:
         cache = os.path.join(ctx.work, "triton", step.name)
-        shutil.rmtree(cache, ignore_errors=True)  # a fresh cache: its cubins are this step's compiles
+        cached[step.name] = count_compiles(cache)
         cmd = ctx.python("pytest", *step.pytest_args(), "-v", "-p", "no:cacheprovider", "-o", "addopts=", "-rfE")
         env = ctx.env(GENFAST_AUTOTUNE="1" if step.autotune else "0", TRITON_CACHE_DIR=cache)
         jobs.append(Job(step.name, cmd, env, os.path.join(ctx.work, f"test-{step.name}.log")))
@@ -234,7 +235,11 @@ def _run_tests(ctx: Context, summary: Summary, ordered: list[plan.Step], deadlin
         else:
             result = pytest_outcome(code, output)
             summary.data["tests"][step.name] = {"family": step.family, **result, "s": round(seconds, 1),
+                                                # the variants the step needs (what a fresh machine compiles),
+                                                # and those this run compiled (fewer on a rerun)
                                                 "compiles": count_compiles(job.env["TRITON_CACHE_DIR"]),
+                                                "compiled_now": count_compiles(job.env["TRITON_CACHE_DIR"]) -
+                                                cached[step.name],
                                                 "autotune": step.autotune, "command": " ".join(job.cmd[2:])}
             print(f"gpu-check: tests {step.name:28s} {result['status']:8s} {result['passed']} passed, "
                   f"{result['failed']} failed, {result['skipped']} skipped ({seconds:.0f} s)", flush=True)
