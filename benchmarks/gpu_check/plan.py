@@ -6,10 +6,10 @@ Phases, each with a hard limit (``PHASE_LIMITS``, 540 s in all: one device call 
 2. tests: the GPU cases of each family's test files (``-k GPU_TESTS``) with ``GENFAST_AUTOTUNE=0`` (the heuristic
    tile, one compile per specialization instead of one per config), plus one autotuned case per kernel that
    accumulates into a buffer across its launches (``AUTOTUNED``: the autotuner's benchmark runs must not leak into
-   the result), plus two warm-up steps that compile what the later phases launch (the sanitizer's workload, the
-   headline benchmarks) into their Triton cache, so that those phases spend their time checking and timing.
-   The steps run side by side (ptxas is single-threaded, the lent machine has 16 cores), the largest first, until
-   the phase's deadline.
+   the result), plus warm-up runs that compile what the later phases launch (the sanitizer's workload, one per
+   family, and the headline benchmarks) into their Triton cache, so that those phases spend their time checking
+   and timing. The steps run side by side (ptxas is single-threaded, the lent machine has 16 cores), the warm-ups
+   and then the largest steps first, until the phase's deadline.
 3. sanitizer: compute-sanitizer memcheck and racecheck side by side, each over every family's workload under
    every backend that serves it on a GPU (workload.py), with a kernel filter naming every genfast kernel.
 4. bench: the headline benchmark cases (``benchmarks.run --quick``), alone on the GPU.
