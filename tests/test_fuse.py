@@ -153,3 +153,21 @@ def test_inplace_must_be_a_bool(inplace):
 def test_model_must_be_a_module():
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         genfast.fuse({"weight": torch.zeros(1)})
+
+
+def test_printout_names_genfast_and_what_was_replaced():
+    """repr of a fused model: every genfast module names genfast, the block names what it fuses, and the slots the
+    block emptied say what they held (no bare Identity() or torch-named MultiheadAttention)."""
+    model = generator()
+    model.attn = nn.MultiheadAttention(8, 2)
+    fused, _ = genfast.fuse(model)
+    text = repr(fused)
+    assert "(0): genfast.ConvTranspose2dNormAct(\n      fuses ConvTranspose2d + BatchNorm2d + ReLU" in text, text
+    assert "(1): genfast.FusedSlot(BatchNorm2d fused into '0')" in text and "(5): genfast.FusedSlot(LeakyReLU fused "\
+        "into '3')" in text, text
+    assert "(head): genfast.ConvTranspose2d(3, 2, kernel_size=(1, 1), stride=(1, 1), drop-in for " \
+        "torch.nn.ConvTranspose2d)" in text, text
+    mha = "(attn): genfast.MultiheadAttention(\n    embed_dim=8, num_heads=2, drop-in for torch.nn.MultiheadAttention"
+    assert mha in text, text
+    assert "Identity()" not in text and ": MultiheadAttention(" not in text, text
+    assert isinstance(fused.net[1], nn.Identity)  # still an identity where code checks for one

@@ -101,6 +101,13 @@ class MultiheadAttention(nn.MultiheadAttention):
         new.train(mha.training)
         return new
 
+    # A printed model names genfast and what it stands in for, so a genfast.fuse(...) result shows what it replaced.
+    def _get_name(self) -> str:
+        return "genfast.MultiheadAttention"
+
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, drop-in for torch.nn.MultiheadAttention"
+
     # torch's own forward has its own fast path (eval, no grad); ours replaces both of its paths.
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,

@@ -86,11 +86,15 @@ class ConvTranspose2d(nn.ConvTranspose2d):
                                     _output_padding(self, input, output_size), self.groups, self.dilation,
                                     activation=self.activation, negative_slope=self.negative_slope)
 
+    # A printed model names genfast and what it stands in for, so a genfast.fuse(...) result shows what it replaced.
+    def _get_name(self) -> str:
+        return "genfast.ConvTranspose2d"
+
     def extra_repr(self) -> str:
         extra = f", activation={self.activation!r}" if self.activation else ""
         if self.activation == "leaky_relu":
             extra += f", negative_slope={self.negative_slope}"
-        return super().extra_repr() + extra
+        return super().extra_repr() + extra + ", drop-in for torch.nn.ConvTranspose2d"
 
 
 def fold_norm(norm: nn.modules.batchnorm._NormBase) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,6 +152,13 @@ class ConvTranspose2dNormAct(nn.Sequential):
         nn.Sequential.__init__(block, *layers)
         block.train(conv.training)
         return block
+
+    def _get_name(self) -> str:
+        return "genfast.ConvTranspose2dNormAct"
+
+    def extra_repr(self) -> str:
+        parts = " + ".join(type(m).__name__ for m in (self.conv, self.norm, self.act) if m is not None)
+        return f"fuses {parts}"
 
     @property
     def conv(self) -> ConvTranspose2d:

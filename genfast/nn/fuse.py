@@ -9,7 +9,8 @@ leaves ``model`` untouched. In place, replaced modules keep the original paramet
 are shared, not copied, so outputs are unchanged and an optimizer built before fuse() still updates them.
 
 The state_dict keys stay the original model's. Fusing a run of an nn.Sequential (ConvTranspose2d, BatchNorm2d,
-ReLU) moves the norm and activation into one block at the convolution's index and leaves nn.Identity at theirs;
+ReLU) moves the norm and activation into one block at the convolution's index and leaves nn.Identity at theirs
+(a :class:`FusedSlot`, whose repr names what it held; every genfast module's repr names genfast);
 hooks on that parent (:class:`KeepStateDictKeys`) write the block's entries under their original names
 ("0.weight", "1.running_mean", ...) and read either those names or the block's own ("0.0.weight", "0.1...."), so
 checkpoints load into and out of a fused model both ways. ``named_parameters()`` shows the block's layout.
@@ -85,6 +86,22 @@ def fuse(model: nn.Module, *, rewrites: list[str] | None = None, inplace: bool =
     if type(model) in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.MultiheadAttention):
         report.left_alone.append(("", "the root module itself is not replaced; wrap it in nn.Sequential"))
     return model, report
+
+
+class FusedSlot(nn.Identity):
+    """What fuse() leaves at the index of a module it moved into a fused block: an nn.Identity (the block already
+    applies it) whose repr says what was there and which block now runs it, e.g.
+    ``genfast.FusedSlot(BatchNorm2d fused into '0')``."""
+
+    def __init__(self, replaced: str, into: str):
+        super().__init__()
+        self.replaced, self.into = replaced, into
+
+    def _get_name(self) -> str:
+        return "genfast.FusedSlot"
+
+    def extra_repr(self) -> str:
+        return f"{self.replaced} fused into {self.into!r}"
 
 
 # ------------------------------------------------------------------------------------------- state_dict keys
@@ -201,7 +218,7 @@ def _rewrite_conv_transpose(parent: nn.Module, prefix: str, report: FuseReport) 
         else:
             parent._modules[name] = ConvTranspose2dNormAct.from_modules(child, norm, act)
             for extra in taken[1:]:
-                parent._modules[extra] = nn.Identity()
+                parent._modules[extra] = FusedSlot(type(parent._modules[extra]).__name__, name)
             # The block's children are 0, 1, ... in the order taken: keep their entries under the old names.
             keep_state_dict_keys(parent, {f"{name}.{k}": original for k, original in enumerate(taken)})
             parts = ", ".join(type(m).__name__ for m in (child, norm, act) if m is not None)

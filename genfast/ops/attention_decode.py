@@ -12,7 +12,8 @@ never seen. GQA when Hk divides Hq. Inference only: no gradient.
 
 Validation of ``cache_seqlens`` values needs the host (one synchronisation); ``validate=False`` skips it
 (and torch.compile skips it), and the kernels stay memory-safe: lengths are clamped to [0, Nmax] on the
-device and rows that then see no key give 0 (lse -inf); appends past Nmax are dropped.
+device and rows that then see no key give 0 (lse -inf); an append writes token t to slot ``L_b + t`` only where
+that slot is in [0, Nmax) and drops it otherwise, on every backend (a negative length is not clamped to 0).
 
 Backends: CUDA tensors -> the Triton split-K kernels (genfast/kernels/attention_decode.py), or the CUDA C++
 kernel (csrc/cuda/attention.cu, custom op ``genfast::attention_decode``) when asked for by name; CPU tensors ->
@@ -305,7 +306,8 @@ def kv_cache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.T
     k_cache, v_cache [B, Hk, Nmax, D]; k_new, v_new [B, Hk, Nnew, D] of the caches' dtype and device;
     cache_seqlens int32/int64 [B], the current lengths: ``cache[b, :, L_b + t] = new[b, :, t]``.
     ``cache_seqlens`` is not changed (advance it by Nnew yourself). With ``validate`` (one host sync) an
-    overflow (``L_b + Nnew > Nmax``) or a negative length raises; without it such tokens are dropped.
+    overflow (``L_b + Nnew > Nmax``) or a negative length raises; without it the tokens whose slot ``L_b + t`` falls
+    outside [0, Nmax) are dropped and the others written (every backend alike).
     Caches whose slots share memory (made with ``.expand``) or that overlap each other raise ValueError.
     """
     for name, t in (("k_new", k_new), ("v_new", v_new)):
