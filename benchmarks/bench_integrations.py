@@ -17,6 +17,10 @@ Replaced rows (``replaced``, see harness.ReplacedCase): ``attn_implementation="g
 tiny Llama's forward (the suite's left-padded B2 T128, and T512 unpadded, the larger size), and
 ``GenfastAttnProcessor`` against diffusers' default ``AttnProcessor2_0`` on the tiny UNet (the suite's 16x16 and a
 32x32), the same weights on both sides.
+
+What remains on top of "sdpa" / the default processor (torch.profiler op counts per forward, 2026-12-06): per
+attention call one read-only reduction of q to a scalar and its host read (aten::sum, isnan, item: the NaN rule's
+check) and about 14 us of Python; every other op is the same op, the same number of times, on both sides.
 """
 
 from __future__ import annotations
