@@ -200,9 +200,10 @@ def test_cli_train_and_sample(tmp_path):
     assert recipe.train_main(["--steps", "2", "--sample-every", "1", "--out", str(out), *TRAIN_ARGS]) == 0
     for name in ("generators", "discriminators"):
         assert (out / "checkpoint" / f"{name}.safetensors").is_file()
-    # 4 rows (real A, A->B, real B, B->A) of 8 images of 16x16, 2-pixel padding
-    assert _png_size(out / "samples" / "step_000001.png") == (2 + 8 * 18, 2 + 4 * 18)
-    assert _png_size(out / "samples" / "final.png") == (2 + 8 * 18, 2 + 4 * 18)
+    # 4 rows (real A, A->B, real B, B->A) of 8 images of 16x16, 2-pixel padding, enlarged 4x (training grids of small
+    # images are: at 1x this was a 146x74 px file)
+    assert _png_size(out / "samples" / "step_000001.png") == (4 * (2 + 8 * 18), 4 * (2 + 4 * 18))
+    assert _png_size(out / "samples" / "final.png") == (4 * (2 + 8 * 18), 4 * (2 + 4 * 18))
     assert recipe.sample_main(["--ckpt", str(out), "--input", "b", "--direction", "b2a", "--n", "3", "--out",
                                str(tmp_path / "b2a.png"), "--device", "cpu"]) == 0
     assert _png_size(tmp_path / "b2a.png") == (2 + 3 * 18, 2 + 2 * 18)
