@@ -34,8 +34,10 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
 
 @pytest.fixture
 def launched(monkeypatch):
-    """Force the TMA kernels and record (kernel name, its constexpr flags) of every attention launch."""
+    """Force the TMA kernels and record (kernel name, its constexpr flags) of every attention launch. The tiles are
+    chosen for an H100's shared memory (this CPU would answer 99 KB, which no d128 tile pair fits)."""
     monkeypatch.setenv("GENFAST_ATTENTION_TMA", "1")
+    monkeypatch.setattr(kernels, "_shared_limit", lambda: 232448)
     calls = []
     launch = kernels._launch
 
@@ -59,6 +61,20 @@ def test_tma_paths_match_spec(launched, dtype, case):
     dense._check_against_spec("cpu", "triton", q, k, v, **options)
     assert _names(launched) == ["_fwd_tma_kernel", "_bwd_dkdv_kernel"]
     assert launched[1][1]["TMA"] and launched[1][1]["DQ_ATOMIC"] == 1  # 2 (bulk TMA reduction) on a GPU
+
+
+# The forward goes by pairs of key tiles (an odd count takes its first tile alone) up to head dim 128, one tile at a
+# time above: runs of 1-6 tiles of 16 keys in each of its three runs (window edges, full tiles, causal diagonal).
+@pytest.mark.parametrize("shape_q, shape_k, options", [
+    ((1, 2, 37, 160), (1, 2, 53, 160), {"causal": True}),
+    ((1, 2, 70, 32), (1, 2, 96, 32), {"window": (40, 23)}),
+    ((1, 2, 33, 16), (1, 2, 81, 16), {}),
+    ((1, 2, 50, 16), (1, 2, 50, 16), {"causal": True}),
+], ids=["d160-one-tile-at-a-time", "window-runs", "odd-tiles", "causal-even"])
+def test_tma_forward_tile_pairs(launched, shape_q, shape_k, options):
+    q, k, v = dense._make(shape_q, shape_k, torch.bfloat16, "cpu", seed=3)
+    dense._check_against_spec("cpu", "triton", q, k, v, **options)
+    assert _names(launched)[0] == "_fwd_tma_kernel"
 
 
 @pytest.mark.parametrize("kind", ["bool-2d", "additive-heads"])

@@ -17,14 +17,28 @@ import torch
 
 from benchmarks.compile import cuda_build, report
 from benchmarks.compile.fake_cuda import Pointer, cuda_on_meta
-from benchmarks.compile.triton_build import ptx_numbers, ptxas_numbers
+from benchmarks.compile.triton_build import (
+    ptx_numbers,
+    ptxas_numbers,
+    ptxas_warnings,
+    wgmma_in_flight,
+    wgmma_serialized,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# What ptxas and cuobjdump printed for the Hopper attention forward (bf16 d128, M128 N64, 8 warps, 2 stages, sm_90a),
+# captured by the gate: its form before issue 25 (ptxas serialized its wgmma) and the tile-pair form after.
+SAMPLES = os.path.join(ROOT, "tests", "data", "compile_gate")
+
+
+def _sample(name: str) -> str:
+    with open(os.path.join(SAMPLES, name)) as f:
+        return f.read()
 
 
 def _row(**measured):
     base = {"compiled": True, "regs": 128, "spill_bytes": 0, "shared_bytes": 1024, "wgmma": 4, "wgmma_async": True,
-            "mma_sync": 0, "tma": 0}
+            "wgmma_serialized": False, "ptxas_warnings": [], "mma_sync": 0, "tma": 0}
     return report.row("attention", "_fwd_kernel", "triton", "bf16 d128: BLOCK_M=128", {**base, **measured})
 
 
@@ -38,6 +52,8 @@ def test_a_clean_row_passes():
     ({"shared_bytes": 166913}, "80", ["166913 B of shared memory", "166912 B limit"]),
     ({"spill_bytes": 470, "regs": 255}, "80", ["spills 470 B", "255 registers"]),
     ({"wgmma": 0, "mma_sync": 64}, "90a", ["64 mma.sync, no wgmma"]),
+    ({"wgmma_serialized": True, "wgmma_async": False, "ptxas_warnings": ["C7514: Potential Performance Loss: ..."]},
+     "90a", ["ptxas serializes its wgmma (C7514)"]),
 ])
 def test_each_check_fails_with_kernel_config_and_number(measured, arch, words):
     (message,) = report.failures([_row(**measured)], arch)
@@ -56,18 +72,18 @@ def test_limits_and_wgmma_rule_are_per_arch_and_family():
     assert report.failures([fp32], "90a") == []
 
 
-@pytest.mark.parametrize("tma, in_flight, passes", [(4, True, True), (0, True, False), (4, False, False),
-                                                    (0, False, False)])
-def test_tma_kernels_need_tma_loads_and_async_wgmma_on_hopper(tma, in_flight, passes):
+@pytest.mark.parametrize("tma, in_flight", [(4, True), (4, False), (0, True)])
+def test_tma_kernels_need_tma_loads_on_hopper(tma, in_flight):
+    """A *_tma_kernel without TMA loads fails; one without wgmma in flight passes (the forward's d256 goes one tile
+    at a time) as long as ptxas serialized nothing."""
     tma_row = report.row("attention", "_fwd_tma_kernel", "triton", "bf16 d128: BLOCK_M=128",
                          {**_row(), "tma": tma, "wgmma_async": in_flight})
     messages = report.failures([tma_row], "90a")
-    if passes:
+    if tma:
         assert messages == []
     else:
         (message,) = messages
-        assert "_fwd_tma_kernel" in message and "BLOCK_M=128" in message
-        assert "expected TMA loads and async wgmma" in message and f"{tma} cp.async.bulk.tensor" in message
+        assert "_fwd_tma_kernel" in message and "BLOCK_M=128" in message and "expected TMA loads" in message
     # Only kernels named *_tma_kernel, only on sm_90a, only Triton's.
     assert report.failures([{**tma_row, "kernel": "_fwd_kernel"}], "90a") == []
     assert report.failures([tma_row], "80") == []
@@ -125,18 +141,40 @@ def test_ptx_instruction_counts():
         mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f1}, {%r1}, {%r2}, {%f2};
         cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%r1], [%rd1, {%r2, %r3}], [%r4];
         """)
-    assert ptx_numbers(ptx) == {"wgmma": 2, "wgmma_async": False, "mma_sync": 1, "tma": 1}
-    assert ptx_numbers(ptx + "wgmma.wait_group.sync.aligned 1;\n")["wgmma_async"] is True
+    assert ptx_numbers(ptx) == {"wgmma": 2, "mma_sync": 1, "tma": 1}
 
 
-def test_softmax_under_an_uncommitted_wait_counts_as_in_flight():
-    """The Hopper attention's pattern: next scores' wgmma committed, the softmax's ex2, then wait 0."""
-    issue = "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%r1}, %rd1, %rd2, 1, 1, 1, 0, 1;\n"
-    commit, ex2, wait = ("wgmma.commit_group.sync.aligned;\n", "ex2.approx.ftz.f32 %f1, %f2;\n",
-                         "wgmma.wait_group.sync.aligned 0;\n")
-    overlapped, waited = issue + commit + ex2 + wait, issue + commit + wait + ex2
-    assert ptx_numbers(overlapped)["wgmma_async"] is True
-    assert ptx_numbers(waited)["wgmma_async"] is False
+@pytest.mark.parametrize("version", ["3.9", "3.6"])
+def test_ptxas_serialization_advisory_is_read(version):
+    """Triton 3.9 runs ptxas-blackwell, 3.6 ptxas: either prefix, the C7514 line becomes one warning, and it means
+    serialized wgmma; the log's other numbers read as before."""
+    log = _sample(f"ptxas_fwd_tma_serialized_triton{version}.log")
+    (warning,) = ptxas_warnings(log)
+    assert warning.startswith("C7514: Potential Performance Loss: wgmma.mma_async instructions are serialized")
+    assert "reading accumulator registers of a wgmma" in warning  # ptxas's double space collapsed
+    assert wgmma_serialized([warning])
+    assert ptxas_numbers(log)["spill_bytes"] == 0 and ptxas_numbers(log)["regs"] in (214, 208)
+    clean = _sample("ptxas_fwd_tma_pairs_triton3.9.log")
+    assert ptxas_warnings(clean) == [] and not wgmma_serialized([])
+    assert not wgmma_serialized(["C7509: some other advisory"])
+
+
+def test_sass_shows_whether_wgmma_stay_in_flight():
+    """Before: every HGMMA of the loop closes its own group and is waited for (DEPBAR gsb0, 0x0) before anything
+    else: not in flight. After: the next pair's score HGMMAs run while the softmax's MUFU.EX2 issue."""
+    serialized = _sample("fwd_tma_serialized_d128_triton3.9.sass")
+    paired = _sample("fwd_tma_pairs_d128_triton3.9.sass")
+    assert "HGMMA" in serialized and "WARPGROUP.DEPBAR.LE gsb0, 0x0" in serialized
+    assert not wgmma_in_flight(serialized)
+    assert wgmma_in_flight(paired)
+    # The same text cut right before its first MUFU: nothing but the row max runs beside the HGMMA yet.
+    cut = paired[:paired.index("MUFU")]
+    assert not wgmma_in_flight(cut.rsplit("\n", 1)[0])
+    # A pipelined matmul waits with N > 0 groups left in flight (the form of a K loop's wgmma).
+    pipelined = ("        /*0100*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;"
+                 "                                      /* 0x000080000000791a */\n")
+    assert wgmma_in_flight(pipelined)
+    assert cuda_build.sass_functions(paired).keys() == {"_fwd_tma_kernel"}
 
 
 def test_nvcc_log_per_kernel_and_ptx_entries():
@@ -151,9 +189,14 @@ def test_nvcc_log_per_kernel_and_ptx_entries():
         ptxas info    : Used 255 registers, used 0 barriers, 360 bytes cmem[0]
         """)
     assert cuda_build.parse_ptxas(log) == {
-        "_Z3fooPf": {"regs": 40, "spill_bytes": 0, "shared_bytes": 4096},
-        "_Z3barPf": {"regs": 255, "spill_bytes": 24, "shared_bytes": 0},
+        "_Z3fooPf": {"regs": 40, "spill_bytes": 0, "shared_bytes": 4096, "ptxas_warnings": []},
+        "_Z3barPf": {"regs": 255, "spill_bytes": 24, "shared_bytes": 0, "ptxas_warnings": []},
     }
+    # An advisory names its function (ptxas prints it before that function's entry line).
+    serialized = _sample("ptxas_fwd_tma_serialized_triton3.6.log")
+    parsed = cuda_build.parse_ptxas(serialized + log)
+    assert parsed["_fwd_tma_kernel"]["ptxas_warnings"][0].startswith("C7514: ")
+    assert parsed["_Z3fooPf"]["ptxas_warnings"] == []
     ptx = ".visible .entry _Z3fooPf(\n mma.sync.aligned.m16n8k16 x;\n}\n.visible .entry _Z3barPf(\n ret;\n}\n"
     entries = cuda_build.ptx_entries(ptx)
     assert set(entries) == {"_Z3fooPf", "_Z3barPf"} and "mma.sync" in entries["_Z3fooPf"]

@@ -3,7 +3,8 @@
 The specialization (argument types, constexprs, the divisibility-by-16 and ==1 attributes of pointers and ints)
 comes from the JIT's own binder for that target, and the options from the backend's own parser, so a kernel
 compiles here exactly as its first launch on such a GPU would compile it. Triton runs ``ptxas -v`` itself;
-its log (registers, spill bytes) is captured, and the PTX is searched for the instructions that matter.
+its log (registers, spill bytes, the C75xx performance advisories) is captured, the PTX is searched for the
+instructions asked for, and the SASS (``cuobjdump -sass``) tells whether the wgmma really stay in flight.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import io
 import json
 import os
 import re
+import subprocess
+import tempfile
 import time
 
 import triton
@@ -73,37 +76,75 @@ def ptxas_numbers(log: str) -> dict:
             "static_shared": sum(smem)}
 
 
-_WAIT_GROUP = re.compile(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)")
+# ptxas's performance advisories (C75xx), e.g. "(C7514) Potential Performance Loss: wgmma.mma_async instructions are
+# serialized due to ...". C7514/C7515 mean ptxas made every wgmma of the function wait for itself.
+PTXAS_ADVISORY = re.compile(r"\((C75\d\d)\)\s*(.*?)\s*$")
+SERIALIZING = ("C7514", "C7515")
 
 
-def _math_in_flight(ptx: str) -> bool:
-    """Whether some committed wgmma group is still pending while the warpgroup runs ``ex2`` (a softmax): a
-    ``wgmma.commit_group`` followed by ``ex2`` before the next ``wgmma.wait_group``, in program order."""
+def ptxas_warnings(log: str) -> list[str]:
+    """The C75xx lines of a ptxas log as "C7514: <text>" (without the tool's prefix, spaces collapsed), in order."""
+    found = []
+    for line in log.splitlines():
+        if m := PTXAS_ADVISORY.search(line):
+            found.append(f"{m.group(1)}: {' '.join(m.group(2).split())}")
+    return found
+
+
+def wgmma_serialized(warnings: list[str]) -> bool:
+    return any(w.split(":")[0] in SERIALIZING for w in warnings)
+
+
+def ptx_numbers(ptx: str) -> dict:
+    """Tensor-core and TMA instructions in PTX text (what the compiler was asked for; whether the wgmma really stay
+    in flight is read from the SASS, :func:`sass_numbers`)."""
+    return {
+        "wgmma": len(re.findall(r"\bwgmma\.mma_async", ptx)),
+        "mma_sync": len(re.findall(r"\bmma\.sync", ptx)),
+        "tma": len(re.findall(r"\bcp\.async\.bulk\.tensor", ptx)),
+    }
+
+
+_SASS_INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+([^;]*);")
+_DEPBAR = re.compile(r"WARPGROUP\.DEPBAR\.LE\s+gsb0\s*,\s*(0x[0-9a-f]+|\d+)")
+
+
+def sass_instructions(sass: str) -> list[str]:
+    """The instructions of ``cuobjdump -sass`` text, in program order, without addresses and encodings."""
+    return [m.group(1).strip() for m in _SASS_INSTRUCTION.finditer(sass)]
+
+
+def wgmma_in_flight(sass: str) -> bool:
+    """Whether, in the SASS (what runs, after ptxas), some wgmma stays in flight while the warps go on: a
+    ``WARPGROUP.DEPBAR.LE gsb0, N`` with N > 0 (a pipelined matmul issues the next group before waiting for the
+    last), or a MUFU (the softmax's exp2) issued after an HGMMA and before the DEPBAR that waits for it (ptxas
+    interleaves it with the HGMMAs of attention's next score tile, or places it after their group's ``gsb0``).
+
+    In serialized code every HGMMA is followed by its own DEPBAR, after at most a few address instructions, so
+    this reads False there; the gate relies on ptxas's C7514/C7515 for serialization itself."""
     pending = False
-    for line in ptx.splitlines():
-        if "wgmma.commit_group" in line:
+    for ins in sass_instructions(sass):
+        op = ins.split()[1] if ins.startswith("@") else ins.split()[0]
+        if op.startswith("HGMMA"):
             pending = True
-        elif "wgmma.wait_group" in line:
+        elif m := _DEPBAR.search(ins):
+            if int(m.group(1), 0) > 0:
+                return True
             pending = False
-        elif pending and "ex2.approx" in line:
+        elif pending and op.startswith("MUFU"):
             return True
     return False
 
 
-def ptx_numbers(ptx: str) -> dict:
-    """Tensor-core and TMA instructions in PTX text.
+def sass_of(cubin: bytes) -> str:
+    """``cuobjdump -sass`` of a cubin, with the cuobjdump the triton wheel ships."""
+    from triton import knobs
 
-    ``wgmma_async``: wgmma groups stay in flight while the warpgroup goes on: some ``wgmma.wait_group N`` has
-    N > 0 (the pipelined matmul form), or a group is committed and the softmax's ``ex2`` runs before the next
-    wait (attention issuing the next tile's scores before this tile's softmax; Triton then waits with N = 0 at
-    the next iteration's top). Otherwise each wgmma is waited for at once.
-    """
-    return {
-        "wgmma": len(re.findall(r"\bwgmma\.mma_async", ptx)),
-        "wgmma_async": any(int(n) > 0 for n in _WAIT_GROUP.findall(ptx)) or _math_in_flight(ptx),
-        "mma_sync": len(re.findall(r"\bmma\.sync", ptx)),
-        "tma": len(re.findall(r"\bcp\.async\.bulk\.tensor", ptx)),
-    }
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
 
 
 def build(launch: Launch, arch: str, cache_dir: str | None = None) -> dict:
@@ -143,11 +184,16 @@ def _compile(launch: Launch, arch: str) -> dict:
         lines = [line for line in text.splitlines() if line.strip()]
         return {"compiled": False, "error": " | ".join(lines[:3])[:400]}
     numbers = ptxas_numbers(log.getvalue())
-    row = {
+    warnings = ptxas_warnings(log.getvalue())
+    serialized = wgmma_serialized(warnings)
+    return {
         "compiled": True,
         "regs": numbers["regs"],
         "spill_bytes": numbers["spill_bytes"],
         "shared_bytes": int(kernel.metadata.shared) + numbers["static_shared"],
         **ptx_numbers(kernel.asm["ptx"]),
+        # Serialized wgmma never overlap anything, whatever ptxas then schedules between them.
+        "wgmma_async": not serialized and wgmma_in_flight(sass_of(kernel.asm["cubin"])),
+        "wgmma_serialized": serialized,
+        "ptxas_warnings": warnings,
     }
-    return row

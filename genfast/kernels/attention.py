@@ -69,7 +69,8 @@ _CANDIDATES_FP32 = [(32, 32, 4, 1), (16, 16, 4, 1), (16, 16, 8, 1)]
 # (d256 backward: the separate dQ pass; the tile the count allows there spills 1-9 KB with dQ fused).
 _MEASURED = {
     ("fwd_tma", True, 64): [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (128, 32, 8, 2)],
-    ("fwd_tma", True, 128): [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (128, 32, 8, 2)],
+    # d128 with 3 stages: its tile pairs' four streamed loads need 262 KB of shared memory.
+    ("fwd_tma", True, 128): [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2)],
     ("fwd_tma", True, 256): [(128, 32, 8, 2)],
     ("dkdv_dq", True, 64): [(128, 64, 8, 2), (64, 64, 8, 2), (64, 64, 8, 1)],
     # d128: 16-key tiles (the dK/dV dots on mma.sync); 32-key ones spill 220 B (triton 3.9) or 628 B (3.6).
@@ -111,7 +112,7 @@ def live_fp32_per_thread(kernel: str, block_m: int, block_n: int, block_d: int, 
     """fp32 tile elements each thread holds at once: forward acc[M, D] + S/P[M, N]; dQ dq[M, D] + S/P and
     dP/dS [M, N]; dK/dV dk and dv [N, D] + P and dS [M, N]."""
     tiles = {"fwd": block_m * block_d + block_m * block_n,
-             "fwd_tma": block_m * block_d + 3 * block_m * block_n,  # + the next tile's raw scores
+             "fwd_tma": block_m * block_d + 3 * block_m * block_n,  # + a pair's second score tile
              "dq": block_m * block_d + 2 * block_m * block_n,
              "dkdv": 2 * block_n * block_d + 2 * block_m * block_n,
              "dkdv_dq": 2 * block_n * block_d + 2 * block_m * block_n + block_m * block_d}[kernel]
@@ -124,8 +125,9 @@ def shared_bytes(kernel: str, block_m: int, block_n: int, block_d: int, num_stag
     this count, 247,808 B measured.)"""
     if kernel == "fwd":  # streams K and V; Q once
         return num_stages * 2 * block_n * block_d * elem + block_m * block_d * elem + block_m * block_n * elem
-    if kernel == "fwd_tma":  # streams K and V; Q once; the first K tile and V of the last tile of a run
-        return (num_stages + 1) * 2 * block_n * block_d * elem + block_m * block_d * elem
+    if kernel == "fwd_tma":  # Q once; by tile pairs (d <= 128) it streams K, K, V, V and loads 2 tiles outside
+        tiles = 4 * num_stages + 2 if block_d <= 128 else 2 * num_stages  # measured: 196,672 B at d128 M128 N64
+        return tiles * block_n * block_d * elem + block_m * block_d * elem
     if kernel == "dq":  # streams K and V; Q, dO once; dS staged
         return num_stages * 2 * block_n * block_d * elem + 2 * block_m * block_d * elem + block_m * block_n * elem
     # dkdv: streams Q, dO (and lse, delta); K, V once; P and dS staged

@@ -7,13 +7,21 @@ What differs is how a key tile reaches the tensor cores:
 - Q, K and V are read through tensor descriptors made on the device (``tl.make_tensor_descriptor``), one per
   (sequence, head): the copy engine moves whole tiles into shared memory, the ragged end of a sequence comes in
   as zeros, and the loop's pipeline stages hold TMA loads in flight rather than cp.async addresses in registers.
-- The loop is software-pipelined by hand one tile deep. Iteration j issues P @ V of tile j - 1 (waited for at
-  once: Triton makes an accumulating dot whose result is rescaled synchronous), then the scores of tile j + 1
-  (``q @ k^T``), which only iteration j + 1 reads, then the softmax of tile j. That wgmma group thus runs on the
-  tensor cores while the warps do the exp2 and row sums (FlashAttention-3's intra-warpgroup overlap); in the PTX
-  the softmax's ``ex2`` sits between its ``wgmma.commit_group`` and the next ``wgmma.wait_group 0``, which the
-  compile gate reports as ``wgmma_async``. With 8 warps on 128 rows, the two warpgroups interleave on their own
-  (the installed Tritons do not warp-specialize this loop on Hopper).
+- The scores of a key tile run on the tensor cores while the warps do the softmax of the tile before it (the
+  intra-warpgroup overlap of FlashAttention-3), as far as Triton's rules for asynchronous wgmma allow. Triton keeps
+  a dot in flight only if its result is carried to the next loop iteration and read there after the first
+  ``wgmma.wait_group 0``; a P @ V whose accumulator the next softmax rescales is waited for at once, and each such
+  wait also waits for every score tile issued before it. A score tile carried in flight must not share registers
+  with the tile being softmaxed: carrying one tile (score j + 1 issued before the softmax of j) made LLVM copy
+  the in-flight registers at the loop's end (``mov.b32`` before the ``wait_group``), and ptxas then serialized
+  every wgmma of the kernel (C7514). So the loop goes by pairs of tiles (a, b), each with its own registers:
+  softmax of a, P @ V of a, the scores of the next a issued, the softmax of b while they run, the scores of the
+  next b issued; the loop's top issues the previous b's P @ V (a zero P before the first pair), and an odd count's
+  last tile goes alone after the loop. Half the softmaxes thus run beside a score matmul, no wgmma is serialized,
+  and there is one wait per tile (benchmarks/results/compile-sm90a-*.md holds the machine code of both forms).
+  Head dims over 128 go one tile at a time (two score tiles beside the accumulator spill there).
+  With 8 warps on 128 rows, the two warpgroups also interleave on their own (the installed Tritons do not
+  warp-specialize this loop on Hopper).
 
 The launcher (genfast/kernels/attention.py, ``_launch_fwd``) takes this kernel on a GPU of capability 9.x for
 fp16/bf16 inputs whose layout a descriptor can describe (rows 16-byte aligned, last dim contiguous) when a
@@ -54,6 +62,41 @@ def _softmax_tile(qk, m_i, l_i, acc, seed, row0, offs_m, offs_n, mask_ptr, smm, 
     if DROPOUT:
         p = tl.where(_keep(seed, row0, offs_m, offs_n, Nk, dropout_p), p, 0.0)
     return p, m_new, l_i, acc * alpha[:, None]
+
+
+@triton.jit
+def _one_tile(q, k_desc, v_desc, start_n, m_i, l_i, acc, seed, row0, offs_m, offs_j, mask_ptr, smm, smn, nq, nk, end,
+              shift, left, right, qk_scale, Nk, dropout_p, MASK_KIND: tl.constexpr, POSITION: tl.constexpr,
+              DROPOUT: tl.constexpr, PRECISION: tl.constexpr, F32_DOT: tl.constexpr):
+    """The key tile at ``start_n`` in order: its scores, their softmax, P @ V (each waited for)."""
+    qk = _mm(q, tl.trans(k_desc.load([start_n, 0])), PRECISION, F32_DOT)
+    p, m_i, l_i, acc = _softmax_tile(qk, m_i, l_i, acc, seed, row0, offs_m, start_n + offs_j, mask_ptr, smm, smn, nq,
+                                     nk, end, shift, left, right, qk_scale, Nk, dropout_p, MASK_KIND, POSITION,
+                                     DROPOUT)
+    acc = _mma(p.to(q.dtype), v_desc.load([start_n, 0]), acc, PRECISION, F32_DOT)
+    return p, m_i, l_i, acc
+
+
+@triton.jit
+def _tile_pair(q, k_desc, v_desc, qa, qb, start_n, m_i, l_i, acc, seed, row0, offs_m, offs_j, mask_ptr, smm, smn, nq,
+               nk, end, shift, left, right, qk_scale, Nk, dropout_p, MASK_KIND: tl.constexpr, POSITION: tl.constexpr,
+               DROPOUT: tl.constexpr, PRECISION: tl.constexpr, F32_DOT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Tiles a = ``start_n`` and b = a + BLOCK_N from their raw scores ``qa``, ``qb``: softmax of a, P @ V of a,
+    scores of a + 2 tiles issued (into qa's registers, free by then), softmax of b while they run, scores of
+    b + 2 tiles issued. Returns b's P (its P @ V is the caller's), the softmax state and the two new score tiles,
+    which only the next pair reads. After the last pair nothing reads them (they hold the odd last tile, keys of the
+    next run or TMA's zeros past the sequence): two spare score matmuls per run, rather than a branch that would
+    make the wgmma synchronous."""
+    p, m_i, l_i, acc = _softmax_tile(qa, m_i, l_i, acc, seed, row0, offs_m, start_n + offs_j, mask_ptr, smm, smn,
+                                     nq, nk, end, shift, left, right, qk_scale, Nk, dropout_p, MASK_KIND, POSITION,
+                                     DROPOUT)
+    acc = _mma(p.to(q.dtype), v_desc.load([start_n, 0]), acc, PRECISION, F32_DOT)
+    qa = _mm(q, tl.trans(k_desc.load([start_n + 2 * BLOCK_N, 0])), PRECISION, F32_DOT)
+    p, m_i, l_i, acc = _softmax_tile(qb, m_i, l_i, acc, seed, row0, offs_m, start_n + BLOCK_N + offs_j, mask_ptr,
+                                     smm, smn, nq, nk, end, shift, left, right, qk_scale, Nk, dropout_p, MASK_KIND,
+                                     POSITION, DROPOUT)
+    qb = _mm(q, tl.trans(k_desc.load([start_n + 3 * BLOCK_N, 0])), PRECISION, F32_DOT)
+    return p, m_i, l_i, acc, qa, qb
 
 
 @_tuned("fwd_tma")
@@ -105,27 +148,37 @@ def _fwd_tma_kernel(Q, K, V, Mask, Seed, Out, Lse, CuQ, CuK,
             start, end = a, mid
         else:
             start, end = mid, hi
-        if start < end:
-            # Tile j's P @ V is issued and waited for in iteration j + 1, right before the scores of tile j + 2
-            # are issued; those stay in flight (only iteration j + 2 reads them) while this iteration runs the
-            # softmax of tile j + 1. The first tile's scores and softmax come before the loop.
-            qk = _mm(q, tl.trans(k_desc.load([start, 0])), PRECISION, F32_DOT)
-            p, m_i, l_i, acc = _softmax_tile(qk, m_i, l_i, acc, seed, row0, offs_m, start + offs_j, mask_ptr, smm,
-                                             smn, nq, nk, end, shift, left, right, qk_scale, Nk, dropout_p,
-                                             MASK_KIND, run != 1, DROPOUT)
-            qk = _mm(q, tl.trans(k_desc.load([start + BLOCK_N, 0])), PRECISION, F32_DOT)
-            for start_n in range(start + BLOCK_N, end, BLOCK_N):
-                acc = _mma(p.to(q.dtype), v_desc.load([start_n - BLOCK_N, 0]), acc, PRECISION,
-                           F32_DOT)
-                # Past the run's end this reads keys the position mask hides, or TMA's zeros past the sequence:
-                # one spare tile per run, rather than a branch that would make the wgmma synchronous.
-                qk_next = _mm(q, tl.trans(k_desc.load([start_n + BLOCK_N, 0])), PRECISION, F32_DOT)
-                p, m_i, l_i, acc = _softmax_tile(qk, m_i, l_i, acc, seed, row0, offs_m, start_n + offs_j, mask_ptr,
-                                                 smm, smn, nq, nk, end, shift, left, right, qk_scale, Nk, dropout_p,
-                                                 MASK_KIND, run != 1, DROPOUT)
-                qk = qk_next
-            last = start + ((end - 1 - start) // BLOCK_N) * BLOCK_N
-            acc = _mma(p.to(q.dtype), v_desc.load([last, 0]), acc, PRECISION, F32_DOT)
+        # Head dims up to 128: tiles by pairs (a, b) so that each in-flight score tile has registers of its own (see
+        # the module's docstring), and an odd count's last tile alone, in order. Over 128, one tile at a time: two
+        # score tiles beside the accumulator spill there (76 B at M128 N32).
+        tiles = tl.cdiv(end - start, BLOCK_N)
+        if BLOCK_D > 128:  # constexpr branches: each form's loads get shared memory only where it is compiled
+            for start_n in range(start, end, BLOCK_N):
+                p, m_i, l_i, acc = _one_tile(q, k_desc, v_desc, start_n, m_i, l_i, acc, seed, row0, offs_m, offs_j,
+                                             mask_ptr, smm, smn, nq, nk, end, shift, left, right, qk_scale, Nk,
+                                             dropout_p, MASK_KIND, run != 1, DROPOUT, PRECISION, F32_DOT)
+        else:
+            pairs_end = start + (tiles // 2) * 2 * BLOCK_N
+            if start < pairs_end:
+                qa = _mm(q, tl.trans(k_desc.load([start, 0])), PRECISION, F32_DOT)
+                qb = _mm(q, tl.trans(k_desc.load([start + BLOCK_N, 0])), PRECISION, F32_DOT)
+                # The loop's top does the P @ V of the previous pair's b tile: none before the first pair, so a
+                # zero P there (one spare matmul per run, rather than the pair's code again before the loop, whose
+                # loads would each need their own shared memory).
+                p = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+                for start_n in range(start, pairs_end, 2 * BLOCK_N):
+                    # Waited for at once (an accumulator the next softmax rescales cannot stay in flight), which
+                    # also waits for the scores issued last iteration.
+                    acc = _mma(p.to(q.dtype), v_desc.load([start_n - BLOCK_N, 0]), acc, PRECISION, F32_DOT)
+                    p, m_i, l_i, acc, qa, qb = _tile_pair(q, k_desc, v_desc, qa, qb, start_n, m_i, l_i, acc, seed,
+                                                          row0, offs_m, offs_j, mask_ptr, smm, smn, nq, nk, end,
+                                                          shift, left, right, qk_scale, Nk, dropout_p, MASK_KIND,
+                                                          run != 1, DROPOUT, PRECISION, F32_DOT, BLOCK_N)
+                acc = _mma(p.to(q.dtype), v_desc.load([pairs_end - BLOCK_N, 0]), acc, PRECISION, F32_DOT)
+            if tiles % 2 == 1:
+                p, m_i, l_i, acc = _one_tile(q, k_desc, v_desc, pairs_end, m_i, l_i, acc, seed, row0, offs_m, offs_j,
+                                             mask_ptr, smm, smn, nq, nk, end, shift, left, right, qk_scale, Nk,
+                                             dropout_p, MASK_KIND, run != 1, DROPOUT, PRECISION, F32_DOT)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
