@@ -39,7 +39,7 @@ endif
 help:
 	@echo "make test    build genfast (and its extension), run the compile gate, lint, run the tests"
 	@echo "make compile-gate  compile every Triton config and .cu for sm_90a and sm_80 (no GPU needed); fails on"
-	@echo "             compile errors, shared-memory overflow, spills, no wgmma; benchmarks/results/compile-*"
+	@echo "             compile errors, shared-memory overflow, spills, no or serialized wgmma; benchmarks/results/compile-*"
 	@echo "make bench   run the benchmark suite on the device present; results in benchmarks/results/local/"
 	@echo "make gpu-check GPU_CHECK_OUT=DIR  on a GPU machine: build for its arch, GPU tests, compute-sanitizer,"
 	@echo "             headline benchmarks, all in DIR within 540 s (README: GPU check)"
@@ -74,7 +74,7 @@ $(GATE_TRITON_DIR)/.installed:
 # The compile gate, part of `make test`: every Triton kernel with every config its autotuner can pick, under this
 # environment's triton and triton 3.6.0, and every .cu through nvcc, compiled for sm_90a and sm_80; it fails on a
 # compile error, shared-memory overflow, a spill, an attention/conv_transpose dot without wgmma or a *_tma_kernel
-# without TMA loads and async wgmma (sm_90a). It writes the four reports
+# without TMA loads, or wgmma that ptxas serialized (C7514/C7515, sm_90a). It writes the four reports
 # benchmarks/results/compile-sm{90a,80}-triton{3.9.0,3.6.0}.{json,md}. Measured from an empty cache with
 # GATE_JOBS=2 on 2 cores shared with other work (load 4-5): 9.3 min in all (triton 3.9.0: 137 compiles in 230 s;
 # triton 3.6.0: 137 in 173 s; nvcc: 6 .cu x 2 archs in 148 s; 13.4 min at load 5-7), within CI's share for it
