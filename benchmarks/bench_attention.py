@@ -421,9 +421,40 @@ def _varlen_swap_setup(device, dtype, d, h, lengths, causal, backward):
     return setup
 
 
+def _decode_swaps(device: torch.device, quick: bool) -> list[ReplacedCase]:
+    """attention_decode (its default call) against SDPA over the same cache: the whole cache when it is full, and
+    with a boolean mask of the filled slots when it is filled to a quarter (what a static-cache user runs; genfast
+    reads only the filled slots). MHA at the issue's B4 H12 cache 2048 d64, GQA at the suite's Hq8 Hk2."""
+    if device.type == "cuda":
+        grid = [(torch.bfloat16, 128, 32, 8, 8, 16384, fill) for fill in (1.0, 0.25)]
+    else:
+        grid = [(torch.float32, 64, 12, 12, 4, 2048, fill) for fill in (1.0, 0.25)]
+        grid += [(torch.float32, 64, 8, 2, b, n, fill) for b, n in ((4, 4096), (1, 1024)) for fill in (1.0, 0.25)]
+    if quick:
+        grid = grid[:2]
+    out = []
+    for dtype, d, hq, hk, b, n, fill in grid:
+        label = (f"{str(dtype).replace('torch.', '')} d{d} Hq{hq} Hk{hk} B{b} cache{n} "
+                 f"{'full' if fill == 1 else 'filled to a quarter'}")
+
+        def setup(dtype=dtype, d=d, hq=hq, hk=hk, b=b, n=n, fill=fill):
+            g = torch.Generator(device).manual_seed(0)
+            q = torch.randn(b, hq, 1, d, device=device, dtype=dtype, generator=g)
+            k, v = (torch.randn(b, hk, n, d, device=device, dtype=dtype, generator=g) for _ in range(2))
+            filled = int(n * fill)
+            lengths = torch.full((b,), filled, dtype=torch.int32, device=device)
+            mask = None if fill == 1 else (torch.arange(n, device=device) < filled)[None, None, None, :]
+            return (lambda: attention_decode(q, k, v, lengths),
+                    lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=hq != hk))
+
+        what = "F.scaled_dot_product_attention over the cache" + ("" if fill == 1 else " (mask of the filled slots)")
+        out.append(ReplacedCase(FAMILY, "genfast.ops.attention_decode", label, what, setup))
+    return out
+
+
 def replaced(device: torch.device, quick: bool = False) -> list[ReplacedCase]:
-    """The attention family's replaced rows (decode's are added by its own function, beside these)."""
-    return _attention_swaps(device, quick) + _varlen_swaps(device, quick)
+    """The attention family's replaced rows: attention, scaled_dot_product_attention, varlen and decode."""
+    return _attention_swaps(device, quick) + _varlen_swaps(device, quick) + _decode_swaps(device, quick)
 
 
 __all__ = ["cases", "decode_cases", "varlen_cases", "replaced"]

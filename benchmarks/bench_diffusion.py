@@ -6,13 +6,16 @@ as diffusers computes it, written out here with torch ops) and ``diffusers`` (di
 ``step``). "noise inside" cases draw the noise in the step (genfast: Philox in the kernel; eager and
 diffusers: torch.randn), "noise given" cases pass it in. bytes = what a step must move: sample and
 model output read, noise read when given (float32), output written.
+
+Replaced row (``replaced``): ``genfast.ops.cfg_combine(uncond, cond, g)`` against the eager
+``uncond + g * (cond - uncond)``, at the suite's shape and a 4x larger one.
 """
 
 from __future__ import annotations
 
 import torch
 
-from benchmarks.harness import BenchCase, genfast_providers, with_backend
+from benchmarks.harness import BenchCase, ReplacedCase, genfast_providers, with_backend
 from genfast import ops
 from genfast.diffusion import DDIMScheduler, DDPMScheduler
 
@@ -159,4 +162,17 @@ def cases(device: torch.device, quick: bool = False) -> list[BenchCase]:
                                  bytes=drawn_bytes))
         out.append(BenchCase(FAMILY, "cfg_combine", label, "reference", cfg_ours("reference"), bytes=drawn_bytes))
         out.append(BenchCase(FAMILY, "cfg_combine", label, "torch-eager", cfg_eager, bytes=drawn_bytes))
+    return out
+
+
+def replaced(device: torch.device, quick: bool = False) -> list[ReplacedCase]:
+    out = []
+    for shape, dtype in _shapes(device, quick)[:1]:
+        for size in ([shape] if quick else [shape, (*shape[:-2], 2 * shape[-2], 2 * shape[-1])]):
+            def setup(size=size, dtype=dtype):
+                gen = torch.Generator(device).manual_seed(0)
+                u, c = (torch.randn(size, generator=gen, device=device).to(dtype) for _ in range(2))
+                return lambda: ops.cfg_combine(u, c, 7.5), lambda: u + 7.5 * (c - u)
+            label = f"cfg {'x'.join(map(str, size))} {str(dtype).replace('torch.', '')}"
+            out.append(ReplacedCase(FAMILY, "genfast.ops.cfg_combine", label, "uncond + g * (cond - uncond)", setup))
     return out

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 import genfast
-from benchmarks.harness import BenchCase, genfast_providers
+from benchmarks.harness import BenchCase, ReplacedCase, genfast_providers
 from genfast.models.cyclegan import CycleGANConfig, ResnetGenerator
 from genfast.models.vae import VAE, VAEConfig
 from genfast.nn import ConvTranspose2dNormAct
@@ -139,4 +139,35 @@ def cases(device: torch.device, quick: bool = False) -> list[BenchCase]:
         for batch in dec_batches:
             out += _cases("vae decode", f"{dt} B{batch} 3x64x64 latent128", copy.deepcopy(decoder), (batch, 128),
                           dtype, device)
+    return out
+
+
+def replaced(device: torch.device, quick: bool = False) -> list[ReplacedCase]:
+    """``genfast.fuse`` of each model's plain-torch twin against the twin itself (eval, no grad), at the suite's
+    sizes and one larger size each."""
+    if device.type == "cuda":
+        sizes, batches = [256], [256]
+    else:
+        sizes, batches = ([32], [8]) if quick else ([64, 128], [64, 128])
+    torch.manual_seed(0)
+    models = [("cyclegan generator", ResnetGenerator(CycleGANConfig()), [(1, 3, s, s) for s in sizes]),
+              ("vae decode", _Decoder(_randomize_norms(VAE(VAEConfig(image_size=64, channels=3, latent_dim=128,
+                                                                     base_channels=64)))),
+               [(b, 128) for b in batches])]
+    out = []
+    for name, model, shapes in models:
+        for shape in shapes:
+            def setup(model=model, shape=shape):
+                twin = torch_twin(model).to(device).eval()
+                fused, _ = genfast.fuse(twin, inplace=False)
+                x = torch.randn(shape, device=device)
+
+                def run(m):
+                    def call():
+                        with torch.no_grad():
+                            return m(x)
+                    return call
+                return run(fused), run(twin)
+            out.append(ReplacedCase(FAMILY, f"genfast.fuse({name})", f"float32 {'x'.join(map(str, shape))} eval",
+                                    "the same model in torch modules", setup))
     return out

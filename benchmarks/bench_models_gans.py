@@ -11,6 +11,9 @@ excluded) and ``genfast-auto``; ``reference`` (the same model under genfast.back
 conv_transpose2d in fp32 plus the epilogue); ``torch-eager`` (the same weights in plain nn.ConvTranspose2d /
 nn.BatchNorm2d / nn.ReLU / nn.Tanh modules: cuDNN on a GPU). FLOPs: the generator's transposed convolutions,
 2 * N * C_in * C_out * KH * KW * H_in * W_in each (x3 for forward + backward in the train step, D not counted).
+
+Replaced row (``replaced``): ``genfast.fuse(G)`` of the plain-torch generator (``plain_torch_generator``) against
+that generator itself, eval under no_grad, at the suite's batch and twice it.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from torch import nn
 
 import genfast
 from benchmarks.bench_conv_transpose import flops
-from benchmarks.harness import BenchCase, genfast_providers
+from benchmarks.harness import BenchCase, ReplacedCase, genfast_providers
 from genfast.models.dcgan import DCGANConfig, Discriminator, Generator
 
 FAMILY = "models_gans"
@@ -122,4 +125,25 @@ def cases(device: torch.device, quick: bool = False) -> list[BenchCase]:
         for provider, backend in _providers(device):
             out.append(_eval_case(device, dtype, eval_batch, provider, backend))
             out.append(_train_case(device, dtype, train_batch, provider, backend))
+    return out
+
+
+def replaced(device: torch.device, quick: bool = False) -> list[ReplacedCase]:
+    batch = 4 if quick else (256 if device.type == "cuda" else 32)
+    out = []
+    for b in [batch] if quick else [batch, 2 * batch]:
+        def setup(b=b):
+            config, G, _ = _models(device, torch.float32)
+            eager = plain_torch_generator(G.eval()).eval()
+            fused, _ = genfast.fuse(eager, inplace=False)
+            z = torch.randn(b, config.latent_dim, 1, 1, device=device)
+
+            def run(model):
+                def call():
+                    with torch.no_grad():
+                        return model(z)
+                return call
+            return run(fused), run(eager)
+        out.append(ReplacedCase(FAMILY, "genfast.fuse(dcgan generator)", f"float32 64x64 B{b} eval",
+                                "the same generator in torch modules", setup))
     return out

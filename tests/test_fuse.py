@@ -171,3 +171,27 @@ def test_printout_names_genfast_and_what_was_replaced():
     assert mha in text, text
     assert "Identity()" not in text and ": MultiheadAttention(" not in text, text
     assert isinstance(fused.net[1], nn.Identity)  # still an identity where code checks for one
+
+
+class _ReadsWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.decoder = nn.Sequential(nn.Sequential(nn.ConvTranspose2d(4, 3, 4, 2, 1), nn.BatchNorm2d(3), nn.ReLU()))
+
+    def forward(self, z):
+        return self.decoder(z.to(self.decoder[0][0].weight.dtype))
+
+
+def test_model_code_reading_the_replaced_conv_weight_still_runs():
+    """A model that reads its convolution's parameters through the old index (as genfast's VAE does,
+    ``self.decoder[0][0].weight``) runs after fuse(): the block answers .weight and .bias with its conv's."""
+    torch.manual_seed(0)
+    model = _ReadsWeight().eval()
+    z = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    want = model(z)
+    fused, report = genfast.fuse(model, inplace=False)
+    assert len(report.replaced) == 1, str(report)
+    block = fused.decoder[0][0]
+    assert isinstance(block, ConvTranspose2dNormAct)
+    assert block.weight is block.conv.weight and block.bias is block.conv.bias
+    torch.testing.assert_close(fused(z), want, atol=1e-5, rtol=1e-5)

@@ -164,6 +164,16 @@ class ConvTranspose2dNormAct(nn.Sequential):
     def conv(self) -> ConvTranspose2d:
         return self[0]
 
+    # The block stands where genfast.fuse found the convolution, so model code that reads that convolution's
+    # parameters through its old index (``self.decoder[0][0].weight``) keeps working.
+    @property
+    def weight(self) -> nn.Parameter:
+        return self[0].weight
+
+    @property
+    def bias(self) -> nn.Parameter | None:
+        return self[0].bias
+
     @property
     def norm(self) -> nn.Module | None:
         return next((m for m in self if isinstance(m, nn.modules.batchnorm._NormBase)), None)
