@@ -16,6 +16,9 @@ bytes times the new tokens: the table's GB/s and "% copy" are then the fraction 
 the copy bandwidth measured in the same run. FLOPs are the standard 2 * N per token (N = parameters but the
 position table; the tied head computes). eos is disabled so every provider generates the same number of tokens.
 
+Replaced rows (``replaced``): ``GPT.generate`` (the default call) against transformers' ``generate`` on the same
+GPT-2 124M weights, B1 and B8, greedy and sampling (the same temperature / top-k / top-p), 32 + 32 tokens on a CPU.
+
 ``python -m benchmarks.bench_models_gpt [--quick]`` times only the generation cases, genfast and transformers
 interleaved (the fairer comparison on a shared machine), and prints the ratios.
 """
@@ -29,7 +32,7 @@ import tempfile
 import torch
 
 import genfast
-from benchmarks.harness import BenchCase, genfast_providers
+from benchmarks.harness import BenchCase, ReplacedCase, genfast_providers
 from genfast.models import GPT, GPTConfig
 
 FAMILY = "models_gpt"
@@ -196,6 +199,32 @@ def cases(device: torch.device, quick: bool = False) -> list[BenchCase]:
     return _train_cases(device, quick, name, config, providers) + _generate_cases(device, quick)
 
 
+def replaced(device: torch.device, quick: bool = False) -> list[ReplacedCase]:
+    if not _has_transformers():
+        return []
+    prompt = 128 if device.type == "cuda" else 32
+    new = 8 if quick else (128 if device.type == "cuda" else 32)
+    dtype = _dtype(device)
+    out = []
+    for b in [1] if quick else [1, 8]:
+        for sample in [False] if quick else [False, True]:
+            def setup(b=b, sample=sample):
+                torch.manual_seed(0)
+                config = GPTConfig.preset("gpt2")
+                model = GPT(config).to(device=device, dtype=dtype).eval()
+                idx = torch.randint(0, config.vocab_size, (b, prompt), device=device)
+                hf = _transformers_model(model, device, dtype)
+                knobs = SAMPLING if sample else dict(temperature=0.0)
+
+                def ours():
+                    return model.generate(idx, new, **knobs)
+                return ours, lambda: _hf_generate(hf, idx, new, sample)
+            mode = "sample (T 0.8, top-k 50, top-p 0.9)" if sample else "greedy"
+            label = f"gpt2-124M {str(dtype).replace('torch.', '')} B{b} prompt{prompt} new{new} {mode}"
+            out.append(ReplacedCase(FAMILY, "GPT.generate", label, "transformers GPT2LMHeadModel.generate", setup))
+    return out
+
+
 def tokens_per_second(case: BenchCase, ms: float) -> float:
     """Generated (or trained) tokens per second of a measured case: the count in its label over the time."""
     count = int(case.case.rsplit("(", 1)[1].split()[0])
@@ -240,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["cases", "tokens_per_second"]
+__all__ = ["cases", "replaced", "tokens_per_second"]
 
 
 if __name__ == "__main__":
