@@ -371,3 +371,25 @@ def test_a_pickle_beyond_the_machines_memory_is_refused_before_torch_load(tmp_pa
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load ran"))
     with pytest.raises(ValueError, match=r"pytorch_model\.bin needs 2\.0 GiB, more than this machine's 1\.0 GiB"):
         GPT.from_pretrained(folder)
+
+
+def test_loaders_find_only_genfasts_displaced_checkpoint(tmp_path):
+    """A crash between a save's two renames leaves `.checkpoint.genfast-old` (marked) and no `checkpoint`: the loaders
+    read it, as --resume does; a user's `checkpoint.old` or an unmarked folder of that name is never read."""
+    from genfast.models._checkpoint import displaced_dir, find_run_checkpoint
+    from genfast.training.checkpoint import CHECKPOINT_DIR, save_checkpoint
+
+    save_checkpoint(tmp_path / CHECKPOINT_DIR, modules={"model": nn.Linear(2, 2)}, config={"recipe": "x"})
+    displaced = displaced_dir(tmp_path / CHECKPOINT_DIR)
+    (tmp_path / CHECKPOINT_DIR).rename(displaced)
+    assert find_run_checkpoint(tmp_path) == displaced
+
+    (displaced / ".genfast-made").unlink()  # no marker: a folder genfast cannot prove it made
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        find_run_checkpoint(tmp_path)
+
+    user = tmp_path / "user-run"
+    (user / "checkpoint.old").mkdir(parents=True)
+    (user / "checkpoint.old" / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        find_run_checkpoint(user)

@@ -10,6 +10,7 @@ every loader here calls it, and so does training's ``--resume``.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -31,6 +32,8 @@ from genfast._io import (
 FORMAT_VERSION = 2  # the same as genfast.training.checkpoint.FORMAT_VERSION (a test keeps them equal)
 CHECKPOINT_DIR = "checkpoint"
 CONFIG_FILE = "config.json"
+MADE_MARKER = ".genfast-made"  # inside every folder genfast creates: the proof that it may remove it
+DISPLACED_SUFFIX = ".genfast-old"  # `.checkpoint.genfast-old`: the replaced checkpoint, between the two renames
 
 log = logging.getLogger("genfast")
 
@@ -101,15 +104,42 @@ def check_weights(state: Mapping[str, torch.Tensor], model: nn.Module | Mapping[
         log.warning("genfast: %s: weights cast to the model's dtype (%s tensors)", source, pairs)
 
 
+def displaced_dir(directory: Path) -> Path:
+    """Where a checkpoint save moves the folder it replaces until the new one is in place."""
+    return directory.with_name(f".{directory.name}{DISPLACED_SUFFIX}")
+
+
+def genfast_marker(folder: Path) -> tuple[bool, list[str] | None]:
+    """(made by genfast, the files it wrote or None for all) of ``folder``, reading its marker without following
+    links; (False, None) when there is no readable marker."""
+    path = folder / MADE_MARKER
+    try:
+        if folder.is_symlink() or not folder.is_dir() or not path.is_file() or path.is_symlink():
+            return False, None
+        data = json.loads(path.read_text()[:1_000_000])
+    except (OSError, ValueError):
+        return False, None
+    if not isinstance(data, dict) or data.get("made_by") != "genfast":
+        return False, None
+    files = data.get("files")
+    if files is None:
+        return True, None
+    if not isinstance(files, list) or not all(isinstance(f, str) and f and "/" not in f and f not in (".", "..")
+                                              for f in files):
+        return False, None
+    return True, files
+
+
 def find_run_checkpoint(path: str | os.PathLike) -> Path:
-    """The checkpoint folder of a run folder (``path/checkpoint``, or ``checkpoint.old`` left by a crash mid-save)
-    or of the checkpoint folder itself; FileNotFoundError if there is none."""
+    """The checkpoint folder of a run folder (``path/checkpoint``, or the displaced ``.checkpoint.genfast-old`` that
+    genfast marked as its own, left by a crash between a save's two renames) or of the checkpoint folder itself;
+    FileNotFoundError if there is none. A user's folder (no marker) is never read in place of the checkpoint."""
     path = Path(path)
     for candidate in (path / CHECKPOINT_DIR, path):
         if (candidate / CONFIG_FILE).is_file():
             return candidate
-        old = candidate.with_name(candidate.name + ".old")
-        if not candidate.exists() and (old / CONFIG_FILE).is_file():
+        old = displaced_dir(candidate)
+        if not candidate.exists() and genfast_marker(old)[0] and (old / CONFIG_FILE).is_file():
             return old
     raise FileNotFoundError(f"no checkpoint at {path} (expected {path / CHECKPOINT_DIR / CONFIG_FILE} "
                             "from `genfast train`)")
@@ -252,4 +282,5 @@ def build_and_load(factory: Callable[[], nn.Module], directory: Path,
     return module
 
 
-__all__ = ["FORMAT_VERSION", "CheckpointError", "check_weights", "find_run_checkpoint", "read_run", "build_and_load"]
+__all__ = ["FORMAT_VERSION", "CheckpointError", "check_weights", "find_run_checkpoint", "displaced_dir",
+           "genfast_marker", "read_run", "build_and_load"]

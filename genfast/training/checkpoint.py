@@ -36,15 +36,19 @@ import torch
 from torch import nn
 
 from genfast._io import load_safetensors_state, read_json_config
-from genfast.models._checkpoint import check_weights
+from genfast.models._checkpoint import (  # the run folder's vocabulary lives below training, shared with the loaders
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    DISPLACED_SUFFIX,
+    MADE_MARKER,
+    check_weights,
+    displaced_dir,
+    genfast_marker,
+)
 
 FORMAT_VERSION = 2
-CHECKPOINT_DIR = "checkpoint"
 TRAINER_FILE = "trainer.pt"
-CONFIG_FILE = "config.json"
 TMP_MARKER = ".tmp-"
-MADE_MARKER = ".genfast-made"  # inside every folder genfast creates: the proof that it may remove it
-DISPLACED_SUFFIX = ".genfast-old"  # `.checkpoint.genfast-old`: the replaced checkpoint, between the two renames
 KEPT_INFIX = ".kept-"  # `checkpoint.kept-<random>`: a replaced folder that held files genfast did not write
 
 
@@ -91,41 +95,15 @@ def make_temp_dir(parent: Path, name: str) -> Path:
         return tmp
 
 
-def displaced_dir(directory: Path) -> Path:
-    """Where ``commit_dir`` moves the folder it replaces until the new one is in place."""
-    return directory.with_name(f".{directory.name}{DISPLACED_SUFFIX}")
-
-
 def _write_marker(folder: Path, files: list[str] | None) -> None:
     """The marker: files None for a temporary folder (all of it genfast's), else the names genfast wrote."""
     (folder / MADE_MARKER).write_text(json.dumps({"made_by": "genfast", "files": files}))
 
 
-def _marker(folder: Path) -> tuple[bool, list[str] | None]:
-    """(made by genfast, the files it wrote or None for all) of ``folder``, reading its marker without following
-    links; (False, None) when there is no readable marker."""
-    path = folder / MADE_MARKER
-    try:
-        if folder.is_symlink() or not folder.is_dir() or not path.is_file() or path.is_symlink():
-            return False, None
-        data = json.loads(path.read_text()[:1_000_000])
-    except (OSError, ValueError):
-        return False, None
-    if not isinstance(data, dict) or data.get("made_by") != "genfast":
-        return False, None
-    files = data.get("files")
-    if files is None:
-        return True, None
-    if not isinstance(files, list) or not all(isinstance(f, str) and f and "/" not in f and f not in (".", "..")
-                                              for f in files):
-        return False, None
-    return True, files
-
-
 def remove_own_dir(folder: Path) -> bool:
     """Remove ``folder`` if genfast made it (its marker), deleting only the files genfast wrote there; True when
     it is gone. A folder without the marker, a symbolic link, or one that still holds other files is left."""
-    made, files = _marker(folder)
+    made, files = genfast_marker(folder)
     if not made:
         return False
     if files is None:  # a temporary folder: all of it is genfast's (rmtree never follows links inside)
@@ -252,7 +230,7 @@ def _resolve(directory: Path) -> Path | None:
     absent after a crash mid-swap; ValueError naming the missing file if it is a checkpoint with a file missing;
     else None."""
     old = displaced_dir(directory)
-    old_is_ours = _marker(old)[0]
+    old_is_ours = genfast_marker(old)[0]
     if not directory.exists():
         if old_is_ours and (old / CONFIG_FILE).is_file() and (old / TRAINER_FILE).is_file():
             return old
