@@ -19,7 +19,7 @@ import torch
 
 # The families of the compile report, in report order.
 FAMILIES = ("attention", "attention_varlen", "attention_decode", "conv_transpose", "sampling", "diffusion", "latent",
-            "random")
+            "random", "lstm")
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 _SHORT = {BF16: "bf16", FP16: "fp16", FP32: "fp32"}
@@ -175,6 +175,15 @@ def _random():
     return run
 
 
+def _lstm(dtype, batch=64, hidden=1024):
+    def run(k):
+        gates = _empty(batch, 4 * hidden, dtype=dtype)
+        c = _empty(batch, hidden, dtype=dtype)
+        k["lstm"].lstm_cell(gates, gates, c)
+        k["lstm"].lstm_cell_backward(c, c, gates, gates, c)
+    return run
+
+
 def cases() -> list[Case]:
     """The gate's cases. Sweeps (every config) where the tiles are tuned: attention in bf16 at head dims
     256/128/64 and the transposed convolution in bf16 channels_last; one config per kernel elsewhere (fp16
@@ -196,5 +205,6 @@ def cases() -> list[Case]:
             for dtype, layout in ((BF16, "NCHW"), (FP16, "channels_last"), (FP32, "channels_last"))]
     out.append(Case("conv_transpose", "bf16 NCHW k3 s1 gelu", _conv(BF16, False, 1, 3, activation="gelu")))
     out += [Case("sampling", "bf16 vocab 50257", _sampling(BF16)), Case("diffusion", "fp32", _diffusion(FP32)),
-            Case("latent", "fp32", _latent(FP32)), Case("random", "fp32", _random())]
+            Case("latent", "fp32", _latent(FP32)), Case("random", "fp32", _random()),
+            Case("lstm", "bf16 hidden 1024", _lstm(BF16))]
     return out
