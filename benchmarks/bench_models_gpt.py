@@ -19,6 +19,15 @@ position table; the tied head computes). eos is disabled so every provider gener
 Replaced rows (``replaced``): ``GPT.generate`` (the default call) against transformers' ``generate`` on the same
 GPT-2 124M weights, B1 and B8, greedy and sampling (the same temperature / top-k / top-p), 32 + 32 tokens on a CPU.
 
+What a CPU decode step spends (torch.profiler, GPT-2 124M fp32, 16 new tokens, 1 thread, 2026-12-06, loaded
+machine): the matmuls are 90-92% of it at B1 and B8 (the 48 block linears, addmm, ~64%; the tied head, mm, ~26%);
+gelu 1.5-2%, attention_decode 0.6% (B1) / 2.3% (B8), sample_tokens 0.3-0.8%, kv_cache_append 0.1-0.7%, the
+rest (layer norms, views, adds) a few %. The per-token Python and allocation overhead is thus a few % of a step,
+and a 1.2x margin over transformers cannot come from it: both read the same weights through the same torch
+matmuls. One lead for the head: on this torch build x @ W.t() at M = 1 ran ~1.5x slower than x @ W_t with W_t
+the [in, out] copy (GPT-2's Conv1D layout, which transformers uses), while at M = 8 the [out, in] layout was
+faster; not taken (a second copy of the 154 MB head).
+
 ``python -m benchmarks.bench_models_gpt [--quick]`` times only the generation cases, genfast and transformers
 interleaved (the fairer comparison on a shared machine), and prints the ratios.
 """
