@@ -7,6 +7,10 @@ loop on a GPU passes to avoid that synchronisation). genfast draws its Philox no
 tokens only); the reference and its torch.compile'd version run with ``validate=False`` and get a pre-drawn
 uniform noise tensor, so their timings include neither checks nor drawing B*V random numbers: the comparison
 flatters them.
+
+``genfast-<backend>-row-seeds`` is the default call with per-row seeds (``seeds=``, ``offsets=``: each row's
+token independent of the batch) instead of one generator seed: beside ``genfast-<backend>`` it gives the cost of
+that guarantee (a per-row seed load, and the offsets' range check folded into the same synchronisation).
 """
 
 from __future__ import annotations
@@ -45,6 +49,14 @@ def cases(device: torch.device, quick: bool = False) -> list[BenchCase]:
                 return with_backend(name, lambda: sample_tokens(x, generator=g, validate=validate, **kw))
             return setup
 
+        def ours_row_seeds(name, kw=kw, setup_logits=setup_logits):
+            def setup():
+                x = setup_logits()
+                seeds = torch.arange(x.shape[0], device=device) + 1  # one request per row, each at step 7
+                offsets = torch.full_like(seeds, 7)
+                return with_backend(name, lambda: sample_tokens(x, seeds=seeds, offsets=offsets, **kw))
+            return setup
+
         def reference(compiled=False, kw=kw, setup_logits=setup_logits):
             def setup():
                 x = setup_logits()
@@ -60,6 +72,8 @@ def cases(device: torch.device, quick: bool = False) -> list[BenchCase]:
                                  bytes=nbytes))
             out.append(BenchCase("sampling", "sample_tokens", label, f"genfast-{name}-validate-off",
                                  ours(name, False), bytes=nbytes))
+            out.append(BenchCase("sampling", "sample_tokens", label, f"genfast-{name}-row-seeds",
+                                 ours_row_seeds(name), bytes=nbytes))
         out.append(BenchCase("sampling", "sample_tokens", label, "reference", reference(), bytes=nbytes))
         out.append(BenchCase("sampling", "sample_tokens", label, "torch-compile", reference(True), bytes=nbytes))
     return out

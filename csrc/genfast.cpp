@@ -26,12 +26,14 @@ TORCH_LIBRARY(genfast, m) {
   // Token sampling. Per-row knobs are 1-D tensors of B elements: temperature/top_p/min_p float32,
   // top_k int64. Repetition penalty is applied before these ops (genfast/ops/sampling.py). The second
   // output is int32 [B]: each row's value flags (csrc/cuda/sampling.cuh), set while the kernel reads it.
+  // sample_tokens' `seed` holds 1 value or B (per-row seeds); row b's noise is Philox(seed_b, step_b * V + col)
+  // with step_b = offsets[b] when `offsets` (int64 [B]) is given, else b.
   m.def(
       "filter_logits(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor min_p) -> "
       "(Tensor, Tensor)");
   m.def(
       "sample_tokens(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor min_p, "
-      "Tensor? noise, Tensor? seed) -> (Tensor, Tensor)");
+      "Tensor? noise, Tensor? seed, Tensor? offsets=None) -> (Tensor, Tensor)");
 
   // Diffusion: one scheduler step, with classifier-free guidance fused when `model_output_uncond`
   // is given. `coefs` (float32, 11 values) is laid out in genfast/ops/diffusion.py.

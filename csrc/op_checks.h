@@ -42,4 +42,28 @@ inline void check_noise_or_seed(const char* op, const at::Tensor& like, const st
   }
 }
 
+// sample_tokens' noise source: `noise`, or `seed` holding 1 int64 (one stream for the batch: row b's counter block
+// is b) or one per row (1-D, B values); `offsets` (with `seed` only) int64 [B]: row b's counter block. All on the
+// logits' device (the op moves CPU seeds there).
+inline void check_sampling_noise_or_seeds(const char* op, const at::Tensor& logits,
+                                          const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& seed,
+                                          const std::optional<at::Tensor>& offsets) {
+  const int64_t batch = logits.size(0);
+  if (!seed.has_value() || seed->numel() == 1) {
+    check_noise_or_seed(op, logits, noise, seed);
+  } else {
+    TORCH_CHECK(!noise.has_value(), op, ": pass exactly one of noise and seed");
+    TORCH_CHECK(seed->dim() == 1 && seed->size(0) == batch && seed->scalar_type() == at::kLong &&
+                    seed->device() == logits.device(),
+                op, ": seed must hold 1 or ", batch, " (one per row) int64 values on the logits' device, got shape ",
+                seed->sizes());
+  }
+  if (offsets.has_value()) {
+    TORCH_CHECK(seed.has_value(), op, ": offsets needs seed");
+    TORCH_CHECK(offsets->dim() == 1 && offsets->size(0) == batch && offsets->scalar_type() == at::kLong &&
+                    offsets->device() == logits.device(),
+                op, ": offsets must be a 1-D tensor of ", batch, " int64 values on the logits' device");
+  }
+}
+
 }  // namespace genfast

@@ -27,12 +27,25 @@ _KEY_B = np.uint64(0xBB67AE85)
 _MASK32 = np.uint64(0xFFFFFFFF)
 
 
-def philox4x32_10(seed: int, offsets: np.ndarray) -> tuple[np.ndarray, ...]:
-    """The four 32-bit output words for each counter in ``offsets`` (uint64 arrays)."""
-    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+def _seed_bits(seed) -> np.ndarray:
+    """A seed (an int, or an integer array of per-element seeds) as its 64 bits, uint64: negative int64 seeds
+    key Philox with their two's-complement bits, as the kernels' casts of an int64 seed to uint64 do."""
+    if isinstance(seed, (int, np.integer)):
+        return np.uint64(int(seed) & 0xFFFFFFFFFFFFFFFF)
+    return np.asarray(seed, dtype=np.int64).astype(np.uint64)
+
+
+def philox4x32_10(seed, offsets: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The four 32-bit output words for each counter in ``offsets`` (uint64 arrays).
+
+    ``seed`` is an int, or an int64 array that broadcasts against ``offsets`` (one key per element: the
+    per-row seeds of sample_tokens).
+    """
+    seed = _seed_bits(seed)
     offsets = np.asarray(offsets, dtype=np.uint64)
-    k0 = np.uint64(seed & 0xFFFFFFFF)
-    k1 = np.uint64(seed >> 32)
+    seed, offsets = np.broadcast_arrays(seed, offsets)
+    k0 = seed & _MASK32
+    k1 = seed >> np.uint64(32)
     c0 = offsets & _MASK32
     c1 = offsets >> np.uint64(32)
     c2 = np.zeros_like(offsets)
@@ -57,8 +70,8 @@ def _unit_open(bits: np.ndarray) -> np.ndarray:
     return ((bits >> np.uint64(8)).astype(np.float32) + np.float32(0.5)) * np.float32(1.0 / 16777216.0)
 
 
-def uniform(seed: int, offsets: np.ndarray) -> np.ndarray:
-    """Uniform float32 in the open interval (0, 1)."""
+def uniform(seed, offsets: np.ndarray) -> np.ndarray:
+    """Uniform float32 in the open interval (0, 1); ``seed`` as for :func:`philox4x32_10`."""
     return _unit_open(philox4x32_10(seed, offsets)[0])
 
 

@@ -42,6 +42,26 @@ def test_distribution_matches_reference(backend, case):
     assert within_bounds(counts, probs, DRAWS), (counts.tolist(), (DRAWS * probs).tolist())
 
 
+@pytest.mark.parametrize("backend", _backends() or [pytest.param("cpu", marks=pytest.mark.skip("no C++ kernel"))])
+@pytest.mark.parametrize("streams", ["one request per row", "one request over many steps"])
+def test_per_row_seeds_follow_the_distribution(backend, streams):
+    # Per-row streams must still be uniform: DRAWS requests with consecutive seeds (what GPT.generate's seed=s
+    # gives), or one request whose step advances every draw (offsets 0..DRAWS-1 under one seed).
+    device = "cuda" if backend == "cuda" else "cpu"
+    kw = CASES["all"]
+    logits = LOGITS.to(device).expand(DRAWS, -1).contiguous()
+    steps = torch.arange(DRAWS, device=device)
+    if streams == "one request per row":
+        seeds, offsets = steps + 1234, torch.zeros_like(steps)
+    else:
+        seeds, offsets = torch.full_like(steps, 1234), steps
+    with genfast.backend(backend):
+        tokens = sample_tokens(logits, seeds=seeds, offsets=offsets, **kw)
+    counts = torch.bincount(tokens.cpu(), minlength=len(LOGITS)).double()
+    probs = torch.softmax(filter_logits_ref(LOGITS[None], **kw)[0].double(), -1)
+    assert within_bounds(counts, probs, DRAWS), (counts.tolist(), (DRAWS * probs).tolist())
+
+
 def test_bound_detects_one_biased_token():
     # The bound has power: the same counts fail against a distribution with one token 3% (relative) off.
     probs = torch.softmax(LOGITS.double(), -1)

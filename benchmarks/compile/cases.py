@@ -136,6 +136,8 @@ def _sampling(dtype, vocab=50257):
         k["sampling"].filter_logits(logits, temp, top_k, top_p, min_p)
         k["sampling"].sample_tokens(logits, temp, top_k, top_p, min_p, None, _empty(1, dtype=torch.int64))
         k["sampling"].sample_tokens(logits, temp, top_k, top_p, min_p, _empty(16, vocab, dtype=FP32), None)
+        # per-row seeds and offsets (HAS_OFFSETS)
+        k["sampling"].sample_tokens(logits, temp, top_k, top_p, min_p, None, top_k, top_k)
     return run
 
 

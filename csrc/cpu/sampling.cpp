@@ -282,20 +282,29 @@ std::tuple<at::Tensor, at::Tensor> filter_logits_cpu(const at::Tensor& logits, c
 std::tuple<at::Tensor, at::Tensor> sample_tokens_cpu(const at::Tensor& logits, const at::Tensor& temperature,
                                                      const at::Tensor& top_k, const at::Tensor& top_p,
                                                      const at::Tensor& min_p, const std::optional<at::Tensor>& noise,
-                                                     const std::optional<at::Tensor>& seed) {
+                                                     const std::optional<at::Tensor>& seed,
+                                                     const std::optional<at::Tensor>& offsets) {
   genfast::check_sampling_args("sample_tokens", logits, temperature, top_k, top_p, min_p);
   check_vocab("sample_tokens", logits);
-  genfast::check_noise_or_seed("sample_tokens", logits, noise, seed);
+  genfast::check_sampling_noise_or_seeds("sample_tokens", logits, noise, seed, offsets);
   const at::Tensor noise_c = noise.has_value() ? noise->contiguous() : at::Tensor();
-  const uint64_t s = seed.has_value() ? static_cast<uint64_t>(seed->item<int64_t>()) : 0;
   const float* u = noise_c.defined() ? noise_c.data_ptr<float>() : nullptr;
+  // Row b's noise: Philox(seed_b, step_b * V + col) with seed_b = seeds[b] (or the one seed) and step_b =
+  // offsets[b] (or b): uint64 arithmetic, which wraps only past the bound the op checks.
+  const at::Tensor seed_c = seed.has_value() ? seed->contiguous() : at::Tensor();
+  const at::Tensor offsets_c = offsets.has_value() ? offsets->contiguous() : at::Tensor();
+  const int64_t* seeds = seed_c.defined() ? seed_c.data_ptr<int64_t>() : nullptr;
+  const int64_t seed_stride = seed_c.defined() && seed_c.numel() > 1 ? 1 : 0;
+  const int64_t* steps = offsets_c.defined() ? offsets_c.data_ptr<int64_t>() : nullptr;
   at::Tensor out = at::empty({logits.size(0)}, logits.options().dtype(at::kLong));
   at::Tensor flags = at::empty({logits.size(0)}, logits.options().dtype(at::kInt));
   int64_t* o = out.data_ptr<int64_t>();
   for_each_row(logits, temperature, top_k, top_p, min_p, flags.data_ptr<int32_t>(),
                [&](int64_t b, const auto* x, int64_t V, RowKnobs knobs, std::vector<float>& y,
                    std::vector<Survivor>& scratch) {
-                 const uint64_t base = static_cast<uint64_t>(b) * static_cast<uint64_t>(V);
+                 const uint64_t s = seeds != nullptr ? static_cast<uint64_t>(seeds[b * seed_stride]) : 0;
+                 const uint64_t step = static_cast<uint64_t>(steps != nullptr ? steps[b] : b);
+                 const uint64_t base = step * static_cast<uint64_t>(V);
                  const RowResult r =
                      process_row(x, V, knobs, nullptr, u != nullptr ? u + b * V : nullptr, s, base, y, scratch);
                  o[b] = r.token;

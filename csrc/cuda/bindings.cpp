@@ -85,8 +85,8 @@ std::tuple<at::Tensor, at::Tensor> filter_logits_cuda(const at::Tensor& logits, 
       genfast::cuda::launch_sampling(logits.data_ptr(), float_type(logits, "filter_logits", "logits"), logits.size(0),
                                      logits.size(1), logits.stride(0), temperature.data_ptr<float>(),
                                      top_k.data_ptr<int64_t>(), top_p.data_ptr<float>(), min_p.data_ptr<float>(),
-                                     out.data_ptr<float>(), nullptr, flags.data_ptr<int32_t>(), nullptr, nullptr,
-                                     current_stream()),
+                                     out.data_ptr<float>(), nullptr, flags.data_ptr<int32_t>(),
+                                     genfast::cuda::SampleNoise{}, current_stream()),
       "filter_logits");
   return {out, flags};
 }
@@ -94,10 +94,18 @@ std::tuple<at::Tensor, at::Tensor> filter_logits_cuda(const at::Tensor& logits, 
 std::tuple<at::Tensor, at::Tensor> sample_tokens_cuda(const at::Tensor& logits, const at::Tensor& temperature,
                                                       const at::Tensor& top_k, const at::Tensor& top_p,
                                                       const at::Tensor& min_p, const std::optional<at::Tensor>& noise,
-                                                      const std::optional<at::Tensor>& seed) {
+                                                      const std::optional<at::Tensor>& seed,
+                                                      const std::optional<at::Tensor>& offsets) {
   check_sampling_args_cuda("sample_tokens", logits, temperature, top_k, top_p, min_p);
-  genfast::check_noise_or_seed("sample_tokens", logits, noise, seed);
+  genfast::check_sampling_noise_or_seeds("sample_tokens", logits, noise, seed, offsets);
   const at::Tensor noise_c = noise.has_value() ? noise->contiguous() : at::Tensor();
+  const at::Tensor seed_c = seed.has_value() ? seed->contiguous() : at::Tensor();
+  const at::Tensor offsets_c = offsets.has_value() ? offsets->contiguous() : at::Tensor();
+  genfast::cuda::SampleNoise source;
+  source.values = noise_c.defined() ? noise_c.data_ptr<float>() : nullptr;
+  source.seed = seed_c.defined() ? seed_c.data_ptr<int64_t>() : nullptr;
+  source.seed_stride = seed_c.defined() && seed_c.numel() > 1 ? 1 : 0;
+  source.offsets = offsets_c.defined() ? offsets_c.data_ptr<int64_t>() : nullptr;
   const c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor out = at::empty({logits.size(0)}, logits.options().dtype(at::kLong));
   at::Tensor flags = at::empty({logits.size(0)}, logits.options().dtype(at::kInt));
@@ -105,9 +113,8 @@ std::tuple<at::Tensor, at::Tensor> sample_tokens_cuda(const at::Tensor& logits, 
       genfast::cuda::launch_sampling(logits.data_ptr(), float_type(logits, "sample_tokens", "logits"), logits.size(0),
                                      logits.size(1), logits.stride(0), temperature.data_ptr<float>(),
                                      top_k.data_ptr<int64_t>(), top_p.data_ptr<float>(), min_p.data_ptr<float>(),
-                                     nullptr, out.data_ptr<int64_t>(), flags.data_ptr<int32_t>(),
-                                     noise_c.defined() ? noise_c.data_ptr<float>() : nullptr,
-                                     seed.has_value() ? seed->data_ptr<int64_t>() : nullptr, current_stream()),
+                                     nullptr, out.data_ptr<int64_t>(), flags.data_ptr<int32_t>(), source,
+                                     current_stream()),
       "sample_tokens");
   return {out, flags};
 }

@@ -265,7 +265,7 @@ __global__ void __launch_bounds__(kThreads)
                     const float* __restrict__ temp_ptr, const int64_t* __restrict__ top_k_ptr,
                     const float* __restrict__ top_p_ptr, const float* __restrict__ min_p_ptr,
                     float* __restrict__ filtered, int64_t* __restrict__ tokens, int32_t* __restrict__ flags_out,
-                    const float* __restrict__ noise, const int64_t* __restrict__ seed_ptr) {
+                    SampleNoise noise) {
   __shared__ Shared sh;
   Chunk c;
   c.row = blockIdx.x / splits;
@@ -333,13 +333,18 @@ __global__ void __launch_bounds__(kThreads)
     if (c.rank == 0 && threadIdx.x == 0) tokens[c.row] = arg_max;
     return;
   }
-  const uint64_t seed = noise == nullptr ? static_cast<uint64_t>(*seed_ptr) : 0;
-  const uint64_t base = static_cast<uint64_t>(c.row) * static_cast<uint64_t>(vocab);
+  // Row b's noise: Philox(seed_b, step_b * V + col), one mechanism for one seed per batch (step_b = b) and per-row
+  // seeds (step_b = offsets[b]); uint64 arithmetic, which wraps only past the bound the op checks.
+  const bool given = noise.values != nullptr;
+  const uint64_t seed = given ? 0 : static_cast<uint64_t>(noise.seed[c.row * noise.seed_stride]);
+  const uint64_t base = static_cast<uint64_t>(c.row) * static_cast<uint64_t>(vocab);  // into the caller's noise
+  const uint64_t counter_base =
+      noise.offsets != nullptr ? static_cast<uint64_t>(noise.offsets[c.row]) * static_cast<uint64_t>(vocab) : base;
   ArgMax pick{-INFINITY, INT64_MAX};
   for_each_x<T, VEC>(row, c, [&](int64_t i, float x) {
     const float y = __fdiv_rn(x, temperature);
     if (float_key(y) >= threshold && (y - y_max) >= d_min) {  // noise only for kept tokens
-      const float u = noise != nullptr ? noise[base + i] : philox_uniform(seed, base + i);
+      const float u = given ? noise.values[base + i] : philox_uniform(seed, counter_base + i);
       const float score = y - logf(-logf(u));
       if (score > -INFINITY) pick = better(pick, ArgMax{score, i});
     }
@@ -375,8 +380,7 @@ int choose_splits(int64_t batch, int64_t vocab) {
 template <typename T, bool VEC, bool SAMPLE>
 cudaError_t launch_kernel(const T* logits, int64_t batch, int64_t vocab, int64_t row_stride, const float* temperature,
                           const int64_t* top_k, const float* top_p, const float* min_p, float* filtered,
-                          int64_t* tokens, int32_t* flags, const float* noise, const int64_t* seed,
-                          cudaStream_t stream) {
+                          int64_t* tokens, int32_t* flags, SampleNoise noise, cudaStream_t stream) {
   const int splits = choose_splits(batch, vocab);
   if (batch * splits > INT_MAX) return cudaErrorInvalidConfiguration;
   cudaLaunchConfig_t config = {};
@@ -391,46 +395,45 @@ cudaError_t launch_kernel(const T* logits, int64_t batch, int64_t vocab, int64_t
   config.attrs = &cluster;
   config.numAttrs = splits > 1 ? 1 : 0;  // no cluster attribute at all before sm_90
   return cudaLaunchKernelEx(&config, sampling_kernel<T, VEC, SAMPLE>, logits, vocab, row_stride, splits,
-                            temperature, top_k, top_p, min_p, filtered, tokens, flags, noise, seed);
+                            temperature, top_k, top_p, min_p, filtered, tokens, flags, noise);
 }
 
 template <typename T>
 cudaError_t launch_typed(const T* logits, int64_t batch, int64_t vocab, int64_t row_stride, const float* temperature,
                          const int64_t* top_k, const float* top_p, const float* min_p, float* filtered,
-                         int64_t* tokens, int32_t* flags, const float* noise, const int64_t* seed,
-                         cudaStream_t stream) {
+                         int64_t* tokens, int32_t* flags, SampleNoise noise, cudaStream_t stream) {
   // 16-byte loads need every row to start on a 16-byte boundary.
   const bool aligned = reinterpret_cast<uintptr_t>(logits) % 16 == 0 && (row_stride * sizeof(T)) % 16 == 0;
   if (tokens != nullptr) {
     return aligned ? launch_kernel<T, true, true>(logits, batch, vocab, row_stride, temperature, top_k, top_p, min_p,
-                                                  filtered, tokens, flags, noise, seed, stream)
+                                                  filtered, tokens, flags, noise, stream)
                    : launch_kernel<T, false, true>(logits, batch, vocab, row_stride, temperature, top_k, top_p, min_p,
-                                                   filtered, tokens, flags, noise, seed, stream);
+                                                   filtered, tokens, flags, noise, stream);
   }
   return aligned ? launch_kernel<T, true, false>(logits, batch, vocab, row_stride, temperature, top_k, top_p, min_p,
-                                                 filtered, tokens, flags, noise, seed, stream)
+                                                 filtered, tokens, flags, noise, stream)
                  : launch_kernel<T, false, false>(logits, batch, vocab, row_stride, temperature, top_k, top_p, min_p,
-                                                  filtered, tokens, flags, noise, seed, stream);
+                                                  filtered, tokens, flags, noise, stream);
 }
 
 }  // namespace
 
 cudaError_t launch_sampling(const void* logits, FloatType dtype, int64_t batch, int64_t vocab, int64_t row_stride,
                             const float* temperature, const int64_t* top_k, const float* top_p, const float* min_p,
-                            float* filtered, int64_t* tokens, int32_t* flags, const float* noise,
-                            const int64_t* seed, cudaStream_t stream) {
+                            float* filtered, int64_t* tokens, int32_t* flags, SampleNoise noise,
+                            cudaStream_t stream) {
   if (batch == 0) return cudaSuccess;
   if (vocab < 1 || vocab >= kMaxVocab || batch > INT_MAX) return cudaErrorInvalidValue;
   switch (dtype) {
     case FloatType::kFloat32:
       return launch_typed(static_cast<const float*>(logits), batch, vocab, row_stride, temperature, top_k, top_p, min_p,
-                          filtered, tokens, flags, noise, seed, stream);
+                          filtered, tokens, flags, noise, stream);
     case FloatType::kFloat16:
       return launch_typed(static_cast<const __half*>(logits), batch, vocab, row_stride, temperature, top_k, top_p,
-                          min_p, filtered, tokens, flags, noise, seed, stream);
+                          min_p, filtered, tokens, flags, noise, stream);
     case FloatType::kBFloat16:
       return launch_typed(static_cast<const __nv_bfloat16*>(logits), batch, vocab, row_stride, temperature, top_k,
-                          top_p, min_p, filtered, tokens, flags, noise, seed, stream);
+                          top_p, min_p, filtered, tokens, flags, noise, stream);
   }
   return cudaErrorInvalidValue;
 }

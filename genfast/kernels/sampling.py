@@ -92,8 +92,8 @@ def _search(row_ptr, vocab, temp, y_max, lo, hi, floor, target, RELATIVE: tl.con
 
 @triton.jit
 def _sampling_kernel(x_ptr, stride_x, temp_ptr, topk_ptr, topp_ptr, minp_ptr, dmin_ptr, out_ptr, flags_ptr,
-                     noise_ptr, seed_ptr, vocab, SAMPLE: tl.constexpr, HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr,
-                     NP: tl.constexpr):
+                     noise_ptr, seed_ptr, seed_stride, offsets_ptr, vocab, SAMPLE: tl.constexpr,
+                     HAS_NOISE: tl.constexpr, HAS_OFFSETS: tl.constexpr, BLOCK: tl.constexpr, NP: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = x_ptr + row * stride_x
     temp_in = tl.load(temp_ptr + row)
@@ -144,9 +144,14 @@ def _sampling_kernel(x_ptr, stride_x, temp_ptr, topk_ptr, topp_ptr, minp_ptr, dm
     # Last pass: the filtered row, or Gumbel-max over kept tokens.
     best_score = tl.full([], float("-inf"), dtype=tl.float32)
     token = best
+    # Row b's noise: Philox(seed_b, step_b * V + col), seed_b = seed[b * seed_stride] (stride 0: one seed for the
+    # batch), step_b = offsets[b] for per-row seeds, else b. int64 arithmetic, as the C++ and CUDA kernels do.
     seed = tl.zeros([], dtype=tl.uint64)
     if SAMPLE and not HAS_NOISE:
-        seed = tl.load(seed_ptr).to(tl.uint64)
+        seed = tl.load(seed_ptr + row * seed_stride).to(tl.uint64)
+    step = row
+    if HAS_OFFSETS:
+        step = tl.load(offsets_ptr + row)
     for start in range(0, vocab, BLOCK):
         offs = start + tl.arange(0, BLOCK).to(tl.int64)
         y, mask = _load_y(row_ptr, offs, vocab, temp)
@@ -156,7 +161,7 @@ def _sampling_kernel(x_ptr, stride_x, temp_ptr, topk_ptr, topp_ptr, minp_ptr, dm
                 if HAS_NOISE:
                     u = tl.load(noise_ptr + row * vocab + offs, mask=keep, other=0.5)
                 else:
-                    u = _philox.uniform(seed, (row * vocab + offs).to(tl.uint64))
+                    u = _philox.uniform(seed, (step * vocab + offs).to(tl.uint64))
                 score = tl.where(keep, y - tl.log(-tl.log(u)), float("-inf"))
                 block_best, block_arg = tl.max(score, axis=0, return_indices=True, return_indices_tie_break_left=True)
                 token = tl.where(block_best > best_score, start + block_arg.to(tl.int64), token)
@@ -193,20 +198,26 @@ def _block_and_warps(device: torch.device) -> tuple[int, int]:
     return (_BLOCK, 8) if hopper else (2 * _BLOCK, 8)
 
 
-def _launch(logits, temperature, top_k, top_p, min_p, out, noise, seed, sample):
+def _launch(logits, temperature, top_k, top_p, min_p, out, noise, seed, sample, offsets=None):
     """Runs the kernel; returns (out, flags int32 [B])."""
     batch, vocab = logits.shape
     if logits.stride(1) != 1:
         raise ValueError("sampling: logits rows must be contiguous")
     if not 1 <= vocab < 2**24:
         raise ValueError(f"sampling: logits must have between 1 and 2**24 - 1 columns (tokens), got {vocab}")
+    if seed is not None and seed.numel() not in (1, batch):
+        raise ValueError(f"sample_tokens: seed must hold 1 or {batch} (one per row) values, got {seed.numel()}")
+    if offsets is not None and offsets.shape != (batch,):
+        raise ValueError(f"sample_tokens: offsets must have shape ({batch},), got {tuple(offsets.shape)}")
     flags = torch.empty((batch,), device=logits.device, dtype=torch.int32)
     d_min = _min_p_bound(min_p)
     block, warps = _block_and_warps(logits.device) if logits.is_cuda else (_BLOCK, 8)
     _sampling_kernel[(batch,)](
         logits, logits.stride(0), temperature, top_k, top_p, min_p, d_min, out, flags,
-        noise if noise is not None else out, seed if seed is not None else top_k, vocab,
-        SAMPLE=sample, HAS_NOISE=noise is not None, BLOCK=block, NP=_NP, num_warps=warps,
+        noise if noise is not None else out, seed if seed is not None else top_k,
+        1 if seed is not None and seed.numel() > 1 else 0, offsets if offsets is not None else top_k, vocab,
+        SAMPLE=sample, HAS_NOISE=noise is not None, HAS_OFFSETS=offsets is not None, BLOCK=block, NP=_NP,
+        num_warps=warps,
     )
     return out, flags
 
@@ -216,10 +227,17 @@ def filter_logits(logits, temperature, top_k, top_p, min_p) -> tuple[torch.Tenso
     return _launch(logits, temperature, top_k, top_p, min_p, out, None, None, False)
 
 
-def sample_tokens(logits, temperature, top_k, top_p, min_p, noise, seed) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_tokens(logits, temperature, top_k, top_p, min_p, noise, seed,
+                  offsets=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``seed``: 1 int64 value (row b's counter block is b) or one per row; ``offsets`` int64 [B] (row b's counter
+    block, with seed) or None. See genfast/ops/sampling.py."""
     if (noise is None) == (seed is None):
         raise ValueError("sample_tokens: pass exactly one of noise and seed")
+    if offsets is not None and seed is None:
+        raise ValueError("sample_tokens: offsets needs seed")
     out = torch.empty(logits.shape[:1], device=logits.device, dtype=torch.int64)
     if noise is not None:
         noise = noise.float().contiguous()
-    return _launch(logits, temperature, top_k, top_p, min_p, out, noise, seed, True)
+    seed = seed.contiguous() if seed is not None else None
+    offsets = offsets.contiguous() if offsets is not None else None
+    return _launch(logits, temperature, top_k, top_p, min_p, out, noise, seed, True, offsets)

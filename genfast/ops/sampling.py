@@ -16,7 +16,11 @@ token per row from them. The semantics are transformers' processors, applied in 
 The kept set is always ``{i : y_i >= t}`` for one threshold per row, which the kernels find without
 sorting (genfast/kernels/sampling.py, csrc/cpu/sampling.cpp, csrc/cuda/sampling.cu). Sampling is
 Gumbel-max, ``argmax_i y_i - log(-log(u_i))`` over kept tokens (lowest index on ties), so the exact
-noise can be shared: ``u[b, i]`` is the caller's ``noise[b, i]`` or Philox ``uniform(seed, b * V + i)``.
+noise can be shared: ``u[b, i]`` is the caller's ``noise[b, i]``, or Philox ``uniform(seed_b, step_b * V + i)``
+with ``(seed_b, step_b) = (seed, b)`` for one seed drawn from ``generator`` (row b's noise depends on its place in
+the batch), or ``(seeds[b], offsets[b])`` for per-row seeds (it depends on nothing else: a request replays
+exactly, alone or in any batch). One mechanism on every backend: a seed per row (or one for all) and a counter
+block per row.
 
 The references ``filter_logits_ref`` / ``sample_tokens_ref`` below are the specification: plain,
 sort-based PyTorch in fp32 (top-p mass in fp64). The kernels sum top-p mass in integers (each weight
@@ -34,11 +38,13 @@ from __future__ import annotations
 
 import numbers
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from genfast import _backend, _ext
+from genfast import _backend, _ext, _philox
 from genfast.ops import _checks
+from genfast.ops.random import STREAM_END
 
 NEG_INF = float("-inf")
 
@@ -218,6 +224,51 @@ def _prepare(op, logits, temperature, top_k, top_p, min_p, repetition_penalty, p
     return x.contiguous(), knobs, checks
 
 
+def max_offset(vocab: int) -> int:
+    """The largest ``offsets[b]`` for a vocabulary of ``vocab`` tokens: row b draws Philox elements
+    ``offsets[b] * V .. offsets[b] * V + V - 1``, and the stream's element indices are int64 on every backend
+    (genfast.ops.random.STREAM_END), so ``(offsets[b] + 1) * V <= 2**63 - 1``: about 1.8e14 steps at V = 50257."""
+    return STREAM_END // vocab - 1
+
+
+def _noise_source(op, logits, noise, generator, seeds, offsets, validate):
+    """(noise, seed, offsets, checks) for the kernels: the caller's ``noise``, or one seed drawn from
+    ``generator`` (offsets None: row b's counter block is b), or the per-row ``seeds`` with their ``offsets``
+    (zeros by default), moved to the logits' device. ``checks`` are the value checks of ``offsets``."""
+    if seeds is None:
+        if offsets is not None:
+            raise ValueError(f"{op}: offsets is the step of per-row seeds: pass seeds with it")
+        return *_checks.noise_or_seed(op, logits, noise, generator), None, []
+    if generator is not None:
+        raise ValueError(f"{op}: pass seeds or generator, not both")
+    if noise is not None:
+        raise ValueError(f"{op}: pass seeds or noise, not both")
+    batch, vocab = logits.shape
+    rows = {"seeds": seeds, "offsets": offsets}
+    for name, value in rows.items():
+        if value is None:
+            continue
+        _checks.tensor(op, name, value, dtypes=(torch.int64,), ndim=1)
+        if value.shape != (batch,):
+            raise ValueError(f"{op}: {name} must have shape ({batch},) (one value per row), got {tuple(value.shape)}")
+        if value.device != logits.device and value.device.type != "cpu":
+            raise ValueError(f"{op}: {name} is on {value.device} but must be on the logits' device "
+                             f"({logits.device}) or the CPU")
+    seeds = seeds.to(logits.device, non_blocking=True).contiguous()
+    if offsets is None:
+        offsets = torch.zeros(batch, dtype=torch.int64, device=logits.device)
+    else:
+        offsets = offsets.to(logits.device, non_blocking=True).contiguous()
+    checks = []
+    if validate:
+        # Past the bound the counter would wrap onto another step's noise (or another row's).
+        bound = max_offset(vocab)
+        bad = (offsets < 0) | (offsets > bound)
+        checks.append(("offsets", f"must be in [0, {bound}] (offsets * V + V must stay within the int64 Philox "
+                                  "stream)", bad.any()))
+    return None, seeds, offsets, checks
+
+
 def _noise_check(noise: torch.Tensor | None) -> list:
     """One pass over caller-given noise: NaN, or values outside [0, 1), make the backends disagree."""
     if noise is None:
@@ -257,7 +308,7 @@ def _filter_fake(logits, temperature, top_k, top_p, min_p):
     return logits.new_empty(logits.shape, dtype=torch.float32), logits.new_empty((batch,), dtype=torch.int32)
 
 
-def _sample_fake(logits, temperature, top_k, top_p, min_p, noise, seed):
+def _sample_fake(logits, temperature, top_k, top_p, min_p, noise, seed, offsets=None):
     batch = logits.shape[0]
     return logits.new_empty((batch,), dtype=torch.int64), logits.new_empty((batch,), dtype=torch.int32)
 
@@ -293,11 +344,11 @@ def _filter_logits_triton(logits: torch.Tensor, temperature: torch.Tensor, top_k
 
 @torch.library.custom_op("genfast::sample_tokens_triton", mutates_args=())
 def _sample_tokens_triton(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                          min_p: torch.Tensor, noise: torch.Tensor | None,
-                          seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                          min_p: torch.Tensor, noise: torch.Tensor | None, seed: torch.Tensor | None,
+                          offsets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     from genfast.kernels.sampling import sample_tokens
 
-    return sample_tokens(logits, temperature, top_k, top_p, min_p, noise, seed)
+    return sample_tokens(logits, temperature, top_k, top_p, min_p, noise, seed, offsets)
 
 
 _filter_logits_triton.register_fake(_filter_fake)
@@ -325,11 +376,23 @@ def _filter_dispatch_ref(x, temperature, top_k, top_p, min_p):
     return _filter_ref(x, temperature, top_k, top_p, min_p), None
 
 
-def _sample_dispatch_ref(x, temperature, top_k, top_p, min_p, noise, seed):
-    if noise is None:
-        batch, vocab = x.shape
+def _sample_dispatch_ref(x, temperature, top_k, top_p, min_p, noise, seed, offsets=None):
+    batch, vocab = x.shape
+    if noise is None and offsets is None and seed.numel() == 1:
         noise = _philox_uniform(seed, batch * vocab).view(batch, vocab)
+    elif noise is None:
+        noise = _philox_rows(seed, offsets, batch, vocab)
     return _gumbel_argmax_ref(x, _filter_ref(x, temperature, top_k, top_p, min_p), temperature, noise), None
+
+
+def _philox_rows(seed, offsets, batch, vocab):
+    """u [B, V] float32 with ``u[b, i] = uniform(seed_b, step_b * V + i)``: ``seed_b`` = seed[b] (seed[0] if it
+    has one element), ``step_b`` = offsets[b] (b without offsets), in the NumPy specification (genfast/_philox.py).
+    The counter wraps modulo 2**64 as in the kernels' uint64 arithmetic (reachable only with validate=False)."""
+    seeds = seed.cpu().expand(batch).numpy()
+    steps = (offsets.cpu() if offsets is not None else torch.arange(batch)).numpy().astype(np.uint64)
+    counters = steps[:, None] * np.uint64(vocab) + np.arange(vocab, dtype=np.uint64)
+    return torch.from_numpy(_philox.uniform(seeds[:, None], counters)).to(seed.device)
 
 
 def _philox_uniform(seed, numel):
@@ -383,21 +446,28 @@ def filter_logits(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, 
 
 def sample_tokens(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
                   prev_tokens: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                  noise: torch.Tensor | None = None, validate: bool = True) -> torch.Tensor:
+                  noise: torch.Tensor | None = None, seeds: torch.Tensor | None = None,
+                  offsets: torch.Tensor | None = None, validate: bool = True) -> torch.Tensor:
     """One token per row: int64 [B], drawn from ``filter_logits(...)`` by Gumbel-max.
 
     Arguments as for :func:`filter_logits`; ``noise`` (uniform in [0, 1), [B, V]) replaces the in-kernel
     Philox noise, which otherwise uses a seed drawn from ``generator`` on the logits' device, so that
     ``sample_tokens(x, generator=g)`` equals ``sample_tokens_ref(x, noise=philox_noise(seed, B*V).view(B, V))``
     for the seed ``g`` yields. Greedy rows (temperature 0) return the argmax and ignore the noise.
+
+    Per-row seeds, for serving: ``seeds`` int64 [B] (any int64; its 64 bits key Philox) and ``offsets`` int64
+    [B] (the step within each request, zeros by default), on the logits' device or the CPU. Row b draws
+    ``philox_noise(seeds[b], V, offset=offsets[b] * V)`` and nothing else decides its token: the same row gives
+    the same token alone or at any place in any batch, on every backend. ``offsets[b]`` must be in
+    ``[0, max_offset(V)]`` (checked with ``validate``). ``seeds`` excludes ``generator`` and ``noise``.
     """
     op = "sample_tokens"
     x, k, checks = _prepare(op, logits, temperature, top_k, top_p, min_p, repetition_penalty, prev_tokens, validate)
-    noise, seed = _checks.noise_or_seed(op, logits, noise, generator)
-    args = (x, k["temperature"], k["top_k"], k["top_p"], k["min_p"], noise, seed)
+    noise, seed, offsets, seed_checks = _noise_source(op, logits, noise, generator, seeds, offsets, validate)
+    args = (x, k["temperature"], k["top_k"], k["top_p"], k["min_p"], noise, seed, offsets)
     tokens, flags = _sample_dispatch(*args, device=x.device, dtype=x.dtype, facts={"vocab": x.shape[1]})
     if validate:
-        _raise_bad_values(op, flags, checks + _noise_check(noise), x, k)
+        _raise_bad_values(op, flags, checks + seed_checks + _noise_check(noise), x, k)
     return tokens
 
 
@@ -421,15 +491,16 @@ def filter_logits_ref(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1
 def sample_tokens_ref(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
                       repetition_penalty=1.0, prev_tokens: torch.Tensor | None = None,
                       generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
+                      seeds: torch.Tensor | None = None, offsets: torch.Tensor | None = None,
                       validate: bool = True) -> torch.Tensor:
     """The specification of :func:`sample_tokens`: Gumbel-max over :func:`filter_logits_ref`'s output."""
     op = "sample_tokens_ref"
     x, k, checks = _prepare(op, logits, temperature, top_k, top_p, min_p, repetition_penalty, prev_tokens, validate)
-    noise, seed = _checks.noise_or_seed(op, logits, noise, generator)
-    tokens, flags = _sample_dispatch_ref(x, k["temperature"], k["top_k"], k["top_p"], k["min_p"], noise, seed)
+    noise, seed, offsets, seed_checks = _noise_source(op, logits, noise, generator, seeds, offsets, validate)
+    tokens, flags = _sample_dispatch_ref(x, k["temperature"], k["top_k"], k["top_p"], k["min_p"], noise, seed, offsets)
     if validate:
-        _raise_bad_values(op, flags, checks + _noise_check(noise), x, k)
+        _raise_bad_values(op, flags, checks + seed_checks + _noise_check(noise), x, k)
     return tokens
 
 
-__all__ = ["filter_logits", "filter_logits_ref", "sample_tokens", "sample_tokens_ref"]
+__all__ = ["filter_logits", "filter_logits_ref", "max_offset", "sample_tokens", "sample_tokens_ref"]
