@@ -82,7 +82,8 @@ def load(path: str | os.PathLike, device: str = "cpu", *, allow_nonfinite: bool 
         return CycleGAN.from_checkpoint(path, device, allow_nonfinite=allow_nonfinite)
     if recipe in ("pixelcnn", "realnvp"):
         module = importlib.import_module(f"genfast.models.{recipe}")
-        return (module.PixelCNN if recipe == "pixelcnn" else module.RealNVP).from_checkpoint(path, device)
+        flow_or_pixelcnn = module.PixelCNN if recipe == "pixelcnn" else module.RealNVP
+        return flow_or_pixelcnn.from_checkpoint(path, device, allow_nonfinite=allow_nonfinite)
     if recipe == "ebm":
         from genfast.models.ebm import EBM
 

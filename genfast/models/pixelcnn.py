@@ -166,11 +166,13 @@ class PixelCNN(nn.Module):
                                   pointwise_conv(cfg.hidden, cfg.levels * c, c))
 
     @classmethod
-    def from_checkpoint(cls, path, device: str | torch.device = "cpu") -> "PixelCNN":
+    def from_checkpoint(cls, path, device: str | torch.device = "cpu", *,
+                        allow_nonfinite: bool = False) -> "PixelCNN":
         """The PixelCNN of a `genfast train pixelcnn` run folder (or its checkpoint folder), in eval mode."""
         directory, saved = read_run(path, "pixelcnn")
         config = PixelCNNConfig.from_dict(saved["model"])
-        return build_and_load(lambda: cls(config), directory, "model").to(device).eval()
+        return build_and_load(lambda: cls(config), directory, "model",
+                              allow_nonfinite=allow_nonfinite).to(device).eval()
 
     # --------------------------------------------------------------------------------------------- checks
     def _check_levels(self, q) -> None:

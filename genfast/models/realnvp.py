@@ -214,11 +214,13 @@ class RealNVP(nn.Module):
         self.layers = nn.ModuleList(layers)
 
     @classmethod
-    def from_checkpoint(cls, path, device: str | torch.device = "cpu") -> "RealNVP":
+    def from_checkpoint(cls, path, device: str | torch.device = "cpu", *,
+                        allow_nonfinite: bool = False) -> "RealNVP":
         """The flow of a `genfast train realnvp` run folder (or its checkpoint folder), in eval mode."""
         directory, saved = read_run(path, "realnvp")
         config = RealNVPConfig.from_dict(saved["model"])
-        return build_and_load(lambda: cls(config), directory, "model").to(device).eval()
+        return build_and_load(lambda: cls(config), directory, "model",
+                              allow_nonfinite=allow_nonfinite).to(device).eval()
 
     # --------------------------------------------------------------------------------------------- checks
     def _check(self, name: str, x, shape: tuple[int, ...]) -> None:
@@ -300,7 +302,8 @@ class RealNVP(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, *, generator: torch.Generator | None = None) -> torch.Tensor:
-        """n draws [n, *data_shape]: inverse(z) for z ~ N(0, temperature^2 I) (images in [0, 1])."""
+        """n draws [n, *data_shape]: inverse(z) for z ~ N(0, temperature^2 I); images clamped to [0, 1] (the logit
+        transform's inverse reaches ALPHA / (1 - 2 ALPHA) beyond either end)."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an int >= 1, got {n!r}")
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
@@ -309,7 +312,8 @@ class RealNVP(nn.Module):
         param = next(self.parameters())
         draw_on = generator.device if generator is not None else param.device
         z = torch.randn(n, self.config.data_dim, generator=generator, device=draw_on) * temperature
-        return self.inverse(z.to(device=param.device, dtype=param.dtype))
+        x = self.inverse(z.to(device=param.device, dtype=param.dtype))
+        return x.clamp(0, 1) if self.config.kind == "image" else x
 
 
 def dequantize(images: torch.Tensor, levels: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
