@@ -36,7 +36,9 @@ What genfast adds on top of torch's SDPA on a CPU (profiled with torch.profiler 
   read-only reduction of q to a scalar per call, with the row fix-up only when that sum is NaN: 0.03-0.2% of the
   SDPA call at [8,8,256,64], [4,8,1024,64], [2,8,128,32] and [2,8,256,40], fp32 and bf16 (median of 21
   alternating repetitions, 1 thread, on a loaded machine). tests/test_attention.py checks that the path writes
-  no tensor torch's own call does not, forward and backward.
+  no tensor torch's own call does not, forward and backward. The reduction is still a parallel region of its own:
+  on 2 threads of a machine loaded 6x over, waiting for the second thread cost a scheduler slice often enough that
+  SDPA + check measured 0.68-0.88x of SDPA alone (two runs); judge it on a quiet machine, as the issue says.
 - Python per call: about 14 us over SDPA's 4 us on a tiny call (the dispatcher's backend choice, the Knobs
   record, the NaN check's scalar read); the argument checks (about 5 us) are skipped for the everyday call that
   is valid by inspection (``_everyday``). That is 0.1% of a 10 ms call and dominates only calls under ~1 ms.
