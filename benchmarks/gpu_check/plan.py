@@ -82,7 +82,7 @@ TEST_STEPS = (
     *_by_dtype("conv_transpose", "conv_transpose", ("tests/test_conv_transpose.py", "tests/test_conv_transpose_cuda.py",
                                                     "tests/test_conv_transpose_kernel.py")),
     Step("sampling", "sampling", ("tests/test_sampling.py", "tests/test_sampling_errors.py",
-                                  "tests/test_sampling_pivot_search.py")),
+                                  "tests/test_sampling_pivot_search.py", "tests/test_sampling_seeds.py")),
     Step("diffusion", "diffusion", ("tests/test_diffusion.py",)),
     Step("latent", "latent", ("tests/test_latent.py",)),
     Step("random", "random", ("tests/test_random.py",)),
