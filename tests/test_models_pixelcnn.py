@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import genfast.models
+import genfast.ops
 from genfast.data.images import digits
 from genfast.models.pixelcnn import PixelCNN, PixelCNNConfig, marginal_bits_per_dim, quantize
 
@@ -46,12 +47,19 @@ def test_logits_see_the_causal_past_only_and_all_of_it_within_reach(channels):
 
 
 @pytest.mark.parametrize("channels,classes", [(1, 0), (3, 3)])
-def test_cached_sampler_equals_the_naive_loop(channels, classes):
+def test_cached_sampler_equals_the_naive_loop(channels, classes, monkeypatch):
     torch.manual_seed(1)
     model = PixelCNN(PixelCNNConfig(**TINY, channels=channels, num_classes=classes, levels=8)).eval()
     labels = torch.tensor([0, 1, 2, 1, 0]) if classes else None
+    seen: list[torch.Tensor] = []  # every logits row handed to sample_tokens, in order
+    draw = genfast.ops.sample_tokens
+    monkeypatch.setattr(genfast.ops, "sample_tokens", lambda logits, **kw: seen.append(logits) or draw(logits, **kw))
     cached = model.sample(5, labels=labels, generator=torch.Generator().manual_seed(3), top_k=5)
+    cached_logits, seen[:] = list(seen), []
     naive = model.sample(5, labels=labels, generator=torch.Generator().manual_seed(3), top_k=5, cache=False)
+    # the same logits for every draw (a stale or missing cached row changes them even where no draw flips)
+    assert len(cached_logits) == len(seen) == channels * 64
+    torch.testing.assert_close(torch.stack(cached_logits), torch.stack(seen), atol=1e-5, rtol=1e-5)
     other = model.sample(5, labels=labels, generator=torch.Generator().manual_seed(4), top_k=5)
     assert cached.dtype == torch.int64 and cached.shape == (5, channels, 8, 8)
     assert torch.equal(cached, naive)
