@@ -147,8 +147,8 @@ def markdown(report: dict, rows: list[dict]) -> str:
         "(`cp.async.bulk.tensor`): instructions in the PTX; `ptxas`: the C75xx advisories ptxas printed;",
         "`serial`: ptxas serialized the wgmma (C7514/C7515: each waits for the last; the gate fails);",
         "`async`, read from the SASS (`cuobjdump -sass`): a wgmma group stays in flight while the warps go on",
-        "(a `WARPGROUP.DEPBAR.LE gsb0, N>0`, or a `MUFU` between an `HGMMA ... gsb0` and the DEPBAR that waits",
-        "for it), never where serialized.",
+        "(a `WARPGROUP.DEPBAR.LE gsb0, N>0`, or a `MUFU` between an `HGMMA` and the DEPBAR that waits for it),",
+        "never where serialized.",
         "",
     ]
     if fails:
