@@ -5,7 +5,7 @@ do it in one pass instead of eager PyTorch's four (exp, mul, add, sum) and their
 - ``realnvp train step`` (``torch-eager``): one optimizer step of the default digits flow (16x16, 2 scales, hidden
   64, batch 32): what the coupling arithmetic is a part of;
 - ``affine coupling fwd+bwd``: that arithmetic alone, forward and backward, on every tensor shape the default flow
-  gives it in one step (the 22 couplings' x, s, t), as ``torch-eager`` (``genfast.models.realnvp.affine``) and as
+  gives it in one step (the 16 couplings' x, s, t), as ``torch-eager`` (``genfast.models.realnvp.affine``) and as
   ``torch-compile`` (the same function under torch.compile: inductor fuses it into one loop, which is what a
   hand-written fused kernel would do at best).
 The share of the first case the second takes bounds what any fused op can gain (README, RealNVP section).
