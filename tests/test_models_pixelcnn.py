@@ -142,3 +142,17 @@ def test_train_sample_and_load_from_the_command_line(tmp_path, capsys):
     assert "--label 9" in _usage_error(sample_main, ["--ckpt", str(out), "--label", "9"], capsys)
     assert "--levels" in _usage_error(train_main, ["--out", str(tmp_path / "x"), "--levels", "1"], capsys)
     assert "--n" in _usage_error(sample_main, ["--ckpt", str(out), "--n", "100000"], capsys)
+
+
+def test_resume_continues_exactly(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from genfast.recipes.pixelcnn import train_main
+
+    flags = ["--image-size", "8", "--hidden", "6", "--layers", "2", "--quiet", "--sample-every", "100",
+             "--device", "cpu", "--steps", "4"]
+    assert train_main([*flags, "--out", str(tmp_path / "straight")]) == 0
+    assert train_main([*flags, "--out", str(tmp_path / "split"), "--stop-after", "2"]) == 0
+    assert train_main([*flags, "--out", str(tmp_path / "split"), "--resume"]) == 0
+    a, b = (load_file(tmp_path / name / "checkpoint" / "model.safetensors") for name in ("straight", "split"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
