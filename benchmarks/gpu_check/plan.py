@@ -30,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 RESULTS_GPU = os.path.join(ROOT, "benchmarks", "results", "gpu")
 
 FAMILIES = ("attention", "attention_varlen", "attention_decode", "conv_transpose", "sampling", "diffusion", "latent",
-            "random")
+            "random", "lstm")
 # Seconds per phase. Their sum stays <= 540: a device call may run 600 s, and the rest is the margin for the
 # summary, the copies back and a slow start.
 PHASE_LIMITS = {"build": 120, "tests": 230, "sanitizer": 110, "bench": 80}
@@ -86,6 +86,7 @@ TEST_STEPS = (
     Step("diffusion", "diffusion", ("tests/test_diffusion.py",)),
     Step("latent", "latent", ("tests/test_latent.py",)),
     Step("random", "random", ("tests/test_random.py",)),
+    Step("lstm", "lstm", ("tests/test_lstm.py",)),
 )
 # One autotuned case per kernel that accumulates into a buffer across launches: the attention dK/dV kernel adds dQ
 # into an fp32 buffer with atomics (dense and varlen layouts). A fresh process, so each shape's first backward is
@@ -109,6 +110,7 @@ TRITON_KERNELS = (
     "_reparameterize_kernel", "_reparameterize_backward_kernel", "_gaussian_kl_partial_kernel", "_sum_rows_kernel",
     "_gaussian_kl_backward_kernel", "_langevin_step_kernel",
     "_philox_noise_kernel",
+    "_lstm_cell_kernel", "_lstm_cell_backward_kernel",
 )
 CUDA_KERNEL_NAMESPACE = "genfast"
 SANITIZER_TOOLS = ("memcheck", "racecheck")

@@ -128,6 +128,14 @@ def _philox_noise(dev, dtype, g, r):
         ops.philox_noise(7, 1001, normal=True, device=dev)
 
 
+def _lstm_cell(dev, dtype, g, r):
+    from genfast import ops
+
+    x_gates, h_gates, c = r(3, 4 * 97).requires_grad_(), r(3, 4 * 97).requires_grad_(), r(3, 97).requires_grad_()
+    h, c_new = ops.lstm_cell(x_gates, h_gates, c)
+    (h.float().sum() + c_new.float().sum()).backward()
+
+
 # family -> [(public op, as named in genfast's dispatchers), the call]
 CALLS: dict[str, list[tuple[str, Callable]]] = {
     "attention": [("attention", _attention)],
@@ -138,6 +146,7 @@ CALLS: dict[str, list[tuple[str, Callable]]] = {
     "diffusion": [("scheduler_step", _scheduler_step), ("cfg_combine", _cfg_combine)],
     "latent": [("reparameterize", _reparameterize), ("gaussian_kl", _gaussian_kl), ("langevin_step", _langevin_step)],
     "random": [("philox_noise", _philox_noise)],
+    "lstm": [("lstm_cell", _lstm_cell)],
 }
 
 
