@@ -6,6 +6,11 @@ path (masked SDPA over the whole cache) is held to the same rule, since it is wh
 Shapes stay tiny: the Triton kernels run in the interpreter here (BLOCK_N = 16, so 100 keys cross 7 tiles).
 """
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -141,6 +146,25 @@ def test_long_cache_splits_and_nan(device, backend, d):
         out = attention_decode(q2, k2, v2, torch.tensor([2900, 2900], device=device))
     assert out[:, :2].isnan().all() and not out[0, 2:].isnan().any()  # kv head 0 holds the NaN key
     assert out[1, 3].isnan().all() and not out[1, 2].isnan().any()  # the NaN query row alone
+
+
+def _cpu_kernel_matches_spec() -> None:
+    """The CPU kernel on head dims with their own path (64, 128) and any other (40), GQA, Nq > 1, bf16."""
+    for d, dtype in ((64, torch.float32), (128, torch.float32), (40, torch.float32), (64, torch.bfloat16)):
+        q, k, v = _make(2, 4, 2, 3, 300, d, dtype, "cpu", seed=d)
+        _check("cpu", q, k, v, torch.tensor([300, 77]))
+
+
+@pytest.mark.skipif("cpu" not in [p.values[1] for p in PARAMS], reason="genfast._C not built")
+@pytest.mark.parametrize("capability", ["avx2", "default"])
+def test_cpu_kernel_narrower_paths(capability):
+    """The kernel picks AVX2 or its scalar loop once per process from torch's ATEN_CPU_CAPABILITY: a fresh
+    interpreter with it lowered runs the path this one does not."""
+    script = "import tests.test_attention_decode as t; t._cpu_kernel_matches_spec()"
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 @pytest.mark.parametrize("device,backend", APPEND_PARAMS + [pytest.param("cpu", "auto", id="cpu-auto")])

@@ -91,6 +91,12 @@ def _cpu_step_normals_match_specification(sizes) -> None:
         seed = torch.tensor([2**40 + 17])
         got = torch.ops.genfast.scheduler_step(x, x, None, 1.0, coefs, None, seed)
         torch.testing.assert_close(got, philox_noise_ref(seed, numel, 0, True), rtol=2e-6, atol=2e-6)
+    # philox_noise draws through the same SIMD code (csrc/cpu/philox_simd.h), from odd offsets too; its threads
+    # split the range at any element (the partial groups at a split take the scalar path: ulp-level differences).
+    for numel, offset in zip(sizes, (0, 3, 2**33 + 5)):
+        seed = torch.tensor([2**40 + 17])
+        got = torch.ops.genfast.philox_noise(seed, numel, offset, True)
+        torch.testing.assert_close(got, philox_noise_ref(seed, numel, offset, True), rtol=2e-6, atol=2e-6)
 
 
 # scheduler_step's CPU kernel draws its normals 64 (AVX-512) or 32 (AVX2) at a time; its threads
