@@ -24,9 +24,12 @@ machine): the matmuls are 90-92% of it at B1 and B8 (the 48 block linears, addmm
 gelu 1.5-2%, attention_decode 0.6% (B1) / 2.3% (B8), sample_tokens 0.3-0.8%, kv_cache_append 0.1-0.7%, the
 rest (layer norms, views, adds) a few %. The per-token Python and allocation overhead is thus a few % of a step,
 and a 1.2x margin over transformers cannot come from it: both read the same weights through the same torch
-matmuls. One lead for the head: on this torch build x @ W.t() at M = 1 ran ~1.5x slower than x @ W_t with W_t
-the [in, out] copy (GPT-2's Conv1D layout, which transformers uses), while at M = 8 the [out, in] layout was
-faster; not taken (a second copy of the 154 MB head).
+matmuls. Where transformers is ahead at B1 (the replaced row measured 0.92x greedy, 0.98x sampling, one thread):
+the same profile of both at B1 greedy shows the tied head equal (mm, 209 ms each) and the 48 block linears 22%
+slower in genfast (addmm 490 vs 401 ms): transformers' GPT-2 keeps them in Conv1D's [in, out] layout (x @ W),
+genfast's nn.Linear in [out, in] (x @ W.t()), and this torch's fp32 GEMM at M = 1 runs the former faster (at
+M = 8 the latter was as fast or faster). The fix belongs to the model's layers (their weight layout for decode),
+not to the generation loop; everything else in genfast's step is leaner (no cat per layer, a smaller attention).
 
 ``python -m benchmarks.bench_models_gpt [--quick]`` times only the generation cases, genfast and transformers
 interleaved (the fairer comparison on a shared machine), and prints the ratios.
