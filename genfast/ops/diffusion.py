@@ -151,18 +151,7 @@ def _float_only(device, dtype=None, **_):
     return None
 
 
-def _call(op, *args):
-    """Call a custom op overload; outside torch.compile and autograd, straight to its kernel.
-
-    A step is a few microseconds of work on a small latent, so the Python autograd layer of the op
-    (about as long again) is skipped when no input requires grad. Under torch.compile and autograd
-    the op is called normally, so tracing and gradients see the registered op.
-    """
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
-            isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
-        return op(*args)
-    with torch._C._AutoDispatchBelowAutograd():
-        return op(*args)
+_call = _checks.call_op  # a step is a few microseconds of work on a small latent: skip the autograd layer
 
 
 _step_dispatch = _backend.dispatcher(STEP_OP, scheduler_step_ref)

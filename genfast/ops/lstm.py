@@ -135,17 +135,7 @@ def _triton_supports(device, dtype=None, **_):
     return _cpu_supports(device, dtype)
 
 
-def _call(op, *args):
-    """Call ``op``; outside torch.compile and autograd, straight to its kernel.
-
-    One generation step of a small LSTM is tens of microseconds, and the Python autograd layer of a custom op costs
-    about as much again, so it is skipped when no input requires grad. Under torch.compile and autograd the op is
-    called normally, so tracing and gradients see the registered op.
-    """
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(a.requires_grad for a in args)):
-        return op(*args)
-    with torch._C._AutoDispatchBelowAutograd():
-        return op(*args)
+_call = _checks.call_op  # one generation step of a small LSTM is tens of microseconds: skip the autograd layer
 
 
 _dispatch = _backend.dispatcher(OP, lstm_cell_ref)

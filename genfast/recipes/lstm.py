@@ -16,52 +16,49 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from genfast._io import check_fits_memory
-from genfast.data.text import DEFAULT_MAX_CHARS, read_text_file, stdlib_text
-from genfast.data.tokenizers import CharTokenizer, HFTokenizer, load_tokenizer
+from genfast.data.tokenizers import load_tokenizer
 from genfast.models.lstm import LSTMLM, LSTMConfig
 from genfast.recipes._common import backend_errors, load_or_exit, sample_device
-from genfast.recipes.gpt import _check_vocab_size, get_batch, split_tokens  # one rule for both language models
+from genfast.recipes._text import (
+    TextTask,
+    add_generation_args,
+    add_text_args,
+    fitting_tokenizer,
+    generation_knobs,
+    get_batch,
+    prepare_text,
+    print_samples,
+    print_stream,
+)
 from genfast.training import (
     CommandParser,
     Run,
-    TrainTask,
-    add_device_args,
     add_train_args,
     batch_generator,
     non_negative_float,
     non_negative_int,
     open_probability,
-    positive_float,
     positive_int,
     start_run,
-    unit_interval,
-    warmup_cosine_lr,
 )
 
 LOG_EVERY = 10  # steps between reading the loss on the host
 TRAIN_OPS = ("sample_tokens", "lstm_cell")  # sampling at each eval
 SAMPLE_OPS = ("lstm_cell", "sample_tokens")
 SAMPLE_PROMPT_TOKENS = 16
+CAP_FILE = True  # --max-chars cuts a --data file too
 
 
 # ------------------------------------------------------------------------------------------ arguments
 def train_parser() -> argparse.ArgumentParser:
     p = CommandParser(prog="genfast train lstm", description="Train an LSTM language model (characters by default).")
-    p.add_argument("--data", help="a UTF-8 text file (default: the Python standard library's own .py source)")
-    p.add_argument("--max-chars", type=positive_int, default=DEFAULT_MAX_CHARS,
-                   help="at most this many characters of the text (default %(default)s)")
-    p.add_argument("--config", default="small", choices=sorted(LSTMConfig.PRESETS),
-                   help="model size (default %(default)s)")
-    p.add_argument("--tokenizer", default="char", choices=("char", "bpe"),
-                   help="characters, or a byte-level BPE trained on the data (default %(default)s)")
-    p.add_argument("--vocab-size", type=positive_int, default=1024, help="BPE vocabulary size (default %(default)s)")
+    add_text_args(p, presets=LSTMConfig.PRESETS, default_config="small", cap_file=CAP_FILE)
     p.add_argument("--seq-len", type=positive_int, default=64,
                    help="tokens per training window (backpropagation through time) (default %(default)s)")
     p.add_argument("--dropout", type=open_probability, default=None, help="dropout in [0, 1) (default: the preset's)")
@@ -125,27 +122,9 @@ def train_main(argv: list[str]) -> int:
     vocab = args.vocab_size if args.tokenizer == "bpe" else 256
     _check_step_memory(parser, LSTMConfig.preset(args.config, vocab_size=vocab), args.batch_size, args.seq_len)
     with start_run(parser, args, recipe="lstm", ops=TRAIN_OPS) as run:
-        try:
-            text = read_text_file(args.data, args.max_chars) if args.data else stdlib_text(args.max_chars)
-            if run.resuming:
-                tokenizer = load_tokenizer(run.checkpoint_found)
-                config = LSTMConfig.from_dict(run.saved_config["model"])
-            else:
-                if args.tokenizer == "bpe":
-                    _check_vocab_size(parser, args.vocab_size, text)
-                tokenizer = CharTokenizer.train(text) if args.tokenizer == "char" else \
-                    HFTokenizer.train_bpe(text, vocab_size=args.vocab_size)
-                overrides = {"vocab_size": tokenizer.vocab_size}
-                if args.dropout is not None:
-                    overrides["dropout"] = args.dropout
-                config = LSTMConfig.preset(args.config, **overrides)
-            if config.vocab_size != tokenizer.vocab_size:
-                raise ValueError(f"the checkpoint's vocabulary ({config.vocab_size}) does not match its "
-                                 f"tokenizer's ({tokenizer.vocab_size})")
-            ids = torch.tensor(tokenizer.encode(text), dtype=torch.int64)
-            train_ids, val_ids = split_tokens(ids, args.seq_len)
-        except (FileNotFoundError, ValueError) as exc:
-            parser.error(f"--data {args.data}: {exc}" if args.data else str(exc))
+        tokenizer, config, train_ids, val_ids = prepare_text(
+            parser, args, run, LSTMConfig, cap_file=CAP_FILE, window=lambda config: args.seq_len,
+            dropout=args.dropout)
         task = LSTMTask(run, config, tokenizer, train_ids, val_ids)
         run.log(f"LSTM {args.config}: {task.model.num_parameters() / 1e6:.2f}M parameters, vocabulary "
                 f"{config.vocab_size}, {len(train_ids)} training tokens, {task.eval_pieces[:, 1:].numel()} "
@@ -165,7 +144,7 @@ def _check_step_memory(parser: argparse.ArgumentParser, config: LSTMConfig, batc
         parser.error(str(exc))
 
 
-class LSTMTask(TrainTask):
+class LSTMTask(TextTask):
     log_every = LOG_EVERY
 
     def __init__(self, run: Run, config: LSTMConfig, tokenizer, train_ids: torch.Tensor, val_ids: torch.Tensor):
@@ -185,31 +164,11 @@ class LSTMTask(TrainTask):
         self.unigram_bpc = unigram_bits(train_ids, scored.flatten(), config.vocab_size) / max(self.eval_chars, 1)
         self.model.train()
 
-    def config_dict(self) -> dict:
-        args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(self.run.args).items()}
-        return {"model": self.config.to_dict(), "tokenizer": type(self.tokenizer).__name__, "args": args}
-
-    def write_side_files(self, directory: Path) -> None:
-        self.tokenizer.save(directory)  # beside the weights, in the same atomic step
-
     def train_step(self, step: int) -> dict:
-        run, args = self.run, self.run.args
-        lr = warmup_cosine_lr(step, base_lr=args.lr, warmup_steps=args.warmup, total_steps=args.steps,
-                              min_lr=args.lr / 10)
-        optimizer = self.optimizers["model"]
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        args = self.run.args
         # The global batch of this step is a function of (seed, step) alone: a resumed run sees the same data.
-        x, y = get_batch(self.train_ids, args.batch_size, args.seq_len, batch_generator(args.seed, step))
-        x, y = run.dist.shard(x).to(run.device), run.dist.shard(y).to(run.device)
-        with run.autocast():
-            _, loss = self.ddp(x, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip)
-        optimizer.step()
-        return {"loss": loss.detach(), "lr": lr}
+        batch = get_batch(self.train_ids, args.batch_size, args.seq_len, batch_generator(args.seed, step))
+        return self.language_model_step(step, batch, min_lr=args.lr / 10)
 
     def evaluate(self, step: int) -> bool:
         run, args = self.run, self.run.args
@@ -226,17 +185,7 @@ class LSTMTask(TrainTask):
 def sample_parser() -> argparse.ArgumentParser:
     p = CommandParser(prog="genfast sample lstm", description="Continue a prompt with a trained LSTM.")
     p.add_argument("--ckpt", type=Path, required=True, help="a `genfast train lstm` run folder (its --out)")
-    p.add_argument("--prompt", required=True, help="the text to continue")
-    p.add_argument("--max-new-tokens", type=non_negative_int, default=300, help="(default %(default)s)")
-    p.add_argument("--temperature", type=non_negative_float, default=0.8, help="0 for greedy (default %(default)s)")
-    p.add_argument("--top-k", type=non_negative_int, default=20, help="0 for none (default %(default)s)")
-    p.add_argument("--top-p", type=unit_interval, default=1.0, help="in (0, 1]; 1 for none (default %(default)s)")
-    p.add_argument("--min-p", type=open_probability, default=0.0, help="in [0, 1); 0 for none (default %(default)s)")
-    p.add_argument("--repetition-penalty", type=positive_float, default=1.0, help="(default %(default)s)")
-    p.add_argument("--num-samples", type=positive_int, default=1, help="continuations drawn in one batch")
-    p.add_argument("--seed", type=non_negative_int, default=0)
-    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
-    add_device_args(p, ops=SAMPLE_OPS)
+    add_generation_args(p, max_new_tokens=300, top_k=20, ops=SAMPLE_OPS)
     return p
 
 
@@ -246,11 +195,7 @@ def load_for_sampling(ckpt, device: torch.device, *, allow_nonfinite: bool = Fal
 
     model = LSTMLM.from_checkpoint(ckpt, device, allow_nonfinite=allow_nonfinite)
     directory = find_run_checkpoint(ckpt)
-    tokenizer = load_tokenizer(directory)
-    if tokenizer.vocab_size < model.config.vocab_size:
-        raise ValueError(f"the tokenizer in {directory} has {tokenizer.vocab_size} tokens, fewer than the model's "
-                         f"vocabulary of {model.config.vocab_size}: they do not belong together")
-    return model, tokenizer
+    return model, fitting_tokenizer(load_tokenizer(directory), model, directory)
 
 
 def sample_main(argv: list[str]) -> int:
@@ -263,30 +208,16 @@ def sample_main(argv: list[str]) -> int:
     if not prompt:
         parser.error("--prompt must hold at least one token")
     idx = torch.tensor([prompt] * args.num_samples, dtype=torch.int64, device=device)
-    generator = torch.Generator(device).manual_seed(args.seed)
-    knobs = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                 repetition_penalty=args.repetition_penalty, generator=generator)
+    knobs = generation_knobs(args, device)
     try:
         if args.stream and args.num_samples == 1:
-            ids, shown = list(prompt), ""
-            print(tokenizer.decode(ids), end="", flush=True)
-            shown = tokenizer.decode(ids)
-            for token in backend_errors(parser, lambda: model.generate(idx, args.max_new_tokens, stream=True,
-                                                                       **knobs)):
-                ids.append(int(token[0]))
-                text = tokenizer.decode(ids)
-                if not text.endswith("\ufffd"):  # byte-level BPE may end mid-character: print what is complete
-                    print(text[len(shown):], end="", flush=True)
-                    shown = text
-            print(tokenizer.decode(ids)[len(shown):])
+            print_stream(tokenizer, prompt, lambda: backend_errors(
+                parser, lambda: model.generate(idx, args.max_new_tokens, stream=True, **knobs)), echo_prompt=True)
             return 0
         out = backend_errors(parser, lambda: model.generate(idx, args.max_new_tokens, **knobs))
     except ValueError as exc:  # sizes that do not fit this machine, knobs out of range
         parser.error(str(exc))
-    for i, row in enumerate(out.tolist()):
-        if args.num_samples > 1:
-            print(f"--- sample {i + 1}", file=sys.stdout)
-        print(tokenizer.decode(row))
+    print_samples(tokenizer, out, args.num_samples)
     return 0
 
 
