@@ -20,12 +20,12 @@ from genfast.nn.fuse import fuse
 
 __version__ = "0.1.0"
 
-_LAZY = ("models", "recipes", "training", "data")
+_LAZY = ("models", "recipes", "training", "data", "integrations")
 
 
 def __getattr__(name: str):
-    """genfast.models (and recipes, training, data) on first use: importing them costs time the kernels do not
-    need."""
+    """genfast.models (and recipes, training, data, integrations) on first use: importing them costs time the
+    kernels do not need."""
     if name in _LAZY:
         import importlib
 
@@ -33,5 +33,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'genfast' has no attribute {name!r}")
 
 
-__all__ = ["ops", "nn", "fuse", "diffusion", "models", "BACKENDS", "BackendError", "backend", "get_backend",
-           "set_backend", "info", "__version__"]
+__all__ = ["ops", "nn", "fuse", "diffusion", "models", "integrations", "BACKENDS", "BackendError", "backend",
+           "get_backend", "set_backend", "info", "__version__"]

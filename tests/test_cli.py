@@ -69,7 +69,14 @@ def test_import_genfast_loads_the_kernel_library_only():
             "late = [m for m in sys.modules if m.split('.')[:2][-1] in ('models', 'recipes', 'training', 'data')"
             " and m.startswith('genfast.')]\n"
             "assert not late, late\n"
-            "assert genfast.models.GPT.__name__ == 'GPT' and 'genfast.models.gpt' in sys.modules\n")
+            "assert genfast.models.GPT.__name__ == 'GPT' and 'genfast.models.gpt' in sys.modules\n"
+            # The doors into other stacks: attributes on first use, importing their library only then.
+            "assert 'genfast.integrations' not in sys.modules and 'transformers' not in sys.modules\n"
+            "assert 'integrations' in genfast.__all__\n"
+            "assert genfast.integrations.__all__ == ['transformers', 'diffusers']\n"
+            "assert 'transformers' not in sys.modules\n"
+            "assert 'UnsupportedAttentionError' in genfast.integrations.transformers.__all__\n"
+            "assert genfast.integrations.diffusers.GenfastAttnProcessor.__name__ == 'GenfastAttnProcessor'\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr[-2000:]

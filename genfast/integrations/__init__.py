@@ -8,3 +8,18 @@
 
 This package imports neither library: ``import genfast`` (and ``import genfast.integrations``) stays light.
 """
+
+_DOORS = ("transformers", "diffusers")
+
+
+def __getattr__(name: str):
+    """``genfast.integrations.transformers`` / ``.diffusers`` as attributes, imported on first use (each module
+    imports its library only when one of its functions runs)."""
+    if name in _DOORS:
+        import importlib
+
+        return importlib.import_module(f"genfast.integrations.{name}")
+    raise AttributeError(f"module 'genfast.integrations' has no attribute {name!r}")
+
+
+__all__ = list(_DOORS)
