@@ -226,6 +226,9 @@ def decode_cases(device: torch.device, quick: bool = False) -> list[BenchCase]:
 
         providers = {f"genfast-{name}": ours(name) for name in genfast_providers("attention_decode", device)}
         providers["genfast-auto"] = ours("auto")
+        # The cost of batch invariance (issue 30): the split count from Nmax, D and the dtype, not from B.
+        providers["genfast-auto-batch-invariant"] = (
+            lambda q, k, v, lengths: attention_decode(q, k, v, lengths, validate=False, batch_invariant=True))
         providers["reference"] = ours("reference")
         providers["torch-sdpa"] = lambda q, k, v, lengths: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
         for provider, fn in providers.items():

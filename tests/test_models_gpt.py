@@ -314,6 +314,52 @@ def test_left_padded_batch_equals_separate_runs(knobs):
         assert torch.equal(batch[i, t:], alone[i, len(p):]), i
 
 
+def _left_padded(prompts):
+    b, t = len(prompts), max(len(p) for p in prompts)
+    idx = torch.full((b, t), 5, dtype=torch.int64)
+    mask = torch.zeros(b, t, dtype=torch.int64)
+    for i, p in enumerate(prompts):
+        idx[i, t - len(p):], mask[i, t - len(p):] = p, 1
+    return idx, mask
+
+
+# fp32 (bitwise equal on a CPU: the prefill's matmuls did not depend on the batch here; genfast's attention ops take
+# no fp64, so there is no fp64 fallback to test).
+@pytest.mark.parametrize("backend", FUSED)
+def test_seeded_prompt_gets_the_same_tokens_alone_and_in_a_batch(backend):
+    """seed= (issue 30): a prompt's sampled continuation with its seed is identical alone and at place 2 of a batch
+    with 4 other prompts of different lengths (left-padded), with per-row seeds and batch-invariant decode. The
+    generator= path draws row b's noise at offset b * V of one stream, so the same prompt moves its tokens."""
+    model = small_gpt(seed=11)
+    knobs = dict(temperature=0.9, top_k=20, top_p=0.95)
+    prompts = [tokens(1, n, seed=20 + n)[0] for n in (3, 12, 7, 5, 20)]
+    idx, mask = _left_padded(prompts)
+    seeds = torch.tensor([101, -7, 2 ** 62, 0, 55])
+    with genfast.backend(backend):
+        batch = model.generate(idx, 12, attention_mask=mask, seed=seeds, **knobs)
+        alone = model.generate(prompts[2][None], 12, seed=seeds[2:3], **knobs)
+        # An int seed means seed, seed + 1, ... per row; a row's stream is its own from its first new token on.
+        assert torch.equal(model.generate(idx, 4, attention_mask=mask, seed=100, **knobs)[:, -4:],
+                           model.generate(idx, 4, attention_mask=mask, seed=torch.arange(100, 105), **knobs)[:, -4:])
+    t = idx.shape[1]
+    assert torch.equal(batch[2, t:], alone[0, len(prompts[2]):])
+    assert not torch.equal(batch[0, t:], batch[2, t:])  # rows do draw different tokens
+
+
+def test_generate_seed_errors():
+    model = small_gpt()
+    with pytest.raises(ValueError, match="seed or generator"):
+        model.generate(tokens(2, 4), 2, seed=1, generator=torch.Generator())
+    with pytest.raises(TypeError, match="seed must be None, an int"):
+        model.generate(tokens(2, 4), 2, seed=1.5)
+    with pytest.raises(ValueError, match=r"seed as a tensor must be int64 \[B\]"):
+        model.generate(tokens(2, 4), 2, seed=torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match=r"seed as a tensor must be int64 \[B\]"):
+        model.generate(tokens(2, 4), 2, seed=torch.tensor([1, 2], dtype=torch.int32))
+    with pytest.raises(ValueError, match="seed must be in"):
+        model.generate(tokens(2, 4), 2, seed=2 ** 63 - 1)
+
+
 def test_left_padded_greedy_matches_transformers(tmp_path):
     model = small_gpt(seed=8)
     hf = hf_model(model, tmp_path, dtype=torch.float32)

@@ -6,8 +6,11 @@
 // the same cache reads all Nmax slots, and a mask costs it another pass). Keys go by blocks of kBlock, one pass
 // with an online softmax (flash-decoding on a CPU): per block, scores s = scale * q . k for every row (fp32
 // accumulation), the row's running max and sum rescaled when the max grows, then acc += exp(s - max) v, with the
-// K and V rows of the block still in L1/L2. Splits (only when B * Hk tasks cannot keep the threads busy) each keep
-// (max, sum, acc) and are merged at the end, the log-sum-exp way.
+// K and V rows of the block still in L1/L2. Splits (by default only when B * Hk tasks cannot keep the threads busy;
+// with num_splits < 0 a count fixed by Nmax, D and the dtype: batch invariance) each keep (max, sum, acc) and are
+// merged at the end, the log-sum-exp way, in split order. A task's arithmetic depends only on its own sequence's
+// length and data and on the split count, never on which thread runs it, so with a fixed split count a row's output
+// is bitwise the same whatever else is in the batch.
 //
 // The inner loops (dot products, exp, axpy) have an AVX2+FMA path (exp from SLEEF: csrc/cpu/simd.h), chosen at run
 // time because the extension is built for the baseline x86-64; the scalar path is the same algorithm. Half and
@@ -42,6 +45,7 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t kBlock = 64;
 // A task reads at least this many bytes of cache before a split or a thread is worth its start.
 constexpr int64_t kMinTaskBytes = 128 * 1024;
+constexpr int64_t kMaxSplits = 8;
 
 // cache_seqlens[b] as int64, clamped to [lo, hi], read in place (int32 or int64, any stride).
 std::vector<int64_t> read_lengths(const at::Tensor& seqlens, int64_t lo, int64_t hi) {
@@ -178,6 +182,10 @@ struct Avx2Math {
 // ----------------------------------------------------------------------------------------------- decode
 struct DecodeGeometry {
   int64_t B, Hq, Hk, G, Nq, D, R, splits;
+  // Batch-invariant splits cover fixed key ranges [split * chunk, (split + 1) * chunk) of the cache (chunk from Nmax,
+  // a multiple of kBlock), so a short sequence touches only the splits its keys fall in; 0: the default, splits cut
+  // the visible span of each sequence evenly.
+  int64_t chunk;
   bool causal;
   int64_t left, right;  // window, -1 for none
 };
@@ -322,10 +330,17 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
         const T* src = qp + row_index(b, h, r) * D;
         for (int64_t d = 0; d < D; ++d) qf[r * D + d] = static_cast<float>(src[d]) * static_cast<float>(scale);
       }
-      // This split's keys: an equal share of the visible span, cut at block boundaries.
+      // This split's keys: its fixed range of the cache (batch invariance), or an equal share of the visible span
+      // cut at block boundaries.
       const int64_t span = std::max<int64_t>(span_hi - span_lo, 0);
-      const int64_t per = (span / kBlock + S) / S * kBlock;
-      const int64_t k0 = std::min(span_lo + split * per, span_lo + span), k1 = std::min(k0 + per, span_lo + span);
+      int64_t k0, k1;
+      if (g.chunk > 0) {
+        k0 = std::clamp(split * g.chunk, span_lo, span_lo + span);
+        k1 = std::clamp((split + 1) * g.chunk, k0, span_lo + span);
+      } else {
+        const int64_t per = (span / kBlock + S) / S * kBlock;
+        k0 = std::min(span_lo + split * per, span_lo + span), k1 = std::min(k0 + per, span_lo + span);
+      }
       float* base = S > 1 ? &part[task * R * (D + 2)] : mine.data();
       float *m = base, *l = base + R, *acc = base + 2 * R;
       task_fn(g, TaskArgs{qf.data(), kp + b * ksb + h * ksh, vp + b * vsb + h * vsh, ksn, vsn, lo.data(), hi.data(),
@@ -364,8 +379,14 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   });
 }
 
-// Splits per (sequence, kv head): one unless B * Hk tasks would leave threads idle and the caches are long enough
-// that each split still reads kMinTaskBytes.
+// Splits per (sequence, kv head) when batch invariance is asked for (num_splits < 0): a function of the cache capacity Nmax and the bytes per key row (head dim x
+// dtype) only: never of B, of the true lengths or of the thread count, so a row's merge order, hence its output
+// bit for bit, does not depend on the rest of the batch (batch invariance). Each split of a full cache reads
+// about kMinTaskBytes, at most kMaxSplits of them: enough tasks to keep the threads busy for one sequence and one
+// kv head, few enough that the merge stays a small part of a step when B * Hk alone fills the threads.
+// Splits per (sequence, kv head) by default: one unless B * Hk tasks would leave threads idle and the caches are
+// long enough that each split still reads kMinTaskBytes. Fastest, but a row's merge order then depends on B, on the
+// longest length in the batch and on the thread count.
 int64_t choose_splits(int64_t tasks, int64_t longest, int64_t row_bytes) {
   const int64_t threads = at::get_num_threads();
   if (tasks >= 2 * threads) return 1;
@@ -374,12 +395,17 @@ int64_t choose_splits(int64_t tasks, int64_t longest, int64_t row_bytes) {
   return std::clamp<int64_t>(std::min(wanted, affordable), 1, std::max<int64_t>(1, longest / kBlock));
 }
 
+int64_t invariant_splits(int64_t nmax, int64_t row_bytes) {
+  const int64_t affordable = std::max<int64_t>(1, 2 * nmax * row_bytes / kMinTaskBytes);
+  return std::clamp<int64_t>(affordable, 1, std::max<int64_t>(1, std::min(kMaxSplits, nmax / kBlock)));
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache,
                                                         const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
                                                         bool causal, double scale, int64_t window_left,
                                                         int64_t window_right, int64_t num_splits) {
-  // num_splits is a GPU occupancy knob; the CPU splits the keys only to keep its threads busy (choose_splits).
-  (void)num_splits;
+  // num_splits > 0 is a GPU occupancy knob, ignored here: the CPU splits the keys only to keep its threads busy
+  // (choose_splits). num_splits < 0 asks for batch invariance: splits from Nmax and the key row's bytes alone.
   constexpr const char* op = "attention_decode";
   check_decode_args(op, q, k_cache, v_cache, cache_seqlens);
   const at::Tensor qc = q.contiguous();
@@ -391,9 +417,17 @@ std::tuple<at::Tensor, at::Tensor> attention_decode_cpu(const at::Tensor& q, con
   if (q.numel() == 0) return {out, lse};
   const std::vector<int64_t> lengths = read_lengths(cache_seqlens, 0, k_cache.size(2));
   DecodeGeometry g{q.size(0), q.size(1), k.size(1), q.size(1) / k.size(1), q.size(2), q.size(3),
-                   q.size(1) / k.size(1) * q.size(2), 1, causal, window_left, window_right};
-  const int64_t longest = *std::max_element(lengths.begin(), lengths.end());
-  g.splits = choose_splits(g.B * g.Hk, longest, g.D * static_cast<int64_t>(q.element_size()));
+                   q.size(1) / k.size(1) * q.size(2), 1, 0, causal, window_left, window_right};
+  const int64_t row_bytes = g.D * static_cast<int64_t>(q.element_size());
+  g.splits = num_splits < 0 ? invariant_splits(k_cache.size(2), row_bytes)
+                            : choose_splits(g.B * g.Hk, *std::max_element(lengths.begin(), lengths.end()), row_bytes);
+  if (num_splits < 0) {
+    const int64_t nmax = k_cache.size(2);
+    // The cache's blocks dealt into at most `splits` chunks of whole blocks; the count of chunks then covers Nmax.
+    const int64_t blocks = (nmax + kBlock - 1) / kBlock;
+    g.chunk = (blocks + g.splits - 1) / g.splits * kBlock;
+    g.splits = (nmax + g.chunk - 1) / g.chunk;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_decode_cpu", [&] {
     decode_kernel<scalar_t>(qc, k, v, lengths, g, scale, out, lse);
   });

@@ -247,6 +247,10 @@ int64_t decode_num_splits(const DecodeShape& shape, int device) {
   return std::max(int64_t{1}, std::min(std::min(want, useful), kMaxSplits));
 }
 
+int64_t decode_num_splits_invariant(const DecodeShape& shape) {
+  return std::max(int64_t{1}, std::min(cdiv(shape.cache_len, kMinKeysPerSplit), kMaxSplits));
+}
+
 int64_t decode_workspace_floats(const DecodeShape& shape, int64_t num_splits) {
   const int64_t rows = (shape.q_heads / shape.kv_heads) * shape.new_tokens;
   return shape.batch * shape.kv_heads * num_splits * rows * (shape.head_dim + 1);

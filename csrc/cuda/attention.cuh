@@ -22,6 +22,11 @@ struct DecodeShape {
 // Needs no host synchronisation (reads a device attribute only).
 int64_t decode_num_splits(const DecodeShape& shape, int device);
 
+// Splits per (batch, kv head) for batch invariance: a function of the cache capacity Nmax alone (one split per
+// 256 keys, at most 128), never of B or of the device, so a row's merge order, hence its output bit for bit, does
+// not depend on the rest of the batch. No host synchronisation either (CUDA graphs keep working).
+int64_t decode_num_splits_invariant(const DecodeShape& shape);
+
 // Floats of workspace the launcher needs: partial outputs then partial lse, both float32.
 int64_t decode_workspace_floats(const DecodeShape& shape, int64_t num_splits);
 

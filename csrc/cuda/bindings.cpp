@@ -346,7 +346,8 @@ std::tuple<at::Tensor, at::Tensor> attention_decode_cuda(const at::Tensor& q, co
   TORCH_CHECK(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == b &&
                   (cache_seqlens.scalar_type() == at::kInt || cache_seqlens.scalar_type() == at::kLong),
               op, ": cache_seqlens must be a 1-D int32/int64 tensor of ", b, " lengths");
-  TORCH_CHECK(num_splits >= 0 && num_splits <= 65535, op, ": num_splits must be in [0, 65535], got ", num_splits);
+  // -1 asks for batch invariance (a split count from Nmax alone), 0 for the occupancy choice, > 0 for that count.
+  TORCH_CHECK(num_splits >= -1 && num_splits <= 65535, op, ": num_splits must be in [-1, 65535], got ", num_splits);
   TORCH_CHECK(window_left >= -1 && window_right >= -1, op, ": window sides must be >= -1");
   const c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor lengths = cache_seqlens.contiguous();
@@ -359,7 +360,9 @@ std::tuple<at::Tensor, at::Tensor> attention_decode_cuda(const at::Tensor& q, co
     shape.k_stride[i] = k_cache.stride(i);
     shape.v_stride[i] = v_cache.stride(i);
   }
-  const int64_t splits = num_splits > 0 ? num_splits : genfast::cuda::decode_num_splits(shape, q.get_device());
+  const int64_t splits = num_splits > 0   ? num_splits
+                         : num_splits < 0 ? genfast::cuda::decode_num_splits_invariant(shape)
+                                          : genfast::cuda::decode_num_splits(shape, q.get_device());
   at::Tensor workspace = at::empty({genfast::cuda::decode_workspace_floats(shape, splits)}, lse.options());
   GENFAST_CHECK_LAUNCH(genfast::cuda::launch_attention_decode(
                            q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), dtype, lengths.data_ptr(),

@@ -8,7 +8,10 @@ Decode is memory bound: each step reads the whole cache once for a handful of qu
 - the visible key range of the sequence (``[lo, hi)`` from its length, causal and the window) is cut into
   ``num_splits`` chunks (multiples of BLOCK_N) handled by separate programs, which is what fills the GPU when
   B * Hk is small and the cache long (flash-decoding). Each writes its normalised partial output and its lse
-  (base 2, fp32); a combine kernel merges the splits by lse.
+  (base 2, fp32); a combine kernel merges the splits by lse, in split order. ``num_splits`` 0 fills the GPU
+  (``choose_splits``, which depends on B); -1 asks for batch invariance (``invariant_splits``: from Nmax alone).
+  Nothing else a row computes depends on other rows (tiles come from D, the dtype and the GQA rows), so with a
+  fixed split count a row's output is bitwise the same whatever else is in the batch.
 
 Lengths are read on the device and clamped to [0, Nmax], so a bad ``cache_seqlens`` (possible only with
 validate=False) can never index outside the cache. Offsets of batch/head are int64, and row/key offsets too
@@ -224,6 +227,19 @@ def choose_splits(batch: int, kv_heads: int, row_blocks: int, nmax: int, device:
     return max(1, min(want, useful, 128))
 
 
+# Batch-invariant splits: one per this many keys of the cache's capacity (the interpreter's small tiles get small
+# splits too, so tiny tests cross several), at most MAX_SPLITS.
+INVARIANT_KEYS_PER_SPLIT = 256 if _COMPILED else 4 * BLOCK_N
+MAX_SPLITS = 128
+
+
+def invariant_splits(nmax: int) -> int:
+    """Splits per (batch, kv head) for batch invariance: a function of the cache capacity Nmax alone (the tiles are
+    already fixed by D, the dtype and the GQA rows), never of B or of the device, so a row's merge order, hence its
+    output bit for bit, does not depend on the rest of the batch; no host synchronisation (CUDA graphs work)."""
+    return max(1, min(triton.cdiv(nmax, INVARIANT_KEYS_PER_SPLIT), MAX_SPLITS))
+
+
 def decode_grid(batch: int, kv_heads: int, row_blocks: int, num_splits: int) -> tuple[int]:
     """The split kernel's grid: one flat axis of B * Hk * row blocks * splits programs (axis 0 allows 2^31 - 1;
     axes 1 and 2 only 65535, which B * Hk alone passes)."""
@@ -242,7 +258,9 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, causal, scale, window_l
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    if num_splits <= 0:
+    if num_splits < 0:  # batch invariance asked for
+        num_splits = invariant_splits(nmax)
+    elif num_splits == 0:
         num_splits = choose_splits(b, hk, row_blocks, nmax, q.device, block_n)
     # Unbounded sides become a distance no position reaches; causal is a right window of 0.
     far = nmax + nq + 1
@@ -280,4 +298,4 @@ def kv_cache_append(k_cache, v_cache, k_new, v_new, cache_seqlens) -> None:
         )
 
 
-__all__ = ["attention_decode", "kv_cache_append", "choose_splits", "decode_grid", "split_tiles"]
+__all__ = ["attention_decode", "kv_cache_append", "choose_splits", "invariant_splits", "decode_grid", "split_tiles"]

@@ -33,6 +33,7 @@ from torch import nn
 from genfast import _io, ops
 from genfast.models._checkpoint import check_weights
 from genfast.nn.attention import CausalSelfAttention, KVCache, capture_decode_step
+from genfast.ops.attention_decode import batch_invariant_decode
 
 # Presets: the sizes of OpenAI's GPT-2 models, and a tiny one that trains in minutes on a CPU.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -226,7 +227,7 @@ class GPT(nn.Module):
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature=1.0, top_k=0, top_p=1.0,
                  min_p=0.0, repetition_penalty=1.0, eos_token_id: int | None = None,
                  attention_mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                 stream: bool = False, cuda_graph: bool | None = None):
+                 seed: int | torch.Tensor | None = None, stream: bool = False, cuda_graph: bool | None = None):
         """Continue the prompts ``input_ids`` [B, T] int64 by up to ``max_new_tokens`` tokens.
 
         Returns [B, T + n] (the prompts, then the n <= max_new_tokens new tokens); with ``stream=True`` an
@@ -245,6 +246,15 @@ class GPT(nn.Module):
         token when streaming, whose consumer waits for each token anyway). ``cuda_graph`` (default: on for a
         CUDA model when not streaming) replays the decode step as one captured CUDA graph; it needs CUDA.
         Dropout applies if the model is in training mode: call ``model.eval()`` first.
+
+        ``seed`` (for serving; excludes ``generator``): per-row sampling streams, an int (row b gets seed + b) or an
+        int64 [B] tensor. Row b's i-th new token is drawn with ``sample_tokens(seeds=, offsets=)`` at seed_b and
+        offset i (0 at each row's first new token), and decode runs ``attention_decode(batch_invariant=True)``
+        over caches of the context's size (block_size slots, so the split count does not depend on the longest
+        prompt). So a prompt with the same seed draws from the same noise and decodes through the same attention
+        arithmetic alone or in any batch. The prefill is not bitwise batch-invariant (a prompt padded in a batch
+        runs longer rows: its hidden states differed in the last bit, 2e-7, on a CPU in fp32), which can change a
+        token only at a near-tie of the sampling thresholds; tests/test_models_gpt.py sees identical tokens.
         """
         if not isinstance(stream, bool):
             raise TypeError(f"GPT.generate: stream must be a bool, got {type(stream).__name__}")
@@ -252,9 +262,10 @@ class GPT(nn.Module):
                      repetition_penalty=repetition_penalty)
         # Checked here, not in the step generator, so that a streaming call fails at once rather than on next().
         self._check_generate(input_ids, max_new_tokens, eos_token_id, attention_mask, generator, knobs)
+        seeds = self._check_seed(seed, generator, input_ids.shape[0])
         cuda_graph = self._graph_choice(cuda_graph, stream)
         steps = self._generate_steps(input_ids, max_new_tokens, knobs, eos_token_id, attention_mask, generator,
-                                     stream, cuda_graph)
+                                     stream, cuda_graph, seeds)
         if stream:
             return steps
         new = list(steps)
@@ -267,6 +278,27 @@ class GPT(nn.Module):
             if bool(all_done.any()):
                 generated = generated[:, :int(all_done.int().argmax()) + 1]
         return torch.cat([input_ids, generated], dim=1)
+
+    def _check_seed(self, seed, generator, batch: int) -> torch.Tensor | None:
+        """``seed`` as the int64 [B] per-row seeds on the model's device (None without a seed)."""
+        op = "GPT.generate"
+        if seed is None:
+            return None
+        if generator is not None:
+            raise ValueError(f"{op}: pass seed or generator, not both (seed gives each row its own stream)")
+        device = self.transformer.wte.weight.device
+        if isinstance(seed, torch.Tensor):
+            if seed.dtype != torch.int64 or seed.shape != (batch,):
+                raise ValueError(f"{op}: seed as a tensor must be int64 [B] = [{batch}], got {seed.dtype} "
+                                 f"{tuple(seed.shape)}")
+            return seed.to(device)
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise TypeError(f"{op}: seed must be None, an int or an int64 [B] tensor, got {type(seed).__name__}")
+        lo, hi = -(2 ** 63), 2 ** 63 - batch  # the rows' seeds seed .. seed + B - 1 must all be int64
+        if not lo <= seed <= hi:
+            raise ValueError(f"{op}: seed must be in [{lo}, {hi}] so that seed + b fits int64 for each of the "
+                             f"B={batch} rows, got {seed}")
+        return int(seed) + torch.arange(batch, dtype=torch.int64, device=device)
 
     def _graph_choice(self, cuda_graph, stream: bool) -> bool:
         device = self.transformer.wte.weight.device
@@ -330,7 +362,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def _generate_steps(self, input_ids, max_new_tokens, knobs, eos_token_id, attention_mask, generator,
-                        stream, cuda_graph) -> Iterator[torch.Tensor]:
+                        stream, cuda_graph, seeds=None) -> Iterator[torch.Tensor]:
         """Yields each step's new tokens [B]; the arguments were checked by generate()."""
         repetition_penalty = knobs["repetition_penalty"]
         if max_new_tokens == 0:
@@ -347,8 +379,14 @@ class GPT(nn.Module):
             # padding tokens (set_lengths), and the decoded tokens overwrite them.
             lengths = attention_mask.to(torch.int64).sum(dim=1)
             ids = input_ids.gather(1, (cols[None, :] + (t - lengths)[:, None]) % t)
-        caches = self.new_caches(b, t + max_new_tokens)
-        hidden = self.hidden_states(ids, cols, caches)  # (B, T, C)
+        # Per-row seeds promise the same tokens whatever the batch: the caches then have the context's size (not the
+        # longest prompt's) and decode is batch-invariant, whose split count follows the cache size. The context is
+        # entered around each model call only: this generator's body runs inside the caller's context, so a `with`
+        # held across a yield would leak into the caller's code between tokens (streaming).
+        invariant = seeds is not None
+        caches = self.new_caches(b, self.config.block_size if invariant else t + max_new_tokens)
+        with batch_invariant_decode(invariant):
+            hidden = self.hidden_states(ids, cols, caches)  # (B, T, C)
         for cache in caches:
             cache.set_lengths(lengths)
         logits = self.lm_head(hidden[torch.arange(b, device=device), lengths - 1])  # (B, V): each prompt's last
@@ -365,12 +403,16 @@ class GPT(nn.Module):
             filler = ids.gather(1, (lengths - 1)[:, None])  # (B, 1)
             seen = torch.where(cols[None, :] < lengths[:, None], ids, filler)
             seen = torch.cat([seen, filler.expand(b, max_new_tokens)], dim=1).contiguous()  # (B, T + max_new)
-        step = self._decode_graph(caches, b) if cuda_graph else self._decode_step(caches)
+        with batch_invariant_decode(invariant):  # a CUDA graph captures the split count chosen here
+            step = self._decode_graph(caches, b) if cuda_graph else self._decode_step(caches)
         finished = torch.zeros(b, dtype=torch.bool, device=device)
         positions = lengths.clone()
+        # Row b's i-th new token uses Philox(seeds[b]) at offset i (per-row seeds; None: the generator's stream).
+        offsets = torch.zeros(b, dtype=torch.int64, device=device) if invariant else None
         for i in range(max_new_tokens):
             # The first step checks its real logits (one sync); later steps trust them (no sync per token).
-            token = ops.sample_tokens(logits, **knobs, prev_tokens=seen, generator=generator, validate=i == 0)
+            token = ops.sample_tokens(logits, **knobs, prev_tokens=seen, generator=generator, seeds=seeds,
+                                      offsets=offsets, validate=i == 0)
             if eos_token_id is not None:
                 token.masked_fill_(finished, eos_token_id)
                 finished |= token == eos_token_id
@@ -381,8 +423,11 @@ class GPT(nn.Module):
                 break
             if penalize:
                 seen[:, t + i] = token
-            logits = step(token, positions)
+            with batch_invariant_decode(invariant):
+                logits = step(token, positions)
             positions += 1
+            if invariant:
+                offsets += 1
 
     def new_caches(self, batch_size: int, max_seq_len: int) -> list[KVCache]:
         """One empty KV cache per block, of the model's dtype and device."""

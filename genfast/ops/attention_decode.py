@@ -26,6 +26,7 @@ that overlaps the value cache, are refused (the writes would land on each other)
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 
 import torch
@@ -40,6 +41,13 @@ APPEND = "kv_cache_append"
 MAX_NEW_TOKENS = 16
 SEQLEN_DTYPES = (torch.int32, torch.int64)
 TRITON_MAX_HEAD_DIM = 256
+# The kernels' num_splits value that asks for batch invariance: a split count from the cache capacity Nmax, the head
+# dim and the dtype alone (each kernel's own rule), so a row's output is bitwise the same whatever else is batched.
+INVARIANT_SPLITS = -1
+# Whether the trusted callers' decode (decode_checked_cache: genfast.nn's KV-cache attention) is batch-invariant;
+# set by GPT.generate(seed=...) through batch_invariant_decode(). A module global, not a ContextVar: torch.compile
+# (fullgraph) cannot trace ContextVar.get, while it guards on a global's value.
+_batch_invariant = False
 
 
 # ------------------------------------------------------------------------------------------ reference
@@ -270,12 +278,16 @@ def _validate_flag(op: str, validate) -> bool:
 def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor, *,
                      scale: float | None = None, causal: bool = True,
                      window: tuple[int | None, int | None] | None = None, return_lse: bool = False,
-                     num_splits: int | None = None, validate: bool = True):
+                     num_splits: int | None = None, batch_invariant: bool = False, validate: bool = True):
     """Attention of Nq new tokens per sequence over a KV cache (see the module docstring for the semantics).
 
     q [B, Hq, Nq, D] with 1 <= Nq <= 16; k_cache, v_cache [B, Hk, Nmax, D] with Hk dividing Hq;
     cache_seqlens int32/int64 [B], each in [Nq, Nmax] (checked with one host sync when ``validate``).
-    ``num_splits``: chunks each sequence's keys are cut into (split-K); None picks one that fills the GPU.
+    ``num_splits``: chunks each sequence's keys are cut into (split-K) on a GPU; None picks one that fills the GPU
+    (on the CPU, one that fills the threads), which depends on the batch size.
+    ``batch_invariant=True``: the split count is a function of Nmax, D and the dtype alone, so each row's output is
+    bitwise the same whatever the batch size and the other rows' lengths (C++ CPU, Triton and CUDA kernels; the
+    reference path, torch's SDPA, promises nothing). Off by default: it costs 2-7% on a CPU (README, Serving).
     Returns out [B, Hq, Nq, D] in q's dtype, and with ``return_lse`` also lse [B, Hq, Nq] float32 (natural log).
     """
     _check_cache(OP, q, k_cache, v_cache)
@@ -290,8 +302,12 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return_lse = _flag(OP, "return_lse", return_lse)
     scale = softmax_scale(OP, scale, d)
     left, right = _window_pair(OP, window)
+    batch_invariant = _flag(OP, "batch_invariant", batch_invariant)
+    if batch_invariant and num_splits is not None:
+        raise ValueError(f"{OP}: pass num_splits or batch_invariant=True, not both (batch_invariant fixes the "
+                         f"split count from Nmax, D and the dtype), got num_splits={num_splits!r}")
     if num_splits is None:
-        num_splits = 0
+        num_splits = INVARIANT_SPLITS if batch_invariant else 0
     elif isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral) or num_splits < 1:
         raise ValueError(f"{OP}: num_splits must be None or an int >= 1, got {num_splits!r}")
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
@@ -347,9 +363,22 @@ def decode_checked_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     """``attention_decode(q, k_cache, v_cache, cache_seqlens, validate=False)`` (causal, default scale) without the
     argument checks, for the same callers as ``append_to_checked_cache``."""
     d = q.shape[3]
-    out, _ = _dispatch(q, k_cache, v_cache, cache_seqlens, True, 1.0 / d ** 0.5, -1, -1, 0, False,
+    splits = INVARIANT_SPLITS if _batch_invariant else 0
+    out, _ = _dispatch(q, k_cache, v_cache, cache_seqlens, True, 1.0 / d ** 0.5, -1, -1, splits, False,
                        device=q.device, dtype=q.dtype, facts={"head_dim": d})
     return out
+
+
+@contextlib.contextmanager
+def batch_invariant_decode(enabled: bool = True):
+    """Within the block, genfast.nn's KV-cache decode (``decode_checked_cache``) runs with ``batch_invariant``
+    (GPT.generate(seed=...) uses it). Process-wide while the block runs (a global: see ``_batch_invariant``)."""
+    global _batch_invariant
+    before, _batch_invariant = _batch_invariant, bool(enabled)
+    try:
+        yield
+    finally:
+        _batch_invariant = before
 
 
 __all__ = ["attention_decode", "attention_decode_ref", "kv_cache_append", "kv_cache_append_ref", "decode_allowed"]
