@@ -156,9 +156,11 @@ def nan_query_rows(q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     read-only reduction of q to a scalar (q is the attention's smallest operand: it reads q once against Nk
     times for the scores), and the row-wise fix-up runs only when that sum is NaN (a NaN in q, or, harmlessly,
     infinities of both signs). Traced by torch.compile, or on a GPU where a branch on a value would synchronise,
-    it stays the branch-free form, which inductor fuses into the output's pass.
+    it stays the branch-free form, which inductor fuses into the output's pass. So does a call with one query row
+    per head (a decode step): its out is no larger than q, so the fix-up costs what the check would, and the
+    step reads nothing back (what a captured decode step needs; tests/test_generate_static_step.py).
     """
-    if q.device.type == "cpu" and not torch.compiler.is_compiling():
+    if q.device.type == "cpu" and q.shape[-2] > 1 and not torch.compiler.is_compiling():
         if not bool(torch.isnan(q.detach().sum())):
             return out
     return torch.where(q.isnan().any(dim=-1, keepdim=True), float("nan"), out)
