@@ -28,9 +28,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -317,8 +319,37 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
     for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(nan ? accr[d] * lr : accr[d] * inv);
     lp[row] = lr > 0.f || nan ? mr + std::log(lr) : kNegInf;
   };
+  // Merges the splits of one (sequence, kv head), in split order: rescale each to the largest max, add. Run by the
+  // thread that finishes the group's last split (no second pass over the tasks, whose barrier costs a scheduler
+  // quantum whenever a thread is descheduled); which thread that is changes nothing in the arithmetic.
+  const auto merge = [&](int64_t bh, float* acc) {
+    for (int64_t r = 0; r < R; ++r) {
+      float M = kNegInf;
+      bool nan = false;
+      for (int64_t sp = 0; sp < S; ++sp) {
+        const float ms = part[(bh * S + sp) * R * (D + 2) + r];
+        nan |= std::isnan(ms);
+        M = std::max(M, ms);
+      }
+      float L = 0.f;
+      std::fill(acc, acc + D, 0.f);
+      for (int64_t sp = 0; sp < S; ++sp) {
+        const float* base = &part[(bh * S + sp) * R * (D + 2)];
+        const float ls = base[R + r];
+        if (ls == 0.f && !std::isnan(ls)) continue;  // the split saw no key for this row
+        const float w = nan ? std::numeric_limits<float>::quiet_NaN() : std::exp(base[r] - M);
+        L += ls * w;
+        for (int64_t d = 0; d < D; ++d) acc[d] += base[2 * R + r * D + d] * w;
+      }
+      finish(row_index(bh / Hk, bh % Hk, r), nan ? std::numeric_limits<float>::quiet_NaN() : M, L, acc);
+    }
+  };
+  // Splits done per (sequence, kv head); the acq_rel increment makes the other splits' partials visible to the
+  // thread that merges.
+  std::unique_ptr<std::atomic<int64_t>[]> done(S > 1 ? new std::atomic<int64_t>[g.B * Hk] : nullptr);
+  for (int64_t i = 0; S > 1 && i < g.B * Hk; ++i) done[i].store(0, std::memory_order_relaxed);
   at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(R * D), s(R * kBlock), mine(S > 1 ? 0 : R * (D + 2));
+    std::vector<float> qf(R * D), s(R * kBlock), mine(S > 1 ? 0 : R * (D + 2)), macc(S > 1 ? D : 0);
     std::vector<float> kbuf(std::is_same_v<T, float> ? 0 : kBlock * D), vbuf(kbuf.size());
     std::vector<int64_t> lo(R), hi(R);
     for (int64_t task = begin; task < end; ++task) {
@@ -347,33 +378,8 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
                           k0, k1, m, l, acc, s.data(), kbuf.data(), vbuf.data()});
       if (S == 1) {
         for (int64_t r = 0; r < R; ++r) finish(row_index(b, h, r), m[r], l[r], acc + r * D);
-      }
-    }
-  });
-  if (S == 1) return;
-  // Merge the splits of each (sequence, kv head): rescale each to the largest max, add.
-  at::parallel_for(0, g.B * Hk, std::max<int64_t>(1, 4096 / (R * D * S)), [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(D);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      for (int64_t r = 0; r < R; ++r) {
-        float M = kNegInf;
-        bool nan = false;
-        for (int64_t sp = 0; sp < S; ++sp) {
-          const float ms = part[(bh * S + sp) * R * (D + 2) + r];
-          nan |= std::isnan(ms);
-          M = std::max(M, ms);
-        }
-        float L = 0.f;
-        std::fill(acc.begin(), acc.end(), 0.f);
-        for (int64_t sp = 0; sp < S; ++sp) {
-          const float* base = &part[(bh * S + sp) * R * (D + 2)];
-          const float ls = base[R + r];
-          if (ls == 0.f && !std::isnan(ls)) continue;  // the split saw no key for this row
-          const float w = nan ? std::numeric_limits<float>::quiet_NaN() : std::exp(base[r] - M);
-          L += ls * w;
-          for (int64_t d = 0; d < D; ++d) acc[d] += base[2 * R + r * D + d] * w;
-        }
-        finish(row_index(bh / Hk, bh % Hk, r), nan ? std::numeric_limits<float>::quiet_NaN() : M, L, acc.data());
+      } else if (done[bh].fetch_add(1, std::memory_order_acq_rel) == S - 1) {
+        merge(bh, macc.data());
       }
     }
   });
