@@ -53,7 +53,8 @@ TORCH_LIBRARY(genfast, m) {
 
   // Attention decode over a KV cache (genfast/ops/attention_decode.py): q [B, Hq, Nq, D], caches
   // [B, Hk, Nmax, D], cache_seqlens int32/int64 [B]; window sides -1 = unbounded; num_splits 0 = chosen
-  // for the GPU. Returns (out [B, Hq, Nq, D], lse [B, Hq, Nq] float32).
+  // for the machine, -1 = batch-invariant (a function of Nmax, D and the dtype only, merged in a fixed order).
+  // Returns (out [B, Hq, Nq, D], lse [B, Hq, Nq] float32).
   m.def(
       "attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, bool causal, float scale, "
       "int window_left, int window_right, int num_splits) -> (Tensor, Tensor)");
