@@ -1,6 +1,6 @@
 """Run the benchmark suite: `make bench` or `python -m benchmarks.run [--family F] [--quick] [--publish]`.
 
-Only the "replaced" rows (genfast's default call against what it replaces, alternating, a few minutes):
+Only the "replaced" rows (genfast's default call against what it replaces, alternating; about 10 minutes on 2 cores):
 `python -m benchmarks.run --replaced` (add `--family attention` for one family's).
 
 Times every case of every benchmarks/bench_<family>.py on the device present (CUDA if available,
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--one-figure", action="store_true", help="one figure with a panel per family")
     parser.add_argument("--replaced", action="store_true",
                         help="only the 'replaced' rows: each drop-in against what it replaces, the two alternating "
-                             "every repetition (a few minutes on 2 cores)")
+                             "every repetition (about 10 minutes on 2 cores)")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
