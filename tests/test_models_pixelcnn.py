@@ -10,6 +10,7 @@ import genfast.models
 import genfast.ops
 from genfast.data.images import digits
 from genfast.models.pixelcnn import PixelCNN, PixelCNNConfig, marginal_bits_per_dim, quantize
+from tests.recipe_checks import assert_resume_is_exact
 
 TINY = dict(image_size=8, hidden=12, layers=3, kernel_size=3)
 
@@ -144,15 +145,9 @@ def test_train_sample_and_load_from_the_command_line(tmp_path, capsys):
     assert "--n" in _usage_error(sample_main, ["--ckpt", str(out), "--n", "100000"], capsys)
 
 
-def test_resume_continues_exactly(tmp_path, capsys):
-    from safetensors.torch import load_file
-
+def test_resume_continues_exactly(tmp_path):
     from genfast.recipes.pixelcnn import train_main
 
     flags = ["--image-size", "8", "--hidden", "6", "--layers", "2", "--quiet", "--sample-every", "100",
              "--device", "cpu", "--steps", "4"]
-    assert train_main([*flags, "--out", str(tmp_path / "straight")]) == 0
-    assert train_main([*flags, "--out", str(tmp_path / "split"), "--stop-after", "2"]) == 0
-    assert train_main([*flags, "--out", str(tmp_path / "split"), "--resume"]) == 0
-    a, b = (load_file(tmp_path / name / "checkpoint" / "model.safetensors") for name in ("straight", "split"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_resume_is_exact(train_main, flags, tmp_path)

@@ -10,6 +10,7 @@ import genfast.models
 from genfast.data.images import digits
 from genfast.data.toy2d import two_moons
 from genfast.models.realnvp import RealNVP, RealNVPConfig, dequantize, gaussian_bits_per_dim, squeeze, unsqueeze
+from tests.recipe_checks import assert_resume_is_exact
 
 CONFIGS = {
     "vector": RealNVPConfig(kind="vector", dim=3, hidden=16, couplings=4),
@@ -152,15 +153,9 @@ def test_train_sample_and_load_from_the_command_line(tmp_path, data, capsys):
     assert exc.value.code == 2 and len(err.splitlines()) == 1 and "--scales" in err
 
 
-def test_resume_continues_exactly(tmp_path, capsys):
-    from safetensors.torch import load_file
-
+def test_resume_continues_exactly(tmp_path):
     from genfast.recipes.realnvp import train_main
 
     flags = ["--data", "moons", "--hidden", "8", "--couplings", "2", "--quiet", "--sample-every", "100",
              "--device", "cpu", "--steps", "4"]
-    assert train_main([*flags, "--out", str(tmp_path / "straight")]) == 0
-    assert train_main([*flags, "--out", str(tmp_path / "split"), "--stop-after", "2"]) == 0
-    assert train_main([*flags, "--out", str(tmp_path / "split"), "--resume"]) == 0
-    a, b = (load_file(tmp_path / name / "checkpoint" / "model.safetensors") for name in ("straight", "split"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_resume_is_exact(train_main, flags, tmp_path)
