@@ -690,3 +690,34 @@ def test_training_grids_of_small_images_are_enlarged(tmp_path):
     path = Run.save_grid(None, torch.zeros(4, 1, 16, 16), tmp_path / "g.png")  # (uses nothing of the run)
     width, height = struct.unpack(">II", path.read_bytes()[16:24])
     assert (width, height) == (4 * (2 + 2 * (16 + 2)), 4 * (2 + 2 * (16 + 2)))  # 2x2 images, padding 2, scale 4
+
+
+def test_distributed_unwrap_frees_the_ddp_wrappers_before_close(tmp_path):
+    """A one-process gloo group: unwrap() puts the module back in place of each DDP attribute (and nothing else),
+    so close() destroys a group no live reducer still holds."""
+    import gc
+    import weakref
+
+    import torch.distributed as torch_dist
+
+    from genfast.training import Distributed
+
+    store = torch_dist.FileStore(str(tmp_path / "store"), 1)
+    torch_dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    dist = Distributed(rank=0, world_size=2, initialized_here=True)  # world_size 2: wrap() wraps
+
+    class Holder:
+        pass
+
+    holder = Holder()
+    holder.model = nn.Linear(3, 2)
+    holder.ddp = dist.wrap(holder.model)
+    holder.other = [1]
+    assert isinstance(holder.ddp, nn.parallel.DistributedDataParallel)
+    gone = weakref.ref(holder.ddp)
+    Distributed.unwrap(holder)
+    gc.collect()
+    assert holder.ddp is holder.model and holder.other == [1]
+    assert gone() is None
+    dist.close(clean=False)  # the barrier needs the 2 ranks this object claims; skip it
+    assert not torch_dist.is_initialized()

@@ -12,6 +12,7 @@ one process on the whole batch.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -96,9 +97,26 @@ class Distributed:
         if self.enabled:
             torch_dist.barrier()
 
-    def close(self) -> None:
-        """Leave the process group (if this object joined it). Drop DDP wrappers first: a reducer that outlives
-        its process group can abort the process at exit."""
+    @staticmethod
+    def unwrap(holder: object) -> None:
+        """Replace each DistributedDataParallel attribute of ``holder`` (a TrainTask) by the module it wraps.
+
+        Done when training ends, so the wrappers (whose reducers hold the process group and gloo's pending work)
+        are freed while the interpreter is whole: one that lives on until interpreter shutdown can abort the
+        process there ("terminate called without an active exception", seen once in CI on a loaded machine)."""
+        for name, value in list(vars(holder).items()):
+            if isinstance(value, nn.parallel.DistributedDataParallel):
+                setattr(holder, name, value.module)
+
+    def close(self, *, clean: bool = True) -> None:
+        """Leave the process group (if this object joined it).
+
+        clean: every rank reached the end normally, so they meet at a barrier first and none tears down its
+        connections while another still sends. After an exception the barrier is skipped (it could wait for a
+        rank that never comes)."""
         if self.initialized_here and torch_dist.is_initialized():
+            if clean:
+                torch_dist.barrier()
+            gc.collect()  # DDP wrappers in reference cycles: their reducers let go of the group now, not at exit
             torch_dist.destroy_process_group()
             self.initialized_here = False

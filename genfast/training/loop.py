@@ -207,6 +207,12 @@ class Run:
     # ------------------------------------------------------------------------------------------- the loop
     def train(self, task: TrainTask) -> int:
         """Train ``task`` to --steps (or --stop-after, Ctrl-C, an early stop); returns the exit status."""
+        try:
+            return self._train(task)
+        finally:
+            self.dist.unwrap(task)  # free the DDP wrappers before the process group closes
+
+    def _train(self, task: TrainTask) -> int:
         args, dist = self.args, self.dist
         step = self._restore(task) if self.resuming else 0
         if self.resuming:
@@ -579,7 +585,7 @@ class start_run(contextlib.AbstractContextManager):
 
     def __exit__(self, *exc) -> None:
         self._backend.__exit__(None, None, None)
-        self.run.dist.close()
+        self.run.dist.close(clean=exc[0] is None)
         self._unlock()
 
 
