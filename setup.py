@@ -1,8 +1,8 @@
 """Builds genfast and its compiled extension genfast._C.
 
 - C++ CPU kernels (csrc/genfast.cpp, csrc/cpu/*.cpp): always, unless GENFAST_SKIP_EXT=1.
-- CUDA kernels (csrc/cuda/*.cu + bindings.cpp): when torch has CUDA and nvcc is found, unless
-  GENFAST_SKIP_CUDA=1. Architectures: GENFAST_CUDA_ARCHS (default "80;90a").
+- CUDA kernels (csrc/cuda/*.cu + their torch bindings, csrc/cuda/bindings/<family>.cpp): when torch has CUDA and
+  nvcc is found, unless GENFAST_SKIP_CUDA=1. Architectures: GENFAST_CUDA_ARCHS (default "80;90a").
 Without the extension genfast still imports and runs through its reference and Triton paths.
 """
 
@@ -37,7 +37,7 @@ def extensions():
         nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"] + gencode
         ext = CUDAExtension(
             "genfast._C",
-            sources + _rel("csrc/cuda/*.cu") + _rel("csrc/cuda/*.cpp"),
+            sources + _rel("csrc/cuda/*.cu") + _rel("csrc/cuda/bindings/*.cpp"),
             define_macros=[("GENFAST_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
             extra_link_args=link_flags,

@@ -1,7 +1,7 @@
 // genfast._C: the op schemas of every genfast custom op, and the Python module that loads them.
 //
 // Schemas live here, in one place, so that the CPU kernels (csrc/cpu), the CUDA kernels
-// (csrc/cuda/bindings.cpp) and the Python side (fake implementations, autograd, Triton twins named
+// (csrc/cuda/bindings/) and the Python side (fake implementations, autograd, Triton twins named
 // <op>_triton) all agree on one signature per op. Conventions shared by the ops:
 //   - `seed` is an int64 tensor of one element on the op's device: the Philox seed (csrc/philox.h).
 //     Reading it on the device, not as a Python int, keeps the host out of the loop.

@@ -1,4 +1,4 @@
-// Argument checks shared by the CPU kernels (csrc/cpu) and the CUDA bindings (csrc/cuda/bindings.cpp).
+// Argument checks shared by the CPU kernels (csrc/cpu) and the CUDA bindings (csrc/cuda/bindings/).
 // The Python ops check everything first with friendlier messages; these guard direct torch.ops calls,
 // so that nothing reaches a kernel with a shape, dtype or device it does not expect.
 #pragma once

@@ -22,7 +22,7 @@ done
 if [ -z "$cuda_inc" ]; then echo "cuda-check: cuda_runtime.h not found (set CUDA_HOME)"; exit 1; fi
 mkdir -p "$out/shim/c10/cuda/impl"
 echo '#pragma once' > "$out/shim/c10/cuda/impl/cuda_cmake_macros.h"
-for cpp in csrc/cuda/*.cpp; do
+for cpp in csrc/cuda/bindings/*.cpp; do
   if ! g++ -std=c++20 -fsyntax-only -Wall -Werror -DGENFAST_WITH_CUDA=1 -I"$out/shim" $torch_inc -I"$cuda_inc" -I"$py_inc" "$cpp"; then
     echo "cuda-check: FAILED syntax check $cpp"; status=1
   fi
