@@ -65,7 +65,8 @@ class _GraphState:
 
 class DiffusionPipeline:
     """A UNet (``forward(x, timesteps, class_labels=None)``, ``config.in_channels`` / ``image_size`` /
-    ``num_classes``) with a genfast DDPMScheduler or DDIMScheduler."""
+    ``num_classes`` / ``check_sample_size(size, name)``, as genfast.models.UNetConfig has) with a genfast
+    DDPMScheduler or DDIMScheduler."""
 
     def __init__(self, unet: nn.Module, scheduler: _Scheduler):
         if not isinstance(unet, nn.Module) or not hasattr(unet, "config"):
@@ -137,9 +138,7 @@ class DiffusionPipeline:
             raise ValueError(f"{op}: eta must be >= 0, got {eta}")
         cfg = self.unet.config
         size = cfg.image_size if image_size is None else image_size
-        from genfast.models.unet import check_sample_size  # here: `import genfast` does not load the models
-
-        check_sample_size(cfg, size, "image_size")
+        cfg.check_sample_size(size, "image_size")  # the UNet's own rule, asked of its config (no upward import)
         device = next(self.unet.parameters()).device
         _checks.generator(op, generator, device)
         labels = self._labels(n, class_labels, device)

@@ -68,7 +68,7 @@ class UNetConfig(ModelConfig):
             raise ValueError(f"UNetConfig: dropout must be in [0, 1), got {self.dropout!r}")
         if self.upsample not in UPSAMPLE_MODES:
             raise ValueError(f"UNetConfig: upsample must be one of {', '.join(UPSAMPLE_MODES)}, got {self.upsample!r}")
-        check_sample_size(self, self.image_size, "image_size")
+        self.check_sample_size(self.image_size, "image_size")
         for level, mult in enumerate(self.channel_mults):
             channels = self.base_channels * mult
             if channels % self.num_groups:
@@ -84,6 +84,16 @@ class UNetConfig(ModelConfig):
     def num_downsamples(self) -> int:
         return len(self.channel_mults) - 1
 
+    def check_sample_size(self, size: int, name: str = "sample size") -> None:
+        """ValueError unless ``size`` can be halved ``num_downsamples`` times exactly (the skips must line up).
+
+        A method of the config, so that a sampler handed a UNet (genfast.diffusion.DiffusionPipeline, a layer
+        below the models) checks a size by the model's own rule without importing genfast.models."""
+        factor = 2**self.num_downsamples
+        if isinstance(size, bool) or not isinstance(size, int) or size < factor or size % factor:
+            raise ValueError(f"UNet: {name} {size!r} cannot be halved {self.num_downsamples} times "
+                             f"(channel_mults={self.channel_mults}); it must be a positive multiple of {factor}")
+
     # from_dict, to_dict and preset ("32": 32x32, ~9M parameters; "64"; "tiny": 8x8, for tests) come from
     # ModelConfig; PRESETS is attached below, once defined.
 
@@ -97,14 +107,6 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(image_size=8, base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
                  attention_resolutions=(4,), attention_head_dim=8, num_groups=4),
 }
-
-
-def check_sample_size(config: UNetConfig, size: int, name: str = "sample size") -> None:
-    """ValueError unless ``size`` can be halved ``num_downsamples`` times exactly (the skips must line up)."""
-    factor = 2**config.num_downsamples
-    if isinstance(size, bool) or not isinstance(size, int) or size < factor or size % factor:
-        raise ValueError(f"UNet: {name} {size!r} cannot be halved {config.num_downsamples} times "
-                         f"(channel_mults={config.channel_mults}); it must be a positive multiple of {factor}")
 
 
 # ---------------------------------------------------------------------------------------------- blocks
@@ -254,8 +256,8 @@ class UNet(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != cfg.in_channels:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"UNet: x must be [B, {cfg.in_channels}, H, W], got {shape}")
-        check_sample_size(cfg, x.shape[2], "height")
-        check_sample_size(cfg, x.shape[3], "width")
+        cfg.check_sample_size(x.shape[2], "height")
+        cfg.check_sample_size(x.shape[3], "width")
         if not isinstance(timesteps, torch.Tensor):
             timesteps = torch.tensor(timesteps, device=x.device)
         if timesteps.dim() == 0:
@@ -349,5 +351,4 @@ def diffusion_loss(unet: nn.Module, scheduler, x0: torch.Tensor, labels: torch.T
 
 UNetConfig.PRESETS = PRESETS
 
-__all__ = ["UNet", "UNetConfig", "PRESETS", "PREDICTIONS", "check_sample_size", "timestep_embedding", "velocity",
-           "diffusion_loss"]
+__all__ = ["UNet", "UNetConfig", "PRESETS", "PREDICTIONS", "timestep_embedding", "velocity", "diffusion_loss"]
