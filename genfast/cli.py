@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 SIGPIPE_EXIT = 141  # what a shell reports for a process that SIGPIPE ended (128 + 13): the reader stopped reading
 
@@ -23,15 +25,34 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (genfast --help lists the commands)\n")
 
 
+# The checkout this genfast was imported from (its benchmarks/ sits beside the package); a wheel has none.
+_CHECKOUT = Path(__file__).resolve().parents[1]
+
+
+def _benchmarks_root() -> Path | None:
+    """The folder holding benchmarks/run.py: the current directory first (where ``python -m`` looks first), then
+    the checkout of this genfast; None for an installed genfast run outside a checkout."""
+    for root in (Path.cwd(), _CHECKOUT):
+        if (root / "benchmarks" / "run.py").is_file():
+            return root
+    return None
+
+
 def _bench(parser: argparse.ArgumentParser, rest: list[str]) -> int:
-    """benchmarks/run.py of a source checkout: the suite is not part of the installed package."""
-    try:
-        from benchmarks.run import main as bench_main
-    except ImportError:
+    """``python -m benchmarks.run`` in a child process: the suite sits above the library (it imports genfast, and
+    the package does not import it back) and is not part of the installed package."""
+    root = _benchmarks_root()
+    if root is None:
         parser.error("bench: the benchmark suite lives in the repository's benchmarks/ folder, which an installed "
                      "genfast does not include; run `genfast bench` (or `make bench`) inside a checkout of the "
                      "repository")
-    return bench_main(rest)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)}
+    with subprocess.Popen([sys.executable, "-m", "benchmarks.run", *rest], env=env) as child:
+        try:
+            code = child.wait()
+        except KeyboardInterrupt:  # Ctrl-C reached the child too (one process group): let it stop and report
+            code = child.wait()
+    return code if code >= 0 else 128 - code  # killed by signal N: the shell's 128 + N
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,8 +74,9 @@ def _main(argv: list[str] | None) -> int:
                      epilog="models for train / sample:\n" + _models_help())
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     sub.add_parser("info", help="versions, the compiled extension, the GPU, and which backends serve each op")
-    bench = sub.add_parser("bench", help="run the benchmark suite (the same as `make bench`; needs a checkout)")
-    bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for benchmarks/run.py (see --help)")
+    bench = sub.add_parser("bench", help="run the benchmark suite, as `make bench` (needs a checkout; "
+                                         "genfast bench --help for its options)", add_help=False)
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
     for command, text in (("train", "train a model (genfast train <model> --help for its options)"),
                           ("sample", "sample from a trained model (genfast sample <model> --help)")):
         p = sub.add_parser(command, help=text, add_help=False)
@@ -70,8 +92,8 @@ def _main(argv: list[str] | None) -> int:
         print(f"usage: genfast {argv[0]} <model> [options]   (genfast {argv[0]} <model> --help for the options)\n\n"
               f"models:\n{_models_help()}")
         return 0
-    if argv[:1] == ["translate"]:  # argparse's REMAINDER drops leading options (--ckpt): hand them over as they are
-        argv = ["translate", "--", *argv[1:]]
+    if argv[:1] in (["translate"], ["bench"]):  # argparse's REMAINDER drops leading options (--ckpt, --family):
+        argv = [argv[0], "--", *argv[1:]]        # hand them over as they are
     args = parser.parse_args(argv)
 
     if args.command == "info":
@@ -80,7 +102,7 @@ def _main(argv: list[str] | None) -> int:
         info(file=sys.stdout)
         return 0
     if args.command == "bench":
-        return _bench(parser, args.rest)
+        return _bench(parser, args.rest[1:] if args.rest[:1] == ["--"] else args.rest)
     if args.command in ("train", "sample"):
         from genfast.recipes import load_recipe
 

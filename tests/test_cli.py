@@ -37,17 +37,20 @@ def test_unknown_commands_and_models(capsys):
 
 
 def test_bench_without_a_checkout_says_so(tmp_path, monkeypatch, capsys):
-    import builtins
+    from genfast import cli
 
-    real_import = builtins.__import__
-
-    def no_benchmarks(name, *args, **kwargs):
-        if name.startswith("benchmarks"):
-            raise ImportError("No module named 'benchmarks'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_benchmarks)
+    monkeypatch.setattr(cli, "_CHECKOUT", tmp_path)  # an installed genfast: no benchmarks/ beside the package
+    monkeypatch.chdir(tmp_path)
     _usage_error(capsys, ["bench"], "checkout of the repository")
+
+
+def test_bench_runs_the_suite_in_a_child_process_with_its_options(tmp_path):
+    """From outside the checkout, options reach benchmarks/run.py as typed (its own --help, not genfast's)."""
+    done = _run("bench", "--help", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "--family FAMILY" in done.stdout and "--replaced" in done.stdout, done.stdout
+    done = _run("bench", "--family", "sampling", "--no-such-option", cwd=tmp_path)
+    assert done.returncode == 2 and "unrecognized arguments: --no-such-option" in done.stderr, done.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a CPU-only torch")
