@@ -18,6 +18,7 @@ chooses for its own thread only, and restores the previous choice on exit.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import threading
 from dataclasses import dataclass, field
@@ -84,17 +85,36 @@ def backend(name: str) -> Iterator[None]:
         _thread.blocks = outer
 
 
-def _triton_why_not() -> str | None:
+def _triton_missing() -> str | None:
+    """Why triton cannot be imported, as far as finding it tells (it is not imported here)."""
     try:
-        import triton  # noqa: F401
-    except ImportError as error:
+        found = importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError) as error:  # a broken entry in sys.modules
         return f"triton is not installed ({error})"
-    return None
+    return None if found else "triton is not installed (no module named 'triton')"
+
+
+# [why triton cannot serve, or None; whether that answer is final]. `import genfast` only looks for the package:
+# importing triton costs more than half of what `import genfast` adds to torch's own import, and a process that
+# runs the C++ kernels or the reference never needs it. The first question about the triton backend imports it
+# (so an installed but broken triton is refused with its error, as before, never met inside a kernel call).
+_triton: list = [_triton_missing(), False]
+
+
+def triton_why_not() -> str | None:
+    """None when the triton package imports here, else the reason. Imports triton on the first call."""
+    if not _triton[1]:  # plain module state once settled: TorchDynamo traces through this (and the import) too
+        if _triton[0] is None:
+            try:
+                import triton  # noqa: F401
+            except ImportError as error:
+                _triton[0] = f"triton is not installed ({error})"
+        _triton[1] = True
+    return _triton[0]
 
 
 # Read once at import: Triton itself decides between compiling and interpreting when kernels are
 # defined (at import), so a later change of TRITON_INTERPRET would not take effect anyway.
-TRITON_WHY_NOT: str | None = _triton_why_not()
 TRITON_INTERPRET: bool = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -137,8 +157,9 @@ class Dispatcher:
         if impl is None:
             return f"genfast has no {backend_name} kernel for {self.op}"
         if backend_name == "triton":
-            if TRITON_WHY_NOT:
-                return TRITON_WHY_NOT
+            missing = triton_why_not()
+            if missing:
+                return missing
             if device.type == "cpu" and not TRITON_INTERPRET:
                 return ("Triton runs CPU tensors only in its interpreter "
                         "(set TRITON_INTERPRET=1 before importing genfast)")

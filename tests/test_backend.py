@@ -1,5 +1,6 @@
 """The backend registry: choosing, refusing clearly, and auto never failing where the reference works."""
 
+import importlib.util
 import subprocess
 import sys
 
@@ -163,3 +164,58 @@ def test_compiled_function_follows_the_calling_threads_choice():
     calls.append(compiled(x).item())  # auto here: cpu when the extension is loaded
     expected_cpu = 2.0 if _ext.loaded else 1.0
     assert calls == [1.0, expected_cpu, expected_cpu]
+
+
+# ------------------------------------------------------------------------------------------- Triton on first use
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={"PATH": "/usr/bin:/bin", "GENFAST_BACKEND": "auto", **env})
+
+
+def test_import_genfast_does_not_import_triton():
+    """`import genfast` only finds the triton package; CPU work with the C++ kernels or the reference never imports
+    it; the first question about the triton backend does."""
+    code = ("import sys, torch, genfast\n"
+            "from genfast import _backend\n"
+            "assert 'triton' not in sys.modules\n"
+            "genfast.ops.philox_noise(torch.tensor([3]), 4)\n"
+            "with genfast.backend('reference'):\n"
+            "    genfast.ops.philox_noise(torch.tensor([3]), 4)\n"
+            "assert 'triton' not in sys.modules\n")
+    code += ("assert _backend.triton_why_not() is None and 'triton' in sys.modules\n" if _HAS_TRITON
+             else "assert _backend.triton_why_not() is not None\n")
+    done = _python(code)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_missing_triton_is_a_reason_not_a_crash():
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch, genfast\n"
+            "from genfast import _backend\n"
+            "assert _backend.triton_why_not().startswith('triton is not installed')\n"
+            "with genfast.backend('triton'):\n"
+            "    try:\n"
+            "        genfast.ops.philox_noise(torch.tensor([3]), 4)\n"
+            "    except genfast.BackendError as error:\n"
+            "        print(error)\n")
+    done = _python(code, TRITON_INTERPRET="1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "philox_noise: backend 'triton' cannot serve this call: triton is not installed" in done.stdout
+
+
+@pytest.mark.skipif(not _HAS_TRITON, reason="needs triton")
+def test_first_triton_choice_inside_a_compiled_function():
+    """TorchDynamo traces the dispatcher, so the first-use import of triton may happen inside a trace: fullgraph
+    holds and the kernel's result is the reference's."""
+    code = ("import sys, torch, genfast\n"
+            "def f(x):\n"
+            "    return genfast.ops.philox_noise(x, 8)\n"
+            "with genfast.backend('triton'):\n"
+            "    out = torch.compile(f, fullgraph=True, backend='eager')(torch.tensor([3]))\n"
+            "assert 'triton' in sys.modules\n"
+            "assert torch.equal(out, genfast.ops.philox_noise_ref(torch.tensor([3]), 8)), out\n")
+    done = _python(code, TRITON_INTERPRET="1")
+    assert done.returncode == 0, done.stderr[-2000:]
