@@ -1,6 +1,7 @@
-"""Reading files a user hands to genfast (weights, configs), which are untrusted.
+"""Reading files a user hands to genfast (weights, configs), which are untrusted, and writing files atomically.
 
-The bottom layer: imports only torch, safetensors and json, so that models and training share one reader.
+The bottom layer: imports only torch, safetensors and json, so that models and training share one reader and
+one writer.
 
 - ``load_safetensors_state(path)``: the tensors of a .safetensors file (no code runs: safetensors holds data only).
 - ``read_safetensors_header(path)``: each tensor's dtype and shape, read from the file's header without loading
@@ -9,6 +10,8 @@ The bottom layer: imports only torch, safetensors and json, so that models and t
   error is a ValueError/FileNotFoundError naming the file (and the key where one is at fault).
 - ``check_fits_memory(nbytes, what)``: refuse, before allocating, what a config or a file header asks for beyond
   this machine's memory (``machine_memory_bytes()``), in one line naming ``what``.
+- ``write_atomic(path, data)``: replace ``path`` with ``data`` so that a reader (or a crash) sees the old file or
+  the new one, never a part of it.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import struct
 from pathlib import Path
 from typing import NamedTuple
@@ -192,5 +196,32 @@ def read_json_config(path: str | os.PathLike, *, max_depth: int = MAX_JSON_DEPTH
     return value
 
 
+def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically and return the path: the bytes go to a temporary file in the same
+    folder (so the rename stays on one filesystem), reach the disk (fsync), then replace ``path`` in one rename.
+    On any failure the temporary file is removed and ``path`` is left as it was.
+
+    The file gets the user's umask (0o666 masked, as any file they write; mkstemp's would be 0600). The temporary
+    name starts with a dot and ends with ``.tmp``, beside the file it becomes."""
+    path = Path(path)
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:  # another writer's temporary file: draw another name
+            continue
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
 __all__ = ["TensorInfo", "load_safetensors_state", "read_safetensors_header", "read_json_config", "check_fits_memory",
-           "machine_memory_bytes"]
+           "machine_memory_bytes", "write_atomic"]

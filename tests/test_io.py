@@ -1,7 +1,10 @@
-"""genfast._io: the readers of untrusted files (safetensors weights, JSON configs)."""
+"""genfast._io: the readers of untrusted files (safetensors weights, JSON configs) and the one atomic writer."""
 
 import json
+import os
+import re
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,3 +87,50 @@ def test_json_config_missing_and_binary(tmp_path):
     (tmp_path / "config.json").write_bytes(b"\xff\x00\x81")
     with pytest.raises(ValueError, match="config.json"):
         _io.read_json_config(tmp_path / "config.json")
+
+
+# ------------------------------------------------------------------------------------------ the atomic writer
+def test_write_atomic_replaces_the_file_with_the_users_umask(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"old")
+    old = os.umask(0o022)
+    try:
+        assert _io.write_atomic(path, b"new bytes") == path
+    finally:
+        os.umask(old)
+    assert path.read_bytes() == b"new bytes"
+    assert path.stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600: any file the user writes gets 0644 here
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]  # no temporary file left
+
+
+def test_write_atomic_leaves_the_old_file_when_it_fails(tmp_path, monkeypatch):
+    """An interrupted write (here: the rename fails) leaves the old file whole and removes the temporary one."""
+    path = tmp_path / "config.json"
+    path.write_bytes(b"old")
+    renamed = []
+
+    def failing_replace(src, dst):
+        renamed.append(Path(src))
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk gone"):
+        _io.write_atomic(path, b"new")
+    assert path.read_bytes() == b"old"
+    assert renamed[0].parent == tmp_path and renamed[0].name.startswith(".config.json.")  # beside the file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
+    with pytest.raises(TypeError):  # str, not bytes: refused before anything replaces the file
+        _io.write_atomic(path, "text")
+    assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
+
+
+def test_format_version_and_atomic_writer_are_written_once():
+    """Issue 28: one FORMAT_VERSION (genfast.models._checkpoint; training imports it) and one atomic file writer
+    (genfast._io.write_atomic): no other module defines the version or writes a temporary file and renames it."""
+    root = Path(__file__).resolve().parent.parent / "genfast"
+    sources = {path.relative_to(root).as_posix(): path.read_text() for path in root.rglob("*.py")}
+    versions = [name for name, text in sources.items() if re.search(r"^\s*\w*FORMAT_VERSION\s*[:=]", text, re.M)]
+    assert versions == ["models/_checkpoint.py"]
+    writer = re.compile(r'mkstemp|NamedTemporaryFile|os\.fdopen\(fd, "wb"\)')  # what the three old writers used
+    writers = [name for name, text in sources.items() if writer.search(text)]
+    assert writers == ["_io.py"]

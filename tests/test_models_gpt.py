@@ -58,11 +58,11 @@ def test_presets_have_gpt2_sizes():
 
 
 def test_config_errors():
-    with pytest.raises(ValueError, match=r"unknown config keys \['n_embed', 'nlayers'\]"):
+    with pytest.raises(ValueError, match=r"unknown options \['n_embed', 'nlayers'\]"):
         GPTConfig.from_dict({"n_embed": 64, "nlayers": 2})
     with pytest.raises(ValueError, match="unknown preset 'gpt5'"):
         GPTConfig.preset("gpt5")
-    with pytest.raises(ValueError, match="unknown config keys"):
+    with pytest.raises(ValueError, match="unknown options"):
         GPTConfig.preset("tiny", heads=3)
     with pytest.raises(ValueError, match="n_embd=30 must be a multiple of n_head=4"):
         GPTConfig(n_embd=30, n_head=4)
@@ -204,6 +204,25 @@ def test_from_pretrained_reads_a_run_folder(tmp_path):
         for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
             assert torch.equal(a, b), name
         assert again.lm_head.weight is again.transformer.wte.weight
+
+
+def test_from_pretrained_finds_and_checks_a_run_folder_as_every_loader_does(tmp_path):
+    """Issue 28: one reader of run folders (genfast.models._checkpoint): the checkpoint a crash left displaced
+    between a save's two renames is found, and a run of an older format gets the converter's command."""
+    model = small_gpt(seed=5)
+    out = _run_folder(tmp_path / "run", model)
+    os.replace(out / "checkpoint", out / ".checkpoint.genfast-old")  # killed between the two renames
+    again = GPT.from_pretrained(out)
+    for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name
+    old = _run_folder(tmp_path / "old", model)
+    config_file = old / "checkpoint" / "config.json"
+    config = json.loads(config_file.read_text())
+    del config["format_version"]
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="convert it with `python -m genfast.training.convert") as info:
+        GPT.from_pretrained(old)
+    assert str(config_file) in str(info.value)
 
 
 def _hostile_hf(tmp_path, **overrides) -> Path:

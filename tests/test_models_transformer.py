@@ -79,9 +79,9 @@ def _batch(b=3, s=7, t=5, src_vocab=13, tgt_vocab=11, seed=0, lengths=None):
 
 # ------------------------------------------------------------------------------------------- config
 def test_config_unknown_keys_are_named():
-    with pytest.raises(ValueError, match=r"unknown keys \['colour', 'n_layer'\]"):
+    with pytest.raises(ValueError, match=r"unknown options \['colour', 'n_layer'\]"):
         TransformerConfig.from_dict({"d_model": 64, "n_layer": 2, "colour": "red"})
-    with pytest.raises(ValueError, match="unknown keys"):
+    with pytest.raises(ValueError, match="unknown options"):
         TransformerConfig.preset("tiny", heads=2)
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         TransformerConfig.preset("huge")

@@ -7,6 +7,7 @@ import random
 import signal
 import struct
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,7 +79,9 @@ def test_crash_mid_swap_keeps_a_complete_checkpoint(tmp_path, monkeypatch):
 
     def crashing_replace(src, dst):
         calls.append((src, dst))
-        if len(calls) == 2:  # the second rename puts the new checkpoint in place
+        # The swap's second rename, the one that puts the new checkpoint in place (the renames before it: each
+        # file's atomic write inside the temporary folder, then old -> .ck.genfast-old).
+        if Path(dst) == tmp_path / "ck":
             raise OSError("simulated crash")
         return real_replace(src, dst)
 
@@ -86,6 +89,7 @@ def test_crash_mid_swap_keeps_a_complete_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="simulated crash"):
         save_checkpoint(tmp_path / "ck", modules={"net": _net(seed=1)}, trainer_state={"step": 2})
     monkeypatch.setattr(checkpoint_module.os, "replace", real_replace)
+    assert [Path(dst) for _, dst in calls[-2:]] == [tmp_path / ".ck.genfast-old", tmp_path / "ck"]
     assert not (tmp_path / "ck").exists() and (tmp_path / ".ck.genfast-old").is_dir()
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # the half-written new one was removed
     assert find_checkpoint(tmp_path / "ck") == tmp_path / ".ck.genfast-old"

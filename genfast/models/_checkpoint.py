@@ -29,7 +29,7 @@ from genfast._io import (
     read_safetensors_header,
 )
 
-FORMAT_VERSION = 2  # the same as genfast.training.checkpoint.FORMAT_VERSION (a test keeps them equal)
+FORMAT_VERSION = 2  # of a run folder's config.json; the one definition (training writes it, every loader reads it)
 CHECKPOINT_DIR = "checkpoint"
 CONFIG_FILE = "config.json"
 MADE_MARKER = ".genfast-made"  # inside every folder genfast creates: the proof that it may remove it
@@ -150,21 +150,39 @@ def read_run(path: str | os.PathLike, recipe: str | tuple[str, ...]) -> tuple[Pa
     FileNotFoundError / ValueError naming the file otherwise (another model, an older format)."""
     directory = find_run_checkpoint(path)
     config = read_json_config(directory / CONFIG_FILE)
+    check_run_config(config, directory, recipe, path)
+    return directory, config
+
+
+def short(value: object) -> str:
+    """A value read from an untrusted file, cut to fit in a message."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_run_config(config: dict, directory: Path, recipe: str | tuple[str, ...],
+                     path: str | os.PathLike | None = None) -> None:
+    """ValueError naming ``directory``'s config.json and the key at fault unless ``config`` (read from it) is
+    of this genfast's format, written by ``recipe`` (or one of them), with a ``model`` object. ``path``: what
+    the user named (the run folder), for the messages; default ``directory``."""
     where = directory / CONFIG_FILE
+    path = directory if path is None else path
     recipes = (recipe,) if isinstance(recipe, str) else recipe
     if "format_version" not in config:
         run = directory.parent if directory.name.startswith(CHECKPOINT_DIR) else directory
         raise ValueError(f"{where} was written by an earlier genfast (before checkpoint format {FORMAT_VERSION}); "
                          f"convert it with `python -m genfast.training.convert {run}`")
-    if config["format_version"] != FORMAT_VERSION:
-        raise ValueError(f"{where}: checkpoint format_version {config['format_version']!r}; this genfast reads "
-                         f"{FORMAT_VERSION}")
+    version = config["format_version"]
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{where}: key 'format_version' is {short(version)}; this genfast reads checkpoint "
+                         f"format_version {FORMAT_VERSION}")
     if config.get("recipe") not in recipes:
+        found = str(config.get("recipe"))[:60]
         wanted = f"not a {' or '.join(recipes)} one" if recipes else "which genfast does not know"
-        raise ValueError(f"{path} holds a {str(config.get('recipe'))[:60]!r} checkpoint, {wanted}")
+        raise ValueError(f"{path} holds a {found!r} checkpoint, {wanted} ({where}: key 'recipe' is {found!r})")
     if not isinstance(config.get("model"), dict):
-        raise ValueError(f"{where}: 'model' must be an object holding the model's config")
-    return directory, config
+        raise ValueError(f"{where}: key 'model' must be an object holding the model's config, got "
+                         f"{short(config.get('model'))}")
 
 
 # Tensor factories whose size arguments the build budget reads before the call, so that a config asking for a
@@ -283,4 +301,4 @@ def build_and_load(factory: Callable[[], nn.Module], directory: Path,
 
 
 __all__ = ["FORMAT_VERSION", "CheckpointError", "check_weights", "find_run_checkpoint", "displaced_dir",
-           "genfast_marker", "read_run", "build_and_load"]
+           "genfast_marker", "read_run", "check_run_config", "build_and_load", "short"]

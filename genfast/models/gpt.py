@@ -21,7 +21,6 @@ import json
 import math
 import numbers
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -31,7 +30,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from genfast import _io, ops
-from genfast.models._checkpoint import check_weights
+from genfast.models import gpt_hf
+from genfast.models._checkpoint import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    check_run_config,
+    check_weights,
+    find_run_checkpoint,
+)
+from genfast.models._config import ModelConfig, check_int, check_ints
 from genfast.nn.attention import CausalSelfAttention, KVCache, capture_decode_step
 from genfast.ops.attention_decode import batch_invariant_decode
 
@@ -41,23 +48,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257),
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024, vocab_size=50257),
 }
-# Conv1D modules of transformers' GPT-2 store their weight as [in, out], the transpose of nn.Linear's.
-CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-# Buffers of older transformers checkpoints (the causal mask), not weights.
-IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 # How often (in decoded tokens) generate() asks the device whether every sequence has met eos_token_id.
 EOS_CHECK_EVERY = 8
-# The largest sizes from_pretrained accepts from a config file (a hostile one must not exhaust memory): far above
-# any GPT-2-like model, and each is also checked against the weights file before anything is allocated.
-CONFIG_LIMITS = {"vocab_size": 2**24, "block_size": 2**20, "n_layer": 1024, "n_head": 4096, "n_embd": 2**17,
-                 "n_inner": 2**19}
-# The config.json of a run folder written by `genfast train gpt` (see genfast.training.checkpoint).
-RUN_FORMAT_VERSION = 2
-RUN_CHECKPOINT_DIR = "checkpoint"
 
 
 @dataclass
-class GPTConfig:
+class GPTConfig(ModelConfig):
+    """from_dict (unknown keys and mistyped values a ValueError naming them), to_dict and preset (``tiny``,
+    ``gpt2``, ``gpt2-medium``, with any field overridden) come from ModelConfig; PRESETS is attached below."""
+
     vocab_size: int = 50257
     block_size: int = 1024  # the context: the number of learned positions
     n_layer: int = 12
@@ -69,15 +68,11 @@ class GPTConfig:
     layer_norm_epsilon: float = 1e-5
 
     def __post_init__(self):
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"GPTConfig: {name} must be an int >= 1, got {value!r}")
+        check_ints(self, ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"))
         if self.n_embd % self.n_head:
             raise ValueError(f"GPTConfig: n_embd={self.n_embd} must be a multiple of n_head={self.n_head}")
-        if self.n_inner is not None and (isinstance(self.n_inner, bool) or not isinstance(self.n_inner, int)
-                                         or self.n_inner < 1):
-            raise ValueError(f"GPTConfig: n_inner must be None or an int >= 1, got {self.n_inner!r}")
+        if self.n_inner is not None:
+            check_int(self, "n_inner")
         if not isinstance(self.dropout, numbers.Real) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig: dropout must be in [0, 1), got {self.dropout!r}")
         if not isinstance(self.bias, bool):
@@ -85,30 +80,12 @@ class GPTConfig:
         if not isinstance(self.layer_norm_epsilon, numbers.Real) or not self.layer_norm_epsilon > 0:
             raise ValueError(f"GPTConfig: layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}")
 
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "GPTConfig":
-        """The config of a named size (``tiny``, ``gpt2``, ``gpt2-medium``), with any field overridden."""
-        if name not in PRESETS:
-            raise ValueError(f"GPTConfig.preset: unknown preset {name!r}; known: {', '.join(PRESETS)}")
-        return cls.from_dict({**PRESETS[name], **overrides})
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "GPTConfig":
-        """A config from a dict of its fields; unknown keys raise ValueError naming them (catches typos)."""
-        if not isinstance(values, dict):
-            raise TypeError(f"GPTConfig.from_dict: need a dict, got {type(values).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"GPTConfig: unknown config keys {unknown}; known: {sorted(known)}")
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     @property
     def mlp_width(self) -> int:
         return self.n_inner or 4 * self.n_embd
+
+
+GPTConfig.PRESETS = PRESETS
 
 
 class MLP(nn.Module):
@@ -454,7 +431,7 @@ class GPT(nn.Module):
         positions_in = caches[0].lengths.clone()
         return capture_decode_step(self._decode_step(caches), (token_in, positions_in), caches)
 
-    # ------------------------------------------------------------------------------------------ Hugging Face
+    # ------------------------------------------------------------------------------------------ files
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
                         device: str | torch.device | None = None, allow_nonfinite: bool = False) -> "GPT":
@@ -462,34 +439,35 @@ class GPT(nn.Module):
 
         - a run folder of ``genfast train gpt`` (``<out>``; its ``checkpoint/`` is read), or that checkpoint
           folder: config.json ``{"format_version": 2, "recipe": "gpt", "model": {GPTConfig fields}}`` and
-          model.safetensors with this class's state dict;
+          model.safetensors with this class's state dict, found and checked as every loader does
+          (``genfast.models._checkpoint``);
         - a Hugging Face GPT-2 folder: config.json (model_type "gpt2") and model.safetensors, or
           pytorch_model.bin (read with torch.load(weights_only=True), which runs no pickled code). The model then
           gives the logits transformers' GPT2LMHeadModel gives on the same checkpoint.
 
         The files are untrusted: the config is read with bounded size and nesting, its sizes are bounded
-        (``CONFIG_LIMITS``) and compared with the weights' shapes, read from the safetensors header, before the
-        model is allocated, and so is the memory loading needs; weights of another dtype kind than the model's,
+        (``gpt_hf.CONFIG_LIMITS``) and compared with the weights' shapes, read from the safetensors header, before
+        the model is allocated, and so is the memory loading needs; weights of another dtype kind than the model's,
         or holding NaN/inf (unless ``allow_nonfinite=True``, to debug a diverged run), are refused
         (``genfast.models._checkpoint.check_weights``); every error names the file and the key or tensor at fault.
         Dropout is 0 (an inference model; set ``model.config``'s and the modules' dropout yourself to fine-tune
         with it).
         """
-        folder = _checkpoint_folder(Path(path))
-        config_file = folder / "config.json"
+        path = Path(path)
+        try:
+            folder = find_run_checkpoint(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"GPT.from_pretrained: no config.json in {path} (a Hugging Face GPT-2 folder) or "
+                                    f"in {path / CHECKPOINT_DIR} (a run folder of `genfast train gpt`)") from None
+        config_file = folder / CONFIG_FILE
         raw = _io.read_json_config(config_file)
-        hf = "format_version" not in raw and "recipe" not in raw
+        hf = gpt_hf.is_hf_config(raw)
         if hf:
-            config = _config_from_hf(raw, config_file)
-            weights, state = _read_hf_weights(folder, config)
+            config = gpt_hf.config_from_hf(raw, config_file, GPTConfig)
         else:
-            config = _config_from_run(raw, config_file)
-            weights = folder / "model.safetensors"
-            header = _io.read_safetensors_header(weights)
-            _check_shapes({name: info.shape for name, info in header.items()}, config, weights, hf=False)
-            _check_memory(header, config, weights)
-            state = _io.load_safetensors_state(weights)
-        state = _state_for(state, weights, hf=hf)
+            check_run_config(raw, folder, "gpt", path)
+            config = _config_from_run(raw["model"], config_file)
+        weights, state = _read_weights(folder, config, hf=hf)
         model = cls(config).to(device=device, dtype=dtype)
         check_weights(state, model, weights, allow_nonfinite=allow_nonfinite)
         model.load_state_dict(state, strict=True)
@@ -497,129 +475,50 @@ class GPT(nn.Module):
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:
         """Write config.json and model.safetensors in Hugging Face's GPT-2 format (each file atomically)."""
-        cfg = self.config
-        if not cfg.bias:
-            raise ValueError("GPT.save_pretrained: transformers' GPT-2 has biases everywhere; a GPT with "
-                             "bias=False has no Hugging Face equivalent")
+        hf_config = gpt_hf.hf_config(self.config, self.transformer.wte.weight.dtype)
+        tensors = gpt_hf.hf_state(self.state_dict())
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        hf_config = {
-            "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.vocab_size,
-            "n_positions": cfg.block_size, "n_ctx": cfg.block_size, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer,
-            "n_head": cfg.n_head, "n_inner": cfg.n_inner, "activation_function": "gelu_new",
-            "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
-            "layer_norm_epsilon": cfg.layer_norm_epsilon, "initializer_range": 0.02, "tie_word_embeddings": True,
-            "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
-            "torch_dtype": str(self.transformer.wte.weight.dtype).replace("torch.", ""),
-            # GPT-2's <|endoftext|> where the vocabulary has it; None otherwise (transformers warns about an id
-            # outside the vocabulary, its default 50256, at every load).
-            "bos_token_id": 50256 if cfg.vocab_size > 50256 else None,
-            "eos_token_id": 50256 if cfg.vocab_size > 50256 else None,
-        }
-        tensors = {}
-        for name, tensor in self.state_dict().items():
-            if name == "lm_head.weight":  # tied to transformer.wte.weight; transformers ties it again on load
-                continue
-            tensor = tensor.detach().to("cpu")
-            tensors[name] = (tensor.t() if name.endswith(CONV1D_SUFFIXES) else tensor).contiguous()
         from safetensors.torch import save as safetensors_bytes
 
-        _write_atomic(path / "model.safetensors", safetensors_bytes(tensors, metadata={"format": "pt"}))
-        _write_atomic(path / "config.json", json.dumps(hf_config, indent=2, sort_keys=True).encode())
+        _io.write_atomic(path / "model.safetensors", safetensors_bytes(tensors, metadata={"format": "pt"}))
+        _io.write_atomic(path / CONFIG_FILE, json.dumps(hf_config, indent=2, sort_keys=True).encode())
         return path
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _checkpoint_folder(path: Path) -> Path:
-    """The folder holding config.json: a run folder's checkpoint/, or ``path`` itself."""
-    if (path / RUN_CHECKPOINT_DIR / "config.json").is_file():
-        return path / RUN_CHECKPOINT_DIR
-    if (path / "config.json").is_file():
-        return path
-    raise FileNotFoundError(f"GPT.from_pretrained: no config.json in {path} (a Hugging Face GPT-2 folder) or in "
-                            f"{path / RUN_CHECKPOINT_DIR} (a run folder of `genfast train gpt`)")
-
-
-def _short(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _size(values: dict, key: str, default, where: str, label: str | None = None, limit: str | None = None) -> int:
-    """An int size from a config file, in [1, CONFIG_LIMITS[limit or key]] (ValueError naming the file and key)."""
-    value = values.get(key, default)
-    high = CONFIG_LIMITS[limit or key]
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
-        raise ValueError(f"{where}: key {label or key!r} must be an int in [1, {high}], got {_short(value)}")
-    return value
-
-
-def _config_from_run(raw: dict, source: Path) -> GPTConfig:
-    """GPTConfig of a run folder's config.json (format_version 2, recipe gpt)."""
+def _config_from_run(model: dict, source: Path) -> GPTConfig:
+    """GPTConfig of a run folder's config.json "model" object (the run's format and recipe already checked by
+    check_run_config): sizes bounded by gpt_hf.CONFIG_LIMITS, dropout 0 (an inference model)."""
     where = f"GPT.from_pretrained: {source}"
-    version, recipe = raw.get("format_version"), raw.get("recipe")
-    if version != RUN_FORMAT_VERSION or isinstance(version, bool):
-        raise ValueError(f"{where}: key 'format_version' is {_short(version)}; this genfast reads run folders of "
-                         f"format_version {RUN_FORMAT_VERSION} (re-save the checkpoint with this genfast's recipe)")
-    if recipe != "gpt":
-        raise ValueError(f"{where}: key 'recipe' is {_short(recipe)}: a checkpoint of another recipe, not a GPT "
-                         "(`genfast train gpt` writes recipe 'gpt')")
-    model = raw.get("model")
-    if not isinstance(model, dict):
-        raise ValueError(f"{where}: key 'model' must be an object of GPTConfig fields, got {_short(model)}")
     known = {f.name for f in dataclasses.fields(GPTConfig)}
     unknown = sorted(str(k) for k in set(model) - known)
     if unknown:
         raise ValueError(f"{where}: key 'model' has unknown fields {unknown[:5]}; known: {sorted(known)}")
     for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-        _size(model, key, getattr(GPTConfig, key), where, f"model.{key}")
+        gpt_hf.config_size(model, key, getattr(GPTConfig, key), where, f"model.{key}")
     if model.get("n_inner") is not None:
-        _size(model, "n_inner", None, where, "model.n_inner")
+        gpt_hf.config_size(model, "n_inner", None, where, "model.n_inner")
     try:
         return GPTConfig.from_dict({**model, "dropout": 0.0})
-    except (TypeError, ValueError) as exc:
+    except ValueError as exc:
         raise ValueError(f"{where}: key 'model': {exc}") from exc
 
 
-def _config_from_hf(hf: dict, source: Path) -> GPTConfig:
-    """GPTConfig of a transformers GPT2Config dict; ValueError for another architecture or unsupported options."""
-    where = f"GPT.from_pretrained: {source}"
-    if hf.get("model_type") != "gpt2":
-        raise ValueError(f"{where} describes a {_short(hf.get('model_type'))} model, not GPT-2 (model_type 'gpt2'): "
-                         "another architecture, or not a run folder of `genfast train gpt` (no 'format_version')")
-    unsupported = {
-        "activation_function": (hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh")),
-        "scale_attn_weights": hf.get("scale_attn_weights", True) is not True,
-        "scale_attn_by_inverse_layer_idx": hf.get("scale_attn_by_inverse_layer_idx", False) is not False,
-        "add_cross_attention": hf.get("add_cross_attention", False) is not False,
-        "tie_word_embeddings": hf.get("tie_word_embeddings", True) is not True,
-    }
-    bad = [f"{k}={_short(hf.get(k))}" for k, is_bad in unsupported.items() if is_bad]
-    if bad:
-        raise ValueError(f"{where}: options genfast's GPT does not implement: {', '.join(bad)}")
-    sizes = {ours: _size(hf, theirs, default, where, limit=ours) for ours, theirs, default in (
-        ("vocab_size", "vocab_size", 50257), ("block_size", "n_positions", 1024), ("n_layer", "n_layer", 12),
-        ("n_head", "n_head", 12), ("n_embd", "n_embd", 768))}
-    n_inner = None if hf.get("n_inner") is None else _size(hf, "n_inner", None, where)
-    eps = hf.get("layer_norm_epsilon", 1e-5)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
-        raise ValueError(f"{where}: key 'layer_norm_epsilon' must be a number in (0, 1), got {_short(eps)}")
-    try:
-        return GPTConfig(**sizes, n_inner=n_inner, dropout=0.0, layer_norm_epsilon=float(eps))
-    except ValueError as exc:
-        raise ValueError(f"{where}: {exc}") from exc
+def _read_weights(folder: Path, config: GPTConfig, *, hf: bool) -> tuple[Path, dict[str, torch.Tensor]]:
+    """(the weights file, our state dict with the head tied) of a run's or a Hugging Face folder; the tensors'
+    names and shapes are checked against ``config``, and the memory loading needs against this machine's, before
+    anything of the model's size is allocated (a pytorch_model.bin has no header: its size is checked instead)."""
+    weights = gpt_hf.weights_file(folder) if hf else folder / "model.safetensors"
+    if weights.suffix == ".bin":
+        state = gpt_hf.our_state(gpt_hf.read_bin(weights))
+        _check_shapes({name: tuple(t.shape) for name, t in state.items()}, config, weights)
+        return weights, _tie_head(state, weights)
+    header = _io.read_safetensors_header(weights)
+    shapes = {name: info.shape for name, info in header.items()}
+    _check_shapes(gpt_hf.our_shapes(shapes) if hf else shapes, config, weights)
+    _check_memory(header, config, weights)
+    state = _io.load_safetensors_state(weights)
+    return weights, _tie_head(gpt_hf.our_state(state) if hf else state, weights)
 
 
 def _expected_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
@@ -638,28 +537,11 @@ def _expected_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _our_name(key: str, hf: bool) -> str | None:
-    """A weights file's tensor name in our state dict's naming (None: a buffer to skip); Hugging Face files may
-    leave out the ``transformer.`` prefix."""
-    if hf and key.endswith(IGNORED_SUFFIXES):
-        return None
-    if hf and not key.startswith(("transformer.", "lm_head.")):
-        return f"transformer.{key}"
-    return key
-
-
-def _check_shapes(shapes: dict[str, tuple[int, ...]], config: GPTConfig, source: Path, *, hf: bool) -> None:
-    """The tensors in ``source`` (name -> shape as stored) are exactly the model's for ``config``; ValueError
-    naming the file and the first mismatches otherwise. Runs before anything of the model's size is allocated."""
+def _check_shapes(shapes: dict[str, tuple[int, ...]], config: GPTConfig, source: Path) -> None:
+    """The tensors in ``source`` (our name -> shape) are exactly the model's for ``config``; ValueError naming
+    the file and the first mismatches otherwise. Runs before anything of the model's size is allocated."""
     expected = _expected_shapes(config)
-    ours: dict[str, tuple[int, ...]] = {}
-    for key, shape in shapes.items():
-        name = _our_name(key, hf)
-        if name is None:
-            continue
-        if hf and name.endswith(CONV1D_SUFFIXES) and len(shape) == 2:  # Conv1D stores [in, out]
-            shape = shape[::-1]
-        ours[name] = tuple(shape)
+    ours = {name: tuple(shape) for name, shape in shapes.items()}
     head = ours.pop("lm_head.weight", None)
     unexpected, missing = sorted(set(ours) - set(expected)), sorted(set(expected) - set(ours))
     if unexpected or missing:
@@ -685,43 +567,15 @@ def _check_memory(header: dict[str, _io.TensorInfo], config: GPTConfig, source: 
                                                     f"{info.dtype} {list(info.shape)})")
 
 
-def _read_hf_weights(path: Path, config: GPTConfig) -> tuple[Path, dict[str, torch.Tensor]]:
-    safetensors_file, bin_file = path / "model.safetensors", path / "pytorch_model.bin"
-    if safetensors_file.is_file():
-        header = _io.read_safetensors_header(safetensors_file)
-        _check_shapes({name: info.shape for name, info in header.items()}, config, safetensors_file, hf=True)
-        _check_memory(header, config, safetensors_file)
-        return safetensors_file, _io.load_safetensors_state(safetensors_file)
-    if bin_file.is_file():
-        # A pickle has no header to read first: torch.load holds at least the file's size, then the model as much.
-        _io.check_fits_memory(2 * bin_file.stat().st_size, f"GPT.from_pretrained: {bin_file}")
-        try:
-            state = torch.load(bin_file, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ValueError(f"GPT.from_pretrained: {bin_file} could not be loaded safely: {exc}") from exc
-        if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                                  for k, v in state.items()):
-            raise ValueError(f"GPT.from_pretrained: {bin_file} does not hold a state dict of tensors")
-        _check_shapes({k: tuple(v.shape) for k, v in state.items()}, config, bin_file, hf=True)
-        return bin_file, state
-    raise FileNotFoundError(f"GPT.from_pretrained: no model.safetensors or pytorch_model.bin in {path}")
-
-
-def _state_for(state: dict[str, torch.Tensor], source: Path, *, hf: bool) -> dict[str, torch.Tensor]:
-    """Our state dict from a weights file whose names and shapes ``_check_shapes`` accepted."""
-    out: dict[str, torch.Tensor] = {}
-    for key, tensor in state.items():
-        name = _our_name(key, hf)
-        if name is None:
-            continue
-        out[name] = tensor.t() if hf and name.endswith(CONV1D_SUFFIXES) and tensor.dim() == 2 else tensor
-    head = out.pop("lm_head.weight", None)
-    wte = out["transformer.wte.weight"]
+def _tie_head(state: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
+    """``state`` with lm_head.weight the token embedding (a file's own head must equal it, as GPT-2 ties them)."""
+    head = state.pop("lm_head.weight", None)
+    wte = state["transformer.wte.weight"]
     if head is not None and not torch.equal(head, wte):
         raise ValueError(f"GPT.from_pretrained: lm_head.weight in {source} differs from the token embedding; "
                          "genfast's GPT ties them, as GPT-2 does")
-    out["lm_head.weight"] = wte
-    return out
+    state["lm_head.weight"] = wte
+    return state
 
 
 __all__ = ["GPT", "GPTConfig", "PRESETS"]

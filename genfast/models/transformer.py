@@ -24,7 +24,6 @@ key_padding_mask), target sequences are ``[bos] + tokens + [eos]``; decoding nev
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genfast import ops
+from genfast.models._config import ModelConfig, check_ints, check_number
 from genfast.nn.attention import KVCache, attend_cached, capture_decode_step
 from genfast.ops.attention import attention_ref
 
@@ -43,7 +43,11 @@ EOS_CHECK_EVERY = 8
 
 # ------------------------------------------------------------------------------------------- config
 @dataclass
-class TransformerConfig:
+class TransformerConfig(ModelConfig):
+    """from_dict (unknown keys and mistyped values a ValueError naming them), to_dict and preset (``tiny`` for
+    tests, ``small`` the translator recipe's default, ``base`` the paper's base model) come from ModelConfig;
+    PRESETS is attached below."""
+
     src_vocab_size: int = 64
     tgt_vocab_size: int = 64
     d_model: int = 128
@@ -61,18 +65,14 @@ class TransformerConfig:
     eos_id: int = 2
 
     def __post_init__(self):
-        for name in ("src_vocab_size", "tgt_vocab_size", "d_model", "n_heads", "n_encoder_layers",
-                     "n_decoder_layers", "d_ff", "max_positions"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{NAME}Config: {name} must be an int >= 1, got {value!r}")
+        check_ints(self, ("src_vocab_size", "tgt_vocab_size", "d_model", "n_heads", "n_encoder_layers",
+                          "n_decoder_layers", "d_ff", "max_positions"))
         if self.d_model % self.n_heads:
             raise ValueError(f"{NAME}Config: d_model={self.d_model} must be a multiple of n_heads={self.n_heads}")
         if self.d_model % 2:
             raise ValueError(f"{NAME}Config: d_model must be even (sinusoidal positions pair sin and cos), "
                              f"got {self.d_model}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            raise ValueError(f"{NAME}Config: dropout must be in [0, 1), got {self.dropout!r}")
+        check_number(self, "dropout", minimum=0.0, below=1.0)
         for name in ("pre_norm", "share_embeddings", "tie_output"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{NAME}Config: {name} must be a bool, got {getattr(self, name)!r}")
@@ -91,27 +91,6 @@ class TransformerConfig:
             raise ValueError(f"{NAME}Config: pad_id, bos_id and eos_id must differ, got "
                              f"{self.pad_id}, {self.bos_id}, {self.eos_id}")
 
-    @classmethod
-    def from_dict(cls, values: dict) -> "TransformerConfig":
-        """A config from a dict (a checkpoint's config.json); unknown keys are an error that names them."""
-        if not isinstance(values, dict):
-            raise TypeError(f"{NAME}Config.from_dict: need a dict, got {type(values).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{NAME}Config: unknown keys {unknown}; known keys: {sorted(known)}")
-        return cls(**values)
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "TransformerConfig":
-        """``tiny`` (tests), ``small`` (the translator recipe's default) or ``base`` (the paper's base model)."""
-        if name not in PRESETS:
-            raise ValueError(f"{NAME}Config.preset: unknown preset {name!r}; known: {', '.join(PRESETS)}")
-        return cls.from_dict({**PRESETS[name], **overrides})
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
 
 PRESETS: dict[str, dict] = {
     "tiny": dict(d_model=32, n_heads=4, n_encoder_layers=2, n_decoder_layers=2, d_ff=64, dropout=0.0,
@@ -121,6 +100,7 @@ PRESETS: dict[str, dict] = {
     "base": dict(d_model=512, n_heads=8, n_encoder_layers=6, n_decoder_layers=6, d_ff=2048, dropout=0.1,
                  max_positions=512),
 }
+TransformerConfig.PRESETS = PRESETS
 
 
 def sinusoidal_positions(n: int, d: int) -> torch.Tensor:

@@ -35,18 +35,18 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from genfast._io import load_safetensors_state, read_json_config
+from genfast._io import load_safetensors_state, read_json_config, write_atomic
 from genfast.models._checkpoint import (  # the run folder's vocabulary lives below training, shared with the loaders
     CHECKPOINT_DIR,
     CONFIG_FILE,
     DISPLACED_SUFFIX,
+    FORMAT_VERSION,
     MADE_MARKER,
     check_weights,
     displaced_dir,
     genfast_marker,
 )
 
-FORMAT_VERSION = 2
 TRAINER_FILE = "trainer.pt"
 TMP_MARKER = ".tmp-"
 KEPT_INFIX = ".kept-"  # `checkpoint.kept-<random>`: a replaced folder that held files genfast did not write
@@ -75,10 +75,8 @@ def _write_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
         tensors[key] = tensor.to("cpu").clone().contiguous() if ptr in seen else tensor.to("cpu").contiguous()
         if ptr != -1:
             seen[ptr] = key
-    # Bytes written by us, not save_file (which creates the file 0600): the file follows the user's umask.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(save(tensors))
+    # Bytes written by genfast's one writer, not save_file (which creates the file 0600): the user's umask.
+    write_atomic(path, save(tensors))
 
 
 def make_temp_dir(parent: Path, name: str) -> Path:
@@ -176,7 +174,7 @@ def save_checkpoint(directory: str | os.PathLike, *, modules: dict[str, nn.Modul
         for name, module in modules.items():
             _write_safetensors(_unwrap(module).state_dict(), tmp / f"{name}.safetensors")
         torch.save(trainer_state or {}, tmp / TRAINER_FILE)
-        (tmp / CONFIG_FILE).write_text(json.dumps(config or {}, indent=2, sort_keys=True))
+        write_atomic(tmp / CONFIG_FILE, json.dumps(config or {}, indent=2, sort_keys=True).encode())
         if side_files is not None:
             side_files(tmp)
         commit_dir(tmp, directory)

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import math
 import os
-import secrets
 import struct
 import zlib
 from pathlib import Path
 
 import torch
+
+from genfast._io import write_atomic
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
@@ -83,14 +84,4 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, *, nrow: int 
     data = encode_png(make_grid(images, nrow=nrow, padding=padding, value_range=value_range, scale=scale))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # os.open with 0o666 (not mkstemp's 0600): the file gets the user's umask, like any file they write.
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, data)
