@@ -25,7 +25,7 @@ TORCH_LIBRARY(genfast, m) {
 
   // Token sampling. Per-row knobs are 1-D tensors of B elements: temperature/top_p/min_p float32,
   // top_k int64. Repetition penalty is applied before these ops (genfast/ops/sampling.py). The second
-  // output is int32 [B]: each row's value flags (csrc/cuda/sampling.cuh), set while the kernel reads it.
+  // output is int32 [B]: each row's value flags (csrc/common/sampling.h), set while the kernel reads it.
   // sample_tokens' `seed` holds 1 value or B (per-row seeds); row b's noise is Philox(seed_b, step_b * V + col)
   // with step_b = offsets[b] when `offsets` (int64 [B]) is given, else b.
   m.def(

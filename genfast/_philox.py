@@ -18,7 +18,6 @@ gives four 32-bit words ``(x, y, z, w)``.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 _ROUND_A = np.uint64(0xD2511F53)
 _ROUND_B = np.uint64(0xCD9E8D57)
@@ -108,15 +107,3 @@ def normal(seed: int, offsets: np.ndarray) -> np.ndarray:
     trig[~sine] = np.cos(angle[~sine])
     return (radius * trig).astype(np.float32)
 
-
-def uniform_like(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """The uniform noise a kernel draws for a contiguous tensor of ``shape`` (offset = flat index)."""
-    return torch.from_numpy(uniform(seed, np.arange(int(np.prod(shape)), dtype=np.uint64)).reshape(shape))
-
-
-def normal_like(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """The normal noise a kernel draws for a contiguous tensor of ``shape`` (offset = flat index).
-
-    Consecutive groups of four flat elements share one Philox call (see the module docstring).
-    """
-    return torch.from_numpy(normal(seed, np.arange(int(np.prod(shape)), dtype=np.uint64)).reshape(shape))

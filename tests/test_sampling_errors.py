@@ -1,12 +1,19 @@
 """Sampling ops: value checks folded into the kernels, raw-op guards, noise checks, gradients, on every backend."""
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
 import genfast
+from genfast.kernels._sampling_flags import SamplingFlag
 from genfast.ops import filter_logits, filter_logits_ref, sample_tokens, sample_tokens_ref
-from genfast.ops.sampling import _value_flags_ref
+from genfast.ops.sampling import _FLAG_MESSAGES, _value_flags_ref
 from tests.conftest import backend_params
+
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
+_CPP_FLAG = re.compile(r"constexpr\s+int32_t\s+kFlag(\w+)\s*=\s*(\d+)\s*;")
 
 BACKENDS = [pytest.param("cpu", "reference", id="cpu-reference")] + backend_params("sample_tokens")
 
@@ -135,3 +142,28 @@ def test_filter_logits_gradient_matches_the_reference(device, backend, dtype):
     assert grad is not None and grad.dtype == dtype
     torch.testing.assert_close(grad, ref_grad, rtol=0, atol=0)
     assert (grad[torch.isinf(ref_out)] == 0).all() and (grad[~torch.isinf(ref_out)] != 0).any()
+
+
+def _folded(name: str) -> str:
+    """SamplingFlag.ALL_NEG_INF and kFlagAllNegInf both fold to 'allneginf'."""
+    return name.replace("_", "").lower()
+
+
+def test_flag_bits_equal_the_cpp_header():
+    # The C++ kernels' bits (csrc/common/sampling.h) and SamplingFlag (the Triton kernel's and the reference's)
+    # are written twice, once per language: this test is what keeps them one contract.
+    cpp = {_folded(name): int(value) for name, value in _CPP_FLAG.findall((CSRC / "common/sampling.h").read_text())}
+    python = {_folded(flag.name): int(flag) for flag in SamplingFlag}
+    assert cpp == python
+    assert sorted(python.values()) == [1 << i for i in range(len(python))]  # one bit each
+
+
+def test_flag_bits_are_defined_once_in_csrc():
+    defined = sorted(str(path.relative_to(CSRC)) for path in CSRC.rglob("*")
+                     if path.suffix in {".h", ".cuh", ".cpp", ".cu"} and _CPP_FLAG.search(path.read_text()))
+    assert defined == ["common/sampling.h"]
+
+
+def test_every_flag_has_one_error_message():
+    flags = [flag for flag, _, _ in _FLAG_MESSAGES]
+    assert sorted(flags) == sorted(SamplingFlag) and len(set(flags)) == len(flags)

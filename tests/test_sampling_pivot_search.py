@@ -5,7 +5,7 @@
 pass, per pivot the integer weight sum G, the smallest key at or above it and the largest below it, combined over
 the chunks, then the bracket update. It must find the same kept set as the C++ CPU kernel, which finds the
 threshold by selection instead: the two share only the integer arithmetic (fixed_weight, top_p_target of
-csrc/cuda/sampling.cuh). The near-tie tests check that the backends runnable here (C++ and the Triton
+csrc/common/sampling.h). The near-tie tests check that the backends runnable here (C++ and the Triton
 interpreter) resolve a top-p boundary one fixed-point unit away alike.
 """
 

@@ -3,22 +3,21 @@
 //
 // Each thread walks its range in chunks of kChunk elements: when the noise is drawn inside, the
 // chunk's normals are generated first into an L1-resident buffer (four normals per Philox call, eight or
-// sixteen calls side by side with AVX2 or AVX-512 where the CPU has it: csrc/cpu/philox_simd.h), then one
-// loop, compiled twice (AVX2+FMA and baseline, chosen at run time), computes the step. The normals are the Philox stream of
-// csrc/philox.h at the output's flat index, like every other backend.
+// sixteen calls side by side with AVX2 or AVX-512 where the CPU has it: csrc/cpu/philox_simd.h, which
+// philox_noise uses too), then one loop, compiled twice (AVX2+FMA and baseline, chosen at run time), computes the
+// step. The normals are the Philox stream of csrc/philox.h at the output's flat index, like every other backend.
 //
 // Threads: the flat output is split through TensorIterator::for_each, which runs on torch's intra-op
 // thread pool (so torch.set_num_threads applies) and hands each thread contiguous ranges.
 #include <ATen/Dispatch.h>
 #include <ATen/TensorIterator.h>
-#include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
-#include <string>
+#include <optional>
 
 #include "philox_simd.h"
 

@@ -2,11 +2,11 @@
 //
 // Rows run in parallel (at::parallel_for); each row is processed without a full sort:
 //   1. y = x / temperature (fp32, a correctly rounded division like the reference), its max, and the row's
-//      value flags (NaN, +inf, all -inf, overflow, bad knobs: the bits of csrc/cuda/sampling.cuh), in one pass;
+//      value flags (NaN, +inf, all -inf, overflow, bad knobs: the bits of csrc/common/sampling.h), in one pass;
 //   2. top-k threshold t_k = the k-th largest y: a bounded min-heap of k values for small k (16 elements
 //      at a time are skipped when none beats the heap's top), else a selection (below) with unit weights;
 //   3. the survivors y >= t_k are gathered with their index and, for top-p, their fixed-point weight
-//      (csrc/cuda/sampling.cuh: the same integer arithmetic as the Triton and CUDA kernels, so near-ties resolve
+//      (csrc/common/sampling.h: the same integer arithmetic as the Triton and CUDA kernels, so near-ties resolve
 //      alike on every backend);
 //   4. top-p threshold t_p = max{v : double(G(v)) >= max(top_p * double(Z), 1)}, G(v) the summed weight of
 //      survivors >= v and Z = G(t_k), by a weighted 3-way quickselect over the survivors (expected linear);
@@ -26,9 +26,9 @@
 #include <tuple>
 #include <vector>
 
+#include "../common/sampling.h"
 #include "../op_checks.h"
 #include "../philox.h"
-#include "../cuda/sampling.cuh"
 
 namespace {
 
@@ -257,7 +257,7 @@ void for_each_row(const at::Tensor& logits_in, const at::Tensor& temperature, co
 }
 
 // Shape guards of direct torch.ops calls, beyond the shared ones: at least one token, and fewer than 2^24
-// (the fixed-point sums of sampling.cuh and the int32 survivor indices rely on it).
+// (the fixed-point sums of csrc/common/sampling.h and the int32 survivor indices rely on it).
 void check_vocab(const char* op, const at::Tensor& logits) {
   TORCH_CHECK(logits.size(1) >= 1 && logits.size(1) < kMaxVocab, op, ": logits must have between 1 and 2^24 - 1 ",
               "columns (tokens), got ", logits.size(1));

@@ -6,7 +6,7 @@
 //               row is one CTA. Chunk boundaries are multiples of 16 bytes, and rows whose start is 16-byte
 //               aligned are read with 16-byte vector loads.
 //   pass 1      y = x / temperature (correctly rounded), its max, lowest argmax and smallest key, and the row's
-//               value flags (sampling.cuh);
+//               value flags (csrc/common/sampling.h);
 //   searches    top-k, then top-p threshold t* = max{c : G(c) >= target} on order-preserving int32 keys. Each
 //               pass evaluates, for kPivots pivots of [lo, hi) at once, three things per pivot p:
 //                 G(p)         the summed weight of keys >= p (1 per token for top-k, fixed_weight for top-p),
@@ -17,7 +17,7 @@
 //               tree, then one slot per warp in shared memory, then one per CTA read by every CTA of the
 //               cluster through distributed shared memory, combine them. No atomics: integer sums, min and
 //               max give the same result in any order, so the search is deterministic and equals the
-//               Triton and C++ kernels' (same integer arithmetic, sampling.cuh).
+//               Triton and C++ kernels' (same integer arithmetic, csrc/common/sampling.h).
 //   last pass   write the filtered row, or Gumbel-max over kept tokens with Philox noise drawn for those only.
 // All offsets are int64; any vocabulary below 2^24 tokens is memory-safe.
 #include <cuda_bf16.h>

@@ -4,13 +4,14 @@ One program per row. The kept set of a row is ``{i : y_i >= t}`` (plus the min-p
 ``y_i - y_max``), where ``y = x / temperature``. Top-k and top-p thresholds both have the form ``t* = max{c :
 G(c) >= target}`` with ``G(c) = sum of w_j over y_j >= c`` non-increasing: top-k counts (``w = 1``, target k),
 top-p sums the fixed-point weights ``w = fixed_weight(y - y_max)`` over the top-k survivors (target
-``max(top_p * G(t_k), 1)`` in fp64; the integer arithmetic of csrc/cuda/sampling.cuh, shared by every backend
+``max(top_p * G(t_k), 1)`` in fp64; the integer arithmetic of csrc/common/sampling.h, shared by every backend
 so that near-ties resolve alike). ``_search`` finds ``t*`` exactly on the order-preserving int32 key of the
 fp32 values: each pass over the row evaluates G at NP pivots of ``[lo, hi)`` together, plus, per pivot, the
 smallest key at or above it and the largest below it, so that the new bracket is cut down to keys of actual
 elements; it stops when one key is left (usually 3-6 passes, at most ~8 for 32-bit keys). Pass 1 also sets the
-row's value flags (NaN, +inf, all -inf, overflow, knobs out of range: the bits of csrc/cuda/sampling.cuh). The
-last pass writes the filtered row, or draws Gumbel noise for kept tokens only and takes the argmax.
+row's value flags (NaN, +inf, all -inf, overflow, knobs out of range: ``SamplingFlag`` of
+genfast/kernels/_sampling_flags.py). The last pass writes the filtered row, or draws Gumbel noise for kept tokens
+only and takes the argmax.
 
 csrc/cuda/sampling.cu runs the same search; csrc/cpu/sampling.cpp uses selection on the CPU.
 """
@@ -20,9 +21,17 @@ import triton
 import triton.language as tl
 
 from genfast.kernels import _philox
+from genfast.kernels._sampling_flags import SamplingFlag
 
-INT32_MAX = 2147483647
-INT32_MIN = -2147483648
+# The flag bits as constexpr globals: a jit function reads module globals only when they are tl.constexpr.
+_FLAG_NAN = tl.constexpr(int(SamplingFlag.NAN))
+_FLAG_POS_INF = tl.constexpr(int(SamplingFlag.POS_INF))
+_FLAG_ALL_NEG_INF = tl.constexpr(int(SamplingFlag.ALL_NEG_INF))
+_FLAG_OVERFLOW = tl.constexpr(int(SamplingFlag.OVERFLOW))
+_FLAG_TEMPERATURE = tl.constexpr(int(SamplingFlag.TEMPERATURE))
+_FLAG_TOP_K = tl.constexpr(int(SamplingFlag.TOP_K))
+_FLAG_TOP_P = tl.constexpr(int(SamplingFlag.TOP_P))
+_FLAG_MIN_P = tl.constexpr(int(SamplingFlag.MIN_P))
 
 
 @triton.jit
@@ -43,7 +52,7 @@ def _load_y(row_ptr, offs, vocab, temp):
 
 @triton.jit
 def _fixed_weight(d):
-    """exp(d) in 2^-38 fixed point, computed in fp64 and truncated; 0 below d = -27 (sampling.cuh)."""
+    """exp(d) in 2^-38 fixed point, computed in fp64 and truncated; 0 below d = -27 (csrc/common/sampling.h)."""
     w = (tl.exp(d.to(tl.float64)) * 274877906944.0).to(tl.int64)
     return tl.where(d >= -27.0, w, 0)
 
@@ -120,16 +129,16 @@ def _sampling_kernel(x_ptr, stride_x, temp_ptr, topk_ptr, topp_ptr, minp_ptr, dm
         y_max = tl.maximum(y_max, block_max)
         key_min = tl.minimum(key_min, tl.min(tl.where(mask & ~is_nan, _key(y), 2147483647), axis=0))
         overflow = (tl.abs(y) == float("inf")) & (tl.abs(x) != float("inf"))
-        flags |= tl.max(is_nan.to(tl.int32), axis=0) * 1
-        flags |= tl.max((x == float("inf")).to(tl.int32), axis=0) * 2
-        flags |= tl.max(overflow.to(tl.int32), axis=0) * 8
+        flags |= tl.max(is_nan.to(tl.int32), axis=0) * _FLAG_NAN
+        flags |= tl.max((x == float("inf")).to(tl.int32), axis=0) * _FLAG_POS_INF
+        flags |= tl.max(overflow.to(tl.int32), axis=0) * _FLAG_OVERFLOW
     if y_max == float("-inf"):
-        flags |= 4
+        flags |= _FLAG_ALL_NEG_INF
     min_p = tl.load(minp_ptr + row)
-    flags |= tl.where((temp_in >= 0.0) & (temp_in != float("inf")), 0, 16)
-    flags |= tl.where(top_k < 0, 32, 0)
-    flags |= tl.where((top_p > 0.0) & (top_p <= 1.0), 0, 64)
-    flags |= tl.where((min_p >= 0.0) & (min_p <= 1.0), 0, 128)
+    flags |= tl.where((temp_in >= 0.0) & (temp_in != float("inf")), 0, _FLAG_TEMPERATURE)
+    flags |= tl.where(top_k < 0, _FLAG_TOP_K, 0)
+    flags |= tl.where((top_p > 0.0) & (top_p <= 1.0), 0, _FLAG_TOP_P)
+    flags |= tl.where((min_p >= 0.0) & (min_p <= 1.0), 0, _FLAG_MIN_P)
     tl.store(flags_ptr + row, flags)
 
     lo = key_min.to(tl.int64)

@@ -24,7 +24,7 @@ block per row.
 
 The references ``filter_logits_ref`` / ``sample_tokens_ref`` below are the specification: plain,
 sort-based PyTorch in fp32 (top-p mass in fp64). The kernels sum top-p mass in integers (each weight
-``exp(y_i - y_max)`` in 2^-38 fixed point, csrc/cuda/sampling.cuh), the same arithmetic on every backend, so
+``exp(y_i - y_max)`` in 2^-38 fixed point, csrc/common/sampling.h), the same arithmetic on every backend, so
 they agree with each other at near-ties; they can differ from the reference only when the mass before a
 token is within about ``V * 2^-38`` (relative) of ``top_p``.
 
@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from genfast import _backend, _ext, _philox
+from genfast.kernels._sampling_flags import SamplingFlag
 from genfast.ops import _checks
 from genfast.ops.random import STREAM_END
 
@@ -121,17 +122,17 @@ def _gumbel_argmax_ref(x: torch.Tensor, filtered: torch.Tensor, temperature, noi
     return torch.where(temperature > 0, sampled, x.argmax(-1))
 
 
-# Per-row flag bits the kernels set while they read the logits (csrc/cuda/sampling.cuh), in the order the
-# errors are raised: (bit, argument, what is wrong).
+# The per-row flags the kernels set while they read the logits (SamplingFlag), in the order the errors are
+# raised: (flag, argument, what is wrong).
 _FLAG_MESSAGES = (
-    (16, "temperature", "must be finite and >= 0"),
-    (32, "top_k", "must be >= 0"),
-    (64, "top_p", "must be in (0, 1]"),
-    (128, "min_p", "must be in [0, 1]"),
-    (1, "logits", "must not contain NaN"),
-    (2, "logits", "must not contain +inf"),
-    (4, "logits", "must have a finite value in every row (a row is all -inf)"),
-    (8, "temperature", "is so small that logits / temperature overflows float32"),
+    (SamplingFlag.TEMPERATURE, "temperature", "must be finite and >= 0"),
+    (SamplingFlag.TOP_K, "top_k", "must be >= 0"),
+    (SamplingFlag.TOP_P, "top_p", "must be in (0, 1]"),
+    (SamplingFlag.MIN_P, "min_p", "must be in [0, 1]"),
+    (SamplingFlag.NAN, "logits", "must not contain NaN"),
+    (SamplingFlag.POS_INF, "logits", "must not contain +inf"),
+    (SamplingFlag.ALL_NEG_INF, "logits", "must have a finite value in every row (a row is all -inf)"),
+    (SamplingFlag.OVERFLOW, "temperature", "is so small that logits / temperature overflows float32"),
 )
 
 
@@ -140,18 +141,18 @@ def _value_flags_ref(x: torch.Tensor, temperature, top_k, top_p, min_p) -> torch
     x = x.float()
     y = x / torch.where(temperature > 0, temperature, 1.0)[:, None]
     bits = [
-        (~(temperature >= 0) | (temperature == float("inf")), 16),
-        (top_k < 0, 32),
-        (~((top_p > 0) & (top_p <= 1)), 64),
-        (~((min_p >= 0) & (min_p <= 1)), 128),
-        (torch.isnan(x).any(-1), 1),
-        ((x == float("inf")).any(-1), 2),
-        (~(x > NEG_INF).any(-1), 4),  # NaN is not > -inf either, as in the kernels
-        ((torch.isinf(y) & ~torch.isinf(x)).any(-1), 8),
+        (~(temperature >= 0) | (temperature == float("inf")), SamplingFlag.TEMPERATURE),
+        (top_k < 0, SamplingFlag.TOP_K),
+        (~((top_p > 0) & (top_p <= 1)), SamplingFlag.TOP_P),
+        (~((min_p >= 0) & (min_p <= 1)), SamplingFlag.MIN_P),
+        (torch.isnan(x).any(-1), SamplingFlag.NAN),
+        ((x == float("inf")).any(-1), SamplingFlag.POS_INF),
+        (~(x > NEG_INF).any(-1), SamplingFlag.ALL_NEG_INF),  # NaN is not > -inf either, as in the kernels
+        ((torch.isinf(y) & ~torch.isinf(x)).any(-1), SamplingFlag.OVERFLOW),
     ]
     flags = torch.zeros(x.shape[0], dtype=torch.int32, device=x.device)
     for bad, bit in bits:
-        flags |= bad.to(torch.int32) * bit
+        flags |= bad.to(torch.int32) * int(bit)
     return flags
 
 
@@ -295,7 +296,7 @@ def _raise_bad_values(op: str, flags: torch.Tensor | None, checks: list, x, knob
         return
     flags = flags.cpu()
     for bit, name, message in _FLAG_MESSAGES:
-        rows = (flags & bit).nonzero()
+        rows = (flags & int(bit)).nonzero()
         if rows.numel():
             raise ValueError(f"{op}: {name} {message} (row {int(rows[0])})")
     raise AssertionError(f"{op}: unknown value flags {flags.tolist()}")

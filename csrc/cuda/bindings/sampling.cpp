@@ -19,7 +19,7 @@ using genfast::cuda_bindings::current_stream;
 using genfast::cuda_bindings::float_type;
 
 // The shared checks, plus what the CUDA kernel needs on top: a CUDA tensor, contiguous rows, and between 1 and
-// 2^24 - 1 tokens (its fixed-point top-p sums rely on the bound, csrc/cuda/sampling.cuh).
+// 2^24 - 1 tokens (its fixed-point top-p sums rely on the bound, csrc/common/sampling.h).
 void check_sampling_args_cuda(const char* op, const at::Tensor& logits, const at::Tensor& temperature,
                               const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& min_p) {
   genfast::check_sampling_args(op, logits, temperature, top_k, top_p, min_p);
