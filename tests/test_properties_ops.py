@@ -7,15 +7,19 @@ and special values, then runs the op on every backend that serves it here. Every
 a ValueError/TypeError whose message starts with the op's name and names one of its arguments, or agree with the
 op's reference (``*_ref``). All backends must make the same choice. Any other exception fails the example.
 
-Counting: each family's main test runs 200 examples (fixed seed: derandomize) on auto, reference and the C++ cpu
-backend where it serves; a second test runs 20 more examples on the Triton interpreter, which is slow.
+The families are one table (FAMILIES, at the end): a family is a function that draws one example and returns it as
+a Case (the op call, its reference, what agreement means); one ``check`` runs every Case. Counting: each family's
+main test runs 200 examples on auto, reference and the C++ cpu backend where it serves; a second test runs 20 more
+examples on the Triton interpreter, which is slow. The examples are fixed by each test's name (hypothesis ``seed``).
 """
 
 import inspect
 import re
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
 import genfast
@@ -51,7 +55,7 @@ from genfast.ops import (
 from tests.conftest import serving_backends
 
 # No shrinking phase: CI time goes to the 200 examples; a failure prints every draw of its example.
-MAIN = settings(max_examples=200, derandomize=True, deadline=None, database=None,
+MAIN = settings(max_examples=200, deadline=None, database=None,
                 suppress_health_check=list(HealthCheck), phases=(Phase.explicit, Phase.generate))
 TRITON = settings(MAIN, max_examples=20)
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -138,6 +142,28 @@ def backends_for(op: str, triton: bool) -> list[str]:
     return ["auto", "reference"] + [b for b in serving if b != "triton"]
 
 
+@dataclass(frozen=True)
+class Case:
+    """One drawn example of a family. ``call`` and ``reference`` build fresh inputs each time they run."""
+
+    op_name: str  # what its error messages start with, and its dispatcher's name
+    op: Callable  # the public function, whose parameter names a refusal must mention
+    call: Callable[[], Any]
+    reference: Callable[[], Any]
+    agrees: Callable[[Any, Any, str], None]  # (got, expected, backend): asserts that got matches the reference
+    extra_names: tuple[str, ...] = ()  # names a refusal may mention besides the op's parameters
+
+
+def check(case: Case, triton: bool) -> None:
+    """Every backend picked for ``triton`` refuses ``case`` alike (naming an argument), or agrees with the reference."""
+    results = outcomes(case.call, backends_for(case.op_name, triton))
+    if not results or refused(case.op_name, case.op, results, case.extra_names):
+        return
+    expected = case.reference()
+    for backend, got in results.items():
+        case.agrees(got, expected, backend)
+
+
 def draw_dtype(data, name="dtype"):
     # Mostly the supported floats; sometimes one that must be refused with a TypeError.
     return data.draw(st.sampled_from(FLOATS * 4 + (torch.float64, torch.int32)), label=name)
@@ -153,7 +179,7 @@ def draw_scale(data):
 
 
 # ------------------------------------------------------------------------------------------ attention
-def _attention_case(data):
+def attention_case(data) -> Case:
     dtype = draw_dtype(data)
     b = data.draw(st.integers(0, 2), label="B")
     hk = data.draw(st.integers(1, 2), label="Hk")
@@ -193,37 +219,19 @@ def _attention_case(data):
         return attention_ref(q(), k(), v(), causal=causal, attn_mask=mask(), dropout_p=dropout_p, scale=scale,
                              window=window, return_lse=True, seed=seed)
 
-    return dtype, return_lse, call, reference
-
-
-def _check_attention(data, triton):
-    dtype, return_lse, call, reference = _attention_case(data)
-    results = outcomes(call, backends_for("attention", triton))
-    if not results or refused("attention", attention, results, ("attn_mask", "window[0] (left)", "D", "Hq")):
-        return
-    out_ref, lse_ref = reference()
-    for backend, got in results.items():
+    def agrees(got, expected, backend):
+        out_ref, lse_ref = expected
         out, lse = got if return_lse else (got, None)
         assert out.shape == out_ref.shape and out.dtype == out_ref.dtype
         assert_agrees(out, out_ref, dtype, f"attention out on {backend}")
         if lse is not None:
             assert_agrees(lse, lse_ref, torch.float32 if dtype == torch.float32 else dtype, f"lse on {backend}")
 
-
-@MAIN
-@given(st.data())
-def test_attention_properties(data):
-    _check_attention(data, triton=False)
-
-
-@TRITON
-@given(st.data())
-def test_attention_properties_triton(data):
-    _check_attention(data, triton=True)
+    return Case("attention", attention, call, reference, agrees, ("attn_mask", "window[0] (left)", "D", "Hq"))
 
 
 # ------------------------------------------------------------------------------------------ attention_varlen
-def _varlen_case(data):
+def attention_varlen_case(data) -> Case:
     dtype = draw_dtype(data)
     nseq = data.draw(st.integers(0, 3), label="B")
     len_q = data.draw(st.lists(st.integers(0, 4), min_size=nseq, max_size=nseq), label="lengths q")
@@ -264,38 +272,20 @@ def _varlen_case(data):
         return attention_varlen_ref(q(), k(), v(), cu(len_q), cu(len_k), max_q, max_k, causal=causal,
                                     dropout_p=dropout_p, scale=scale, window=window, return_lse=True, seed=seed)
 
-    return dtype, return_lse, call, reference
-
-
-def _check_varlen(data, triton):
-    dtype, return_lse, call, reference = _varlen_case(data)
-    results = outcomes(call, backends_for("attention_varlen", triton))
-    extra = ("cu_seqlens_q", "cu_seqlens_k", "window[0] (left)", "D", "Hq")
-    if not results or refused("attention_varlen", attention_varlen, results, extra):
-        return
-    out_ref, lse_ref = reference()
-    for backend, got in results.items():
+    def agrees(got, expected, backend):
+        out_ref, lse_ref = expected
         out, lse = got if return_lse else (got, None)
         assert out.shape == out_ref.shape
         assert_agrees(out, out_ref, dtype, f"attention_varlen out on {backend}")
         if lse is not None:
             assert_agrees(lse, lse_ref, dtype, f"attention_varlen lse on {backend}")
 
-
-@MAIN
-@given(st.data())
-def test_attention_varlen_properties(data):
-    _check_varlen(data, triton=False)
-
-
-@TRITON
-@given(st.data())
-def test_attention_varlen_properties_triton(data):
-    _check_varlen(data, triton=True)
+    extra = ("cu_seqlens_q", "cu_seqlens_k", "window[0] (left)", "D", "Hq")
+    return Case("attention_varlen", attention_varlen, call, reference, agrees, extra)
 
 
 # ------------------------------------------------------------------------------------------ attention_decode
-def _decode_case(data):
+def attention_decode_case(data) -> Case:
     dtype = draw_dtype(data)
     b = data.draw(st.integers(0, 3), label="B")
     hk = data.draw(st.integers(1, 2), label="Hk")
@@ -322,37 +312,19 @@ def _decode_case(data):
         return attention_decode_ref(q(), k_cache(), v_cache(), torch.tensor(lengths, dtype=seqlen_dtype),
                                     scale=scale, causal=causal, window=window, return_lse=True)
 
-    return dtype, return_lse, call, reference
-
-
-def _check_decode(data, triton):
-    dtype, return_lse, call, reference = _decode_case(data)
-    results = outcomes(call, backends_for("attention_decode", triton))
-    extra = ("cache_seqlens", "Nq", "D", "Hq", "window[0] (left)")
-    if not results or refused("attention_decode", attention_decode, results, extra):
-        return
-    out_ref, lse_ref = reference()
-    for backend, got in results.items():
+    def agrees(got, expected, backend):
+        out_ref, lse_ref = expected
         out, lse = got if return_lse else (got, None)
         assert_agrees(out, out_ref, dtype, f"attention_decode out on {backend}")
         if lse is not None:
             assert_agrees(lse, lse_ref, dtype, f"attention_decode lse on {backend}")
 
-
-@MAIN
-@given(st.data())
-def test_attention_decode_properties(data):
-    _check_decode(data, triton=False)
-
-
-@TRITON
-@given(st.data())
-def test_attention_decode_properties_triton(data):
-    _check_decode(data, triton=True)
+    extra = ("cache_seqlens", "Nq", "D", "Hq", "window[0] (left)")
+    return Case("attention_decode", attention_decode, call, reference, agrees, extra)
 
 
 # ------------------------------------------------------------------------------------------ kv_cache_append
-def _append_case(data):
+def kv_cache_append_case(data) -> Case:
     dtype = draw_dtype(data)
     b = data.draw(st.integers(0, 3), label="B")
     hk = data.draw(st.integers(1, 2), label="Hk")
@@ -382,35 +354,16 @@ def _append_case(data):
         kv_cache_append_ref(kc, vc, kn, vn, lens)
         return kc, vc
 
-    return dtype, call, reference
-
-
-def _check_append(data, triton):
-    dtype, call, reference = _append_case(data)
-    results = outcomes(call, backends_for("kv_cache_append", triton))
-    extra = ("cache_seqlens", "Nnew", "D")
-    if not results or refused("kv_cache_append", kv_cache_append, results, extra):
-        return
-    k_ref, v_ref = reference()
-    for backend, (kc, vc) in results.items():
+    def agrees(got, expected, backend):
+        (kc, vc), (k_ref, v_ref) = got, expected
         assert_agrees(kc, k_ref, dtype, f"k_cache on {backend}")
         assert_agrees(vc, v_ref, dtype, f"v_cache on {backend}")
 
-
-@MAIN
-@given(st.data())
-def test_kv_cache_append_properties(data):
-    _check_append(data, triton=False)
-
-
-@TRITON
-@given(st.data())
-def test_kv_cache_append_properties_triton(data):
-    _check_append(data, triton=True)
+    return Case("kv_cache_append", kv_cache_append, call, reference, agrees, ("cache_seqlens", "Nnew", "D"))
 
 
 # ------------------------------------------------------------------------------------------ sampling
-def _check_sampling(data, triton):
+def sampling_case(data) -> Case:
     dtype = draw_dtype(data)
     b, vocab = data.draw(st.integers(0, 3), label="B"), data.draw(st.integers(0, 9), label="V")
     logits = draw_tensor(data, (b, vocab), dtype, "logits", special=True)
@@ -442,32 +395,19 @@ def _check_sampling(data, triton):
         op_name, op = "filter_logits", filter_logits
         call = lambda: filter_logits(logits(), prev_tokens=prev(), **knobs)  # noqa: E731
         reference = lambda: filter_logits_ref(logits(), prev_tokens=prev(), **knobs)  # noqa: E731
-    results = outcomes(call, backends_for(op_name, triton))
-    if not results or refused(op_name, op, results):
-        return
-    expected = reference()
-    for backend, got in results.items():
+
+    def agrees(got, expected, backend):
         if sample:
             assert torch.equal(got, expected), f"sample_tokens on {backend}: {got.tolist()} != {expected.tolist()}"
         else:
             assert torch.equal(got.isinf(), expected.isinf()), f"filter_logits kept set on {backend}"
             assert_agrees(got, expected, torch.float32, f"filter_logits on {backend}")
 
-
-@MAIN
-@given(st.data())
-def test_sampling_properties(data):
-    _check_sampling(data, triton=False)
-
-
-@TRITON
-@given(st.data())
-def test_sampling_properties_triton(data):
-    _check_sampling(data, triton=True)
+    return Case(op_name, op, call, reference, agrees)
 
 
 # ------------------------------------------------------------------------------------------ conv_transpose
-def _check_conv(data, triton):
+def conv_transpose_case(data) -> Case:
     dtype = draw_dtype(data)
     n = data.draw(st.integers(0, 2), label="N")
     groups = data.draw(st.sampled_from([1, 1, 2]), label="groups")
@@ -491,29 +431,17 @@ def _check_conv(data, triton):
     kwargs = lambda: dict(stride=stride, padding=padding, output_padding=output_padding, groups=groups,  # noqa: E731
                           dilation=dilation, activation=activation, scale=scale() if scale else None,
                           shift=shift() if shift else None)
-    results = outcomes(lambda: conv_transpose2d(*args(), **kwargs()), backends_for("conv_transpose2d", triton))
-    if not results or refused("conv_transpose2d", conv_transpose2d, results):
-        return
-    expected = conv_transpose2d_ref(*args(), **kwargs())
-    for backend, got in results.items():
+
+    def agrees(got, expected, backend):
         assert got.shape == expected.shape and got.dtype == expected.dtype
         assert_agrees(got, expected, dtype, f"conv_transpose2d on {backend}")
 
-
-@MAIN
-@given(st.data())
-def test_conv_transpose_properties(data):
-    _check_conv(data, triton=False)
-
-
-@TRITON
-@given(st.data())
-def test_conv_transpose_properties_triton(data):
-    _check_conv(data, triton=True)
+    return Case("conv_transpose2d", conv_transpose2d, lambda: conv_transpose2d(*args(), **kwargs()),
+                lambda: conv_transpose2d_ref(*args(), **kwargs()), agrees)
 
 
 # ------------------------------------------------------------------------------------------ diffusion
-def _check_diffusion(data, triton):
+def diffusion_case(data) -> Case:
     dtype = draw_dtype(data)
     shape = tuple(data.draw(st.lists(st.integers(0, 4), min_size=0, max_size=3), label="shape"))
     sample = draw_tensor(data, shape, dtype, "sample", special=True)
@@ -550,11 +478,8 @@ def _check_diffusion(data, triton):
             return scheduler_step_ref(sample(), model_output(), uncond() if guided else None, guidance_scale, coefs(),
                                       noise() if noise_kind == "given" else None,
                                       seed if noise_kind == "drawn" else None)
-    results = outcomes(call, backends_for(op_name, triton))
-    if not results or refused(op_name, op, results):
-        return
-    expected = reference()
-    for backend, got in results.items():
+
+    def agrees(got, expected, backend):
         assert got.shape == expected.shape and got.dtype == expected.dtype
         # The C++ step folds its three terms into coefficients of x0, x and m (csrc/cpu/diffusion.cpp): with an
         # infinite input, inf * a + inf * b (the reference's order) can be NaN where (a + b) * inf is +-inf. Both
@@ -563,21 +488,11 @@ def _check_diffusion(data, triton):
         finite = expected.isfinite()
         assert_agrees(got[finite], expected[finite], dtype, f"{op_name} on {backend}")
 
-
-@MAIN
-@given(st.data())
-def test_diffusion_properties(data):
-    _check_diffusion(data, triton=False)
-
-
-@TRITON
-@given(st.data())
-def test_diffusion_properties_triton(data):
-    _check_diffusion(data, triton=True)
+    return Case(op_name, op, call, reference, agrees)
 
 
 # ------------------------------------------------------------------------------------------ latent
-def _check_latent(data, triton):
+def latent_case(data) -> Case:
     dtype = draw_dtype(data)
     shape = tuple(data.draw(st.lists(st.integers(0, 4), min_size=0, max_size=3), label="shape"))
     a = draw_tensor(data, shape, dtype, "first", special=True)
@@ -615,29 +530,16 @@ def _check_latent(data, triton):
         def reference():
             lo, hi = clamp if clamp else (-float("inf"), float("inf"))
             return langevin_step_ref(a(), b(), step_size, noise_scale, lo, hi, **ref_noise())
-    results = outcomes(call, backends_for(which, triton))
-    if not results or refused(which, op, results, ("mu", "x")):
-        return
-    expected = reference()
-    for backend, got in results.items():
+
+    def agrees(got, expected, backend):
         assert got.shape == expected.shape
         assert_agrees(got, expected, dtype if which != "gaussian_kl" else torch.float32, f"{which} on {backend}")
 
-
-@MAIN
-@given(st.data())
-def test_latent_properties(data):
-    _check_latent(data, triton=False)
-
-
-@TRITON
-@given(st.data())
-def test_latent_properties_triton(data):
-    _check_latent(data, triton=True)
+    return Case(which, op, call, reference, agrees, ("mu", "x"))
 
 
 # ------------------------------------------------------------------------------------------ random
-def _check_random(data, triton):
+def random_case(data) -> Case:
     seed = data.draw(st.sampled_from([0, 1, 2**62 + 5, 2**63 - 1, -1, 2**63, "s", True]), label="seed")
     numel = data.draw(st.sampled_from([0, 1, 5, 17, 1000, -1, 2**40]), label="numel")
     offset = data.draw(st.sampled_from([0, 3, 2**33 + 1, 2**63 - 20, 2**63 - 1, 2**63, -2]), label="offset")
@@ -649,25 +551,43 @@ def _check_random(data, triton):
             return torch.tensor([seed], dtype=torch.int64)
         return seed
 
-    results = outcomes(lambda: philox_noise(seed_arg(), numel, offset=offset, normal=normal),
-                       backends_for("philox_noise", triton))
-    if not results or refused("philox_noise", philox_noise, results):
-        return
-    expected = philox_noise_ref(torch.tensor([int(seed)]), numel, offset, normal)
-    for backend, got in results.items():
+    def agrees(got, expected, backend):
         if normal:
             torch.testing.assert_close(got, expected, rtol=2e-6, atol=2e-6)
         else:
             assert torch.equal(got, expected), backend
 
-
-@MAIN
-@given(st.data())
-def test_random_properties(data):
-    _check_random(data, triton=False)
+    return Case("philox_noise", philox_noise, lambda: philox_noise(seed_arg(), numel, offset=offset, normal=normal),
+                lambda: philox_noise_ref(torch.tensor([int(seed)]), numel, offset, normal), agrees)
 
 
-@TRITON
-@given(st.data())
-def test_random_properties_triton(data):
-    _check_random(data, triton=True)
+# ------------------------------------------------------------------------------------------ the table
+FAMILIES = {
+    "attention": attention_case,
+    "attention_varlen": attention_varlen_case,
+    "attention_decode": attention_decode_case,
+    "kv_cache_append": kv_cache_append_case,
+    "sampling": sampling_case,
+    "conv_transpose": conv_transpose_case,
+    "diffusion": diffusion_case,
+    "latent": latent_case,
+    "random": random_case,
+}
+
+
+def property_test(name: str, case: Callable[[Any], Case], triton: bool):
+    """The test ``name``: examples drawn by ``case``, checked on the Triton interpreter or on the other backends."""
+
+    def test(data):
+        check(case(data), triton)
+
+    test.__name__ = test.__qualname__ = name
+    # Seeded by its name: every run draws the same examples, and no two tests draw the same ones.
+    return seed(name)((TRITON if triton else MAIN)(given(st.data())(test)))
+
+
+# Module-level names, so that pytest collects them as test_<family>_properties and test_<family>_properties_triton.
+for _family, _case in FAMILIES.items():
+    for _triton in (False, True):
+        _name = f"test_{_family}_properties" + ("_triton" if _triton else "")
+        globals()[_name] = property_test(_name, _case, _triton)
