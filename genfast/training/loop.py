@@ -76,6 +76,7 @@ except ImportError:  # Windows
 import genfast
 from genfast._backend import BackendError
 from genfast._io import read_json_config
+from genfast.models._checkpoint import check_run_config
 from genfast.training.checkpoint import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
@@ -414,22 +415,15 @@ def _prepare_out(parser: argparse.ArgumentParser, out: Path) -> int | None:
     return lock
 
 
-LEGACY_HINT = ("it was written by an earlier genfast (before checkpoint format {version}); convert it with "
-               "`python -m genfast.training.convert {path}`, or start afresh with --overwrite")
-
-
 def check_checkpoint_config(config: dict, path: Path, recipe: str) -> None:
-    """ValueError unless ``config`` (read from ``path``) is a format-2 checkpoint of ``recipe``."""
-    if config.get("format_version") != FORMAT_VERSION:
+    """ValueError unless ``config`` (read from ``path``) is a format-2 checkpoint of ``recipe``: the loaders' one
+    rule (genfast.models._checkpoint.check_run_config), and for an older format the way out --resume adds."""
+    try:
+        check_run_config(config, path.parent, recipe)
+    except ValueError as exc:
         if "format_version" not in config:
-            raise ValueError(f"{path}: " + LEGACY_HINT.format(version=FORMAT_VERSION, path=path.parent.parent
-                                                               if path.parent.name == CHECKPOINT_DIR else path.parent))
-        raise ValueError(f"{path}: checkpoint format_version {config.get('format_version')!r}; this genfast reads "
-                         f"{FORMAT_VERSION}")
-    if config.get("recipe") != recipe:
-        raise ValueError(f"{path} holds a {config.get('recipe')!r} checkpoint, not a {recipe} one")
-    if not isinstance(config.get("model"), dict):
-        raise ValueError(f"{path}: the 'model' entry must be an object with the model's config")
+            raise ValueError(f"{exc}, or start afresh with --overwrite") from None
+        raise
 
 
 TRAINER_KEYS = ("recipe", "step", "optimizers", "rng", "task")  # what Run.train's save writes into trainer.pt
