@@ -83,6 +83,8 @@ def test_config_unknown_keys_are_named():
         TransformerConfig.from_dict({"d_model": 64, "n_layer": 2, "colour": "red"})
     with pytest.raises(ValueError, match="unknown options"):
         TransformerConfig.preset("tiny", heads=2)
+    with pytest.raises(ValueError, match="TransformerConfig.from_dict: need a dict, got str"):  # ModelConfig's rule
+        TransformerConfig.from_dict("tiny")
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         TransformerConfig.preset("huge")
 
