@@ -458,6 +458,123 @@ def test_generate_tiny_temperature_is_checked_on_the_real_logits(temperature):
                                                                                           temperature=0.0))
 
 
+# ------------------------------------------------------------------------------------------ decode linears
+def _decode_linear_module():
+    from genfast.models import _decode_linear
+    return _decode_linear
+
+
+# (in, out): out >= in takes the [in, out] copy at one row, in > out oneDNN's layout (models/_decode_linear.py).
+@pytest.mark.parametrize("shape", [(17, 97), (32, 32), (97, 17)])
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("bias", [True, False])
+def test_decode_linear_matches_linear(shape, rows, bias):
+    """Inside decode_linears(), a DecodeLinear multiplies by its cached copy: within 2x torch's own fp32 error of
+    the fp64 product, for a decode step's [B, 1, C] rows, contiguous or not."""
+    dl = _decode_linear_module()
+    torch.manual_seed(0)
+    lin = dl.DecodeLinear(*shape, bias=bias)
+    x = torch.randn(rows, 3, shape[0])[:, 1:2]  # (B, 1, C), not contiguous
+    want = torch.nn.functional.linear(x.double(), lin.weight.double(), None if lin.bias is None else
+                                      lin.bias.double())
+    torch_err = (torch.nn.functional.linear(x, lin.weight, lin.bias).double() - want).abs().max()
+    with torch.no_grad(), dl.decode_linears():
+        got = lin(x)
+    assert got.shape == (rows, 1, shape[1]) and got.dtype == torch.float32
+    assert (got.double() - want).abs().max() <= 2 * torch_err + 1e-6
+    key, copy = dl._packed[lin]  # the copy was made, in the layout the rule picks
+    assert copy.is_mkldnn == (rows > 1 or shape[0] > shape[1])
+    if not copy.is_mkldnn:
+        assert torch.equal(copy, lin.weight.t())
+
+
+def test_decode_linear_is_linear_outside_its_conditions():
+    """Outside decode_linears(), with autograd, under the reference backend or in fp64: exactly F.linear, no copy."""
+    dl = _decode_linear_module()
+    torch.manual_seed(1)
+    lin = dl.DecodeLinear(32, 48)
+    x = torch.randn(1, 32, requires_grad=True)
+    want = torch.nn.functional.linear(x, lin.weight, lin.bias)
+    assert torch.equal(lin(x), want)
+    with dl.decode_linears():
+        y = lin(x)  # grad mode, parameters that require grad: nn.Linear's forward and backward
+        assert torch.equal(y, want)
+        y.sum().backward()
+        assert lin.weight.grad is not None and x.grad is not None
+        with torch.no_grad():
+            with genfast.backend("reference"):
+                assert torch.equal(lin(x), want)
+            lin64 = dl.DecodeLinear(32, 48, dtype=torch.float64)
+            x64 = x.detach().double()
+            assert torch.equal(lin64(x64), torch.nn.functional.linear(x64, lin64.weight, lin64.bias))
+    assert lin not in dl._packed and lin64 not in dl._packed
+
+
+def test_decode_linear_copy_follows_the_weights():
+    """The cached copy is remade when the weight changes in place (its _version), is replaced (its data_ptr) or the
+    batch size changes; release_packed frees it."""
+    dl = _decode_linear_module()
+    torch.manual_seed(2)
+    lin = dl.DecodeLinear(24, 40)
+    x1, x4 = torch.randn(1, 24), torch.randn(4, 24)
+
+    def check(x):
+        with torch.no_grad(), dl.decode_linears():
+            got = lin(x)
+        torch.testing.assert_close(got, torch.nn.functional.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-6)
+
+    check(x1)
+    replacement = torch.randn(40, 24)
+    while replacement._version < lin.weight._version:  # the same _version: only its data_ptr tells them apart
+        replacement.mul_(1.0)
+    lin.weight = torch.nn.Parameter(replacement)
+    assert lin.weight._version == replacement._version
+    check(x1)
+    with torch.no_grad():
+        lin.weight.mul_(-2.0)  # an optimizer step or load_state_dict writes in place like this
+        lin.bias.add_(1.0)  # the bias is read at each call, never copied
+    check(x1)
+    check(x4)
+    assert dl._packed[lin][1].is_mkldnn
+    check(x1)
+    assert dl.release_packed(lin) == 1 and dl.release_packed(lin) == 0
+    with pytest.raises(TypeError, match="release_packed: module must be an nn.Module"):
+        dl.release_packed(lin.weight)
+
+
+def test_gpt_decode_copies_keep_tokens_and_checkpoints(monkeypatch, tmp_path):
+    """GPT's linears are DecodeLinears over the same parameters (state dict, init and checkpoints unchanged); its
+    decode steps run on the copies, with the tokens of F.linear's decode; a model holding copies deep-copies."""
+    import copy
+
+    dl = _decode_linear_module()
+    model = small_gpt(seed=12)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 4 * SMALL["n_layer"] + 1 and all(isinstance(m, dl.DecodeLinear) for m in linears)
+    names = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+    assert names["transformer.h.0.attn.c_attn.weight"] == (96, 32) and names["lm_head.weight"] == (V, 32)
+    rng = torch.random.get_rng_state()
+    attn = model.transformer.h[0].attn
+    assert dl.DecodeLinear.from_linear(attn.c_attn).weight is attn.c_attn.weight  # shared, not copied
+    assert torch.equal(torch.random.get_rng_state(), rng)  # and no RNG drawn: a seeded GPT's init is unchanged
+    greedy, sampled = dict(temperature=0.0), dict(temperature=0.9, top_k=20)
+    runs = {}
+    for b in (1, 3):
+        idx = tokens(b, 7, seed=30 + b)
+        runs[b] = [model.generate(idx, 9, **greedy),
+                   model.generate(idx, 9, generator=torch.Generator().manual_seed(4), **sampled)]
+        assert all(m in dl._packed for m in linears)  # every linear of the decode step ran on its copy
+    twin = copy.deepcopy(model)
+    assert torch.equal(twin.generate(tokens(3, 7, seed=33), 9, **greedy), runs[3][0])
+    monkeypatch.setattr(dl, "_serves", lambda *args: False)  # F.linear everywhere
+    for b in (1, 3):
+        idx = tokens(b, 7, seed=30 + b)
+        assert torch.equal(model.generate(idx, 9, **greedy), runs[b][0])
+        assert torch.equal(model.generate(idx, 9, generator=torch.Generator().manual_seed(4), **sampled), runs[b][1])
+    again = GPT.from_pretrained(model.save_pretrained(tmp_path))
+    assert {n: tuple(p.shape) for n, p in again.state_dict().items()} == names
+
+
 # ------------------------------------------------------------------------------------------ training
 TEXT = ("Twinkle, twinkle, little star, how I wonder what you are! Up above the world so high, like a diamond in "
         "the sky. When the blazing sun is gone, when he nothing shines upon, then you show your little light, "

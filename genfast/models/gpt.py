@@ -39,6 +39,7 @@ from genfast.models._checkpoint import (
     find_run_checkpoint,
 )
 from genfast.models._config import ModelConfig, check_int, check_ints
+from genfast.models._decode_linear import DecodeLinear, decode_linears
 from genfast.nn.attention import CausalSelfAttention, KVCache, capture_decode_step
 from genfast.ops.attention_decode import batch_invariant_decode
 
@@ -91,8 +92,8 @@ GPTConfig.PRESETS = PRESETS
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, config.mlp_width, bias=config.bias)
-        self.c_proj = nn.Linear(config.mlp_width, config.n_embd, bias=config.bias)
+        self.c_fc = DecodeLinear(config.n_embd, config.mlp_width, bias=config.bias)
+        self.c_proj = DecodeLinear(config.mlp_width, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,6 +107,9 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.attn = CausalSelfAttention(config.n_embd, config.n_head, config.dropout, config.bias,
                                         max_seq_len=config.block_size)
+        # The attention's own parameters, in DecodeLinears: a CPU decode step multiplies by copies laid out for it.
+        self.attn.c_attn = DecodeLinear.from_linear(self.attn.c_attn)
+        self.attn.c_proj = DecodeLinear.from_linear(self.attn.c_proj)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.mlp = MLP(config)
 
@@ -132,7 +136,7 @@ class GPT(nn.Module):
             h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = DecodeLinear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
         self.apply(self._init_weights)
         # GPT-2's scaled init of the projections into the residual stream (one per sublayer: 2 per block).
@@ -419,8 +423,9 @@ class GPT(nn.Module):
         and nothing in it waits for the host, so the same step is what the CUDA graph captures."""
 
         def step(token: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-            hidden = self.hidden_states(token[:, None], positions[:, None], caches)  # (B, 1, C)
-            return self.lm_head(hidden[:, -1])
+            with decode_linears():  # on a CPU, the linears multiply by copies laid out for decode (_decode_linear.py)
+                hidden = self.hidden_states(token[:, None], positions[:, None], caches)  # (B, 1, C)
+                return self.lm_head(hidden[:, -1])
 
         return step
 

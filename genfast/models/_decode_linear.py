@@ -1,0 +1,142 @@
+"""DecodeLinear: an nn.Linear that, inside a CPU decode step, multiplies by a copy of its weight laid out for the
+few rows a decode step has.
+
+Why: a decode step multiplies M rows (M = the batch size) by every weight of the model, so on a CPU its time is
+reading the weights, and torch's fp32 CPU matmul reads nn.Linear's [out, in] layout slowly there. Measured on a
+2-core AMD EPYC (AVX-512, MKL and oneDNN of torch 2.13), one thread, GPT-2 124M's shapes, medians of interleaved
+calls (a loaded machine, so the ratios, not the times, are the result):
+
+- M = 1: MKL's GEMV over the transposed [in, out] copy (x @ W_t, what transformers' Conv1D stores) ran
+  1.6x (768->2304), 1.7x (768->3072) and 1.5-1.9x (the tied head 768->50257) faster than F.linear, and as fast
+  at 768->768; at 3072->768 it was slower (0.9x), and oneDNN's inner product over a weight reordered for M
+  (``torch.ops.mkldnn._reorder_linear_weight`` / ``_linear_pointwise``, what torch.compile's freezing uses on a
+  CPU) 1.4x faster. So at M = 1: the [in, out] copy where out >= in, oneDNN's layout where in > out.
+- M >= 2: MKL re-packs the weight at every call; oneDNN's prepacked layout ran 1.2-1.8x (M = 2), 1.4-3x (M = 4)
+  and 1.5-3x (M = 8) faster than F.linear, the [in, out] copy 0.9-1.1x beyond M = 2.
+
+The results are the same fp32 products summed in another order (the logits differ from F.linear's in the last
+bits; the [in, out] copy's are bitwise transformers' Conv1D's).
+
+Where: only inside ``with decode_linears():`` (GPT's decode step enters it), on a CPU, in fp32, without autograd
+(no grad mode, or no operand that requires grad), under the ``auto`` or ``cpu`` backend (``reference`` keeps
+F.linear), where torch has oneDNN and it is enabled. Everywhere else, and always outside the block, forward is
+nn.Linear's, so training, export and the checkpoint format (names and shapes of ``state_dict()``) are unchanged.
+
+Memory: one copy of each weight, kept after the call so that later decode steps and generate calls reuse it:
+about the size of the model's linear weights (GPT-2 124M in fp32: 85M block weights and the 38.6M tied head,
+0.49 GB), built at the first decode step (0.1-0.3 s for GPT-2 124M). A copy is rebuilt when its weight's
+``data_ptr`` or ``_version`` changes (an optimizer step, ``load_state_dict``, ``model.to(...)``, any in-place
+write outside ``.data``) or the batch size does, and freed with its module or by ``release_packed(model)``.
+Writes through ``weight.data`` bump no version: call ``release_packed`` after them.
+
+Under CPU contention (more runnable threads than cores), oneDNN's parallel regions wait for descheduled threads
+as every OpenMP region does (torch.set_num_threads(1) avoids it); on a quiet machine they do not.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+import weakref
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from genfast._backend import get_backend
+
+
+class _ThreadState(threading.local):
+    """Whether a ``decode_linears`` block is open in this thread (per thread, like genfast.backend blocks)."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+
+
+_state = _ThreadState()
+# module -> ((weight data_ptr, _version, shape, stride, rows; 0 for the [in, out] copy), the copy). Weak keys: a copy
+# lives no longer than its module; and it stays out of the module's __dict__, so deepcopy / pickling the model never
+# meet oneDNN's packed (opaque) tensor, which cannot be copied.
+_packed: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, torch.Tensor]]" = weakref.WeakKeyDictionary()
+_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def decode_linears() -> Iterator[None]:
+    """Run the block's DecodeLinear calls on their decode copies where they qualify (see the module docstring)."""
+    _state.depth += 1
+    try:
+        yield
+    finally:
+        _state.depth -= 1
+
+
+def release_packed(module: nn.Module) -> int:
+    """Free the decode copies of ``module``'s DecodeLinears (e.g. after writing weights through ``.data``);
+    returns how many were freed. The next decode step makes them again."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"release_packed: module must be an nn.Module, got {type(module).__name__}")
+    freed = 0
+    with _lock:
+        for m in module.modules():
+            if _packed.pop(m, None) is not None:
+                freed += 1
+    return freed
+
+
+def _serves(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return False
+    if weight.device.type != "cpu" or (bias is not None and bias.dtype != torch.float32):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return False
+    if torch.compiler.is_compiling() or x.numel() == 0 or x.dim() < 2:
+        return False
+    return get_backend() in ("auto", "cpu") and torch.backends.mkldnn.is_available() \
+        and torch.backends.mkldnn.enabled
+
+
+class DecodeLinear(nn.Linear):
+    """nn.Linear (same parameters, same state dict) whose forward, inside ``decode_linears()``, multiplies by a
+    cached copy of the weight laid out for the call's rows where that serves it (CPU, fp32, no autograd; see the
+    module docstring); F.linear otherwise."""
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "DecodeLinear":
+        """A DecodeLinear holding ``linear``'s own parameters (the same tensors: nothing copied, no RNG drawn)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"DecodeLinear.from_linear: linear must be an nn.Linear, got {type(linear).__name__}")
+        out = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        out.weight = linear.weight
+        out.bias = linear.bias
+        out.train(linear.training)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.weight, self.bias
+        if not _state.depth or not _serves(x, weight, bias):
+            return F.linear(x, weight, bias)
+        rows = x.numel() // x.shape[-1]
+        # The copy's layout, from the measurements in the module docstring: MKL's GEMV over [in, out] where one row
+        # meets a weight at least as wide as it is deep, oneDNN's layout for M = rows elsewhere.
+        transposed = rows == 1 and weight.shape[0] >= weight.shape[1]
+        key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.stride(),
+               0 if transposed else rows)
+        entry = _packed.get(self)
+        if entry is None or entry[0] != key:
+            with _lock:
+                _packed.pop(self, None)  # the stale copy goes first: never two copies of one weight at once
+                w = weight.detach()
+                copy = w.t().contiguous() if transposed else torch.ops.mkldnn._reorder_linear_weight(
+                    w.contiguous(), rows)  # the batch size is the reorder's hint: oneDNN's blocking for that M
+                entry = (key, copy)
+                _packed[self] = entry
+        if not transposed:
+            return torch.ops.mkldnn._linear_pointwise(x, entry[1], bias, "none", [], "")
+        x2 = x.reshape(1, x.shape[-1])
+        y = torch.mm(x2, entry[1]) if bias is None else torch.addmm(bias, x2, entry[1])
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+__all__ = ["DecodeLinear", "decode_linears", "release_packed"]
