@@ -52,8 +52,12 @@ TORCH_LIBRARY(genfast, m) {
       "Tensor? noise, Tensor? seed) -> Tensor");
 
   // Attention decode over a KV cache (genfast/ops/attention_decode.py): q [B, Hq, Nq, D], caches
-  // [B, Hk, Nmax, D], cache_seqlens int32/int64 [B]; window sides -1 = unbounded; num_splits 0 = chosen
-  // for the machine, -1 = batch-invariant (a function of Nmax, D and the dtype only, merged in a fixed order).
+  // [B, Hk, Nmax, D], cache_seqlens int32/int64 [B]; num_splits 0 = chosen for the machine, -1 =
+  // batch-invariant (a function of Nmax, D and the dtype only, merged in a fixed order).
+  // window_left/window_right are the bounds resolved by the one window rule (genfast/ops/_attention_common.py,
+  // window_bounds): new token i at position p sees keys p - window_left <= j <= p + window_right, both >= 0 (an
+  // unbounded side is a distance no position reaches); `causal` is already folded in as window_right = 0, and the
+  // kernels only check that the two agree.
   // Returns (out [B, Hq, Nq, D], lse [B, Hq, Nq] float32).
   m.def(
       "attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, bool causal, float scale, "

@@ -16,6 +16,7 @@ import triton
 
 from genfast.kernels import attention as kernels
 from genfast.ops import attention_ref
+from genfast.ops._attention_common import window_bounds
 from tests.attention_checks import FLOOR, max_error
 from tests.tolerance import assert_within_tolerance
 
@@ -60,13 +61,14 @@ def test_first_backward_with_benchmarked_configs_gives_the_true_dq(monkeypatch, 
     monkeypatch.delenv("GENFAST_AUTOTUNE", raising=False)
     monkeypatch.setenv("GENFAST_ATTENTION_TMA", "1" if tma else "0")
     q, k, v, grad = _inputs(dtype)
-    out, lse = kernels.attention_fwd(q, k, v, None, None, True, 0.0, 0.25, -1, -1, autotune=False)
+    causal = window_bounds(True, -1, -1, q.shape[2], k.shape[2])
+    out, lse = kernels.attention_fwd(q, k, v, None, None, 0.0, 0.25, causal, autotune=False)
     # The five-matmul form (dQ added with atomics) is the one that accumulates; make sure it is the one tested.
     assert kernels.five_matmul_backward(q.element_size(), 16)
-    untuned = kernels.attention_bwd(grad, None, q, k, v, out, lse, None, None, True, 0.0, 0.25, -1, -1,
+    untuned = kernels.attention_bwd(grad, None, q, k, v, out, lse, None, None, 0.0, 0.25, causal,
                                     autotune=False)
     benchmarked = _benchmarking_autotuner(monkeypatch, kernels._bwd_dkdv_kernel)
-    tuned = kernels.attention_bwd(grad, None, q, k, v, out, lse, None, None, True, 0.0, 0.25, -1, -1)
+    tuned = kernels.attention_bwd(grad, None, q, k, v, out, lse, None, None, 0.0, 0.25, causal)
     assert len(benchmarked) == 2, "the autotuner's benchmarking path did not run"
     assert kernels._bwd_dkdv_kernel.best_config.kwargs["BLOCK_M"] == 32
     # A wider query tile only regroups the fp32 sums: the untuned launch within a few ulps of dQ's magnitude.

@@ -16,6 +16,7 @@ import triton
 from genfast.kernels import attention as kernels
 from genfast.kernels import attention_decode as decode_kernels
 from genfast.ops import attention_ref
+from genfast.ops._attention_common import window_bounds
 
 TUNED = {"fwd": kernels._fwd_kernel, "dkdv": kernels._bwd_dkdv_kernel, "dq": kernels._bwd_dq_kernel}
 HOPPER_SMEM, A100_SMEM = 232448, 166912
@@ -45,7 +46,8 @@ def _fwd(nq, nk, **kw):
     q = torch.randn(1, 2, nq, 16, generator=gen)
     k = torch.randn(1, 2, nk, 16, generator=gen)
     v = torch.randn(1, 2, nk, 16, generator=gen)
-    out, _ = kernels.attention_fwd(q, k, v, None, None, False, 0.0, 0.25, -1, -1, **kw)
+    full = window_bounds(False, -1, -1, nq, nk)
+    out, _ = kernels.attention_fwd(q, k, v, None, None, 0.0, 0.25, full, **kw)
     return out, attention_ref(q, k, v, scale=0.25)
 
 
@@ -78,9 +80,10 @@ def test_heuristic_backward_matches_reference(monkeypatch):
     monkeypatch.setenv("GENFAST_AUTOTUNE", "0")
     gen = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 2, 19, 16, generator=gen) for _ in range(3))
-    out, lse = kernels.attention_fwd(q, k, v, None, None, True, 0.0, 0.25, -1, -1)
+    causal = window_bounds(True, -1, -1, 19, 19)
+    out, lse = kernels.attention_fwd(q, k, v, None, None, 0.0, 0.25, causal)
     g = torch.randn(out.shape, generator=gen)
-    dq, dk, dv = kernels.attention_bwd(g, None, q, k, v, out, lse, None, None, True, 0.0, 0.25, -1, -1)
+    dq, dk, dv = kernels.attention_bwd(g, None, q, k, v, out, lse, None, None, 0.0, 0.25, causal)
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
     (attention_ref(*leaves, causal=True, scale=0.25) * g).sum().backward()
     for got, leaf in zip((dq, dk, dv), leaves):
@@ -200,13 +203,14 @@ def test_row_offsets_past_2_to_the_31_forward_and_backward():
     rows.copy_(small_mask)
     mask = rows.expand(1, 2, nq, 9)
     assert kernels.needs_int64(q) and kernels.needs_int64(mask)
-    out, lse = kernels.attention_fwd(q, k, v, mask, None, False, 0.0, 0.25, -1, -1)
+    full = window_bounds(False, -1, -1, nq, 9)
+    out, lse = kernels.attention_fwd(q, k, v, mask, None, 0.0, 0.25, full)
     ref, ref_lse = attention_ref(small_q.float(), k.float(), v.float(), attn_mask=small_mask, scale=0.25,
                                  return_lse=True)
     torch.testing.assert_close(out.float(), ref, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(lse, ref_lse, atol=2e-3, rtol=2e-3)
     g = torch.randn(out.shape, generator=gen).half()
-    dq, dk, dv = kernels.attention_bwd(g, None, q, k, v, out, lse, mask, None, False, 0.0, 0.25, -1, -1)
+    dq, dk, dv = kernels.attention_bwd(g, None, q, k, v, out, lse, mask, None, 0.0, 0.25, full)
     leaves = [t.float().requires_grad_(True) for t in (small_q, k, v)]
     (attention_ref(*leaves, attn_mask=small_mask, scale=0.25) * g.float()).sum().backward()
     for got, leaf in zip((dq, dk, dv), leaves):
@@ -223,8 +227,9 @@ def test_decode_query_rows_past_2_to_the_31():
     q.copy_(small_q)
     cache_k, cache_v = (torch.randn(1, 2, 40, d, generator=gen).half() for _ in range(2))
     lengths = torch.tensor([33], dtype=torch.int32)
-    out, _ = decode_kernels.attention_decode(q, cache_k, cache_v, lengths, True, 0.25, -1, -1, 2)
-    want, _ = decode_kernels.attention_decode(small_q, cache_k, cache_v, lengths, True, 0.25, -1, -1, 2)
+    bounds = window_bounds(True, -1, -1, 17, 40)[:2]
+    out, _ = decode_kernels.attention_decode(q, cache_k, cache_v, lengths, True, 0.25, *bounds, 2)
+    want, _ = decode_kernels.attention_decode(small_q, cache_k, cache_v, lengths, True, 0.25, *bounds, 2)
     torch.testing.assert_close(out, want, atol=0, rtol=0)
     ref = attention_decode_ref(small_q.float(), cache_k.float(), cache_v.float(), lengths, causal=True, scale=0.25)
     ref = ref[0] if isinstance(ref, tuple) else ref

@@ -19,6 +19,7 @@ import genfast
 from genfast.kernels import attention as kernels
 from genfast.kernels import attention_sm90
 from genfast.ops import attention, attention_ref
+from genfast.ops._attention_common import window_bounds
 from tests import test_attention as dense
 from tests import test_attention_varlen as varlen
 from tests.attention_checks import FLOOR, max_error, run_forward_backward, seed_of
@@ -131,13 +132,14 @@ def test_deterministic_algorithms_take_the_separate_dq_pass(launched):
     dtype = torch.bfloat16
     q, k, v = dense._make((1, 4, 33, 32), (1, 2, 40, 32), dtype, "cpu", seed=2)
     grad = torch.randn(q.shape).to(dtype)
-    out, lse = kernels.attention_fwd(q, k, v, None, None, True, 0.0, 0.2, -1, -1)
-    atomic = kernels.attention_bwd(grad, None, q, k, v, out, lse, None, None, True, 0.0, 0.2, -1, -1)
+    causal = window_bounds(True, -1, -1, q.shape[2], k.shape[2])
+    out, lse = kernels.attention_fwd(q, k, v, None, None, 0.0, 0.2, causal)
+    atomic = kernels.attention_bwd(grad, None, q, k, v, out, lse, None, None, 0.0, 0.2, causal)
     assert _names(launched) == ["_fwd_tma_kernel", "_bwd_dkdv_kernel"] and launched[1][1]["DQ_ATOMIC"]
     launched.clear()
     torch.use_deterministic_algorithms(True)
     try:
-        fixed = kernels.attention_bwd(grad, None, q, k, v, out, lse, None, None, True, 0.0, 0.2, -1, -1)
+        fixed = kernels.attention_bwd(grad, None, q, k, v, out, lse, None, None, 0.0, 0.2, causal)
     finally:
         torch.use_deterministic_algorithms(False)
     assert _names(launched) == ["_bwd_dkdv_kernel", "_bwd_dq_kernel"] and not launched[0][1]["DQ_ATOMIC"]
@@ -159,8 +161,9 @@ def test_fp32_and_d256_take_the_separate_dq_pass():
 
 def test_tma_needs_a_layout_descriptors_can_describe():
     q = torch.randn(1, 2, 8, 16)
+    full = window_bounds(False, -1, -1, 8, 8)
     with pytest.raises(ValueError, match="tma=True"):
-        kernels.attention_fwd(q, q, q, None, None, False, 0.0, 0.25, -1, -1, tma=True)  # fp32
+        kernels.attention_fwd(q, q, q, None, None, 0.0, 0.25, full, tma=True)  # fp32
     h = torch.randn(1, 2, 8, 20, dtype=torch.bfloat16)[..., :12]  # rows 40 bytes apart: not a 16-byte multiple
     assert not kernels.tma_eligible(h) and kernels.tma_eligible(h.contiguous()[..., :8].contiguous())
     assert not kernels.use_tma(q, q, q)  # CPU tensors take it only when asked
@@ -186,8 +189,9 @@ def test_backward_takes_no_descriptors_where_dq_sum_rows_would_be_unaligned(laun
     assert kernels.tma_eligible(q, k, v, grad) and not kernels.tma_eligible(q, k, v, grad, accumulators=(dq_sum,))
     with pytest.raises(ValueError, match="multiple of 4"):
         kernels.use_tma(q, k, v, grad, accumulators=(dq_sum,), tma=True)
-    out, lse = kernels.attention_fwd(q, k, v, None, None, True, 0.0, 0.3, -1, -1)
-    got = kernels.attention_bwd(grad, None, q, k, v, out, lse, None, None, True, 0.0, 0.3, -1, -1)
+    causal = window_bounds(True, -1, -1, q.shape[2], k.shape[2])
+    out, lse = kernels.attention_fwd(q, k, v, None, None, 0.0, 0.3, causal)
+    got = kernels.attention_bwd(grad, None, q, k, v, out, lse, None, None, 0.0, 0.3, causal)
     assert _names(launched) == ["_fwd_tma_kernel", "_bwd_dkdv_kernel"]
     assert not launched[1][1]["TMA"] and launched[1][1]["DQ_ATOMIC"] == 1
     exact = [t.double().requires_grad_(True) for t in (q, k, v)]

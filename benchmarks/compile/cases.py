@@ -62,6 +62,14 @@ def kernel_modules() -> dict:
         torch.cuda.is_available = available
 
 
+def _unwindowed(causal, nq, nk):
+    """The resolved window bounds the ops hand the kernels for a call without a window (the same values as a real
+    call's, which the kernels may specialise on). genfast is imported with the kernels (kernel_modules)."""
+    from genfast.ops._attention_common import window_bounds
+
+    return window_bounds(causal, -1, -1, nq, nk)
+
+
 def _empty(*shape, dtype=BF16):
     return torch.empty(*shape, dtype=dtype, device="cuda")
 
@@ -76,10 +84,10 @@ def _attention(dtype, d, *, causal=True, mask=None, dropout=0.0, hq=8, hk=2, n=1
             attn_mask = _empty(n, n, dtype=torch.bool).expand(2, hq, n, n)
         elif mask == "add":
             attn_mask = _empty(2, 1, 1, n, dtype=dtype).expand(2, hq, n, n)
-        out, lse = k["attention"].attention_fwd(q, kv, kv, attn_mask, seed, causal, dropout, d ** -0.5, -1, -1)
+        window = _unwindowed(causal, n, n)
+        out, lse = k["attention"].attention_fwd(q, kv, kv, attn_mask, seed, dropout, d ** -0.5, window)
         out, lse = _empty(*q.shape, dtype=dtype), _empty(*q.shape[:3], dtype=FP32)
-        k["attention"].attention_bwd(out, None, q, kv, kv, out, lse, attn_mask, seed, causal, dropout, d ** -0.5,
-                                     -1, -1)
+        k["attention"].attention_bwd(out, None, q, kv, kv, out, lse, attn_mask, seed, dropout, d ** -0.5, window)
     return run
 
 
@@ -90,11 +98,12 @@ def _varlen(dtype, d, causal=True):
         kv = _empty(total, 2, d, dtype=dtype)
         cu = _empty(seqs + 1, dtype=torch.int32)
         seed = _empty(1, dtype=torch.int64)
-        out, lse = k["attention_varlen"].attention_varlen_fwd(q, kv, kv, cu, cu, 1024, 1024, seed, causal, 0.0,
-                                                              d ** -0.5, -1, -1)
+        window = _unwindowed(causal, total, total)
+        out, lse = k["attention_varlen"].attention_varlen_fwd(q, kv, kv, cu, cu, 1024, 1024, seed, 0.0, d ** -0.5,
+                                                              window)
         out, lse = _empty(*q.shape, dtype=dtype), _empty(8, total, dtype=FP32)
-        k["attention_varlen"].attention_varlen_bwd(out, None, q, kv, kv, out, lse, cu, cu, 1024, 1024, seed, causal,
-                                                   0.0, d ** -0.5, -1, -1)
+        k["attention_varlen"].attention_varlen_bwd(out, None, q, kv, kv, out, lse, cu, cu, 1024, 1024, seed, 0.0,
+                                                   d ** -0.5, window)
     return run
 
 
@@ -104,7 +113,8 @@ def _decode(dtype, d, nq, group):
         q = _empty(b, hk * group, nq, d, dtype=dtype)
         cache = _empty(b, hk, nmax, d, dtype=dtype)
         lengths = _empty(b, dtype=torch.int32)
-        k["attention_decode"].attention_decode(q, cache, cache, lengths, True, d ** -0.5, -1, -1, 0)
+        left, right, _ = _unwindowed(True, nq, nmax)
+        k["attention_decode"].attention_decode(q, cache, cache, lengths, True, d ** -0.5, left, right, 0)
         new = _empty(b, hk, nq, d, dtype=dtype)
         k["attention_decode"].kv_cache_append(cache, cache, new, new, lengths)
     return run

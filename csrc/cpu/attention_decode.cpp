@@ -188,19 +188,16 @@ struct DecodeGeometry {
   // a multiple of kBlock), so a short sequence touches only the splits its keys fall in; 0: the default, splits cut
   // the visible span of each sequence evenly.
   int64_t chunk;
-  bool causal;
-  int64_t left, right;  // window, -1 for none
+  // The resolved window bounds (csrc/genfast.cpp, attention_decode): the row at position pos sees keys
+  // [pos - left, pos + right], causal already folded in as right = 0.
+  int64_t left, right;
 };
 
 // Visible keys [lo, hi) of row r (query head h * G + r / Nq, new token r % Nq at position L - Nq + r % Nq).
 inline void row_range(const DecodeGeometry& g, int64_t L, int64_t r, int64_t& lo, int64_t& hi) {
   const int64_t pos = L - g.Nq + r % g.Nq;
-  int64_t a = 0, z = L;
-  if (g.causal) z = std::min(z, pos + 1);
-  if (g.left >= 0) a = std::max<int64_t>(a, pos - g.left);
-  if (g.right >= 0) z = std::min(z, pos + g.right + 1);
-  lo = std::max<int64_t>(a, 0);
-  hi = std::max(lo, z);
+  lo = std::max<int64_t>(pos - g.left, 0);
+  hi = std::max(lo, std::min(L, pos + g.right + 1));
 }
 
 // Widens n rows of D elements (row stride `stride`) to fp32 rows of stride D.
@@ -414,6 +411,9 @@ std::tuple<at::Tensor, at::Tensor> attention_decode_cpu(const at::Tensor& q, con
   // (choose_splits). num_splits < 0 asks for batch invariance: splits from Nmax and the key row's bytes alone.
   constexpr const char* op = "attention_decode";
   check_decode_args(op, q, k_cache, v_cache, cache_seqlens);
+  TORCH_CHECK(window_left >= 0 && window_right >= 0 && (!causal || window_right == 0), op,
+              ": window bounds must come resolved (>= 0, right = 0 when causal; "
+              "genfast/ops/_attention_common.py window_bounds), got (", window_left, ", ", window_right, ")");
   const at::Tensor qc = q.contiguous();
   // The kernel walks keys by row stride; only a cache whose rows are not contiguous is copied.
   const at::Tensor k = k_cache.stride(3) == 1 ? k_cache : k_cache.contiguous();
@@ -423,7 +423,7 @@ std::tuple<at::Tensor, at::Tensor> attention_decode_cpu(const at::Tensor& q, con
   if (q.numel() == 0) return {out, lse};
   const std::vector<int64_t> lengths = read_lengths(cache_seqlens, 0, k_cache.size(2));
   DecodeGeometry g{q.size(0), q.size(1), k.size(1), q.size(1) / k.size(1), q.size(2), q.size(3),
-                   q.size(1) / k.size(1) * q.size(2), 1, 0, causal, window_left, window_right};
+                   q.size(1) / k.size(1) * q.size(2), 1, 0, window_left, window_right};
   const int64_t row_bytes = g.D * static_cast<int64_t>(q.element_size());
   g.splits = num_splits < 0 ? invariant_splits(k_cache.size(2), row_bytes)
                             : choose_splits(g.B * g.Hk, *std::max_element(lengths.begin(), lengths.end()), row_bytes);

@@ -36,7 +36,7 @@ struct SplitArgs {
   DecodeShape shape;
   const void* seqlens;
   bool seqlens_int64;
-  int64_t rows, group, num_splits, row_blocks, left, right;  // left/right: "far" where unbounded
+  int64_t rows, group, num_splits, row_blocks, left, right;  // left/right: the resolved window bounds
   float qk_scale;                                 // scale * log2(e)
   float* opart;                                   // [B * Hk * S * rows, D]
   float* lpart;                                   // [B * Hk * S * rows], base 2
@@ -257,13 +257,13 @@ int64_t decode_workspace_floats(const DecodeShape& shape, int64_t num_splits) {
 }
 
 cudaError_t launch_attention_decode(const void* q, const void* k, const void* v, FloatType dtype,
-                                    const void* seqlens, bool seqlens_int64, const DecodeShape& shape, bool causal,
-                                    float scale, int64_t window_left, int64_t window_right, int64_t num_splits,
+                                    const void* seqlens, bool seqlens_int64, const DecodeShape& shape, float scale,
+                                    int64_t window_left, int64_t window_right, int64_t num_splits,
                                     float* workspace, void* out, float* lse, cudaStream_t stream) {
   if (shape.batch == 0 || shape.q_heads == 0) return cudaSuccess;
   if (shape.kv_heads <= 0 || shape.q_heads % shape.kv_heads != 0 || shape.head_dim <= 0 ||
       shape.head_dim > kDecodeMaxHeadDim || shape.new_tokens <= 0 || shape.cache_len <= 0 || num_splits <= 0 ||
-      num_splits > 65535) {
+      num_splits > 65535 || window_left < 0 || window_right < 0) {
     return cudaErrorInvalidValue;
   }
   // Every block index fits grid axis x (2^31 - 1), and so do the rows of a GQA group, which the kernels index
@@ -281,11 +281,8 @@ cudaError_t launch_attention_decode(const void* q, const void* k, const void* v,
   a.rows = rows;
   a.row_blocks = row_blocks;
   a.num_splits = num_splits;
-  // Unbounded sides become a distance no position reaches; causal is a right window of 0.
-  const int64_t far = shape.cache_len + shape.new_tokens + 1;
-  a.left = window_left >= 0 ? window_left : far;
-  a.right = window_right >= 0 ? window_right : far;
-  if (causal) a.right = std::min(a.right, int64_t{0});
+  a.left = window_left;
+  a.right = window_right;
   a.qk_scale = scale * kLog2e;
   a.opart = workspace;
   a.lpart = workspace + shape.batch * shape.kv_heads * num_splits * a.rows * shape.head_dim;

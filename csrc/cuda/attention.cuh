@@ -32,10 +32,11 @@ int64_t decode_workspace_floats(const DecodeShape& shape, int64_t num_splits);
 
 // out [B, Hq, Nq, D] contiguous in `dtype`, lse [B, Hq, Nq] float32 (natural log, -inf for a row with no key).
 // q, k, v in `dtype` with the given strides; seqlens [B] int32 or int64 (clamped to [0, Nmax] on the device).
-// window_left/right: -1 for unbounded; causal keeps keys at or before each new token's position.
+// window_left/right: the resolved bounds (csrc/genfast.cpp, attention_decode): new token i at position p sees
+// keys p - window_left <= j <= p + window_right; both >= 0 (cudaErrorInvalidValue otherwise).
 cudaError_t launch_attention_decode(const void* q, const void* k, const void* v, FloatType dtype,
-                                    const void* seqlens, bool seqlens_int64, const DecodeShape& shape, bool causal,
-                                    float scale, int64_t window_left, int64_t window_right, int64_t num_splits,
+                                    const void* seqlens, bool seqlens_int64, const DecodeShape& shape, float scale,
+                                    int64_t window_left, int64_t window_right, int64_t num_splits,
                                     float* workspace, void* out, float* lse, cudaStream_t stream);
 
 }  // namespace genfast::cuda

@@ -682,10 +682,12 @@ def _bwd_dq_kernel(Q, K, V, dOut, Lse, Delta, Mask, Seed, dQ, CuQ, CuK,
 
 
 # ------------------------------------------------------------------------------------------ launchers
-def _common(q, k, attn_mask, seed, causal, dropout_p, window_left, window_right):
+def _common(q, k, attn_mask, seed, dropout_p, window):
     """Arguments shared by the kernels: mask view and strides, seed, position limits, constexprs.
 
     ``q`` and ``k`` are [B, H, N, D] (for the varlen layout, the [1, H, total, D] views of the packed tensors).
+    ``window``: (left, right, bounded), the bounds genfast.ops._attention_common.window_bounds resolved from causal
+    and the window (the rule lives there; the kernels only apply p - left <= j <= p + right).
     """
     b, hq, nq, d = q.shape
     hk, nk = k.shape[1], k.shape[2]
@@ -697,14 +699,11 @@ def _common(q, k, attn_mask, seed, causal, dropout_p, window_left, window_right)
         mask_strides = mask.stride()
     else:
         mask, mask_strides, kind = attn_mask, attn_mask.stride(), MASK_ADD
-    # Unbounded sides become a distance no position reaches, so the kernels need no flags for them.
-    far = nq + nk + 1
-    left = window_left if window_left >= 0 else far
-    right = window_right if window_right >= 0 else far
-    if causal:
-        right = min(right, 0)
+    left, right, bounded = window
+    if left < 0 or right < 0:
+        raise ValueError(f"attention kernels: window bounds must be resolved (>= 0), got ({left}, {right})")
     dropout = dropout_p > 0.0
-    consts = dict(MASK_KIND=kind, DROPOUT=dropout, HAS_WINDOW=(left < far or right < far),
+    consts = dict(MASK_KIND=kind, DROPOUT=dropout, HAS_WINDOW=bool(bounded),
                   PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                   F32_DOT=q.dtype == torch.bfloat16 and q.device.type == "cpu",
                   BLOCK_D=max(16, triton.next_power_of_2(d)))
@@ -897,11 +896,11 @@ def _launch_bwd(grad_out4, grad_lse, q4, k4, v4, out4, lse, dq4, dk4, dv4, lay, 
     ), consts, autotune)
 
 
-def attention_fwd(q, k, v, attn_mask, seed, causal, dropout_p, scale, window_left, window_right, *, autotune=None,
-                  tma=None):
-    """``autotune``: None follows :func:`autotune_enabled`; False takes the heuristic config (no benchmarking).
+def attention_fwd(q, k, v, attn_mask, seed, dropout_p, scale, window, *, autotune=None, tma=None):
+    """``window``: the resolved (left, right, bounded) of genfast.ops._attention_common.window_bounds.
+    ``autotune``: None follows :func:`autotune_enabled`; False takes the heuristic config (no benchmarking).
     ``tma``: see :func:`use_tma`."""
-    c = _common(q, k, attn_mask, seed, causal, dropout_p, window_left, window_right)
+    c = _common(q, k, attn_mask, seed, dropout_p, window)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     if out.numel() == 0:
@@ -910,9 +909,9 @@ def attention_fwd(q, k, v, attn_mask, seed, causal, dropout_p, scale, window_lef
     return out, lse
 
 
-def attention_bwd(grad_out, grad_lse, q, k, v, out, lse, attn_mask, seed, causal, dropout_p, scale, window_left,
-                  window_right, *, autotune=None, tma=None):
-    c = _common(q, k, attn_mask, seed, causal, dropout_p, window_left, window_right)
+def attention_bwd(grad_out, grad_lse, q, k, v, out, lse, attn_mask, seed, dropout_p, scale, window, *, autotune=None,
+                  tma=None):
+    c = _common(q, k, attn_mask, seed, dropout_p, window)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)

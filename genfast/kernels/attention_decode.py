@@ -5,7 +5,7 @@ Decode is memory bound: each step reads the whole cache once for a handful of qu
 - one program per (split, batch x kv head, block of query rows) reads its kv head's cache once for *all* the
   query heads of the GQA group and all Nq new tokens (rows ``r = g * Nq + i``, g the head within the group),
   so a kv tile is loaded once, not Hq / Hk times;
-- the visible key range of the sequence (``[lo, hi)`` from its length, causal and the window) is cut into
+- the visible key range of the sequence (``[lo, hi)`` from its length and the resolved window bounds) is cut into
   ``num_splits`` chunks (multiples of BLOCK_N) handled by separate programs, which is what fills the GPU when
   B * Hk is small and the cache long (flash-decoding). Each writes its normalised partial output and its lse
   (base 2, fp32); a combine kernel merges the splits by lse, in split order. ``num_splits`` 0 fills the GPU
@@ -262,12 +262,11 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, causal, scale, window_l
         num_splits = invariant_splits(nmax)
     elif num_splits == 0:
         num_splits = choose_splits(b, hk, row_blocks, nmax, q.device, block_n)
-    # Unbounded sides become a distance no position reaches; causal is a right window of 0.
-    far = nmax + nq + 1
-    left = window_left if window_left >= 0 else far
-    right = window_right if window_right >= 0 else far
-    if causal:
-        right = min(right, 0)
+    # The bounds come resolved by genfast.ops._attention_common.window_bounds (causal folded in as right = 0).
+    left, right = window_left, window_right
+    if left < 0 or right < 0 or (causal and right != 0):
+        raise ValueError(f"attention_decode kernels: window bounds must be resolved (>= 0, right = 0 when causal), "
+                         f"got ({left}, {right}), causal={causal}")
     opart = torch.empty(b * hk * num_splits * rows, d, dtype=torch.float32, device=q.device)
     lpart = torch.empty(b * hk * num_splits * rows, dtype=torch.float32, device=q.device)
     _decode_split_kernel[decode_grid(b, hk, row_blocks, num_splits)](

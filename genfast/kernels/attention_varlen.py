@@ -28,23 +28,23 @@ def _nothing_to_do(q, k, cu_q, max_q, max_k) -> bool:
     return cu_q.shape[0] <= 1 or q.shape[0] == 0 or k.shape[0] == 0 or max_q == 0 or max_k == 0
 
 
-def attention_varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, seed, causal, dropout_p, scale, window_left,
-                         window_right):
-    """q [total_q, Hq, D], k/v [total_k, Hk, D] -> out [total_q, Hq, D], lse [Hq, total_q] float32."""
+def attention_varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, seed, dropout_p, scale, window):
+    """q [total_q, Hq, D], k/v [total_k, Hk, D] -> out [total_q, Hq, D], lse [Hq, total_q] float32. ``window``: the
+    (left, right, bounded) that genfast.ops._attention_common.window_bounds resolved for total_q and total_k."""
     total_q, hq, _ = q.shape
     out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.full((hq, total_q), float("-inf"), dtype=torch.float32, device=q.device)
     if _nothing_to_do(q, k, cu_q, max_q, max_k):
         return out, lse
     q4, k4, v4 = packed_view(q), packed_view(k), packed_view(v)
-    c = _common(q4, k4, None, seed, causal, dropout_p, window_left, window_right)
+    c = _common(q4, k4, None, seed, dropout_p, window)
     lay = _Layout(q4, k4, cu_q.to(torch.int32).contiguous(), cu_k.to(torch.int32).contiguous(), max_q, max_k)
     _launch_fwd(q4, k4, v4, packed_view(out), lse, lay, c, scale, dropout_p)
     return out, lse
 
 
-def attention_varlen_bwd(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, seed, causal, dropout_p,
-                         scale, window_left, window_right):
+def attention_varlen_bwd(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, seed, dropout_p, scale,
+                         window):
     """dq [total_q, Hq, D], dk and dv [total_k, Hk, D] from the forward's out and lse."""
     dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.zeros(k.shape, dtype=k.dtype, device=k.device)
@@ -52,7 +52,7 @@ def attention_varlen_bwd(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, max_
     if _nothing_to_do(q, k, cu_q, max_q, max_k):
         return dq, dk, dv
     q4, k4, v4 = packed_view(q), packed_view(k), packed_view(v)
-    c = _common(q4, k4, None, seed, causal, dropout_p, window_left, window_right)
+    c = _common(q4, k4, None, seed, dropout_p, window)
     lay = _Layout(q4, k4, cu_q.to(torch.int32).contiguous(), cu_k.to(torch.int32).contiguous(), max_q, max_k)
     _launch_bwd(packed_view(grad_out), grad_lse, q4, k4, v4, packed_view(out), lse, packed_view(dq), packed_view(dk),
                 packed_view(dv), lay, c, scale, dropout_p)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from genfast import _backend
 from genfast.ops import _checks
+from genfast.ops._attention_common import window_bounds
 from genfast.ops.random import philox_noise
 
 OP = "attention"
@@ -60,16 +61,10 @@ def allowed_positions(nq: int, nk: int, causal: bool, window_left: int, window_r
     """Bool [Nq, Nk]: True where query i may see key j (bottom-right aligned); None when all may."""
     if not causal and window_left < 0 and window_right < 0:
         return None
+    left, right, _ = window_bounds(causal, window_left, window_right, nq, nk)
     pos = torch.arange(nq, device=device)[:, None] + (nk - nq)
     j = torch.arange(nk, device=device)[None, :]
-    ok = torch.ones(nq, nk, dtype=torch.bool, device=device)
-    if causal:
-        ok &= j <= pos
-    if window_left >= 0:
-        ok &= j >= pos - window_left
-    if window_right >= 0:
-        ok &= j <= pos + window_right
-    return ok
+    return (j >= pos - left) & (j <= pos + right)
 
 
 def dropout_keep(seed: torch.Tensor, shape: tuple[int, int, int, int], dropout_p: float) -> torch.Tensor:
@@ -166,13 +161,25 @@ def nan_query_rows(q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return torch.where(q.isnan().any(dim=-1, keepdim=True), float("nan"), out)
 
 
+def _unbroadcast(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """``mask`` with its broadcast (stride-0) dims back to size 1. SDPA broadcasts a mask itself, and its CPU kernel
+    turns a bool mask into a float one at the size it is given: the [B, Hq, Nq, Nk] view cost Hq times the
+    [B, 1, Nq, Nk] pass transformers' own "sdpa" pays (the transformers backend, left-padded, issue 26)."""
+    if mask is None:
+        return None
+    for dim in range(mask.dim()):
+        if mask.stride(dim) == 0 and mask.shape[dim] > 1:
+            mask = mask.narrow(dim, 0, 1)
+    return mask
+
+
 def _reference(q, k, v, attn_mask, seed, knobs: Knobs, need_lse: bool, compute_dtype=None):
     """The dispatcher's reference: (out, lse or None), differentiable by ordinary autograd."""
     if _sdpa_serves(q, k, attn_mask, knobs, need_lse):
         # Same semantics, torch's fused kernel (it accumulates in fp32 inside): what lets auto keep up with SDPA on
         # CPU. It runs in the input dtype but where sdpa_inputs says otherwise.
         qs, ks, vs = sdpa_inputs(q, k, v)
-        out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=attn_mask, is_causal=knobs.causal,
+        out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=_unbroadcast(attn_mask), is_causal=knobs.causal,
                                              scale=knobs.scale, enable_gqa=q.shape[1] != k.shape[1])
         return nan_query_rows(q, out if out.dtype == q.dtype else out.to(q.dtype)), None
     compute_dtype = compute_dtype or torch.promote_types(q.dtype, torch.float32)
@@ -232,7 +239,8 @@ def _attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, att
                           window_right: int) -> tuple[torch.Tensor, torch.Tensor]:
     from genfast.kernels import attention as kernels
 
-    return kernels.attention_fwd(q, k, v, attn_mask, seed, causal, dropout_p, scale, window_left, window_right)
+    window = window_bounds(causal, window_left, window_right, q.shape[2], k.shape[2])
+    return kernels.attention_fwd(q, k, v, attn_mask, seed, dropout_p, scale, window)
 
 
 @torch.library.custom_op("genfast::attention_bwd_triton", mutates_args=())
@@ -242,8 +250,8 @@ def _attention_bwd_triton(grad_out: torch.Tensor, grad_lse: torch.Tensor | None,
                           window_right: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from genfast.kernels import attention as kernels
 
-    return kernels.attention_bwd(grad_out, grad_lse, q, k, v, out, lse, attn_mask, seed, causal, dropout_p, scale,
-                                 window_left, window_right)
+    window = window_bounds(causal, window_left, window_right, q.shape[2], k.shape[2])
+    return kernels.attention_bwd(grad_out, grad_lse, q, k, v, out, lse, attn_mask, seed, dropout_p, scale, window)
 
 
 _attention_fwd_triton.register_fake(_fwd_fake)

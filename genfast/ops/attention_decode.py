@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from genfast import _backend, _ext
 from genfast.ops import _checks
+from genfast.ops._attention_common import window_bounds
 from genfast.ops.attention import _flag, _math, _window_pair, attention_ref, softmax_scale
 
 OP = "attention_decode"
@@ -70,26 +71,19 @@ def attention_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     return (out, lse) if return_lse else out
 
 
-def decode_allowed(cache_seqlens: torch.Tensor, nq: int, nmax: int, causal: bool, left: int,
-                   right: int) -> torch.Tensor:
-    """Bool [B, Nq, Nmax]: True where new token i of sequence b may see cache slot j (no host sync)."""
+def decode_allowed(cache_seqlens: torch.Tensor, nq: int, nmax: int, left: int, right: int) -> torch.Tensor:
+    """Bool [B, Nq, Nmax]: True where new token i of sequence b may see cache slot j (no host sync); ``left`` and
+    ``right`` are the bounds ``window_bounds`` resolved (genfast/ops/_attention_common.py), as the kernels take."""
     device = cache_seqlens.device
     length = cache_seqlens.to(torch.int64).clamp(0, nmax)[:, None, None]
     pos = length - nq + torch.arange(nq, device=device)[None, :, None]
     j = torch.arange(nmax, device=device)[None, None, :]
-    ok = j < length
-    if causal:
-        ok = ok & (j <= pos)
-    if left >= 0:
-        ok = ok & (j >= pos - left)
-    if right >= 0:
-        ok = ok & (j <= pos + right)
-    return ok
+    return (j < length) & (j >= pos - left) & (j <= pos + right)
 
 
 def _reference(q, k_cache, v_cache, cache_seqlens, causal, scale, left, right, num_splits, need_lse):
     """The dispatcher's reference: masked attention over the whole cache, compile-friendly (no host sync)."""
-    ok = decode_allowed(cache_seqlens, q.shape[2], k_cache.shape[2], causal, left, right)[:, None]  # (B, 1, Nq, Nmax)
+    ok = decode_allowed(cache_seqlens, q.shape[2], k_cache.shape[2], left, right)[:, None]  # (B, 1, Nq, Nmax)
     # Slots past a sequence's length may hold anything (NaN from torch.empty): a masked score still multiplies
     # its value by 0, and 0 * NaN = NaN, so they are zeroed here (the kernels never read them at all).
     filled = (torch.arange(k_cache.shape[2], device=q.device) < cache_seqlens[:, None])[:, None, :, None]
@@ -301,7 +295,8 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     causal = _flag(OP, "causal", causal)
     return_lse = _flag(OP, "return_lse", return_lse)
     scale = softmax_scale(OP, scale, d)
-    left, right = _window_pair(OP, window)
+    # The backends (kernels and reference alike) take the window rule's resolved bounds, never -1.
+    left, right, _ = window_bounds(causal, *_window_pair(OP, window), nq, nmax)
     batch_invariant = _flag(OP, "batch_invariant", batch_invariant)
     if batch_invariant and num_splits is not None:
         raise ValueError(f"{OP}: pass num_splits or batch_invariant=True, not both (batch_invariant fixes the "
@@ -364,7 +359,8 @@ def decode_checked_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     argument checks, for the same callers as ``append_to_checked_cache``."""
     d = q.shape[3]
     splits = INVARIANT_SPLITS if _batch_invariant else 0
-    out, _ = _dispatch(q, k_cache, v_cache, cache_seqlens, True, 1.0 / d ** 0.5, -1, -1, splits, False,
+    left, right, _ = window_bounds(True, -1, -1, q.shape[2], k_cache.shape[2])
+    out, _ = _dispatch(q, k_cache, v_cache, cache_seqlens, True, 1.0 / d ** 0.5, left, right, splits, False,
                        device=q.device, dtype=q.dtype, facts={"head_dim": d})
     return out
 

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 from genfast import _backend, _philox
 from genfast.ops import _checks
+from genfast.ops._attention_common import window_bounds
 from genfast.ops.attention import (
     Knobs,
     _flag,
@@ -240,7 +241,8 @@ def _reference(q, k, v, packing: Packing, seed, knobs: Knobs, need_lse: bool):
     max_q, max_k = padded_lengths(packing, total_q, k.shape[0])
     if nseq == 0 or max_q == 0 or max_k == 0:
         return q.new_zeros(q.shape), torch.full((hq, total_q), NEG_INF, device=q.device)
-    left, right, scale, dropout_p = knobs.window_left, knobs.window_right, knobs.scale, knobs.dropout_p
+    scale, dropout_p = knobs.scale, knobs.dropout_p
+    left, right, bounded = window_bounds(knobs.causal, knobs.window_left, knobs.window_right, total_q, k.shape[0])
     len_q, len_k = cu_q[1:] - cu_q[:-1], cu_k[1:] - cu_k[:-1]  # (B,)
     i = torch.arange(max_q, device=q.device)
     j = torch.arange(max_k, device=q.device)
@@ -250,24 +252,17 @@ def _reference(q, k, v, packing: Packing, seed, knobs: Knobs, need_lse: bool):
     # Positions aligned bottom-right within each sequence: query i sits at key position i + Nk_b - Nq_b, and sees
     # keys [first, last] (the window's edges, the causal limit and the sequence's keys).
     pos = i + (len_k - len_q)[:, None]  # (B, max_q)
-    first = (pos - left).clamp(min=0) if left >= 0 else torch.zeros_like(pos)
-    if knobs.causal:
-        right = 0 if right < 0 else min(right, 0)
-    last = (len_k[:, None] - 1).expand_as(pos)
-    if right >= 0:
-        last = torch.minimum(last, pos + right)
+    first = (pos - left).clamp(min=0)
+    last = torch.minimum(len_k[:, None] - 1, pos + right)
     mask = ((j >= first[:, :, None]) & (j <= last[:, :, None]) & valid_q[:, :, None])[:, None]  # (B, 1, max_q, max_k)
     if dropout_p == 0.0 and not need_lse:
         # torch's fused kernel (in the input dtype but where sdpa_inputs says otherwise); rows with no visible key
-        # are set to 0 below, whatever SDPA gives. Padded query rows are dropped below, so without a window the
-        # key-padding mask alone is exact (every real query sees every real key of its sequence), and causal
-        # self-attention padded at the end needs none: is_causal already hides the padded keys from real queries.
-        is_causal = False
-        if left < 0 and right < 0 and offsets is not None:
-            is_causal = knobs.causal and offsets[0] == offsets[1]
-            mask = None if is_causal else valid_k[:, None, None, :] if not knobs.causal else mask
+        # are set to 0 below, whatever SDPA gives. Padded query rows are dropped below, so with neither causal nor a
+        # window the key-padding mask alone is exact (every real query sees every real key of its sequence).
+        if not bounded and offsets is not None:
+            mask = valid_k[:, None, None, :]
         out = F.scaled_dot_product_attention(*sdpa_inputs(qp, kp, vp), attn_mask=mask, scale=scale,
-                                             is_causal=is_causal, enable_gqa=hq != k.shape[1])
+                                             enable_gqa=hq != k.shape[1])
         out = nan_query_rows(qp, out if out.dtype == q.dtype else out.to(q.dtype))
         lse = None
     else:
@@ -310,8 +305,8 @@ def _attention_varlen_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                                  window_right: int) -> tuple[torch.Tensor, torch.Tensor]:
     from genfast.kernels import attention_varlen as kernels
 
-    return kernels.attention_varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, seed, causal, dropout_p, scale,
-                                        window_left, window_right)
+    window = window_bounds(causal, window_left, window_right, q.shape[0], k.shape[0])
+    return kernels.attention_varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, seed, dropout_p, scale, window)
 
 
 @torch.library.custom_op("genfast::attention_varlen_bwd_triton", mutates_args=())
@@ -323,8 +318,9 @@ def _attention_varlen_bwd_triton(grad_out: torch.Tensor, grad_lse: torch.Tensor 
                                  window_right: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from genfast.kernels import attention_varlen as kernels
 
+    window = window_bounds(causal, window_left, window_right, q.shape[0], k.shape[0])
     return kernels.attention_varlen_bwd(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, seed,
-                                        causal, dropout_p, scale, window_left, window_right)
+                                        dropout_p, scale, window)
 
 
 _attention_varlen_fwd_triton.register_fake(_fwd_fake)

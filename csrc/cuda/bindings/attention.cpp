@@ -44,7 +44,9 @@ std::tuple<at::Tensor, at::Tensor> attention_decode_cuda(const at::Tensor& q, co
               op, ": cache_seqlens must be a 1-D int32/int64 tensor of ", b, " lengths");
   // -1 asks for batch invariance (a split count from Nmax alone), 0 for the occupancy choice, > 0 for that count.
   TORCH_CHECK(num_splits >= -1 && num_splits <= 65535, op, ": num_splits must be in [-1, 65535], got ", num_splits);
-  TORCH_CHECK(window_left >= -1 && window_right >= -1, op, ": window sides must be >= -1");
+  TORCH_CHECK(window_left >= 0 && window_right >= 0 && (!causal || window_right == 0), op,
+              ": window bounds must come resolved (>= 0, right = 0 when causal; "
+              "genfast/ops/_attention_common.py window_bounds), got (", window_left, ", ", window_right, ")");
   const c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor lengths = cache_seqlens.contiguous();
   at::Tensor out = at::empty({b, hq, nq, d}, q.options().memory_format(at::MemoryFormat::Contiguous));
@@ -62,7 +64,7 @@ std::tuple<at::Tensor, at::Tensor> attention_decode_cuda(const at::Tensor& q, co
   at::Tensor workspace = at::empty({genfast::cuda::decode_workspace_floats(shape, splits)}, lse.options());
   GENFAST_CHECK_LAUNCH(genfast::cuda::launch_attention_decode(
                            q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), dtype, lengths.data_ptr(),
-                           lengths.scalar_type() == at::kLong, shape, causal, static_cast<float>(scale), window_left,
+                           lengths.scalar_type() == at::kLong, shape, static_cast<float>(scale), window_left,
                            window_right, splits, workspace.data_ptr<float>(), out.data_ptr(), lse.data_ptr<float>(),
                            current_stream()),
                        "attention_decode");
