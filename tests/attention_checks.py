@@ -56,10 +56,10 @@ def assert_sdpa_dtype_choice_meets_the_rule(monkeypatch, upcast, ours, spec, q, 
     """The CPU SDPA path both ways: with q's dtype in ``CPU_SLOW_HALF_DTYPES`` (``upcast``: fp32 SDPA when gradients
     are needed) and without, gradients within the rule each time (:func:`assert_grads_meet_the_rule`); the way under
     test comes first, and the two must differ, which shows the fp32 path really ran."""
-    attention_module = importlib.import_module("genfast.ops.attention")  # the module; genfast.ops.attention is the op
-    monkeypatch.setattr(attention_module, "CPU_SLOW_HALF_DTYPES", frozenset({q.dtype} if upcast else ()))
+    common = importlib.import_module("genfast.ops._attention_common")  # where sdpa_inputs reads it
+    monkeypatch.setattr(common, "CPU_SLOW_HALF_DTYPES", frozenset({q.dtype} if upcast else ()))
     got = assert_grads_meet_the_rule(ours, spec, q, k, v, w_out)
-    monkeypatch.setattr(attention_module, "CPU_SLOW_HALF_DTYPES", frozenset(() if upcast else {q.dtype}))
+    monkeypatch.setattr(common, "CPU_SLOW_HALF_DTYPES", frozenset(() if upcast else {q.dtype}))
     other = assert_grads_meet_the_rule(ours, spec, q, k, v, w_out)
     assert any(not torch.equal(a, b) for a, b in zip(got[1:], other[1:]))
 

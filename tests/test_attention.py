@@ -160,7 +160,7 @@ def test_reference_sdpa_backward_meets_the_rule(monkeypatch, dtype, upcast):
 
 
 def test_cpu_half_probe_only_lists_half_dtypes():
-    from genfast.ops.attention import CPU_SLOW_HALF_DTYPES
+    from genfast.ops._attention_common import CPU_SLOW_HALF_DTYPES
 
     assert CPU_SLOW_HALF_DTYPES <= {torch.bfloat16, torch.float16}
 
@@ -308,7 +308,7 @@ def test_nan_guarantee_adds_no_full_tensor_pass_on_the_cpu_sdpa_path(dtype, caus
     Now a call without NaN writes no tensor that torch's own SDPA call does not write (one reduction of q to a
     scalar checks), forward and backward; a call with a NaN still gets its row back as NaN (tests/test_errors.py
     checks every backend)."""
-    if dtype in importlib.import_module("genfast.ops.attention").CPU_SLOW_HALF_DTYPES:
+    if dtype in importlib.import_module("genfast.ops._attention_common").CPU_SLOW_HALF_DTYPES:
         pytest.skip("the backward runs SDPA in fp32 here: the casts are passes of their own")
     made = [t.requires_grad_(True) for t in _make((2, 4, 33, 16), (2, 2, 33, 16), dtype, "cpu", seed=12)]
     ours = _written(lambda q, k, v: attention(q, k, v, causal=causal), *made)
@@ -371,8 +371,8 @@ def test_compile_fullgraph(device, backend):
 @pytest.mark.parametrize("upcast", [False, True], ids=["native-half", "fp32-backward"])
 def test_compile_fullgraph_half_backward_on_cpu(monkeypatch, upcast):
     """The SDPA path's dtype choice traces under torch.compile(fullgraph=True) with gradients, both ways."""
-    attention_module = importlib.import_module("genfast.ops.attention")
-    monkeypatch.setattr(attention_module, "CPU_SLOW_HALF_DTYPES", frozenset({torch.bfloat16} if upcast else ()))
+    common = importlib.import_module("genfast.ops._attention_common")  # where sdpa_inputs reads it
+    monkeypatch.setattr(common, "CPU_SLOW_HALF_DTYPES", frozenset({torch.bfloat16} if upcast else ()))
     q, k, v = (t.requires_grad_(True) for t in _make((1, 2, 9, 16), (1, 1, 9, 16), torch.bfloat16, "cpu", seed=11))
 
     def fn(q, k, v):

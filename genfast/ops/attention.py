@@ -20,86 +20,44 @@ needs gradients on a CPU without native half matmuls) where SDPA has every featu
 written-out math in fp32 (``attention_ref``, the specification, is always the latter); on CUDA tensors the
 Triton kernels of genfast/kernels/attention.py (custom ops ``genfast::attention_fwd_triton`` -> (out, lse) and
 ``genfast::attention_bwd_triton`` -> (dq, dk, dv)).
+
+What attention_varlen and attention_decode share with this op (``Knobs``, the argument checks, the window rule,
+the written-out math) lives in genfast/ops/_attention_common.py.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from genfast import _backend
 from genfast.ops import _checks
-from genfast.ops._attention_common import window_bounds
+from genfast.ops._attention_common import (
+    Knobs,
+    allowed_positions,
+    attention_math,
+    bool_flag,
+    check_qkv,
+    dropout_probability,
+    nan_query_rows,
+    sdpa_inputs,
+    softmax_scale,
+    triton_supports,
+    window_bounds,
+    window_pair,
+)
 from genfast.ops.random import philox_noise
 
 OP = "attention"
-NEG_INF = float("-inf")
-TRITON_MAX_HEAD_DIM = 256
-
-
-class Knobs(NamedTuple):
-    """The checked scalar options of one attention call, in the order the custom ops' schemas take them.
-
-    One record carries them from the public op through the dispatcher, the backends and the autograd context;
-    it is unpacked (``*knobs``) only where a flat schema needs it: the custom ops and the Triton launchers.
-    """
-
-    causal: bool
-    dropout_p: float
-    scale: float
-    window_left: int  # -1: unbounded
-    window_right: int  # -1: unbounded
 
 
 # ------------------------------------------------------------------------------------------ reference
-def allowed_positions(nq: int, nk: int, causal: bool, window_left: int, window_right: int,
-                      device: torch.device | None = None) -> torch.Tensor | None:
-    """Bool [Nq, Nk]: True where query i may see key j (bottom-right aligned); None when all may."""
-    if not causal and window_left < 0 and window_right < 0:
-        return None
-    left, right, _ = window_bounds(causal, window_left, window_right, nq, nk)
-    pos = torch.arange(nq, device=device)[:, None] + (nk - nq)
-    j = torch.arange(nk, device=device)[None, :]
-    return (j >= pos - left) & (j <= pos + right)
-
-
 def dropout_keep(seed: torch.Tensor, shape: tuple[int, int, int, int], dropout_p: float) -> torch.Tensor:
     """Bool [B, Hq, Nq, Nk]: the dropout keep mask the kernels draw for ``seed`` (flat index = Philox counter)."""
     numel = math.prod(shape)
     return philox_noise(seed, numel).reshape(shape) >= dropout_p
-
-
-def _math(q, k, v, attn_mask, keep, causal, dropout_p, scale, window_left, window_right, compute_dtype):
-    """The attention math written out in ``compute_dtype``; returns (out in q's dtype, lse float32)."""
-    b, hq, nq, d = q.shape
-    hk, nk = k.shape[1], k.shape[2]
-    qc, kc, vc = q.to(compute_dtype), k.to(compute_dtype), v.to(compute_dtype)
-    if hq != hk:  # GQA: query head h reads key/value head h // (Hq // Hk)
-        kc, vc = kc.repeat_interleave(hq // hk, dim=1), vc.repeat_interleave(hq // hk, dim=1)
-    s = (qc @ kc.transpose(-1, -2)) * scale  # (B, Hq, Nq, Nk)
-    if attn_mask is not None:
-        s = s.masked_fill(~attn_mask, NEG_INF) if attn_mask.dtype == torch.bool else s + attn_mask.to(compute_dtype)
-    ok = allowed_positions(nq, nk, causal, window_left, window_right, q.device)
-    if ok is not None:
-        s = s.masked_fill(~ok, NEG_INF)
-    # Softmax written out so that rows with no kept position give 0 (not NaN) in the forward and the backward:
-    # the shift m is a constant (softmax does not depend on it) and 0 where the whole row is -inf.
-    m = s.amax(dim=-1, keepdim=True).detach()
-    m = torch.where(m == NEG_INF, torch.zeros_like(m), m)
-    e = torch.exp(s - m)
-    total = e.sum(dim=-1, keepdim=True)
-    # "!= 0", not "> 0": a NaN score (a NaN in q or in a key the row sees) must come out as NaN, not as an empty row.
-    nonempty = total != 0
-    p = e / torch.where(nonempty, total, torch.ones_like(total))
-    lse = torch.where(nonempty, m + torch.log(torch.where(nonempty, total, torch.ones_like(total))), NEG_INF)
-    if keep is not None:
-        p = p * keep.to(p.dtype) / (1.0 - dropout_p)
-    out = p @ vc
-    return out.to(q.dtype), lse.squeeze(-1).float()
 
 
 def _sdpa_serves(q, k, attn_mask, knobs: Knobs, need_lse: bool) -> bool:
@@ -107,58 +65,6 @@ def _sdpa_serves(q, k, attn_mask, knobs: Knobs, need_lse: bool) -> bool:
     return (knobs.dropout_p == 0.0 and not need_lse and knobs.window_left < 0 and knobs.window_right < 0
             and (not knobs.causal or (q.shape[2] == k.shape[2] and attn_mask is None))
             and (attn_mask is None or attn_mask.dtype == torch.bool))
-
-
-def _half_dtypes_without_native_cpu_matmul() -> frozenset[torch.dtype]:
-    """bf16/fp16 where this CPU's oneDNN has no native instructions for them (AVX2 parts, for example).
-
-    There torch's SDPA backward in half precision is emulated: bf16 d64 B8 H8 N256 took 164 ms against 33 ms in
-    fp32 on an AVX2 EPYC (benchmarks/results/history/cpu-x86-64-x2-threads-20261129-1f31844.md), while the two forwards
-    cost about the same. On CPUs with AVX512-BF16 or AMX the half kernels are the fast ones. Probed once, at
-    import: torch.compile cannot trace the probes.
-    """
-    probes = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}
-    slow = set()
-    for dtype, name in probes.items():
-        probe = getattr(torch.ops.mkldnn, name, None)
-        try:
-            if probe is not None and not bool(probe()):
-                slow.add(dtype)
-        except RuntimeError:  # a torch built without oneDNN: keep the input dtype, as before this probe
-            pass
-    return frozenset(slow)
-
-
-CPU_SLOW_HALF_DTYPES = _half_dtypes_without_native_cpu_matmul()
-
-
-def sdpa_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """q, k, v as the CPU reference paths hand them to torch's SDPA: as they are, or in fp32 for a half-precision
-    call that needs gradients on a CPU without native half matmuls (``CPU_SLOW_HALF_DTYPES``), where the fp32
-    kernels are several times faster. The caller casts the output back; autograd casts the gradients back."""
-    if q.dtype in CPU_SLOW_HALF_DTYPES and q.device.type == "cpu" and torch.is_grad_enabled() and (
-            q.requires_grad or k.requires_grad or v.requires_grad):
-        return q.float(), k.float(), v.float()
-    return q, k, v
-
-
-def nan_query_rows(q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``out`` with NaN in every row whose query row holds a NaN (q [..., N, D], out [..., N, Dv]).
-
-    torch's SDPA CPU kernel returns 0 for such a row (it takes it for a fully masked one); every other backend,
-    and the math, give NaN there, and a NaN must never come back as a plausible number. The guarantee used to
-    cost four full-tensor passes per call (isnan, any, where, and where's backward); now eager CPU calls pay one
-    read-only reduction of q to a scalar (q is the attention's smallest operand: it reads q once against Nk
-    times for the scores), and the row-wise fix-up runs only when that sum is NaN (a NaN in q, or, harmlessly,
-    infinities of both signs). Traced by torch.compile, or on a GPU where a branch on a value would synchronise,
-    it stays the branch-free form, which inductor fuses into the output's pass. So does a call with one query row
-    per head (a decode step): its out is no larger than q, so the fix-up costs what the check would, and the
-    step reads nothing back (what a captured decode step needs; tests/test_generate_static_step.py).
-    """
-    if q.device.type == "cpu" and q.shape[-2] > 1 and not torch.compiler.is_compiling():
-        if not bool(torch.isnan(q.detach().sum())):
-            return out
-    return torch.where(q.isnan().any(dim=-1, keepdim=True), float("nan"), out)
 
 
 def _unbroadcast(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -184,7 +90,7 @@ def _reference(q, k, v, attn_mask, seed, knobs: Knobs, need_lse: bool, compute_d
         return nan_query_rows(q, out if out.dtype == q.dtype else out.to(q.dtype)), None
     compute_dtype = compute_dtype or torch.promote_types(q.dtype, torch.float32)
     keep = dropout_keep(seed, mask_shape(q, k), knobs.dropout_p) if knobs.dropout_p else None
-    return _math(q, k, v, attn_mask, keep, *knobs, compute_dtype)
+    return attention_math(q, k, v, attn_mask, keep, *knobs, compute_dtype)
 
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
@@ -199,12 +105,13 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
     """
     d = q.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    left, right = _window_pair(OP, window)
+    left, right = window_pair(OP, window)
     mask = _broadcast_mask(attn_mask, q, k)
     if dropout_p and seed is None:
         raise ValueError(f"{OP}_ref: dropout_p > 0 needs seed")
-    out, lse = _math(q, k, v, mask, dropout_keep(seed, mask_shape(q, k), dropout_p) if dropout_p else None, causal,
-                     dropout_p, scale, left, right, compute_dtype or torch.promote_types(q.dtype, torch.float32))
+    keep = dropout_keep(seed, mask_shape(q, k), dropout_p) if dropout_p else None
+    out, lse = attention_math(q, k, v, mask, keep, causal, dropout_p, scale, left, right,
+                              compute_dtype or torch.promote_types(q.dtype, torch.float32))
     return (out, lse) if return_lse else out
 
 
@@ -279,13 +186,6 @@ _attention_fwd_triton.register_autograd(_fwd_backward, setup_context=_fwd_setup_
 
 
 # ------------------------------------------------------------------------------------------ dispatch
-def triton_supports(device, dtype=None, head_dim=None, **_):
-    """The one support check of the attention family's Triton kernels (attention, attention_varlen, decode)."""
-    if head_dim is not None and head_dim > TRITON_MAX_HEAD_DIM:
-        return f"the Triton kernels take head dims up to {TRITON_MAX_HEAD_DIM}, got {head_dim}"
-    return None
-
-
 def _triton_fwd(q, k, v, attn_mask, seed, knobs: Knobs, need_lse: bool):
     return torch.ops.genfast.attention_fwd_triton(q, k, v, attn_mask, seed, *knobs)
 
@@ -295,58 +195,6 @@ _dispatch.register("triton", supports=triton_supports)(_triton_fwd)
 
 
 # ------------------------------------------------------------------------------------------ checks
-def _window_side(op: str, name: str, value) -> int:
-    if value is None:
-        return -1
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{op}: {name} must be an int >= 0, -1 or None, got {type(value).__name__}")
-    if value < -1:
-        raise ValueError(f"{op}: {name} must be an int >= 0, -1 or None (unbounded), got {value}")
-    return int(value)
-
-
-def _window_pair(op: str, window) -> tuple[int, int]:
-    """(left, right) with -1 for an unbounded side."""
-    if window is None:
-        return -1, -1
-    if not isinstance(window, (tuple, list)) or len(window) != 2:
-        raise TypeError(f"{op}: window must be None or a pair (left, right), got {window!r}")
-    return _window_side(op, "window[0] (left)", window[0]), _window_side(op, "window[1] (right)", window[1])
-
-
-def _flag(op: str, name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__}")
-    return value
-
-
-def check_qkv(op: str, q, k, v, layout: str = "[B, H, N, D]") -> None:
-    """q, k, v of one float dtype and device, k and v of one shape, one head dim >= 1, Hk dividing Hq.
-
-    ``layout`` names the dims: "[B, H, N, D]" (attention: batch and key count checked too) or "[total, H, D]"
-    (attention_varlen's packed rows).
-    """
-    ndim = layout.count(",") + 1
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _checks.tensor(op, name, t, dtypes=_checks.FLOAT_DTYPES, ndim=ndim)
-    _checks.same_device(op, "q", q, k=k, v=v)
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{op}: {name} has dtype {t.dtype} but q has dtype {q.dtype}")
-    _checks.same_shape(op, "k", k, v=v)
-    hq, d, hk, dk = q.shape[-2 if ndim == 3 else 1], q.shape[-1], k.shape[-2 if ndim == 3 else 1], k.shape[-1]
-    if ndim == 4 and k.shape[0] != q.shape[0]:
-        raise ValueError(f"{op}: k has batch {k.shape[0]} but q has batch {q.shape[0]} (q {layout}, k {layout})")
-    if dk != d:
-        raise ValueError(f"{op}: q and k head dims differ: q has D={d}, k has D={dk} (q {layout}, k {layout})")
-    if d == 0:
-        raise ValueError(f"{op}: the head dim D must be >= 1, got q shape {tuple(q.shape)}")
-    if hk == 0 or hq % hk != 0:
-        raise ValueError(f"{op}: the number of query heads Hq={hq} must be a multiple of the key heads Hk={hk}")
-    if ndim == 4 and k.shape[2] == 0:
-        raise ValueError(f"{op}: k and v must hold at least one key (Nk >= 1), got k shape {tuple(k.shape)}")
-
-
 def _check_mask(op: str, attn_mask, q, k) -> None:
     if attn_mask is None:
         return
@@ -361,24 +209,6 @@ def _check_mask(op: str, attn_mask, q, k) -> None:
 
 
 # ------------------------------------------------------------------------------------------ public op
-def softmax_scale(op: str, scale, head_dim: int) -> float:
-    """``scale`` checked (a finite real number), or 1 / sqrt(head_dim) when None."""
-    if scale is None:
-        return 1.0 / math.sqrt(head_dim)
-    scale = _checks.real_number(op, "scale", scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"{op}: scale must be finite, got {scale}")
-    return scale
-
-
-def dropout_probability(op: str, dropout_p) -> float:
-    """``dropout_p`` checked: a real number in [0, 1)."""
-    dropout_p = _checks.real_number(op, "dropout_p", dropout_p)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
-    return dropout_p
-
-
 def _everyday(q, k, v, causal, attn_mask, dropout_p, scale, window, return_lse, generator) -> bool:
     """True for the everyday call that is valid by inspection: q, k, v plain 4-D tensors of one float dtype and
     device that ``check_qkv`` would pass, no mask, dropout, window or generator, a float scale or none (what the
@@ -414,12 +244,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         seed, mask, knobs = None, None, Knobs(causal, 0.0, scale, -1, -1)
     else:
         check_qkv(OP, q, k, v)
-        causal = _flag(OP, "causal", causal)
-        return_lse = _flag(OP, "return_lse", return_lse)
+        causal = bool_flag(OP, "causal", causal)
+        return_lse = bool_flag(OP, "return_lse", return_lse)
         _check_mask(OP, attn_mask, q, k)
         dropout_p = dropout_probability(OP, dropout_p)
         scale = softmax_scale(OP, scale, q.shape[-1])
-        left, right = _window_pair(OP, window)
+        left, right = window_pair(OP, window)
         _checks.generator(OP, generator, q.device)
         seed = _checks.draw_seed(generator, q.device) if dropout_p > 0 else None
         mask = _broadcast_mask(attn_mask, q, k)

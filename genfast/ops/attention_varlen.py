@@ -49,24 +49,24 @@ import torch.nn.functional as F
 
 from genfast import _backend, _philox
 from genfast.ops import _checks
-from genfast.ops._attention_common import window_bounds
-from genfast.ops.attention import (
+from genfast.ops._attention_common import (
+    NEG_INF,
     Knobs,
-    _flag,
-    _math,
-    _window_pair,
     allowed_positions,
+    attention_math,
+    bool_flag,
     check_qkv,
     dropout_probability,
     nan_query_rows,
     sdpa_inputs,
     softmax_scale,
     triton_supports,
+    window_bounds,
+    window_pair,
 )
 from genfast.ops.random import philox_noise
 
 OP = "attention_varlen"
-NEG_INF = float("-inf")
 SEQLEN_DTYPES = (torch.int32, torch.int64)
 # The kernels hold sequence offsets and lengths in int32 (cu_seqlens are cast to int32 for them).
 MAX_ROWS = 2**31 - 1
@@ -116,7 +116,7 @@ def attention_varlen_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
     """
     total_q, hq, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    left, right = _window_pair(f"{OP}_ref", window)
+    left, right = window_pair(f"{OP}_ref", window)
     compute_dtype = compute_dtype or torch.promote_types(q.dtype, torch.float32)
     if dropout_p and seed is None:
         raise ValueError(f"{OP}_ref: dropout_p > 0 needs seed")
@@ -133,7 +133,7 @@ def attention_varlen_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
             continue
         qb, kb, vb = (t.transpose(0, 1).unsqueeze(0) for t in (q[q0:q1], k[k0:k1], v[k0:k1]))  # (1, H, N_b, D)
         keep_b = keep[:, q0:q1, :k1 - k0].unsqueeze(0) if keep is not None else None
-        out, lse = _math(qb, kb, vb, None, keep_b, causal, dropout_p, scale, left, right, compute_dtype)
+        out, lse = attention_math(qb, kb, vb, None, keep_b, causal, dropout_p, scale, left, right, compute_dtype)
         outs.append(out[0].transpose(0, 1))
         lses.append(lse[0])
     out, lse = torch.cat(outs), torch.cat(lses, dim=1)
@@ -270,7 +270,7 @@ def _reference(q, k, v, packing: Packing, seed, knobs: Knobs, need_lse: bool):
         if dropout_p:
             keep = varlen_dropout_keep(seed, hq, total_q, packing.max_k, dropout_p, columns=max_k)
             keep = keep[:, index_q.clamp(0, total_q - 1)].transpose(0, 1)  # (B, Hq, max_q, max_k)
-        out, lse = _math(qp, kp, vp, mask, keep, False, dropout_p, scale, -1, -1,
+        out, lse = attention_math(qp, kp, vp, mask, keep, False, dropout_p, scale, -1, -1,
                          torch.promote_types(q.dtype, torch.float32))
     # Back to packed rows: row t belongs to sequence b(t), at index t - cu_q[b(t)] within it.
     t = torch.arange(total_q, device=q.device)
@@ -434,12 +434,12 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                          f"{cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]} offsets")
     max_q = _max_seqlen("max_seqlen_q", max_seqlen_q)
     max_k = _max_seqlen("max_seqlen_k", max_seqlen_k)
-    causal = _flag(OP, "causal", causal)
-    return_lse = _flag(OP, "return_lse", return_lse)
-    validate = _flag(OP, "validate", validate)
+    causal = bool_flag(OP, "causal", causal)
+    return_lse = bool_flag(OP, "return_lse", return_lse)
+    validate = bool_flag(OP, "validate", validate)
     dropout_p = dropout_probability(OP, dropout_p)
     scale = softmax_scale(OP, scale, q.shape[-1])
-    left, right = _window_pair(OP, window)
+    left, right = window_pair(OP, window)
     _checks.generator(OP, generator, q.device)
     if dropout_p > 0 and q.shape[1] * q.shape[0] * max_k > 2**63 - 1:
         raise ValueError(f"{OP}: with dropout, Hq * total_q * max_seqlen_k must stay below 2**63 (the Philox "
