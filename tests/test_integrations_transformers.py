@@ -193,6 +193,38 @@ def test_gqa_masks_scaling_and_causal_reach_genfast(monkeypatch):
     assert [c["scale"] for c in spy.calls] == pytest.approx([8 ** -0.5, 8 ** -0.5 / 2])  # 1/(layer_idx+1)
 
 
+class _LargestWrite(torch.utils._python_dispatch.TorchDispatchMode):
+    """The largest tensor any aten op writes while the mode is on (views of its inputs are not writes)."""
+
+    largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_a_padding_mask_reaches_sdpa_unexpanded():
+    """Issue 26: the left-padded forward ran at 0.95x "sdpa" on a CPU. genfast views the [B, 1, Nq, Nk] mask
+    transformers builds as [B, Hq, Nq, Nk] for its kernels, and SDPA's CPU kernel turned the bool mask into a float
+    one at that size: Hq times the pass "sdpa" makes. The call now writes nothing larger than its output (the
+    expanded float mask, 2x the output here, was written before)."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 8, 16, 8), torch.randn(2, 2, 16, 8), torch.randn(2, 2, 16, 8)
+    mask = torch.ones(2, 1, 16, 16, dtype=torch.bool).tril()
+    mask[0, :, :, :5] = False  # row 0 left-padded by 5
+    mask[0, :, :5, 0] = True  # (its padding queries see one key, as transformers' mask does for them)
+    with _LargestWrite() as seen, genfast.backend("auto"), torch.no_grad():
+        got = genfast.ops.attention(q, k, v, attn_mask=mask)
+    assert seen.largest <= got.numel() < 2 * 8 * 16 * 16
+    want = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1),
+                                                            attn_mask=mask)
+    torch.testing.assert_close(got, want, **TOL)
+
+
 @pytest.mark.parametrize("q_len, kv_len", [(7, 7), (1, 7), (3, 10)])
 def test_sliding_window_without_a_mask_uses_the_kernel_window(q_len, kv_len):
     """What a module gets when transformers passes no mask: causal + window flags, bottom-right aligned."""
