@@ -19,13 +19,7 @@ from tests.conftest import serving_backends
 CUDA = torch.cuda.is_available()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two cores shared by several test runs: one intra-op thread is faster than two fighting for them.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _unet(num_classes=3, seed=0, device="cpu"):

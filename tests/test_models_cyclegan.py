@@ -32,13 +32,7 @@ from genfast.recipes import cyclegan as recipe
 SMALL = CycleGANConfig(ngf=8, ndf=8, n_residual=1, disc_layers=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny convolutions on a shared 2-core machine run far faster on one thread than on two contending ones.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_short_run_finite_and_cycle_loss_decreases():

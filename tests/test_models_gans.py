@@ -31,12 +31,7 @@ TINY = ["--device", "cpu", "--g-features", "8", "--d-features", "8", "--latent-d
         "--quiet"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def mmd2(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -459,8 +454,9 @@ def test_ddp_through_torchrun(tmp_path, recipe):
     extra = TINY if recipe != "numbergan" else ["--device", "cpu", "--hidden", "16", "--batch-size", "8", "--quiet",
                                                 "--sample-every", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "genfast", "train",
-                    recipe, "--steps", "3", "--device", "cpu", "--out", str(out), *extra], check=True, env=env,
-                   timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    # --standalone: a free port of its own (the default, 29500, is taken while another torchrun test runs beside it).
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+                    "genfast", "train", recipe, "--steps", "3", "--device", "cpu", "--out", str(out), *extra],
+                   check=True, env=env, timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     trainer, config = load_checkpoint(out)
     assert trainer["step"] == 3 and config["recipe"] == recipe

@@ -21,13 +21,7 @@ SMALL = dict(vocab_size=V, block_size=CTX, n_layer=2, n_head=2, n_embd=32)
 FUSED = serving_backends("attention", "cpu") + ["auto"]  # on CPU: Triton in its interpreter, and what auto picks
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # These models are tiny: on a shared 2-core machine extra intra-op threads only contend (10x slower).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def small_gpt(seed: int = 0, **overrides) -> GPT:

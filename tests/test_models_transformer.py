@@ -16,14 +16,7 @@ from genfast.recipes import translator as recipe
 from genfast.training import load_checkpoint, load_safetensors_state, save_checkpoint
 from tests.conftest import backend_params
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matmuls on a shared 2-core machine: two threads spin against each other (10x slower than one).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _model(seed=0, **overrides) -> Transformer:

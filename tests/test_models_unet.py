@@ -10,14 +10,7 @@ from genfast.models import UNet, UNetConfig
 from genfast.models.unet import PRESETS, timestep_embedding
 from tests.conftest import serving_backends
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two cores shared by several test runs: one intra-op thread is faster than two fighting for them.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _counting(monkeypatch, module, name: str) -> list:

@@ -23,13 +23,7 @@ TINY = VAEConfig(image_size=8, channels=1, latent_dim=4, base_channels=4)
 TINY16 = VAEConfig(image_size=16, channels=1, latent_dim=4, base_channels=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny convolutions on a shared 2-core machine run far faster on one thread than on two contending ones.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _trained_vae_on_digits(steps: int):
