@@ -16,6 +16,9 @@ B * N = 2048, H 8). The report gives each TFLOP/s as a share of the bf16 matmul 
 Decode (``attention_decode``, see ``decode_cases``): one new token per sequence over full caches, bytes = the
 K and V caches read once (memory bound), so GB/s compares directly with the copy bandwidth of the same run.
 Providers: genfast backends, auto, the reference, and torch's SDPA (default backend choice) on the cache.
+Paged rows (``<provider>-paged16`` / ``-paged128``, issue 30): the same caches cut into blocks of 16 or 128 slots,
+dealt to the sequences in a shuffled order through ``block_table``, at the same lengths, so each paged row's ratio
+to its dense row is the cost of the indirection.
 
 Varlen (``attention_varlen``, see ``varlen_cases``): packed self-attention sequences of mixed lengths (drawn
 uniformly in [1, 2 * mean), a fixed total of tokens), forward and backward. Providers: genfast backends, auto,
@@ -217,11 +220,25 @@ def decode_cases(device: torch.device, quick: bool = False) -> list[BenchCase]:
                 return lambda: fn(q, k, v, lengths)
             return setup
 
+        def paged_setup_for(fn, page, b=b, n=n, d=d, hq=hq, hk=hk, dtype=dtype):
+            """The dense setup's caches as a pool of ``page``-slot blocks in a shuffled order, and its block table."""
+            def setup():
+                g = torch.Generator(device).manual_seed(0)
+                q = torch.randn(b, hq, 1, d, device=device, dtype=dtype, generator=g)
+                per_seq = n // page
+                pool = torch.randn(b * per_seq, hk, page, d, device=device, dtype=dtype, generator=g)
+                pool_v = torch.randn(b * per_seq, hk, page, d, device=device, dtype=dtype, generator=g)
+                order = torch.randperm(b * per_seq, generator=torch.Generator().manual_seed(1))
+                table = order.view(b, per_seq).to(device=device, dtype=torch.int32)
+                lengths = torch.full((b,), n, dtype=torch.int32, device=device)
+                return lambda: fn(q, pool, pool_v, lengths, table)
+            return setup
+
         def ours(backend_name):
-            def run(q, k, v, lengths):
+            def run(q, k, v, lengths, block_table=None):
                 with genfast.backend(backend_name):
                     # validate=False: the timed loop must not include the host sync of the length check.
-                    return attention_decode(q, k, v, lengths, validate=False)
+                    return attention_decode(q, k, v, lengths, validate=False, block_table=block_table)
             return run
 
         providers = {f"genfast-{name}": ours(name) for name in genfast_providers("attention_decode", device)}
@@ -234,6 +251,12 @@ def decode_cases(device: torch.device, quick: bool = False) -> list[BenchCase]:
         for provider, fn in providers.items():
             out.append(BenchCase(FAMILY, "attention_decode", label, provider, setup_for(fn),
                                  flops=4.0 * b * hq * n * d, bytes=kv_bytes))
+        paged = {name: ours(name) for name in [*genfast_providers("attention_decode", device), "auto", "reference"]}
+        for page in (16, 128):
+            for name, fn in paged.items():
+                provider = f"{'reference' if name == 'reference' else 'genfast-' + name}-paged{page}"
+                out.append(BenchCase(FAMILY, "attention_decode", label, provider, paged_setup_for(fn, page),
+                                     flops=4.0 * b * hq * n * d, bytes=kv_bytes))
     return out
 
 

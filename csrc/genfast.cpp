@@ -59,14 +59,21 @@ TORCH_LIBRARY(genfast, m) {
   // unbounded side is a distance no position reaches); `causal` is already folded in as window_right = 0, and the
   // kernels only check that the two agree.
   // Returns (out [B, Hq, Nq, D], lse [B, Hq, Nq] float32).
+  // Paged caches: with `block_table` (int32 [B, max_blocks_per_seq]) the caches are [num_blocks, Hk, block_size, D]
+  // (block_size a power of two, 16 to 256) and sequence b's logical slot j is slot j % block_size of block
+  // block_table[b, j / block_size]; Nmax = max_blocks_per_seq * block_size is the logical capacity the lengths and
+  // the batch-invariant split count refer to. Entries are clamped to [0, num_blocks) when read (the Python op
+  // validates the ones a sequence needs), so no entry can make a kernel read outside the caches.
   m.def(
       "attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, bool causal, float scale, "
-      "int window_left, int window_right, int num_splits) -> (Tensor, Tensor)");
+      "int window_left, int window_right, int num_splits, Tensor? block_table=None) -> (Tensor, Tensor)");
   // In place: k_cache[b, :, L_b + t] = k_new[b, :, t] (same for v) with L = cache_seqlens; slots outside
-  // [0, Nmax) are dropped. CPU kernel in csrc/cpu/attention_decode.cpp (GPUs use the Triton twin).
+  // [0, Nmax) are dropped. CPU kernel in csrc/cpu/attention_decode.cpp (GPUs use the Triton twin). With
+  // `block_table` (as above) the logical slot L_b + t is written, and a token whose block entry is outside
+  // [0, num_blocks) is dropped (never clamped: a write must not land in another sequence's block).
   m.def(
       "kv_cache_append(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k_new, Tensor v_new, "
-      "Tensor cache_seqlens) -> ()");
+      "Tensor cache_seqlens, Tensor? block_table=None) -> ()");
 
   // Transposed convolution with a fused epilogue (genfast/ops/conv_transpose.py), the signature of its Triton
   // twin conv_transpose2d_triton: x [N, C_in, H, W], weight [C_in, C_out/groups, KH, KW], bias [C_out] in x's

@@ -107,16 +107,19 @@ def _varlen(dtype, d, causal=True):
     return run
 
 
-def _decode(dtype, d, nq, group):
+def _decode(dtype, d, nq, group, page=None):
+    """The decode and append kernels over a dense cache, or with ``page`` over a paged one (block_table)."""
     def run(k):
         b, hk, nmax = 4, 8, 4096
         q = _empty(b, hk * group, nq, d, dtype=dtype)
-        cache = _empty(b, hk, nmax, d, dtype=dtype)
+        cache = _empty(b, hk, nmax, d, dtype=dtype) if page is None else _empty(b * nmax // page, hk, page, d,
+                                                                                  dtype=dtype)
+        table = None if page is None else _empty(b, nmax // page, dtype=torch.int32)
         lengths = _empty(b, dtype=torch.int32)
         left, right, _ = _unwindowed(True, nq, nmax)
-        k["attention_decode"].attention_decode(q, cache, cache, lengths, True, d ** -0.5, left, right, 0)
+        k["attention_decode"].attention_decode(q, cache, cache, lengths, True, d ** -0.5, left, right, 0, table)
         new = _empty(b, hk, nq, d, dtype=dtype)
-        k["attention_decode"].kv_cache_append(cache, cache, new, new, lengths)
+        k["attention_decode"].kv_cache_append(cache, cache, new, new, lengths, table)
     return run
 
 
@@ -212,6 +215,9 @@ def cases() -> list[Case]:
     ]
     for dtype, d, nq, group in ((BF16, 128, 1, 4), (FP16, 128, 4, 8), (FP32, 256, 1, 1)):
         out.append(Case("attention_decode", f"{_SHORT[dtype]} d{d} Nq{nq} group{group}", _decode(dtype, d, nq, group)))
+    out += [Case("attention_decode", f"{_SHORT[dtype]} d{d} Nq{nq} group{group} paged{page}",
+                 _decode(dtype, d, nq, group, page))
+            for dtype, d, nq, group, page in ((BF16, 128, 1, 4, 16), (FP32, 256, 1, 1, 128))]
     out.append(Case("conv_transpose", "bf16 channels_last k4 s2", _conv(BF16, True, 2, 4), sweep="conv bf16"))
     out += [Case("conv_transpose", f"{_SHORT[dtype]} {layout} k4 s2", _conv(dtype, layout == "channels_last", 2, 4))
             for dtype, layout in ((BF16, "NCHW"), (FP16, "channels_last"), (FP32, "channels_last"))]

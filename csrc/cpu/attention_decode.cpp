@@ -20,6 +20,12 @@
 //
 // kv_cache_append is an in-place row copy (memcpy of D elements per (b, h, t)): no allocation, any dtype. Slots
 // L + t outside [0, Nmax) are dropped, as by every other backend (the lengths are not clamped there).
+//
+// Paged caches (block_table given; layout in csrc/genfast.cpp): the tasks, splits and key blocks are those of the
+// dense cache over the logical slots, so the arithmetic is the dense path's bit for bit. A key block that lies in
+// one page is read in place (as a dense one); one that crosses pages (block_size < kBlock, or a window's unaligned
+// start) is first copied into the task's fp32 buffer a page run at a time. Decode clamps a block entry into
+// [0, num_blocks); the append drops a token whose entry is outside it.
 #include <ATen/Dispatch.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
@@ -33,6 +39,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -64,13 +71,47 @@ std::vector<int64_t> read_lengths(const at::Tensor& seqlens, int64_t lo, int64_t
   return out;
 }
 
+// A paged cache's block table: the row of sequence b is table + b * row_stride (entries col_stride apart); block
+// entries are clamped to [0, blocks) by decode (`page_of`) and checked by the append. table == nullptr: dense.
+struct Paging {
+  const int32_t* table = nullptr;
+  int64_t row_stride = 0, col_stride = 0, page = 0, blocks = 0;
+  int64_t shift = 0;  // log2(page)
+  int64_t entry(int64_t b, int64_t j) const { return table[b * row_stride + j * col_stride]; }
+  int64_t page_of(int64_t b, int64_t j) const { return std::clamp<int64_t>(entry(b, j), 0, blocks - 1); }
+};
+
+// Checks the block table (int32 [B, max_blocks], on the CPU, block_size a power of two) and describes it; the
+// logical capacity is then max_blocks * block_size.
+Paging paging_of(const char* op, const std::optional<at::Tensor>& block_table, const at::Tensor& cache,
+                 int64_t batch) {
+  Paging p;
+  if (!block_table.has_value()) return p;
+  const at::Tensor& t = *block_table;
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == batch && t.size(1) > 0 && t.scalar_type() == at::kInt, op,
+              ": block_table must be int32 [B, max_blocks_per_seq]");
+  TORCH_CHECK(t.device().is_cpu(), op, ": block_table must be on the CPU");
+  const int64_t page = cache.size(2);
+  TORCH_CHECK(page >= 16 && page <= 256 && (page & (page - 1)) == 0, op,
+              ": a paged cache's block size (dim 2) must be a power of two from 16 to 256");
+  TORCH_CHECK(cache.size(0) > 0, op, ": a paged cache must hold at least one block");
+  p.table = t.data_ptr<int32_t>();
+  p.row_stride = t.stride(0);
+  p.col_stride = t.stride(1);
+  p.page = page;
+  p.blocks = cache.size(0);
+  while ((int64_t{1} << p.shift) < page) ++p.shift;
+  return p;
+}
+
 void check_decode_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                       const at::Tensor& seqlens) {
+                       const at::Tensor& seqlens, bool paged) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op, ": q, k_cache and v_cache must be 4-D");
   TORCH_CHECK(k.sizes() == v.sizes(), op, ": k_cache and v_cache must have one shape");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(), op,
               ": q, k_cache and v_cache must share a dtype");
-  TORCH_CHECK(q.size(0) == k.size(0) && q.size(3) == k.size(3), op, ": q and the caches disagree in B or D");
+  TORCH_CHECK((paged || q.size(0) == k.size(0)) && q.size(3) == k.size(3), op,
+              ": q and the caches disagree in B or D");
   TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, op, ": Hk must divide Hq");
   TORCH_CHECK(seqlens.dim() == 1 && seqlens.size(0) == q.size(0) &&
                   (seqlens.scalar_type() == at::kInt || seqlens.scalar_type() == at::kLong),
@@ -212,14 +253,46 @@ inline void widen(const T* src, int64_t stride, int64_t n, int64_t D, float* dst
 // sum of exp(s - max) and unnormalised output over those keys (m = -inf, l = 0, acc = 0 where it saw none).
 struct TaskArgs {
   const float* qf;  // [R, D], scaled
-  const void* kh;   // this head's K rows, ksn elements apart
+  const void* kh;   // this head's K rows, ksn elements apart (paged: the head's rows of block 0)
   const void* vh;
   int64_t ksn, vsn;
+  const Paging* paging;  // dense: table == nullptr
+  int64_t b, ksb, vsb;   // paged: the sequence, and the block strides of K and V
   const int64_t *lo, *hi;  // each row's visible keys
   int64_t k0, k1;
   float *m, *l, *acc;        // outputs
-  float *s, *kbuf, *vbuf;    // scratch: R x kBlock scores, kBlock x D widened K and V (half types)
+  float *s, *kbuf, *vbuf;    // scratch: R x kBlock scores, kBlock x D widened K and V (half types, or paged)
 };
+
+// Keys [j0, j0 + n) of one head as fp32 rows: returns the first row and sets `stride` (elements between rows).
+// Dense fp32 rows are read in place; half types are widened into `buf`. Paged, the keys of one page are as dense
+// (their block's rows); keys spread over pages are copied (widened) into `buf` page run by page run.
+template <typename T>
+inline const float* key_rows(const T* head, int64_t sn, int64_t sblk, const Paging& pg, int64_t b, int64_t j0,
+                             int64_t n, int64_t D, float* buf, int64_t& stride) {
+  const T* src = head + j0 * sn;
+  if (pg.table != nullptr) {
+    const int64_t first = j0 >> pg.shift, last = (j0 + n - 1) >> pg.shift;
+    if (first != last) {
+      for (int64_t j = j0; j < j0 + n;) {
+        const int64_t run = std::min(j0 + n - j, pg.page - (j & (pg.page - 1)));
+        widen(head + pg.page_of(b, j >> pg.shift) * sblk + (j & (pg.page - 1)) * sn, sn, run, D, buf + (j - j0) * D);
+        j += run;
+      }
+      stride = D;
+      return buf;
+    }
+    src = head + pg.page_of(b, first) * sblk + (j0 & (pg.page - 1)) * sn;
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    stride = sn;
+    return src;
+  } else {
+    widen(src, sn, n, D, buf);
+    stride = D;
+    return buf;
+  }
+}
 
 template <typename T, typename Math>
 __attribute__((always_inline)) inline void decode_task_body(const DecodeGeometry& g, const TaskArgs& t) {
@@ -232,16 +305,9 @@ __attribute__((always_inline)) inline void decode_task_body(const DecodeGeometry
   std::fill(acc, acc + R * D, 0.f);
   for (int64_t j0 = t.k0; j0 < t.k1; j0 += kBlock) {
     const int64_t n = std::min(kBlock, t.k1 - j0);
-    const float* kb;
-    const float* vb;
     int64_t kstride, vstride;
-    if constexpr (std::is_same_v<T, float>) {
-      kb = kh + j0 * t.ksn, vb = vh + j0 * t.vsn, kstride = t.ksn, vstride = t.vsn;
-    } else {
-      widen(kh + j0 * t.ksn, t.ksn, n, D, t.kbuf);
-      widen(vh + j0 * t.vsn, t.vsn, n, D, t.vbuf);
-      kb = t.kbuf, vb = t.vbuf, kstride = D, vstride = D;
-    }
+    const float* kb = key_rows(kh, t.ksn, t.ksb, *t.paging, t.b, j0, n, D, t.kbuf, kstride);
+    const float* vb = key_rows(vh, t.vsn, t.vsb, *t.paging, t.b, j0, n, D, t.vbuf, vstride);
     for (int64_t r = 0; r < R; ++r) {
       const int64_t a = std::max(t.lo[r] - j0, int64_t{0}), z = std::min(t.hi[r] - j0, n);
       if (a >= z) continue;  // the row sees no key of this block
@@ -292,7 +358,7 @@ TaskFn choose_task(int64_t D) {
 
 template <typename T>
 void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::vector<int64_t>& lengths,
-                   const DecodeGeometry& g, double scale, at::Tensor& out, at::Tensor& lse) {
+                   const DecodeGeometry& g, const Paging& paging, double scale, at::Tensor& out, at::Tensor& lse) {
   const int64_t Hq = g.Hq, Hk = g.Hk, G = g.G, Nq = g.Nq, D = g.D, R = g.R, S = g.splits;
   const T* qp = q.data_ptr<T>();  // contiguous [B, Hq, Nq, D]
   const T* kp = k.data_ptr<T>();
@@ -347,7 +413,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   for (int64_t i = 0; S > 1 && i < g.B * Hk; ++i) done[i].store(0, std::memory_order_relaxed);
   at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(R * D), s(R * kBlock), mine(S > 1 ? 0 : R * (D + 2)), macc(S > 1 ? D : 0);
-    std::vector<float> kbuf(std::is_same_v<T, float> ? 0 : kBlock * D), vbuf(kbuf.size());
+    std::vector<float> kbuf(std::is_same_v<T, float> && paging.table == nullptr ? 0 : kBlock * D), vbuf(kbuf.size());
     std::vector<int64_t> lo(R), hi(R);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / S, split = task % S, b = bh / Hk, h = bh % Hk, L = lengths[b];
@@ -371,8 +437,10 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
       }
       float* base = S > 1 ? &part[task * R * (D + 2)] : mine.data();
       float *m = base, *l = base + R, *acc = base + 2 * R;
-      task_fn(g, TaskArgs{qf.data(), kp + b * ksb + h * ksh, vp + b * vsb + h * vsh, ksn, vsn, lo.data(), hi.data(),
-                          k0, k1, m, l, acc, s.data(), kbuf.data(), vbuf.data()});
+      // Paged: the head's rows of block 0, to which key_rows adds each page's block offset.
+      const int64_t bo = paging.table == nullptr ? b : 0;
+      task_fn(g, TaskArgs{qf.data(), kp + bo * ksb + h * ksh, vp + bo * vsb + h * vsh, ksn, vsn, &paging, b, ksb, vsb,
+                          lo.data(), hi.data(), k0, k1, m, l, acc, s.data(), kbuf.data(), vbuf.data()});
       if (S == 1) {
         for (int64_t r = 0; r < R; ++r) finish(row_index(b, h, r), m[r], l[r], acc + r * D);
       } else if (done[bh].fetch_add(1, std::memory_order_acq_rel) == S - 1) {
@@ -406,11 +474,15 @@ int64_t invariant_splits(int64_t nmax, int64_t row_bytes) {
 std::tuple<at::Tensor, at::Tensor> attention_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache,
                                                         const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
                                                         bool causal, double scale, int64_t window_left,
-                                                        int64_t window_right, int64_t num_splits) {
+                                                        int64_t window_right, int64_t num_splits,
+                                                        const std::optional<at::Tensor>& block_table) {
   // num_splits > 0 is a GPU occupancy knob, ignored here: the CPU splits the keys only to keep its threads busy
   // (choose_splits). num_splits < 0 asks for batch invariance: splits from Nmax and the key row's bytes alone.
   constexpr const char* op = "attention_decode";
-  check_decode_args(op, q, k_cache, v_cache, cache_seqlens);
+  check_decode_args(op, q, k_cache, v_cache, cache_seqlens, block_table.has_value());
+  const Paging paging = paging_of(op, block_table, k_cache, q.size(0));
+  // The logical capacity: the lengths, the splits and the key ranges are those of the dense cache it stands for.
+  const int64_t nmax = paging.table == nullptr ? k_cache.size(2) : block_table->size(1) * paging.page;
   TORCH_CHECK(window_left >= 0 && window_right >= 0 && (!causal || window_right == 0), op,
               ": window bounds must come resolved (>= 0, right = 0 when causal; "
               "genfast/ops/_attention_common.py window_bounds), got (", window_left, ", ", window_right, ")");
@@ -421,37 +493,39 @@ std::tuple<at::Tensor, at::Tensor> attention_decode_cpu(const at::Tensor& q, con
   at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   if (q.numel() == 0) return {out, lse};
-  const std::vector<int64_t> lengths = read_lengths(cache_seqlens, 0, k_cache.size(2));
+  const std::vector<int64_t> lengths = read_lengths(cache_seqlens, 0, nmax);
   DecodeGeometry g{q.size(0), q.size(1), k.size(1), q.size(1) / k.size(1), q.size(2), q.size(3),
                    q.size(1) / k.size(1) * q.size(2), 1, 0, window_left, window_right};
   const int64_t row_bytes = g.D * static_cast<int64_t>(q.element_size());
-  g.splits = num_splits < 0 ? invariant_splits(k_cache.size(2), row_bytes)
+  g.splits = num_splits < 0 ? invariant_splits(nmax, row_bytes)
                             : choose_splits(g.B * g.Hk, *std::max_element(lengths.begin(), lengths.end()), row_bytes);
   if (num_splits < 0) {
-    const int64_t nmax = k_cache.size(2);
     // The cache's blocks dealt into at most `splits` chunks of whole blocks; the count of chunks then covers Nmax.
     const int64_t blocks = (nmax + kBlock - 1) / kBlock;
     g.chunk = (blocks + g.splits - 1) / g.splits * kBlock;
     g.splits = (nmax + g.chunk - 1) / g.chunk;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_decode_cpu", [&] {
-    decode_kernel<scalar_t>(qc, k, v, lengths, g, scale, out, lse);
+    decode_kernel<scalar_t>(qc, k, v, lengths, g, paging, scale, out, lse);
   });
   return {out, lse};
 }
 
 void kv_cache_append_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_new,
-                         const at::Tensor& v_new, const at::Tensor& cache_seqlens) {
+                         const at::Tensor& v_new, const at::Tensor& cache_seqlens,
+                         const std::optional<at::Tensor>& block_table) {
   constexpr const char* op = "kv_cache_append";
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(), op,
               ": k_cache and v_cache must be 4-D of one shape");
   TORCH_CHECK(k_new.dim() == 4 && k_new.sizes() == v_new.sizes(), op, ": k_new and v_new must be 4-D of one shape");
-  TORCH_CHECK(k_new.size(0) == k_cache.size(0) && k_new.size(1) == k_cache.size(1) && k_new.size(3) == k_cache.size(3),
+  const bool paged = block_table.has_value();
+  TORCH_CHECK((paged || k_new.size(0) == k_cache.size(0)) && k_new.size(1) == k_cache.size(1) &&
+                  k_new.size(3) == k_cache.size(3),
               op, ": k_new must be [B, Hk, Nnew, D] with the caches' B, Hk and D");
   const at::ScalarType dtype = k_cache.scalar_type();
   TORCH_CHECK(v_cache.scalar_type() == dtype && k_new.scalar_type() == dtype && v_new.scalar_type() == dtype, op,
               ": the caches and the new keys/values must share a dtype");
-  TORCH_CHECK(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == k_cache.size(0) &&
+  TORCH_CHECK(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == k_new.size(0) &&
                   (cache_seqlens.scalar_type() == at::kInt || cache_seqlens.scalar_type() == at::kLong),
               op, ": cache_seqlens must be int32/int64 [B]");
   // Writes into overlapping rows, or a key cache that is the value cache, would land on each other.
@@ -460,7 +534,9 @@ void kv_cache_append_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, c
   at::assert_no_partial_overlap(k_cache, v_cache);
   TORCH_CHECK(k_cache.data_ptr() != v_cache.data_ptr() || k_cache.numel() == 0, op,
               ": k_cache and v_cache must not be the same memory");
-  const int64_t B = k_cache.size(0), H = k_cache.size(1), Nmax = k_cache.size(2), D = k_cache.size(3);
+  const Paging paging = paging_of(op, block_table, k_cache, k_new.size(0));
+  const int64_t B = k_new.size(0), H = k_cache.size(1), D = k_cache.size(3);
+  const int64_t Nmax = paged ? block_table->size(1) * paging.page : k_cache.size(2);
   const int64_t T = k_new.size(2);
   if (B * H * T * D == 0) return;
   // Clamped only to [-T, Nmax], where every slot L + t is still dropped as it would be (clamping L to 0 would move
@@ -483,7 +559,14 @@ void kv_cache_append_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, c
         for (int64_t t = 0; t < T; ++t) {
           const int64_t dest = lengths[b] + t;
           if (dest < 0 || dest >= Nmax) continue;  // dropped, as documented for validate=False
-          char* d0 = cp + (b * cb + h * ch + dest * cn) * item;
+          // Paged: block and offset of the logical slot; a block entry outside the pool drops the token.
+          int64_t row = b, slot = dest;
+          if (paged) {
+            row = paging.entry(b, dest >> paging.shift);
+            if (row < 0 || row >= paging.blocks) continue;
+            slot = dest & (paging.page - 1);
+          }
+          char* d0 = cp + (row * cb + h * ch + slot * cn) * item;
           const char* s0 = sp + (b * sb + h * sh + t * sn) * item;
           if (rows_contiguous) {
             std::memcpy(d0, s0, D * item);

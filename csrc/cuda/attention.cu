@@ -7,7 +7,8 @@
 //                   online softmax in base 2 and writes its normalised partial output and lse (fp32);
 //   combine kernel  merges the splits of each row by their lse into out and lse.
 // Lengths are read on the device and clamped to [0, Nmax]: no key outside a sequence's prefix (or the cache)
-// is ever read. All offsets are int64. Everything computes in float32 (Triton rounds P to the input dtype
+// is ever read. Paged caches (DecodePaging) fetch each key row of a tile through the block table, clamped into the
+// pool, with everything else as for the dense cache (so the same arithmetic, tile for tile). All offsets are int64. Everything computes in float32 (Triton rounds P to the input dtype
 // before its PV matmul; this kernel does not, so it is at least as accurate).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -40,6 +41,7 @@ struct SplitArgs {
   float qk_scale;                                 // scale * log2(e)
   float* opart;                                   // [B * Hk * S * rows, D]
   float* lpart;                                   // [B * Hk * S * rows], base 2
+  DecodePaging paging;                            // table == nullptr: dense
 };
 
 // Rows of the q, acc, k and v tiles in shared memory are `row_stride(D)` floats apart: D rounded up to an odd
@@ -117,8 +119,12 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const T* __restr
   const int64_t chunk = cdiv_d(cdiv_d(span, a.num_splits), kTile) * kTile;
   const int64_t start = lo + split * chunk;
   const int64_t end = min(start + chunk, hi);
-  const T* k_base = k + b * s.k_stride[0] + hk * s.k_stride[1];
-  const T* v_base = v + b * s.v_stride[0] + hk * s.v_stride[1];
+  // Paged: the head's rows of block 0, to which each key adds its block's offset.
+  const bool paged = a.paging.table != nullptr;
+  const T* k_base = k + (paged ? 0 : b) * s.k_stride[0] + hk * s.k_stride[1];
+  const T* v_base = v + (paged ? 0 : b) * s.v_stride[0] + hk * s.v_stride[1];
+  const int32_t* table_row = paged ? a.paging.table + b * a.paging.row_stride : nullptr;
+  const int64_t page_mask = (int64_t{1} << a.paging.page_shift) - 1;
   // This thread's score: row rr_s, key j_s of the tile.
   const int rr_s = threadIdx.x / kTile, j_s = threadIdx.x % kTile;
   __syncthreads();
@@ -127,8 +133,16 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const T* __restr
     for (int j = warp; j < kTile; j += kWarps) {
       const int64_t n = t0 + j;
       const bool ok = n < end;  // end <= length <= Nmax: in bounds
-      const T* k_row = k_base + n * s.k_stride[2];
-      const T* v_row = v_base + n * s.v_stride[2];
+      int64_t block = b, slot = n;  // dense: the sequence's own rows
+      if (paged) {                  // the table is read only for keys in range (n < Nmax: its row has the entry)
+        block = ok ? min(max(static_cast<int64_t>(table_row[(n >> a.paging.page_shift) * a.paging.col_stride]),
+                             int64_t{0}),
+                         a.paging.num_blocks - 1)
+                   : 0;
+        slot = n & page_mask;
+      }
+      const T* k_row = k_base + (paged ? block * s.k_stride[0] : 0) + slot * s.k_stride[2];
+      const T* v_row = v_base + (paged ? block * s.v_stride[0] : 0) + slot * s.v_stride[2];
       for (int dd = lane; dd < d_len; dd += 32) {
         sk[j * ld + dd] = ok ? to_float(k_row[dd * s.k_stride[3]]) : 0.f;
         sv[j * ld + dd] = ok ? to_float(v_row[dd * s.v_stride[3]]) : 0.f;
@@ -259,8 +273,12 @@ int64_t decode_workspace_floats(const DecodeShape& shape, int64_t num_splits) {
 cudaError_t launch_attention_decode(const void* q, const void* k, const void* v, FloatType dtype,
                                     const void* seqlens, bool seqlens_int64, const DecodeShape& shape, float scale,
                                     int64_t window_left, int64_t window_right, int64_t num_splits,
-                                    float* workspace, void* out, float* lse, cudaStream_t stream) {
+                                    float* workspace, void* out, float* lse, cudaStream_t stream,
+                                    const DecodePaging& paging) {
   if (shape.batch == 0 || shape.q_heads == 0) return cudaSuccess;
+  if (paging.table != nullptr && (paging.num_blocks <= 0 || paging.page_shift < 4 || paging.page_shift > 8)) {
+    return cudaErrorInvalidValue;
+  }
   if (shape.kv_heads <= 0 || shape.q_heads % shape.kv_heads != 0 || shape.head_dim <= 0 ||
       shape.head_dim > kDecodeMaxHeadDim || shape.new_tokens <= 0 || shape.cache_len <= 0 || num_splits <= 0 ||
       num_splits > 65535 || window_left < 0 || window_right < 0) {
@@ -284,6 +302,7 @@ cudaError_t launch_attention_decode(const void* q, const void* k, const void* v,
   a.left = window_left;
   a.right = window_right;
   a.qk_scale = scale * kLog2e;
+  a.paging = paging;
   a.opart = workspace;
   a.lpart = workspace + shape.batch * shape.kv_heads * num_splits * a.rows * shape.head_dim;
   switch (dtype) {

@@ -18,6 +18,16 @@ struct DecodeShape {
   int64_t q_stride[4], k_stride[4], v_stride[4];                        // elements, [B, H, N, D] order
 };
 
+// A paged cache (csrc/genfast.cpp, attention_decode): k and v are [num_blocks, Hk, 1 << page_shift, D] (their
+// strides in DecodeShape, dim 0 stepping over blocks) and sequence b's logical slot j is slot j & (page - 1) of
+// block table[b * row_stride + (j >> page_shift) * col_stride], clamped into [0, num_blocks); DecodeShape's
+// cache_len is then the logical capacity (max_blocks_per_seq << page_shift). table == nullptr: a dense cache.
+struct DecodePaging {
+  const int32_t* table = nullptr;
+  int64_t row_stride = 0, col_stride = 0, num_blocks = 0;
+  int page_shift = 0;
+};
+
 // Splits per (batch, kv head) for this shape on `device`: ~2 waves of programs, each split >= 256 keys.
 // Needs no host synchronisation (reads a device attribute only).
 int64_t decode_num_splits(const DecodeShape& shape, int device);
@@ -37,6 +47,7 @@ int64_t decode_workspace_floats(const DecodeShape& shape, int64_t num_splits);
 cudaError_t launch_attention_decode(const void* q, const void* k, const void* v, FloatType dtype,
                                     const void* seqlens, bool seqlens_int64, const DecodeShape& shape, float scale,
                                     int64_t window_left, int64_t window_right, int64_t num_splits,
-                                    float* workspace, void* out, float* lse, cudaStream_t stream);
+                                    float* workspace, void* out, float* lse, cudaStream_t stream,
+                                    const DecodePaging& paging = DecodePaging{});
 
 }  // namespace genfast::cuda

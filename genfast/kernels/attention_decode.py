@@ -19,6 +19,11 @@ where some element offset of a tensor reaches 2^31 (``IDX64``).
 
 Grids are one flat axis (``decode_grid``): B * Hk passes the 65535 limit of a CUDA grid's axes 1 and 2 with
 large batches of GQA heads.
+
+Paged caches (``block_table``, PAGED): every key row of a tile is fetched through the table (its block
+``table[b, n >> log2(block_size)]``, offset ``n & (block_size - 1)``), with the tiles, masks and dots of the dense
+kernel, so a paged cache gives the dense result bit for bit. Decode clamps an entry into [0, num_blocks); the
+append drops a token whose entry is outside it (never a write into another sequence's block).
 """
 
 from __future__ import annotations
@@ -54,11 +59,20 @@ def _mm(a, b, PRECISION: tl.constexpr, F32_DOT: tl.constexpr):
 
 
 @triton.jit
-def _decode_split_kernel(Q, K, V, Seqlens, Opart, Lpart,
-                         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                         Hk, Nq, Nmax, D, group, rows, num_splits, row_blocks, qk_scale, left, right,
+def _key_rows(Table, b, stb, stj, offs_n, n_ok, num_blocks, PAGE_SHIFT: tl.constexpr):
+    """Paged: the block holding each logical key of offs_n (int64, clamped into the pool) and the key's slot in it."""
+    page = tl.load(Table + b * stb + (offs_n >> PAGE_SHIFT) * stj, mask=n_ok, other=0).to(tl.int64)
+    page = tl.minimum(tl.maximum(page, 0), num_blocks - 1)
+    return page, offs_n & ((1 << PAGE_SHIFT) - 1)
+
+
+@triton.jit
+def _decode_split_kernel(Q, K, V, Seqlens, Opart, Lpart, Table,
+                         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, stb, stj,
+                         Hk, Nq, Nmax, D, group, rows, num_splits, row_blocks, qk_scale, left, right, num_blocks,
                          PRECISION: tl.constexpr, F32_DOT: tl.constexpr, IDX64: tl.constexpr, BLOCK_D: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr,
+                         PAGE_SHIFT: tl.constexpr):
     # One flat grid axis: split fastest, then the row block, then batch x kv head.
     pid = tl.program_id(0).to(tl.int64)
     split = pid % num_splits
@@ -93,18 +107,27 @@ def _decode_split_kernel(Q, K, V, Seqlens, Opart, Lpart,
     start = lo + split * chunk
     end = tl.minimum(start + chunk, hi)
 
-    k_base = K + b * skb + hk * skh
-    v_base = V + b * svb + hk * svh
+    # Paged: the head's rows of block 0; each key adds its block's offset.
+    k_base = K + hk * skh
+    v_base = V + hk * svh
+    if not PAGED:
+        k_base += b * skb
+        v_base += b * svb
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + offs_j
         n_ok = offs_n < end
-        kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd, mask=n_ok[None, :] & d_ok[:, None],
-                     other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=n_ok[:, None] & d_ok[None, :],
-                    other=0.0)
+        if PAGED:
+            page, slot = _key_rows(Table, b, stb, stj, offs_n, n_ok, num_blocks, PAGE_SHIFT)
+            k_row = page * skb + slot * skn
+            v_row = page * svb + slot * svn
+        else:
+            k_row = offs_n * skn
+            v_row = offs_n * svn
+        kt = tl.load(k_base + k_row[None, :] + offs_d[:, None] * skd, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        v = tl.load(v_base + v_row[:, None] + offs_d[None, :] * svd, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         s = _mm(q, kt, PRECISION, F32_DOT) * qk_scale
         ok = n_ok[None, :] & (offs_n[None, :] >= pos[:, None] - left) & (offs_n[None, :] <= pos[:, None] + right)
         s = tl.where(ok, s, float("-inf"))
@@ -154,9 +177,11 @@ def _decode_combine_kernel(Opart, Lpart, Out, Lse, D, rows, num_splits, row_bloc
 
 
 @triton.jit
-def _append_kernel(Cache, New, Seqlens, scb, sch, scn, scd, snb, snh, snn, snd, Hk, Nnew, Nmax, D, t_blocks,
-                   BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """cache[b, h, L_b + t] = new[b, h, t]; positions past Nmax (only with validate=False) are dropped."""
+def _append_kernel(Cache, New, Seqlens, Table, scb, sch, scn, scd, snb, snh, snn, snd, stb, stj, Hk, Nnew, Nmax, D,
+                   t_blocks, num_blocks, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, PAGED: tl.constexpr,
+                   PAGE_SHIFT: tl.constexpr):
+    """cache[b, h, L_b + t] = new[b, h, t]; positions past Nmax (only with validate=False) are dropped. Paged: the
+    logical slot's block and offset; a block entry outside [0, num_blocks) drops the token."""
     pid = tl.program_id(0).to(tl.int64)
     bh = pid // t_blocks
     b = bh // Hk
@@ -166,9 +191,15 @@ def _append_kernel(Cache, New, Seqlens, scb, sch, scn, scd, snb, snh, snn, snd, 
     length = tl.load(Seqlens + b).to(tl.int64)
     dest = length + offs_t
     t_ok = (offs_t < Nnew) & (dest >= 0) & (dest < Nmax)
+    if PAGED:
+        row = tl.load(Table + b * stb + (dest >> PAGE_SHIFT) * stj, mask=t_ok, other=-1).to(tl.int64)
+        t_ok = t_ok & (row >= 0) & (row < num_blocks)
+        dest = dest & ((1 << PAGE_SHIFT) - 1)
+    else:
+        row = tl.zeros_like(dest) + b
     ok = t_ok[:, None] & (offs_d[None, :] < D)
     x = tl.load(New + b * snb + h * snh + offs_t[:, None] * snn + offs_d[None, :] * snd, mask=ok)
-    tl.store(Cache + b * scb + h * sch + dest[:, None] * scn + offs_d[None, :] * scd, x, mask=ok)
+    tl.store(Cache + row[:, None] * scb + h * sch + dest[:, None] * scn + offs_d[None, :] * scd, x, mask=ok)
 
 
 # ------------------------------------------------------------------------------------------ launchers
@@ -246,9 +277,21 @@ def decode_grid(batch: int, kv_heads: int, row_blocks: int, num_splits: int) -> 
     return (batch * kv_heads * row_blocks * num_splits,)
 
 
-def attention_decode(q, k_cache, v_cache, cache_seqlens, causal, scale, window_left, window_right, num_splits):
+def _paging(block_table, cache):
+    """(table or a placeholder, its two strides, number of blocks, log2 block size, logical capacity) for the
+    kernels; a dense cache gives PAGE_SHIFT 0 and its own Nmax."""
+    if block_table is None:
+        return cache, 0, 0, cache.shape[0], 0, cache.shape[2]
+    page = cache.shape[2]
+    return (block_table, block_table.stride(0), block_table.stride(1), cache.shape[0], page.bit_length() - 1,
+            block_table.shape[1] * page)
+
+
+def attention_decode(q, k_cache, v_cache, cache_seqlens, causal, scale, window_left, window_right, num_splits,
+                     block_table=None):
     b, hq, nq, d = q.shape
-    hk, nmax = k_cache.shape[1], k_cache.shape[2]
+    hk = k_cache.shape[1]
+    table, stb, stj, num_blocks, page_shift, nmax = _paging(block_table, k_cache)
     group = hq // hk
     rows = group * nq
     block_d = max(16, triton.next_power_of_2(d))
@@ -270,20 +313,22 @@ def attention_decode(q, k_cache, v_cache, cache_seqlens, causal, scale, window_l
     opart = torch.empty(b * hk * num_splits * rows, d, dtype=torch.float32, device=q.device)
     lpart = torch.empty(b * hk * num_splits * rows, dtype=torch.float32, device=q.device)
     _decode_split_kernel[decode_grid(b, hk, row_blocks, num_splits)](
-        q, k_cache, v_cache, cache_seqlens, opart, lpart, *q.stride(), *k_cache.stride(), *v_cache.stride(),
-        hk, nq, nmax, d, group, rows, num_splits, row_blocks, scale * LOG2E, left, right,
+        q, k_cache, v_cache, cache_seqlens, opart, lpart, table, *q.stride(), *k_cache.stride(), *v_cache.stride(),
+        stb, stj, hk, nq, nmax, d, group, rows, num_splits, row_blocks, scale * LOG2E, left, right, num_blocks,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         F32_DOT=q.dtype == torch.bfloat16 and q.device.type == "cpu",
         IDX64=needs_int64(q, k_cache, v_cache),
-        BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
+        BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, PAGED=block_table is not None, PAGE_SHIFT=page_shift,
+        num_warps=num_warps, num_stages=num_stages,
     )
     _decode_combine_kernel[(b * hk * row_blocks,)](opart, lpart, out, lse, d, rows, num_splits, row_blocks,
                                                    BLOCK_D=block_d, BLOCK_M=block_m)
     return out, lse
 
 
-def kv_cache_append(k_cache, v_cache, k_new, v_new, cache_seqlens) -> None:
-    b, hk, nmax, d = k_cache.shape
+def kv_cache_append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table=None) -> None:
+    b, hk, _, d = k_new.shape
+    table, stb, stj, num_blocks, page_shift, nmax = _paging(block_table, k_cache)
     nnew = k_new.shape[2]
     if k_new.numel() == 0:
         return
@@ -292,8 +337,8 @@ def kv_cache_append(k_cache, v_cache, k_new, v_new, cache_seqlens) -> None:
     t_blocks = triton.cdiv(nnew, block_t)
     for cache, new in ((k_cache, k_new), (v_cache, v_new)):
         _append_kernel[(b * hk * t_blocks,)](
-            cache, new, cache_seqlens, *cache.stride(), *new.stride(), hk, nnew, nmax, d, t_blocks, BLOCK_T=block_t,
-            BLOCK_D=block_d,
+            cache, new, cache_seqlens, table, *cache.stride(), *new.stride(), stb, stj, hk, nnew, nmax, d, t_blocks,
+            num_blocks, BLOCK_T=block_t, BLOCK_D=block_d, PAGED=block_table is not None, PAGE_SHIFT=page_shift,
         )
 
 

@@ -41,7 +41,7 @@ from genfast.models._checkpoint import (
 from genfast.models._config import ModelConfig, check_int, check_ints
 from genfast.models._decode_linear import DecodeLinear, decode_linears
 from genfast.nn.attention import CausalSelfAttention, KVCache, capture_decode_step
-from genfast.ops.attention_decode import batch_invariant_decode
+from genfast.ops.attention_decode import PAGE_SIZES, batch_invariant_decode
 
 # Presets: the sizes of OpenAI's GPT-2 models, and a tiny one that trains in minutes on a CPU.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -208,7 +208,8 @@ class GPT(nn.Module):
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature=1.0, top_k=0, top_p=1.0,
                  min_p=0.0, repetition_penalty=1.0, eos_token_id: int | None = None,
                  attention_mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                 seed: int | torch.Tensor | None = None, stream: bool = False, cuda_graph: bool | None = None):
+                 seed: int | torch.Tensor | None = None, stream: bool = False, cuda_graph: bool | None = None,
+                 kv_block_size: int | None = None):
         """Continue the prompts ``input_ids`` [B, T] int64 by up to ``max_new_tokens`` tokens.
 
         Returns [B, T + n] (the prompts, then the n <= max_new_tokens new tokens); with ``stream=True`` an
@@ -236,9 +237,19 @@ class GPT(nn.Module):
         arithmetic alone or in any batch. The prefill is not bitwise batch-invariant (a prompt padded in a batch
         runs longer rows: its hidden states differed in the last bit, 2e-7, on a CPU in fp32), which can change a
         token only at a near-tie of the sampling thresholds; tests/test_models_gpt.py sees identical tokens.
+
+        ``kv_block_size`` (16 to 256, a power of two; default None: dense caches) pages the KV caches
+        (genfast.nn.KVCache(block_size=)): each prompt gets blocks for its own tokens and ``max_new_tokens`` only
+        (for the padded prefill at least the longest prompt's), not the batch's longest span or the context. The
+        decode kernels read the same logical slots with the same arithmetic, so the tokens are those of the dense
+        caches (tests/test_paged_kv_cache.py, tests/test_models_gpt.py).
         """
         if not isinstance(stream, bool):
             raise TypeError(f"GPT.generate: stream must be a bool, got {type(stream).__name__}")
+        if kv_block_size is not None and (isinstance(kv_block_size, bool) or not isinstance(kv_block_size, int)):
+            raise TypeError(f"GPT.generate: kv_block_size must be None or an int, got {type(kv_block_size).__name__}")
+        if kv_block_size is not None and kv_block_size not in PAGE_SIZES:
+            raise ValueError(f"GPT.generate: kv_block_size must be None or one of {PAGE_SIZES}, got {kv_block_size}")
         knobs = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                      repetition_penalty=repetition_penalty)
         # Checked here, not in the step generator, so that a streaming call fails at once rather than on next().
@@ -246,7 +257,7 @@ class GPT(nn.Module):
         seeds = self._check_seed(seed, generator, input_ids.shape[0])
         cuda_graph = self._graph_choice(cuda_graph, stream)
         steps = self._generate_steps(input_ids, max_new_tokens, knobs, eos_token_id, attention_mask, generator,
-                                     stream, cuda_graph, seeds)
+                                     stream, cuda_graph, seeds, kv_block_size)
         if stream:
             return steps
         new = list(steps)
@@ -343,7 +354,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def _generate_steps(self, input_ids, max_new_tokens, knobs, eos_token_id, attention_mask, generator,
-                        stream, cuda_graph, seeds=None) -> Iterator[torch.Tensor]:
+                        stream, cuda_graph, seeds=None, kv_block_size=None) -> Iterator[torch.Tensor]:
         """Yields each step's new tokens [B]; the arguments were checked by generate()."""
         repetition_penalty = knobs["repetition_penalty"]
         if max_new_tokens == 0:
@@ -365,7 +376,14 @@ class GPT(nn.Module):
         # entered around each model call only: this generator's body runs inside the caller's context, so a `with`
         # held across a yield would leak into the caller's code between tokens (streaming).
         invariant = seeds is not None
-        caches = self.new_caches(b, self.config.block_size if invariant else t + max_new_tokens)
+        size = self.config.block_size if invariant else t + max_new_tokens
+        if kv_block_size is None:
+            caches = self.new_caches(b, size)
+        else:
+            # Paged: each row's blocks hold its prompt and new tokens; the right-padded prefill writes t slots of every
+            # row first (one host read of the lengths, once per generation).
+            capacity = [max(t, n + max_new_tokens) for n in lengths.tolist()]
+            caches = self.new_caches(b, size, block_size=kv_block_size, capacity=capacity)
         with batch_invariant_decode(invariant):
             hidden = self.hidden_states(ids, cols, caches)  # (B, T, C)
         for cache in caches:
@@ -410,11 +428,13 @@ class GPT(nn.Module):
             if invariant:
                 offsets += 1
 
-    def new_caches(self, batch_size: int, max_seq_len: int) -> list[KVCache]:
-        """One empty KV cache per block, of the model's dtype and device."""
+    def new_caches(self, batch_size: int, max_seq_len: int, *, block_size: int | None = None,
+                   capacity: list[int] | None = None) -> list[KVCache]:
+        """One empty KV cache per block, of the model's dtype and device (paged with ``block_size``/``capacity``:
+        genfast.nn.KVCache)."""
         cfg, weight = self.config, self.transformer.wte.weight
         return [KVCache(batch_size, cfg.n_head, max_seq_len, cfg.n_embd // cfg.n_head, dtype=weight.dtype,
-                        device=weight.device) for _ in range(cfg.n_layer)]
+                        device=weight.device, block_size=block_size, capacity=capacity) for _ in range(cfg.n_layer)]
 
     def _decode_step(self, caches: list[KVCache]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """The decode step: (token [B], positions [B]) -> next logits [B, V], appending to ``caches``.

@@ -20,7 +20,7 @@ from torch import nn
 
 from genfast import ops
 from genfast.ops.attention_decode import MAX_NEW_TOKENS as DECODE_MAX_NEW_TOKENS
-from genfast.ops.attention_decode import append_to_checked_cache, decode_checked_cache
+from genfast.ops.attention_decode import PAGE_SIZES, append_to_checked_cache, decode_checked_cache, paged_to_dense
 
 _MHA = "MultiheadAttention"
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -244,57 +244,148 @@ class KVCache:
     updated in place, so a decode step over the cache is the same computation at every token (capturable as a
     CUDA graph). ``bound`` is a host-side upper bound on ``lengths`` (so that appending needs no GPU
     synchronisation): overflow is checked against it, and a prefill reads the cache only up to it.
+
+    Paged (``block_size=`` 16..256, a power of two): k, v are a pool [num_blocks, H, block_size, D] and
+    ``block_table`` int32 [B, ceil(max_seq_len / block_size)] names each sequence's blocks (the layout of
+    genfast.ops.attention_decode's ``block_table``). ``capacity`` (host ints [B], each <= max_seq_len; default
+    max_seq_len each) is how many tokens sequence b will ever hold: it gets ceil(capacity_b / block_size) blocks,
+    its later entries are -1, and the pool holds only the blocks handed out, so memory follows the sequences'
+    own sizes rather than B times the longest. Appending past a sequence's capacity is an error. Decoding reads
+    the same logical slots as the dense cache would, with the same arithmetic (bitwise the same result on the
+    C++ CPU and Triton kernels; tests/test_paged_kv_cache.py).
     """
 
     def __init__(self, batch_size: int, num_heads: int, max_seq_len: int, head_dim: int, *,
-                 dtype: torch.dtype = torch.float32, device=None, lengths: torch.Tensor | list[int] | None = None):
+                 dtype: torch.dtype = torch.float32, device=None, lengths: torch.Tensor | list[int] | None = None,
+                 block_size: int | None = None, capacity: list[int] | None = None):
         for name, n in (("batch_size", batch_size), ("num_heads", num_heads), ("max_seq_len", max_seq_len),
                         ("head_dim", head_dim)):
             if isinstance(n, bool) or not isinstance(n, int) or n < 1:
                 raise ValueError(f"KVCache: {name} must be an int >= 1, got {n!r}")
-        self.k = torch.zeros(batch_size, num_heads, max_seq_len, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
-        if lengths is None:
-            self.lengths = torch.zeros(batch_size, dtype=torch.int64, device=self.k.device)
-            self.bound = 0
+        self._max_seq_len = max_seq_len
+        self.block_table: torch.Tensor | None = None
+        if block_size is None:
+            if capacity is not None:
+                raise ValueError("KVCache: capacity needs a paged cache (block_size=...)")
+            self.k = torch.zeros(batch_size, num_heads, max_seq_len, head_dim, dtype=dtype, device=device)
+            self._capacity = None
         else:
-            lengths = torch.as_tensor(lengths, dtype=torch.int64, device=self.k.device).clone()
+            self._capacity = self._check_capacity(capacity, batch_size, max_seq_len)
+            self.k, self.block_table = self._allocate(block_size, num_heads, head_dim, dtype, device)
+        self.v = torch.zeros_like(self.k)
+        device = self.k.device
+        if lengths is None:
+            self.lengths = torch.zeros(batch_size, dtype=torch.int64, device=device)
+            self.bound = 0
+            self._limit = self._limit_for([0] * batch_size, 0)
+        else:
+            lengths = torch.as_tensor(lengths, dtype=torch.int64, device=device).clone()
             if lengths.shape != (batch_size,):
                 raise ValueError(f"KVCache: lengths must have shape [{batch_size}], got {tuple(lengths.shape)}")
-            lo, hi = int(lengths.min()), int(lengths.max())  # one sync, at construction only
+            listed = lengths.tolist()  # one sync, at construction only
+            lo, hi = min(listed), max(listed)
             if lo < 0 or hi > max_seq_len:
-                raise ValueError(f"KVCache: lengths must lie in [0, max_seq_len={max_seq_len}], got {lengths.tolist()}")
+                raise ValueError(f"KVCache: lengths must lie in [0, max_seq_len={max_seq_len}], got {listed}")
             self.lengths, self.bound = lengths, hi
+            self._limit = self._limit_for(listed, hi)
+            if self._limit < hi:
+                raise ValueError(f"KVCache: lengths {listed} exceed the capacities {self._capacity}")
+
+    @staticmethod
+    def _check_capacity(capacity, batch_size: int, max_seq_len: int) -> list[int]:
+        if capacity is None:
+            return [max_seq_len] * batch_size
+        if (not isinstance(capacity, (list, tuple)) or len(capacity) != batch_size
+                or any(isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= max_seq_len for c in capacity)):
+            raise ValueError(f"KVCache: capacity must be {batch_size} ints in [0, max_seq_len={max_seq_len}], "
+                             f"got {capacity!r}")
+        return list(capacity)
+
+    def _allocate(self, block_size, num_heads: int, head_dim: int, dtype, device):
+        """The pool of the blocks the capacities need, dealt to the sequences in order, and the table naming them."""
+        if isinstance(block_size, bool) or block_size not in PAGE_SIZES:
+            raise ValueError(f"KVCache: block_size must be None (a dense cache) or one of {PAGE_SIZES}, got "
+                             f"{block_size!r}")
+        per_seq = -(-self._max_seq_len // block_size)
+        table = torch.full((len(self._capacity), per_seq), -1, dtype=torch.int32)
+        used = 0
+        for b, cap in enumerate(self._capacity):
+            n = -(-cap // block_size)
+            table[b, :n] = torch.arange(used, used + n, dtype=torch.int32)
+            used += n
+        # At least one block: the kernels clamp entries into the pool, which must not be empty.
+        pool = torch.zeros(max(used, 1), num_heads, block_size, head_dim, dtype=dtype, device=device)
+        return pool, table.to(pool.device)
+
+    def _limit_for(self, lengths: list[int], bound: int) -> int:
+        """The host bound past which an append would overflow some sequence: ``bound`` plus the least room left.
+        Appends move every length and ``bound`` alike, so it stays put until the lengths are set again."""
+        if self._capacity is None:
+            return self._max_seq_len
+        return bound + min(cap - n for cap, n in zip(self._capacity, lengths))
 
     @property
     def max_seq_len(self) -> int:
-        return self.k.shape[2]
+        return self._max_seq_len
+
+    @property
+    def batch_size(self) -> int:
+        return self.lengths.shape[0]
+
+    @property
+    def num_heads(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def head_dim(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def block_size(self) -> int | None:
+        return None if self.block_table is None else self.k.shape[2]
+
+    def prefix(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of slots [0, n) of every sequence, [B, H, n, D] (a view of a dense cache, a gathered copy
+        of a paged one; slots a sequence has no block for hold another block's data: mask them)."""
+        if self.block_table is None:
+            return self.k[:, :, :n], self.v[:, :, :n]
+        table = self.block_table[:, :-(-n // self.k.shape[2])]
+        return paged_to_dense(self.k, table)[:, :, :n], paged_to_dense(self.v, table)[:, :, :n]
+
+    def decode(self, q: torch.Tensor) -> torch.Tensor:
+        """attention_decode of q [B, H, T<=16, D] (already appended) over the cache, unchecked (KVCache's own)."""
+        return decode_checked_cache(q, self.k, self.v, self.lengths, self.block_table)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write k, v [B, H, T, D] at positions lengths[b] .. lengths[b] + T - 1 of each sequence b."""
-        if k.shape != v.shape or k.dim() != 4 or k.shape[:2] != self.k.shape[:2] or k.shape[3] != self.k.shape[3]:
+        b, h, d = self.batch_size, self.num_heads, self.head_dim
+        if k.shape != v.shape or k.dim() != 4 or k.shape[:2] != (b, h) or k.shape[3] != d:
             raise ValueError(f"KVCache.append: k and v must both be [B, H, T, D] = "
-                             f"[{self.k.shape[0]}, {self.k.shape[1]}, T, {self.k.shape[3]}], got {tuple(k.shape)} "
+                             f"[{b}, {h}, T, {d}], got {tuple(k.shape)} "
                              f"and {tuple(v.shape)}")
         if k.device != self.k.device or v.device != self.k.device:
             raise ValueError(f"KVCache.append: k and v must be on the cache's device {self.k.device}, got "
                              f"{k.device} and {v.device}")
         t = k.shape[2]
-        if self.bound + t > self.max_seq_len:
-            raise ValueError(f"KVCache.append: {t} new tokens after up to {self.bound} overflow max_seq_len="
-                             f"{self.max_seq_len}")
+        if self.bound + t > self._limit:
+            room = "max_seq_len" if self._capacity is None else "a sequence's capacity, or max_seq_len"
+            raise ValueError(f"KVCache.append: {t} new tokens after up to {self.bound} overflow {room}="
+                             f"{self._limit if self._capacity is not None else self.max_seq_len}")
         k, v = k.to(self.k.dtype), v.to(self.v.dtype)
         if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
             # The fused append is inference-only (no autograd); indexed assignment keeps the graph.
             pos = self.lengths[:, None] + torch.arange(t, device=self.k.device)  # (B, T)
             rows = torch.arange(k.shape[0], device=self.k.device)[:, None]
+            if self.block_table is not None:  # the (block, offset) of each logical slot
+                page = self.k.shape[2]
+                rows, pos = self.block_table.to(torch.int64)[rows, pos // page], pos % page
             # Advanced indexing on dims 0 and 2 puts (B, T) first: the source is laid out (B, T, H, D).
             self.k[rows, :, pos] = k.transpose(1, 2)
             self.v[rows, :, pos] = v.transpose(1, 2)
         else:
             # The cache's own tensors and the checks above are everything kv_cache_append checks, and the host-side
             # bound rules out an overflow without a GPU sync: the unchecked entry point saves its checks per token.
-            append_to_checked_cache(self.k, self.v, k, v, self.lengths)
+            append_to_checked_cache(self.k, self.v, k, v, self.lengths, self.block_table)
         self.lengths += t
         self.bound += t
 
@@ -314,14 +405,19 @@ class KVCache:
             raise TypeError(f"{op}: lengths must hold integers, got {lengths.dtype}")
         if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int)):
             raise ValueError(f"{op}: bound must be None or an int, got {bound!r}")
-        lo, hi = (int(x) for x in torch.aminmax(lengths.to(torch.int64)))  # one sync, once per generation
+        listed = lengths.to(torch.int64).tolist()  # one sync, once per generation
+        lo, hi = min(listed), max(listed)
         if lo < 0 or hi > self.max_seq_len:
             raise ValueError(f"{op}: lengths must lie in [0, max_seq_len={self.max_seq_len}], got values in "
                              f"[{lo}, {hi}]")
         if bound is not None and not hi <= bound <= self.max_seq_len:
             raise ValueError(f"{op}: bound must be an int in [max(lengths)={hi}, {self.max_seq_len}], got {bound}")
+        bound = hi if bound is None else bound
+        limit = self._limit_for(listed, bound)
+        if limit < bound:
+            raise ValueError(f"{op}: lengths {listed} exceed the sequences' capacities {self._capacity}")
         self.lengths.copy_(lengths)  # in place: caches of different layers each keep their own tensor
-        self.bound = hi if bound is None else bound
+        self.bound, self._limit = bound, limit
 
 
 def attend_cached(q: torch.Tensor, cache: KVCache, dropout_p: float = 0.0) -> torch.Tensor:
@@ -334,16 +430,16 @@ def attend_cached(q: torch.Tensor, cache: KVCache, dropout_p: float = 0.0) -> to
     genfast.ops.attention over the cached prefix up to the host-side bound, with a per-sequence mask.
     """
     b, h, t, d = q.shape
-    if (b, h, d) != (cache.k.shape[0], cache.k.shape[1], cache.k.shape[3]) or q.device != cache.k.device:
-        raise ValueError(f"attend_cached: q must be [B, H, T, D] = [{cache.k.shape[0]}, {cache.k.shape[1]}, T, "
-                         f"{cache.k.shape[3]}] on {cache.k.device}, got {tuple(q.shape)} on {q.device}")
+    if (b, h, d) != (cache.batch_size, cache.num_heads, cache.head_dim) or q.device != cache.k.device:
+        raise ValueError(f"attend_cached: q must be [B, H, T, D] = [{cache.batch_size}, {cache.num_heads}, T, "
+                         f"{cache.head_dim}] on {cache.k.device}, got {tuple(q.shape)} on {q.device}")
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or cache.k.requires_grad)
     if 1 <= t <= DECODE_MAX_NEW_TOKENS and dropout_p == 0.0 and not needs_grad:
         # Shapes checked above, the cache is KVCache's own and lengths >= T holds by construction (the queries
         # were just appended): attention_decode's checks would only repeat these, and its value check would sync.
-        return decode_checked_cache(q.to(cache.k.dtype), cache.k, cache.v, cache.lengths).to(q.dtype)
+        return cache.decode(q.to(cache.k.dtype)).to(q.dtype)
     n = cache.bound
-    k, v = cache.k[:, :, :n], cache.v[:, :, :n]
+    k, v = cache.prefix(n)
     j = torch.arange(n, device=q.device)
     last = cache.lengths[:, None] - t + torch.arange(t, device=q.device)  # (B, T): each query's own position
     keep = (j[None, None, :] <= last[:, :, None])[:, None]  # (B, 1, T, n)
@@ -423,8 +519,8 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is None:
             y = ops.attention(q, k, v, causal=True, dropout_p=dropout_p)
         else:
-            if kv_cache.k.shape[0] != b:
-                raise ValueError(f"CausalSelfAttention: kv_cache holds {kv_cache.k.shape[0]} sequences, x has {b}")
+            if kv_cache.batch_size != b:
+                raise ValueError(f"CausalSelfAttention: kv_cache holds {kv_cache.batch_size} sequences, x has {b}")
             kv_cache.append(k, v)
             y = self.attend_cached(q, kv_cache, dropout_p)
         y = y.transpose(1, 2).contiguous().view(b, t, c)  # re-assemble the heads side by side

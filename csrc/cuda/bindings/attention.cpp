@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <tuple>
 
 #include "../attention.cuh"
@@ -18,7 +19,8 @@ using genfast::cuda_bindings::float_type;
 std::tuple<at::Tensor, at::Tensor> attention_decode_cuda(const at::Tensor& q, const at::Tensor& k_cache,
                                                          const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
                                                          bool causal, double scale, int64_t window_left,
-                                                         int64_t window_right, int64_t num_splits) {
+                                                         int64_t window_right, int64_t num_splits,
+                                                         const std::optional<at::Tensor>& block_table) {
   constexpr const char* op = "attention_decode";
   const genfast::cuda::FloatType dtype = float_type(q, op, "q");
   GENFAST_CHECK_CUDA(q, "attention_decode");
@@ -32,8 +34,28 @@ std::tuple<at::Tensor, at::Tensor> attention_decode_cuda(const at::Tensor& q, co
                   cache_seqlens.device() == q.device(),
               op, ": k_cache, v_cache and cache_seqlens must be on q's device");
   const int64_t b = q.size(0), hq = q.size(1), nq = q.size(2), d = q.size(3);
-  const int64_t hk = k_cache.size(1), nmax = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(0) == b, op, ": k_cache has batch ", k_cache.size(0), " but q has batch ", b);
+  const int64_t hk = k_cache.size(1);
+  // Paged (csrc/genfast.cpp): the caches are a pool of blocks, Nmax the table's logical capacity.
+  genfast::cuda::DecodePaging paging;
+  int64_t nmax = k_cache.size(2);
+  if (block_table.has_value()) {
+    const at::Tensor& t = *block_table;
+    const int64_t page = k_cache.size(2);
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == b && t.size(1) >= 1 && t.scalar_type() == at::kInt, op,
+                ": block_table must be int32 [B, max_blocks_per_seq] with B=", b, ", got ", t.sizes());
+    TORCH_CHECK(t.device() == q.device(), op, ": block_table must be on q's device");
+    TORCH_CHECK(page >= 16 && page <= 256 && (page & (page - 1)) == 0, op,
+                ": a paged cache's block size (k_cache dim 2) must be a power of two from 16 to 256, got ", page);
+    TORCH_CHECK(k_cache.size(0) >= 1, op, ": a paged cache must hold at least one block");
+    paging.table = t.data_ptr<int32_t>();
+    paging.row_stride = t.stride(0);
+    paging.col_stride = t.stride(1);
+    paging.num_blocks = k_cache.size(0);
+    while ((int64_t{1} << paging.page_shift) < page) ++paging.page_shift;
+    nmax = t.size(1) * page;
+  } else {
+    TORCH_CHECK(k_cache.size(0) == b, op, ": k_cache has batch ", k_cache.size(0), " but q has batch ", b);
+  }
   TORCH_CHECK(k_cache.size(3) == d, op, ": q and k_cache head dims differ: ", d, " vs ", k_cache.size(3));
   TORCH_CHECK(d >= 1 && d <= genfast::cuda::kDecodeMaxHeadDim, op, ": head dim must be in [1, ",
               genfast::cuda::kDecodeMaxHeadDim, "], got ", d);
@@ -66,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor> attention_decode_cuda(const at::Tensor& q, co
                            q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), dtype, lengths.data_ptr(),
                            lengths.scalar_type() == at::kLong, shape, static_cast<float>(scale), window_left,
                            window_right, splits, workspace.data_ptr<float>(), out.data_ptr(), lse.data_ptr<float>(),
-                           current_stream()),
+                           current_stream(), paging),
                        "attention_decode");
   return {out, lse};
 }
