@@ -14,6 +14,7 @@ import pytest
 import torch
 import triton
 
+from genfast.kernels import _attention_configs as attention_configs
 from genfast.kernels import attention as kernels
 from genfast.ops import attention_ref
 from genfast.ops._attention_common import window_bounds
@@ -30,7 +31,8 @@ def _benchmarking_autotuner(monkeypatch, kernel):
     """Give ``kernel``'s autotuner two configs (the interpreter's and a wider query tile) and a ``do_bench`` that
     launches each config RUNS_PER_CONFIG times; the second config is timed faster, so it is the one kept.
     Returns the list of configs benchmarked."""
-    configs = [kernels._INTERPRETER_CONFIG, triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    configs = [attention_configs._INTERPRETER_CONFIG,
+               triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
     benchmarked = []
 
     def do_bench(kernel_call, quantiles):
@@ -64,7 +66,7 @@ def test_first_backward_with_benchmarked_configs_gives_the_true_dq(monkeypatch, 
     causal = window_bounds(True, -1, -1, q.shape[2], k.shape[2])
     out, lse = kernels.attention_fwd(q, k, v, None, None, 0.0, 0.25, causal, autotune=False)
     # The five-matmul form (dQ added with atomics) is the one that accumulates; make sure it is the one tested.
-    assert kernels.five_matmul_backward(q.element_size(), 16)
+    assert attention_configs.five_matmul_backward(q.element_size(), 16)
     untuned = kernels.attention_bwd(grad, None, q, k, v, out, lse, None, None, 0.0, 0.25, causal,
                                     autotune=False)
     benchmarked = _benchmarking_autotuner(monkeypatch, kernels._bwd_dkdv_kernel)
@@ -91,10 +93,10 @@ def test_every_autotuned_kernel_that_accumulates_resets_its_buffer(monkeypatch, 
     into a buffer (dQacc, with atomics or a descriptor reduction), and its autotuner zeroes it before every
     benchmark run and once more before the real launch, on a GPU (every candidate config) as here. The forward,
     the dQ pass and conv_transpose's forward store each element once."""
-    monkeypatch.setattr(kernels, "_AUTOTUNE", on_gpu)
+    monkeypatch.setattr(attention_configs, "AUTOTUNE", on_gpu)
     for name, kernel in (("fwd", kernels._fwd_kernel), ("dkdv", kernels._bwd_dkdv_kernel),
                          ("dq", kernels._bwd_dq_kernel)):
-        tuner = kernels._tuned(name)(kernel.fn)
+        tuner = attention_configs.autotuned(name)(kernel.fn)
         assert tuner.reset_to_zero == (["dQacc"] if name == "dkdv" else []), name
         assert len(tuner.configs) > 1 if on_gpu else len(tuner.configs) == 1
     assert kernels._bwd_dkdv_kernel.reset_to_zero == ["dQacc"]

@@ -13,6 +13,7 @@ import pytest
 import torch
 import triton
 
+from genfast.kernels import _attention_configs as configs
 from genfast.kernels import attention as kernels
 from genfast.kernels import attention_decode as decode_kernels
 from genfast.ops import attention_ref
@@ -27,7 +28,7 @@ def test_lengths_enter_the_autotune_key_bucketed():
     for kernel in TUNED.values():
         assert "q_bucket" in kernel.keys and "k_bucket" in kernel.keys
         assert not {"Nq", "Nk", "TotalQ", "TotalK"} & set(kernel.keys)
-    assert [kernels.length_bucket(n) for n in (1, 17, 64, 65, 1000, 1024, 1025)] == [64, 64, 64, 128, 1024, 1024,
+    assert [configs.length_bucket(n) for n in (1, 17, 64, 65, 1000, 1024, 1025)] == [64, 64, 64, 128, 1024, 1024,
                                                                                       2048]
 
 
@@ -67,7 +68,7 @@ def test_heuristic_config_needs_no_benchmark(monkeypatch, how):
     calls = _two_config_autotuner(monkeypatch, kernels._fwd_kernel)
     if how == "env":
         monkeypatch.setenv("GENFAST_AUTOTUNE", "0")
-        assert not kernels.autotune_enabled()
+        assert not configs.autotune_enabled()
         out, ref = _fwd(23, 31)
     else:
         monkeypatch.delenv("GENFAST_AUTOTUNE", raising=False)
@@ -96,12 +97,12 @@ def test_heuristic_backward_matches_reference(monkeypatch):
 @pytest.mark.parametrize("head_dim", [16, 32, 64, 128, 256])
 @pytest.mark.parametrize("limit,capability", [(HOPPER_SMEM, (9, 0)), (A100_SMEM, (8, 0))], ids=["sm90", "sm80"])
 def test_every_head_dim_keeps_a_config(kernel, elem, head_dim, limit, capability):
-    candidates = kernels._tuned_candidates(kernel)
+    candidates = configs._tuned_candidates(kernel)
     kept = [c for c in candidates
-            if kernels.config_fits(kernel, c[0], c[1], head_dim, c[2], c[3], elem, limit, capability)]
+            if configs.config_fits(kernel, c[0], c[1], head_dim, c[2], c[3], elem, limit, capability)]
     assert kept, "no config fits"
     for m, n, warps, stages in kept:
-        assert kernels.shared_bytes(kernel, m, n, head_dim, stages, elem) <= limit
+        assert configs.shared_bytes(kernel, m, n, head_dim, stages, elem) <= limit
 
 
 # Measured with Triton 3.9 for bf16 (ptxas -v / the compiled kernel's shared memory), causal GQA launches.
@@ -139,7 +140,7 @@ def test_every_head_dim_keeps_a_config(kernel, elem, head_dim, limit, capability
 def test_configs_measured_to_spill_or_overflow_are_pruned(arch, kernel, head_dim, config, why):
     m, n, warps, stages = config
     limit, capability = (HOPPER_SMEM, (9, 0)) if arch == "sm90" else (A100_SMEM, (8, 0))
-    assert not kernels.config_fits(kernel, m, n, head_dim, warps, stages, 2, limit, capability), why
+    assert not configs.config_fits(kernel, m, n, head_dim, warps, stages, 2, limit, capability), why
 
 
 # With a bool mask and dropout (bf16, d128), measured likewise.
@@ -154,7 +155,7 @@ def test_configs_measured_to_spill_or_overflow_are_pruned(arch, kernel, head_dim
 def test_configs_measured_to_spill_with_masks_and_dropout_are_pruned(arch, kernel, config, why):
     m, n, warps, stages = config
     limit, capability = (HOPPER_SMEM, (9, 0)) if arch == "sm90" else (A100_SMEM, (8, 0))
-    assert not kernels.config_fits(kernel, m, n, 128, warps, stages, 2, limit, capability, dropout=True,
+    assert not configs.config_fits(kernel, m, n, 128, warps, stages, 2, limit, capability, dropout=True,
                                    mask=kernel != "fwd_tma"), why
 
 
@@ -162,13 +163,13 @@ def test_configs_measured_to_spill_with_masks_and_dropout_are_pruned(arch, kerne
 def test_fp32_takes_small_fma_tiles_only(head_dim, config):
     # fp32 dots run on the FMA units: on sm_90a 32x32 spills ~3 KB at d128, 64x32 8-warp ~4.8 KB, 64x64 at d64 1.6 KB.
     m, n, warps, stages = config
-    assert not kernels.config_fits("fwd", m, n, head_dim, warps, stages, 4, HOPPER_SMEM)
-    assert kernels.config_fits("fwd", 16, 16, head_dim, 4, 1, 4, HOPPER_SMEM)
+    assert not configs.config_fits("fwd", m, n, head_dim, warps, stages, 4, HOPPER_SMEM)
+    assert configs.config_fits("fwd", 16, 16, head_dim, 4, 1, 4, HOPPER_SMEM)
 
 
 def test_the_shared_memory_count_matches_the_measured_overflow():
     # ptxas/Triton on sm_90a: dK/dV d128, M128 N64, 3 stages, bf16 needs 247,808 B.
-    assert abs(kernels.shared_bytes("dkdv", 128, 64, 128, 3, 2) - 247808) <= 2048
+    assert abs(configs.shared_bytes("dkdv", 128, 64, 128, 3, 2) - 247808) <= 2048
 
 
 # ------------------------------------------------------------------------------------------ int64 offsets

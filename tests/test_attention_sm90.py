@@ -16,6 +16,7 @@ import triton
 from triton.runtime import _allocation
 
 import genfast
+from genfast.kernels import _attention_configs as configs
 from genfast.kernels import attention as kernels
 from genfast.kernels import attention_sm90
 from genfast.ops import attention, attention_ref
@@ -38,7 +39,7 @@ def launched(monkeypatch):
     """Force the TMA kernels and record (kernel name, its constexpr flags) of every attention launch. The tiles are
     chosen for an H100's shared memory (this CPU would answer 99 KB, which no d128 tile pair fits)."""
     monkeypatch.setenv("GENFAST_ATTENTION_TMA", "1")
-    monkeypatch.setattr(kernels, "_shared_limit", lambda: 232448)
+    monkeypatch.setattr(configs, "shared_limit", lambda: 232448)
     calls = []
     launch = kernels._launch
 
@@ -155,8 +156,8 @@ def test_deterministic_algorithms_take_the_separate_dq_pass(launched):
 
 def test_fp32_and_d256_take_the_separate_dq_pass():
     """Where no measured tile holds dQ beside dK/dV without spilling (fp32's FMA dots, head dim 256)."""
-    assert kernels.five_matmul_backward(2, 128) and kernels.five_matmul_backward(2, 64)
-    assert not kernels.five_matmul_backward(4, 64) and not kernels.five_matmul_backward(2, 256)
+    assert configs.five_matmul_backward(2, 128) and configs.five_matmul_backward(2, 64)
+    assert not configs.five_matmul_backward(4, 64) and not configs.five_matmul_backward(2, 256)
 
 
 def test_tma_needs_a_layout_descriptors_can_describe():

@@ -1,7 +1,8 @@
 """Hopper (sm_90) attention forward: Q/K/V through TMA tensor descriptors, a wgmma in flight across the softmax.
 
 The forward of genfast/kernels/attention.py with the same arguments, positions, dropout, lse and varlen layout
-(the shared pieces are that module's jit helpers); inputs with an attention mask keep that module's kernel.
+(the shared pieces are the jit helpers of genfast/kernels/_attention_jit.py, which both kernel modules import);
+inputs with an attention mask keep attention.py's kernel.
 What differs is how a key tile reaches the tensor cores:
 
 - Q, K and V are read through tensor descriptors made on the device (``tl.make_tensor_descriptor``), one per
@@ -23,7 +24,7 @@ What differs is how a key tile reaches the tensor cores:
   With 8 warps on 128 rows, the two warpgroups also interleave on their own (the installed Tritons do not
   warp-specialize this loop on Hopper).
 
-The launcher (genfast/kernels/attention.py, ``_launch_fwd``) takes this kernel on a GPU of capability 9.x for
+The launcher (genfast/kernels/attention.py, ``launch_forward``) takes this kernel on a GPU of capability 9.x for
 fp16/bf16 inputs whose layout a descriptor can describe (rows 16-byte aligned, last dim contiguous) when a
 measured tile fits, and the interpreter runs it on CPU tensors when asked (``tma=True`` or
 GENFAST_ATTENTION_TMA=1), so the tests check it against the reference.
@@ -34,14 +35,24 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from genfast.kernels.attention import _extent, _keep, _masked, _mm, _row0, _row_range, _tile_and_group, _tuned, _wide
+from genfast.kernels._attention_configs import autotuned
+from genfast.kernels._attention_jit import (
+    dropout_keep,
+    key_runs,
+    lse_row0,
+    masked_scores,
+    mm,
+    sequence_extent,
+    tile_and_group,
+    widen,
+)
 
 
 @triton.jit
 def _mma(a, b, acc, PRECISION: tl.constexpr, F32_DOT: tl.constexpr):
     """acc + a @ b, accumulated inside the dot (a wgmma whose accumulator is ``acc``) on a GPU."""
     if F32_DOT:
-        return acc + _mm(a, b, PRECISION, F32_DOT)
+        return acc + mm(a, b, PRECISION, F32_DOT)
     return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
@@ -51,7 +62,7 @@ def _softmax_tile(qk, m_i, l_i, acc, seed, row0, offs_m, offs_n, mask_ptr, smm, 
                   DROPOUT: tl.constexpr):
     """The online-softmax update of the key tile at ``offs_n`` from its raw scores ``qk``: (P in fp32, with
     dropout applied; the new row max; the new row sum; ``acc`` rescaled to the new max)."""
-    s = _masked(qk * qk_scale, offs_m, offs_n, mask_ptr, smm, smn, nq, nk, end, shift, left, right,
+    s = masked_scores(qk * qk_scale, offs_m, offs_n, mask_ptr, smm, smn, nq, nk, end, shift, left, right,
                 1.4426950408889634, MASK_KIND, POSITION)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row that has seen only -inf so far keeps a finite shift, so exp2 gives 0 rather than NaN.
@@ -60,7 +71,7 @@ def _softmax_tile(qk, m_i, l_i, acc, seed, row0, offs_m, offs_n, mask_ptr, smm, 
     p = tl.exp2(s - m_use[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if DROPOUT:
-        p = tl.where(_keep(seed, row0, offs_m, offs_n, Nk, dropout_p), p, 0.0)
+        p = tl.where(dropout_keep(seed, row0, offs_m, offs_n, Nk, dropout_p), p, 0.0)
     return p, m_new, l_i, acc * alpha[:, None]
 
 
@@ -69,7 +80,7 @@ def _one_tile(q, k_desc, v_desc, start_n, m_i, l_i, acc, seed, row0, offs_m, off
               shift, left, right, qk_scale, Nk, dropout_p, MASK_KIND: tl.constexpr, POSITION: tl.constexpr,
               DROPOUT: tl.constexpr, PRECISION: tl.constexpr, F32_DOT: tl.constexpr):
     """The key tile at ``start_n`` in order: its scores, their softmax, P @ V (each waited for)."""
-    qk = _mm(q, tl.trans(k_desc.load([start_n, 0])), PRECISION, F32_DOT)
+    qk = mm(q, tl.trans(k_desc.load([start_n, 0])), PRECISION, F32_DOT)
     p, m_i, l_i, acc = _softmax_tile(qk, m_i, l_i, acc, seed, row0, offs_m, start_n + offs_j, mask_ptr, smm, smn, nq,
                                      nk, end, shift, left, right, qk_scale, Nk, dropout_p, MASK_KIND, POSITION,
                                      DROPOUT)
@@ -91,15 +102,15 @@ def _tile_pair(q, k_desc, v_desc, qa, qb, start_n, m_i, l_i, acc, seed, row0, of
                                      nq, nk, end, shift, left, right, qk_scale, Nk, dropout_p, MASK_KIND, POSITION,
                                      DROPOUT)
     acc = _mma(p.to(q.dtype), v_desc.load([start_n, 0]), acc, PRECISION, F32_DOT)
-    qa = _mm(q, tl.trans(k_desc.load([start_n + 2 * BLOCK_N, 0])), PRECISION, F32_DOT)
+    qa = mm(q, tl.trans(k_desc.load([start_n + 2 * BLOCK_N, 0])), PRECISION, F32_DOT)
     p, m_i, l_i, acc = _softmax_tile(qb, m_i, l_i, acc, seed, row0, offs_m, start_n + BLOCK_N + offs_j, mask_ptr,
                                      smm, smn, nq, nk, end, shift, left, right, qk_scale, Nk, dropout_p, MASK_KIND,
                                      POSITION, DROPOUT)
-    qb = _mm(q, tl.trans(k_desc.load([start_n + 3 * BLOCK_N, 0])), PRECISION, F32_DOT)
+    qb = mm(q, tl.trans(k_desc.load([start_n + 3 * BLOCK_N, 0])), PRECISION, F32_DOT)
     return p, m_i, l_i, acc, qa, qb
 
 
-@_tuned("fwd_tma")
+@autotuned("fwd_tma")
 @triton.jit
 def _fwd_tma_kernel(Q, K, V, Mask, Seed, Out, Lse, CuQ, CuK,
                     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smh, smm, smn, sob, soh, som,
@@ -109,19 +120,19 @@ def _fwd_tma_kernel(Q, K, V, Mask, Seed, Out, Lse, CuQ, CuK,
                     PRECISION: tl.constexpr, F32_DOT: tl.constexpr, VARLEN: tl.constexpr, IDX64: tl.constexpr,
                     BLOCK_D: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m, bh = _tile_and_group(Nq, BLOCK_M)
+    pid_m, bh = tile_and_group(Nq, BLOCK_M)
     b = bh // Hq
     h = bh % Hq
     hk = h // group
     m0 = pid_m * BLOCK_M
-    q_start, nq = _extent(CuQ, b, Nq, TotalQ, VARLEN)
-    k_start, nk = _extent(CuK, b, Nk, TotalK, VARLEN)
+    q_start, nq = sequence_extent(CuQ, b, Nq, TotalQ, VARLEN)
+    k_start, nk = sequence_extent(CuK, b, Nk, TotalK, VARLEN)
     if m0 >= nq:
         return
-    row0 = _row0(b, h, Hq, Nq, TotalQ, q_start, VARLEN)
-    offs_m = _wide(m0 + tl.arange(0, BLOCK_M), IDX64)
+    row0 = lse_row0(b, h, Hq, Nq, TotalQ, q_start, VARLEN)
+    offs_m = widen(m0 + tl.arange(0, BLOCK_M), IDX64)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_j = _wide(tl.arange(0, BLOCK_N), IDX64)
+    offs_j = widen(tl.arange(0, BLOCK_N), IDX64)
     # One descriptor per sequence and head: its shape ends at the sequence's last row and at D, so TMA fills the
     # ragged end of the sequence and the head-dim padding with zeros (the loads need no masks).
     q_desc = tl.make_tensor_descriptor(Q + b * sqb + h * sqh + q_start * sqm, shape=[nq, D], strides=[sqm, 1],
@@ -140,7 +151,7 @@ def _fwd_tma_kernel(Q, K, V, Mask, Seed, Out, Lse, CuQ, CuK,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo, a, mid, hi = _row_range(m0, nq, nk, BLOCK_M, BLOCK_N, shift, left, right)
+    lo, a, mid, hi = key_runs(m0, nq, nk, BLOCK_M, BLOCK_N, shift, left, right)
     for run in tl.static_range(3):
         if run == 0:
             start, end = lo, a
@@ -160,8 +171,8 @@ def _fwd_tma_kernel(Q, K, V, Mask, Seed, Out, Lse, CuQ, CuK,
         else:
             pairs_end = start + (tiles // 2) * 2 * BLOCK_N
             if start < pairs_end:
-                qa = _mm(q, tl.trans(k_desc.load([start, 0])), PRECISION, F32_DOT)
-                qb = _mm(q, tl.trans(k_desc.load([start + BLOCK_N, 0])), PRECISION, F32_DOT)
+                qa = mm(q, tl.trans(k_desc.load([start, 0])), PRECISION, F32_DOT)
+                qb = mm(q, tl.trans(k_desc.load([start + BLOCK_N, 0])), PRECISION, F32_DOT)
                 # The loop's top does the P @ V of the previous pair's b tile: none before the first pair, so a
                 # zero P there (one spare matmul per run, rather than the pair's code again before the loop, whose
                 # loads would each need their own shared memory).

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from genfast.kernels.attention import _common, _launch_bwd, _launch_fwd, _Layout, packed_view
+from genfast.kernels.attention import Layout, launch_args, launch_backward, launch_forward, packed_view
 
 
 def _nothing_to_do(q, k, cu_q, max_q, max_k) -> bool:
@@ -37,9 +37,9 @@ def attention_varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, seed, dropout_p, sca
     if _nothing_to_do(q, k, cu_q, max_q, max_k):
         return out, lse
     q4, k4, v4 = packed_view(q), packed_view(k), packed_view(v)
-    c = _common(q4, k4, None, seed, dropout_p, window)
-    lay = _Layout(q4, k4, cu_q.to(torch.int32).contiguous(), cu_k.to(torch.int32).contiguous(), max_q, max_k)
-    _launch_fwd(q4, k4, v4, packed_view(out), lse, lay, c, scale, dropout_p)
+    c = launch_args(q4, k4, None, seed, dropout_p, window)
+    lay = Layout(q4, k4, cu_q.to(torch.int32).contiguous(), cu_k.to(torch.int32).contiguous(), max_q, max_k)
+    launch_forward(q4, k4, v4, packed_view(out), lse, lay, c, scale, dropout_p)
     return out, lse
 
 
@@ -52,10 +52,10 @@ def attention_varlen_bwd(grad_out, grad_lse, q, k, v, out, lse, cu_q, cu_k, max_
     if _nothing_to_do(q, k, cu_q, max_q, max_k):
         return dq, dk, dv
     q4, k4, v4 = packed_view(q), packed_view(k), packed_view(v)
-    c = _common(q4, k4, None, seed, dropout_p, window)
-    lay = _Layout(q4, k4, cu_q.to(torch.int32).contiguous(), cu_k.to(torch.int32).contiguous(), max_q, max_k)
-    _launch_bwd(packed_view(grad_out), grad_lse, q4, k4, v4, packed_view(out), lse, packed_view(dq), packed_view(dk),
-                packed_view(dv), lay, c, scale, dropout_p)
+    c = launch_args(q4, k4, None, seed, dropout_p, window)
+    lay = Layout(q4, k4, cu_q.to(torch.int32).contiguous(), cu_k.to(torch.int32).contiguous(), max_q, max_k)
+    launch_backward(packed_view(grad_out), grad_lse, q4, k4, v4, packed_view(out), lse, packed_view(dq),
+                    packed_view(dk), packed_view(dv), lay, c, scale, dropout_p)
     return dq, dk, dv
 
 
