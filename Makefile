@@ -21,6 +21,10 @@ BUILD_STAMP := build/.genfast-built
 PYTEST_ARGS ?=
 NPROC := $(shell nproc 2>/dev/null || echo 2)
 GATE_JOBS ?= $(NPROC)
+# pytest-xdist worker processes for the tests (pytest -n; 0: run them in pytest's own process). Where xdist is not
+# installed (a preinstalled environment may lack it), the tests run in one process.
+TEST_JOBS ?= $(NPROC)
+PYTEST_XDIST = $$($(PYTHON) -c "import xdist" >/dev/null 2>&1 && echo "-n $(TEST_JOBS)")
 # The compile gate runs under this environment's triton and under triton 3.6.0 (torch 2.11's pin, the GPU
 # machine's), which pip installs into its own folder; where 3.6.0 is the environment's own, once is enough.
 GATE_TRITON := 3.6.0
@@ -34,10 +38,11 @@ GATE_TRITON_STAMP := $(GATE_TRITON_DIR)/.installed
 GATE_ARGS ?= --triton-path $(GATE_TRITON_DIR)
 endif
 
-.PHONY: test bench build cuda-check compile-gate gpu-check gpu-check-dry lint info clean help
+.PHONY: test test-quick bench build cuda-check compile-gate gpu-check gpu-check-dry lint info clean help
 
 help:
 	@echo "make test    build genfast (and its extension), run the compile gate, lint, run the tests"
+	@echo "make test-quick  build, then the tests not marked slow (no compile gate, lint or gpu-check-dry)"
 	@echo "make compile-gate  compile every Triton config and .cu for sm_90a and sm_80 (no GPU needed); fails on"
 	@echo "             compile errors, shared-memory overflow, spills, no or serialized wgmma; benchmarks/results/compile-*"
 	@echo "make bench   run the benchmark suite on the device present; results in benchmarks/results/local/"
@@ -88,7 +93,11 @@ lint: $(ENV_STAMP)
 	  else echo "lint: ruff not installed here, skipped"; fi
 
 test: build cuda-check compile-gate lint gpu-check-dry
-	$(PYTHON) -m pytest tests $(PYTEST_ARGS)
+	$(PYTHON) -m pytest tests $(PYTEST_XDIST) --durations=20 $(PYTEST_ARGS)
+
+# For a developer between edits: every test but those marked slow (pyproject.toml's markers); CI runs `make test`.
+test-quick: build
+	$(PYTHON) -m pytest tests -m "not slow" $(PYTEST_XDIST) $(PYTEST_ARGS)
 
 bench: build
 	$(PYTHON) -m benchmarks.run $(BENCH_ARGS)

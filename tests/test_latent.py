@@ -135,6 +135,7 @@ def test_reparameterize_non_contiguous(device, backend):
     torch.testing.assert_close(z, ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device,backend", backend_params("reparameterize") + [pytest.param("cpu", "reference")])
 def test_reparameterize_statistics(device, backend):
     # 200k draws per coordinate: mean mu and std exp(0.5 * logvar) within 5 standard errors.

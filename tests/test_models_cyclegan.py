@@ -232,6 +232,7 @@ def _bounding_box_fill(images: torch.Tensor) -> float:
     return sum(fills) / len(fills)
 
 
+@pytest.mark.slow
 def test_short_run_keeps_the_input_colour(tmp_path):
     """Circles (A) <-> squares (B) differ only in shape, so a translation must keep the input's colour. With the
     recipe's default --input-skip, 150 steps (16x16, a small model, lr 1e-3) keep it for every held-out image in both

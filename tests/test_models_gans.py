@@ -47,6 +47,7 @@ def mmd2(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 # ------------------------------------------------------------------------------------------- number GAN
+@pytest.mark.slow
 def test_numbergan_learns_multiples_of_5():
     seed_everything(0)
     config = numbergan.NumberGANConfig()

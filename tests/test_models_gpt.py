@@ -729,3 +729,4 @@ def test_ddp_two_processes_equal_one_process_on_the_whole_batch(tmp_path):
     for name, p in model.named_parameters():
         torch.testing.assert_close(ddp_grads[name], p.grad, rtol=1e-5, atol=1e-6)
 
+@pytest.mark.slow

@@ -348,6 +348,7 @@ def test_tsv_round_trip_and_errors(tmp_path):
 TINY = ["--config", "tiny", "--batch-size", "32", "--quiet", "--eval-examples", "16", "--device", "cpu"]
 
 
+@pytest.mark.slow
 def test_training_reaches_loss_bound(tmp_path):
     """200 steps of the tiny model (~100k parameters) on the number phrases with the tiny preset's own defaults
     (lr 3e-3, warmup 20, no dropout): the valid loss, ln(36) ~ 3.6 nats per character at the start, falls below 0.6
@@ -450,6 +451,7 @@ def test_greedy_loss_sum_is_global_token_normalised():
     assert math.isfinite(whole.item())
 
 
+@pytest.mark.slow
 def test_ddp_two_gloo_processes_equal_one_process(tmp_path):
     """torchrun with 2 CPU processes (gloo) trains the weights one process trains on the whole batch: the loss is
     normalised by the global token count, so DDP's averaged gradients are the whole batch's."""
