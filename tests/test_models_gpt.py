@@ -458,6 +458,11 @@ def _decode_linear_module():
     return _decode_linear
 
 
+def _decode_copy(module):
+    """(key, copy) that a DecodeLinear keeps after a decode call, or None."""
+    return module.__dict__.get(_decode_linear_module()._COPY)
+
+
 # (in, out): out >= in takes the [in, out] copy at one row, in > out oneDNN's layout (models/_decode_linear.py).
 @pytest.mark.parametrize("shape", [(17, 97), (32, 32), (97, 17)])
 @pytest.mark.parametrize("rows", [1, 3, 8])
@@ -476,32 +481,36 @@ def test_decode_linear_matches_linear(shape, rows, bias):
         got = lin(x)
     assert got.shape == (rows, 1, shape[1]) and got.dtype == torch.float32
     assert (got.double() - want).abs().max() <= 2 * torch_err + 1e-6
-    key, copy = dl._packed[lin]  # the copy was made, in the layout the rule picks
+    key, copy = _decode_copy(lin)  # the copy was made, in the layout the rule picks
     assert copy.is_mkldnn == (rows > 1 or shape[0] > shape[1])
     if not copy.is_mkldnn:
         assert torch.equal(copy, lin.weight.t())
 
 
 def test_decode_linear_is_linear_outside_its_conditions():
-    """Outside decode_linears(), with autograd, under the reference backend or in fp64: exactly F.linear, no copy."""
+    """Outside decode_linears(), in a block entered with autograd on, under the reference backend, or in fp64:
+    exactly F.linear, and no copy made."""
     dl = _decode_linear_module()
     torch.manual_seed(1)
     lin = dl.DecodeLinear(32, 48)
+    lin64 = dl.DecodeLinear(32, 48, dtype=torch.float64)
     x = torch.randn(1, 32, requires_grad=True)
+    x64 = x.detach().double()
     want = torch.nn.functional.linear(x, lin.weight, lin.bias)
     assert torch.equal(lin(x), want)
     with dl.decode_linears():
-        y = lin(x)  # grad mode, parameters that require grad: nn.Linear's forward and backward
+        y = lin(x)  # grad mode: nn.Linear's forward and backward
         assert torch.equal(y, want)
         y.sum().backward()
         assert lin.weight.grad is not None and x.grad is not None
-        with torch.no_grad():
-            with genfast.backend("reference"):
-                assert torch.equal(lin(x), want)
-            lin64 = dl.DecodeLinear(32, 48, dtype=torch.float64)
-            x64 = x.detach().double()
+    with torch.no_grad():
+        with genfast.backend("reference"), dl.decode_linears():
+            assert torch.equal(lin(x), want)
+        with dl.decode_linears():
             assert torch.equal(lin64(x64), torch.nn.functional.linear(x64, lin64.weight, lin64.bias))
-    assert lin not in dl._packed and lin64 not in dl._packed
+            assert _decode_copy(lin) is None and _decode_copy(lin64) is None
+            lin(x)  # and the same block does serve an fp32 call
+    assert _decode_copy(lin) is not None
 
 
 def test_decode_linear_copy_follows_the_weights():
@@ -529,7 +538,7 @@ def test_decode_linear_copy_follows_the_weights():
         lin.bias.add_(1.0)  # the bias is read at each call, never copied
     check(x1)
     check(x4)
-    assert dl._packed[lin][1].is_mkldnn
+    assert _decode_copy(lin)[1].is_mkldnn
     check(x1)
     assert dl.release_packed(lin) == 1 and dl.release_packed(lin) == 0
     with pytest.raises(TypeError, match="release_packed: module must be an nn.Module"):
@@ -539,7 +548,9 @@ def test_decode_linear_copy_follows_the_weights():
 def test_gpt_decode_copies_keep_tokens_and_checkpoints(monkeypatch, tmp_path):
     """GPT's linears are DecodeLinears over the same parameters (state dict, init and checkpoints unchanged); its
     decode steps run on the copies, with the tokens of F.linear's decode; a model holding copies deep-copies."""
+    import contextlib
     import copy
+    import sys
 
     dl = _decode_linear_module()
     model = small_gpt(seed=12)
@@ -557,10 +568,10 @@ def test_gpt_decode_copies_keep_tokens_and_checkpoints(monkeypatch, tmp_path):
         idx = tokens(b, 7, seed=30 + b)
         runs[b] = [model.generate(idx, 9, **greedy),
                    model.generate(idx, 9, generator=torch.Generator().manual_seed(4), **sampled)]
-        assert all(m in dl._packed for m in linears)  # every linear of the decode step ran on its copy
+        assert all(_decode_copy(m) is not None for m in linears)  # every linear of the step ran on its copy
     twin = copy.deepcopy(model)
     assert torch.equal(twin.generate(tokens(3, 7, seed=33), 9, **greedy), runs[3][0])
-    monkeypatch.setattr(dl, "_serves", lambda *args: False)  # F.linear everywhere
+    monkeypatch.setattr(sys.modules[GPT.__module__], "decode_linears", contextlib.nullcontext)  # F.linear only
     for b in (1, 3):
         idx = tokens(b, 7, seed=30 + b)
         assert torch.equal(model.generate(idx, 9, **greedy), runs[b][0])

@@ -17,9 +17,9 @@ calls (a loaded machine, so the ratios, not the times, are the result):
 The results are the same fp32 products summed in another order (the logits differ from F.linear's in the last
 bits; the [in, out] copy's are bitwise transformers' Conv1D's).
 
-Where: only inside ``with decode_linears():`` (GPT's decode step enters it), on a CPU, in fp32, without autograd
-(no grad mode, or no operand that requires grad), under the ``auto`` or ``cpu`` backend (``reference`` keeps
-F.linear), where torch has oneDNN and it is enabled. Everywhere else, and always outside the block, forward is
+Where: only inside ``with decode_linears():`` (GPT's decode step enters it) entered in no-grad mode, under the
+``auto`` or ``cpu`` backend (``reference`` keeps F.linear), where torch has oneDNN and it is enabled, not while
+torch.compile traces; and there on fp32 CPU tensors. Everywhere else, and always outside the block, forward is
 nn.Linear's, so training, export and the checkpoint format (names and shapes of ``state_dict()``) are unchanged.
 
 Memory: one copy of each weight, kept after the call so that later decode steps and generate calls reuse it:
@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import weakref
 from typing import Iterator
 
 import torch
@@ -45,30 +44,31 @@ from torch import nn
 
 from genfast._backend import get_backend
 
+_COPY = "_decode_copy"  # the instance attribute holding ((weight data_ptr, _version, shape, rows or 0), the copy)
+
 
 class _ThreadState(threading.local):
-    """Whether a ``decode_linears`` block is open in this thread (per thread, like genfast.backend blocks)."""
+    """Whether this thread is inside a ``decode_linears`` block that qualified when it was entered (per thread,
+    like genfast.backend blocks). Decided once per block, so that each linear call only checks its tensors."""
 
     def __init__(self) -> None:
-        self.depth = 0
+        self.on = False
 
 
 _state = _ThreadState()
-# module -> ((weight data_ptr, _version, shape, stride, rows; 0 for the [in, out] copy), the copy). Weak keys: a copy
-# lives no longer than its module; and it stays out of the module's __dict__, so deepcopy / pickling the model never
-# meet oneDNN's packed (opaque) tensor, which cannot be copied.
-_packed: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, torch.Tensor]]" = weakref.WeakKeyDictionary()
-_lock = threading.Lock()
 
 
 @contextlib.contextmanager
 def decode_linears() -> Iterator[None]:
     """Run the block's DecodeLinear calls on their decode copies where they qualify (see the module docstring)."""
-    _state.depth += 1
+    outer = _state.on
+    _state.on = (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                 and get_backend() in ("auto", "cpu")
+                 and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
     try:
         yield
     finally:
-        _state.depth -= 1
+        _state.on = outer
 
 
 def release_packed(module: nn.Module) -> int:
@@ -77,31 +77,17 @@ def release_packed(module: nn.Module) -> int:
     if not isinstance(module, nn.Module):
         raise TypeError(f"release_packed: module must be an nn.Module, got {type(module).__name__}")
     freed = 0
-    with _lock:
-        for m in module.modules():
-            if _packed.pop(m, None) is not None:
-                freed += 1
+    for m in module.modules():
+        if m.__dict__.pop(_COPY, None) is not None:
+            freed += 1
     return freed
-
-
-def _serves(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
-        return False
-    if weight.device.type != "cpu" or (bias is not None and bias.dtype != torch.float32):
-        return False
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                    or (bias is not None and bias.requires_grad)):
-        return False
-    if torch.compiler.is_compiling() or x.numel() == 0 or x.dim() < 2:
-        return False
-    return get_backend() in ("auto", "cpu") and torch.backends.mkldnn.is_available() \
-        and torch.backends.mkldnn.enabled
 
 
 class DecodeLinear(nn.Linear):
     """nn.Linear (same parameters, same state dict) whose forward, inside ``decode_linears()``, multiplies by a
-    cached copy of the weight laid out for the call's rows where that serves it (CPU, fp32, no autograd; see the
-    module docstring); F.linear otherwise."""
+    cached copy of the weight laid out for the call's rows where that serves it (CPU, fp32; see the module
+    docstring); F.linear otherwise. The copy is an instance attribute that deepcopy and pickling leave out
+    (oneDNN's packed tensor cannot be copied); a copy of the module makes its own."""
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "DecodeLinear":
@@ -114,29 +100,35 @@ class DecodeLinear(nn.Linear):
         out.train(linear.training)
         return out
 
+    def __getstate__(self):
+        state = super().__getstate__()
+        if _COPY in state:
+            state = {k: v for k, v in state.items() if k != _COPY}
+        return state
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias
-        if not _state.depth or not _serves(x, weight, bias):
+        if not (_state.on and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.dim() >= 2
+                and x.device.type == "cpu" and weight.device.type == "cpu" and x.numel() > 0
+                and (bias is None or bias.dtype == torch.float32)):
             return F.linear(x, weight, bias)
         rows = x.numel() // x.shape[-1]
         # The copy's layout, from the measurements in the module docstring: MKL's GEMV over [in, out] where one row
         # meets a weight at least as wide as it is deep, oneDNN's layout for M = rows elsewhere.
         transposed = rows == 1 and weight.shape[0] >= weight.shape[1]
-        key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.stride(),
-               0 if transposed else rows)
-        entry = _packed.get(self)
+        key = (weight.data_ptr(), weight._version, weight.shape, 0 if transposed else rows)
+        entry = self.__dict__.get(_COPY)
         if entry is None or entry[0] != key:
-            with _lock:
-                _packed.pop(self, None)  # the stale copy goes first: never two copies of one weight at once
-                w = weight.detach()
-                copy = w.t().contiguous() if transposed else torch.ops.mkldnn._reorder_linear_weight(
-                    w.contiguous(), rows)  # the batch size is the reorder's hint: oneDNN's blocking for that M
-                entry = (key, copy)
-                _packed[self] = entry
+            self.__dict__.pop(_COPY, None)  # the stale copy goes first: never two copies of one weight at once
+            w = weight.detach()
+            copy = w.t().contiguous() if transposed else torch.ops.mkldnn._reorder_linear_weight(
+                w.contiguous(), rows)  # the batch size is the reorder's hint: oneDNN's blocking for that M
+            entry = self.__dict__[_COPY] = (key, copy)
         if not transposed:
             return torch.ops.mkldnn._linear_pointwise(x, entry[1], bias, "none", [], "")
         x2 = x.reshape(1, x.shape[-1])
         y = torch.mm(x2, entry[1]) if bias is None else torch.addmm(bias, x2, entry[1])
         return y.view(*x.shape[:-1], y.shape[-1])
+
 
 __all__ = ["DecodeLinear", "decode_linears", "release_packed"]
