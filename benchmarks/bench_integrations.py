@@ -21,6 +21,16 @@ tiny Llama's forward (the suite's left-padded B2 T128, and T512 unpadded, the la
 What remains on top of "sdpa" / the default processor (torch.profiler op counts per forward, 2026-12-06): per
 attention call one read-only reduction of q to a scalar and its host read (aten::sum, isnan, item: the NaN rule's
 check) and about 14 us of Python; every other op is the same op, the same number of times, on both sides.
+
+The left-padded Llama row (0.96x / 0.95x in the two committed runs at 077a555) had one more: genfast views the
+[B, 1, Nq, Nk] padding mask transformers builds as [B, Hq, Nq, Nk] for its kernels, and handed so to torch's SDPA,
+whose CPU kernel converts a bool mask to a float one at the size it gets, that conversion (aten::where, twice per
+call) ran over Hq = 8 times the elements "sdpa"'s does. The CPU path now gives SDPA the mask with its broadcast
+dims at size 1 (ops/attention.py ``_unbroadcast``). Same-process A/B, loaded machine, CPU time, 1 thread, median
+ratio of 150 alternating repetitions, "sdpa" / genfast: 0.955x before, 0.984x after (wall time at 2 threads, with
+the load: 0.88x / 0.97x). Per attention call genfast then runs SDPA with enable_gqa (K/V not repeated: 610 against
+648 us with transformers' repeat_kv) and about 25 us more Python (the mask path's argument checks and the NaN
+check), so "auto" keeps genfast's path; the rest of the forward is the same ops.
 """
 
 from __future__ import annotations

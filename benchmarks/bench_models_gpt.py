@@ -20,16 +20,45 @@ Replaced rows (``replaced``): ``GPT.generate`` (the default call) against transf
 GPT-2 124M weights, B1 and B8, greedy and sampling (the same temperature / top-k / top-p), 32 + 32 tokens on a CPU.
 
 What a CPU decode step spends (torch.profiler, GPT-2 124M fp32, 16 new tokens, 1 thread, 2026-12-06, loaded
-machine): the matmuls are 90-92% of it at B1 and B8 (the 48 block linears, addmm, ~64%; the tied head, mm, ~26%);
-gelu 1.5-2%, attention_decode 0.6% (B1) / 2.3% (B8), sample_tokens 0.3-0.8%, kv_cache_append 0.1-0.7%, the
-rest (layer norms, views, adds) a few %. The per-token Python and allocation overhead is thus a few % of a step,
-and a 1.2x margin over transformers cannot come from it: both read the same weights through the same torch
-matmuls. Where transformers is ahead at B1 (the replaced row measured 0.92x greedy, 0.98x sampling, one thread):
-the same profile of both at B1 greedy shows the tied head equal (mm, 209 ms each) and the 48 block linears 22%
-slower in genfast (addmm 490 vs 401 ms): transformers' GPT-2 keeps them in Conv1D's [in, out] layout (x @ W),
-genfast's nn.Linear in [out, in] (x @ W.t()), and this torch's fp32 GEMM at M = 1 runs the former faster (at
-M = 8 the latter was as fast or faster). The fix belongs to the model's layers (their weight layout for decode),
-not to the generation loop; everything else in genfast's step is leaner (no cat per layer, a smaller attention).
+machine): the matmuls are 90-92% of it at B1 and B8 (the 48 block linears ~64%, the tied head ~26%); gelu 1.5-2%,
+attention_decode 0.6% (B1) / 2.3% (B8), sample_tokens 0.3-0.8%, kv_cache_append 0.1-0.7%, the rest (layer norms,
+views, adds) a few %. So the per-token Python and allocation overhead is a few % of a step, and the margin over
+transformers has to come from reading the weights faster: both read the same weights, transformers' GPT-2 its
+Conv1D [in, out] blocks (x @ W) and an nn.Linear head, genfast nn.Linear [out, in] everywhere (x @ W.t()).
+
+How this torch (MKL and oneDNN, 2 AMD EPYC cores with AVX-512) reads them, one thread, GPT-2's 12 layers' weights
+in turn (streamed from memory, as in a step; single-weight loops stay in the L3 cache and mislead), CPU time:
+
+| M (rows) | shape in->out | F.linear [out, in] | addmm [in, out] (Conv1D) | oneDNN prepacked |
+|---|---|---|---|---|
+| 1 | 768->2304 (c_attn) | 12.8 GB/s | 17.1 GB/s | 15.5 GB/s |
+| 1 | 768->768 (attn c_proj) | 12.5 | 15.5 | 13.4 |
+| 1 | 768->3072 (c_fc) | 12.8 | 20.6 | 15.6 |
+| 1 | 3072->768 (mlp c_proj) | 16.5 | 14.8 | 18.7 |
+| 1 | 768->50257 (head) | 11.4 ms | 6.3 ms | 8-9 ms |
+| 8 | block linears | 1x | 0.84-1.06x | 1.2-1.8x (MKL re-packs the weight at every call) |
+| 8 | head | 1x | 1.0-1.07x | 2.6-3x |
+
+The claim that the nn.Linear layout is what costs transformers' lead at B1 holds for the shapes whose output is at
+least as wide as the input (1.2-1.9x slower) and not for 3072->768 (there [out, in] is the faster of the two);
+the biggest single cost was the tied head, which transformers also runs through nn.Linear. genfast's GPT now runs
+its decode step's linears on a cached copy of each weight in the fastest layout above (genfast/models/
+_decode_linear.py: [in, out] at one row where out >= in, oneDNN's prepacked layout elsewhere; one extra copy of the
+linear weights, 0.49 GB for GPT-2 124M in fp32, remade when a weight changes). Same-process A/B on the loaded
+machine, CPU time (process_time, which the other helpers' load barely moves), one thread, 32 + 32 tokens, median
+ratio over 9 alternating repetitions, transformers / genfast:
+
+| case | before (F.linear) | after (decode copies) |
+|---|---|---|
+| B1 greedy | 0.94x | 1.15x |
+| B1 sample | 0.99x | 1.24x |
+| B8 greedy | 1.06x | 1.60x |
+| B8 sample | 1.25x | 1.90x |
+
+At B1 a decode step was then 30 ms: head 6.3, block linears 19.2, everything else 4.4 (transformers' step 38.5
+ms); the prefill of 32 tokens costs both about 120 ms. What is left at B1 is bandwidth: the head reads at ~25 GB/s,
+the block linears at 15-20 GB/s, and no torch kernel read them faster at one row; a GEMV kernel of genfast's own
+at the copy bandwidth would be the next step. B1 greedy at 1.15x is short of the issue's 1.2x here.
 
 ``python -m benchmarks.bench_models_gpt [--quick]`` times only the generation cases, genfast and transformers
 interleaved (the fairer comparison on a shared machine), and prints the ratios.

@@ -578,6 +578,7 @@ def test_gpt_decode_copies_keep_tokens_and_checkpoints(monkeypatch, tmp_path):
         assert torch.equal(model.generate(idx, 9, generator=torch.Generator().manual_seed(4), **sampled), runs[b][1])
     again = GPT.from_pretrained(model.save_pretrained(tmp_path))
     assert {n: tuple(p.shape) for n, p in again.state_dict().items()} == names
+    assert model.release_decode_copies() == len(linears) and all(_decode_copy(m) is None for m in linears)
 
 
 # ------------------------------------------------------------------------------------------ training
