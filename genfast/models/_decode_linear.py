@@ -3,16 +3,16 @@ few rows a decode step has.
 
 Why: a decode step multiplies M rows (M = the batch size) by every weight of the model, so on a CPU its time is
 reading the weights, and torch's fp32 CPU matmul reads nn.Linear's [out, in] layout slowly there. Measured on a
-2-core AMD EPYC (AVX-512, MKL and oneDNN of torch 2.13), one thread, GPT-2 124M's shapes, medians of interleaved
-calls (a loaded machine, so the ratios, not the times, are the result):
+2-core AMD EPYC (AVX-512, MKL and oneDNN of torch 2.13), one thread, CPU time, GPT-2 124M's 12 layers' weights in
+turn (streamed from memory as in a real step; benchmarks/bench_models_gpt.py has the table):
 
-- M = 1: MKL's GEMV over the transposed [in, out] copy (x @ W_t, what transformers' Conv1D stores) ran
-  1.6x (768->2304), 1.7x (768->3072) and 1.5-1.9x (the tied head 768->50257) faster than F.linear, and as fast
-  at 768->768; at 3072->768 it was slower (0.9x), and oneDNN's inner product over a weight reordered for M
+- M = 1: MKL's GEMV over the transposed [in, out] copy (x @ W_t, what transformers' Conv1D stores) read
+  768->2304 at 1.3x, 768->768 at 1.2x, 768->3072 at 1.6x and the tied head 768->50257 at 1.8x F.linear's speed;
+  at 3072->768 it was slower (0.9x), and oneDNN's inner product over a weight reordered for M
   (``torch.ops.mkldnn._reorder_linear_weight`` / ``_linear_pointwise``, what torch.compile's freezing uses on a
-  CPU) 1.4x faster. So at M = 1: the [in, out] copy where out >= in, oneDNN's layout where in > out.
-- M >= 2: MKL re-packs the weight at every call; oneDNN's prepacked layout ran 1.2-1.8x (M = 2), 1.4-3x (M = 4)
-  and 1.5-3x (M = 8) faster than F.linear, the [in, out] copy 0.9-1.1x beyond M = 2.
+  CPU) 1.1-1.4x faster. So at M = 1: the [in, out] copy where out >= in, oneDNN's layout where in > out.
+- M >= 2: MKL re-packs the weight at every call; oneDNN's prepacked layout ran 1.2-1.8x (M = 2, 4, 8) faster than
+  F.linear on the block weights and 2-3x on the head; the [in, out] copy 0.85-1.1x beyond M = 2.
 
 The results are the same fp32 products summed in another order (the logits differ from F.linear's in the last
 bits; the [in, out] copy's are bitwise transformers' Conv1D's).
@@ -26,8 +26,8 @@ Memory: one copy of each weight, kept after the call so that later decode steps 
 about the size of the model's linear weights (GPT-2 124M in fp32: 85M block weights and the 38.6M tied head,
 0.49 GB), built at the first decode step (0.1-0.3 s for GPT-2 124M). A copy is rebuilt when its weight's
 ``data_ptr`` or ``_version`` changes (an optimizer step, ``load_state_dict``, ``model.to(...)``, any in-place
-write outside ``.data``) or the batch size does, and freed with its module or by ``release_packed(model)``.
-Writes through ``weight.data`` bump no version: call ``release_packed`` after them.
+write outside ``.data``) or the batch size does, and freed with its module or by ``release_packed(model)``
+(``GPT.release_decode_copies()``). Writes through ``weight.data`` bump no version: release the copies after them.
 
 Under CPU contention (more runnable threads than cores), oneDNN's parallel regions wait for descheduled threads
 as every OpenMP region does (torch.set_num_threads(1) avoids it); on a quiet machine they do not.
