@@ -731,6 +731,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.close()
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_equal_one_process_on_the_whole_batch(tmp_path):
     mp = pytest.importorskip("torch.multiprocessing")
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
@@ -740,5 +741,3 @@ def test_ddp_two_processes_equal_one_process_on_the_whole_batch(tmp_path):
     loss.backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(ddp_grads[name], p.grad, rtol=1e-5, atol=1e-6)
-
-@pytest.mark.slow
