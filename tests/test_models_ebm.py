@@ -13,6 +13,8 @@ from genfast.models.ebm import EBM, EBMConfig
 from genfast.ops import _checks, langevin_step, langevin_step_ref
 from tests.conftest import backend_params
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 TINY = dict(image_size=16, features=8, buffer_size=64)
 
 
@@ -124,7 +126,6 @@ def pixel_histogram_distance(images: torch.Tensor, reference: torch.Tensor, bins
     return float((hist(images) - hist(reference)).abs().sum())
 
 
-@pytest.mark.slow
 def test_contrastive_divergence_on_digits_separates_data_from_noise_and_fills_the_buffer():
     torch.manual_seed(0)
     data = digits(image_size=16).images
@@ -183,7 +184,6 @@ RECIPE_TINY = ["--device", "cpu", "--quiet", "--image-size", "16", "--features",
                "--sample-every", "2"]
 
 
-@pytest.mark.slow
 def test_recipe_resume_is_bitwise_and_writes_the_grids(tmp_path):
     from genfast.recipes import ebm as recipe
     from genfast.training import load_safetensors_state

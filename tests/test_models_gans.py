@@ -262,6 +262,7 @@ def colour_accuracy(images: torch.Tensor, labels: torch.Tensor) -> float:
     return float((torch.cdist(mean, palette).argmin(1) == labels % 3).float().mean())
 
 
+@pytest.mark.slow
 def test_cgan_short_run_learns_each_class_without_collapse(tmp_path):
     """100 steps of a small cGAN with the recipe's defaults (projection discriminator, mode-seeking weight 0.2):
     - it moves toward the data: mmd2 0.10x the initial one here (the bound, 0.4x, failed before those defaults:

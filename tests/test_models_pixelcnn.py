@@ -12,6 +12,8 @@ from genfast.data.images import digits
 from genfast.models.pixelcnn import PixelCNN, PixelCNNConfig, marginal_bits_per_dim, quantize
 from tests.recipe_checks import assert_resume_is_exact
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 TINY = dict(image_size=8, hidden=12, layers=3, kernel_size=3)
 
 
@@ -47,7 +49,6 @@ def test_logits_see_the_causal_past_only_and_all_of_it_within_reach(channels):
         assert seen[:, i, j - reach:j].all() and seen[:c, i, j].all()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("channels,classes", [(1, 0), (3, 3)])
 def test_cached_sampler_equals_the_naive_loop(channels, classes, monkeypatch):
     torch.manual_seed(1)
@@ -78,7 +79,6 @@ def test_greedy_sampling_takes_each_argmax():
     assert torch.equal(model(q).argmax(1), q)
 
 
-@pytest.mark.slow
 def test_training_beats_the_per_pixel_marginal_model_on_held_out_digits():
     torch.manual_seed(0)
     levels = 8
@@ -128,7 +128,6 @@ def _usage_error(main, argv, capsys) -> str:
     return err
 
 
-@pytest.mark.slow
 def test_train_sample_and_load_from_the_command_line(tmp_path, capsys):
     from genfast.recipes.pixelcnn import sample_main, train_main
 
@@ -148,7 +147,6 @@ def test_train_sample_and_load_from_the_command_line(tmp_path, capsys):
     assert "--n" in _usage_error(sample_main, ["--ckpt", str(out), "--n", "100000"], capsys)
 
 
-@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path):
     from genfast.recipes.pixelcnn import train_main
 

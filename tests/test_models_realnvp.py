@@ -12,6 +12,8 @@ from genfast.data.toy2d import two_moons
 from genfast.models.realnvp import RealNVP, RealNVPConfig, dequantize, gaussian_bits_per_dim, squeeze, unsqueeze
 from tests.recipe_checks import assert_resume_is_exact
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 CONFIGS = {
     "vector": RealNVPConfig(kind="vector", dim=3, hidden=16, couplings=4),
     "image-1ch": RealNVPConfig(kind="image", image_size=8, channels=1, hidden=8, scales=2),
@@ -45,7 +47,6 @@ def test_inverse_is_exact_in_fp64(name):
             assert float((flow(flow.inverse(z2))[0] - z2).abs().max()) <= 1e-5
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_log_det_equals_autograds_jacobian(name):
     config = CONFIGS[name]
@@ -80,7 +81,6 @@ def _train_on_moons(flow: RealNVP, steps: int) -> None:
         schedule.step()
 
 
-@pytest.mark.slow
 def test_moons_samples_match_held_out_data_and_an_untrained_flow_does_not():
     torch.manual_seed(0)
     held = two_moons(1000, generator=torch.Generator().manual_seed(1))
@@ -97,7 +97,6 @@ def test_moons_samples_match_held_out_data_and_an_untrained_flow_does_not():
     assert min(p_values(flow)) > 1e-3
 
 
-@pytest.mark.slow
 def test_held_out_digits_bits_per_dim_below_a_per_pixel_gaussian():
     torch.manual_seed(0)
     images = digits(8).images
