@@ -58,7 +58,10 @@ ratio over 9 alternating repetitions, transformers / genfast:
 At B1 a decode step was then 30 ms: head 6.3, block linears 19.2, everything else 4.4 (transformers' step 38.5
 ms); the prefill of 32 tokens costs both about 120 ms. What is left at B1 is bandwidth: the head reads at ~25 GB/s,
 the block linears at 15-20 GB/s, and no torch kernel read them faster at one row; a GEMV kernel of genfast's own
-at the copy bandwidth would be the next step. B1 greedy at 1.15x is short of the issue's 1.2x here.
+at the copy bandwidth would be the next step. B1 greedy at 1.15x is short of the issue's 1.2x in that measure.
+The suite's own replaced rows (``python -m benchmarks.run --replaced --family models_gpt``, 2 threads, wall time,
+21 alternating repetitions, the same loaded machine, 2026-12-06 at adb902c) gave B1 greedy 1.22x (1.21-1.23x),
+B1 sample 1.28x, B8 greedy 1.99x (1.01-2.19x: the load swung), B8 sample 2.43x; the quiet runs decide.
 
 ``python -m benchmarks.bench_models_gpt [--quick]`` times only the generation cases, genfast and transformers
 interleaved (the fairer comparison on a shared machine), and prints the ratios.
