@@ -48,7 +48,7 @@ from genfast import _backend, _ext
 from genfast.ops import _checks
 from genfast.ops._attention_common import attention_math as _math
 from genfast.ops._attention_common import bool_flag as _flag
-from genfast.ops._attention_common import softmax_scale, window_bounds
+from genfast.ops._attention_common import TRITON_MAX_HEAD_DIM, softmax_scale, window_bounds
 from genfast.ops._attention_common import window_pair as _window_pair
 from genfast.ops.attention import attention_ref
 
@@ -56,7 +56,6 @@ OP = "attention_decode"
 APPEND = "kv_cache_append"
 MAX_NEW_TOKENS = 16
 SEQLEN_DTYPES = (torch.int32, torch.int64)
-TRITON_MAX_HEAD_DIM = 256
 # Slots per block of a paged cache: powers of two (a slot's block and offset are a shift and a mask in the kernels).
 PAGE_SIZES = (16, 32, 64, 128, 256)
 # The kernels' num_splits value that asks for batch invariance: a split count from the cache capacity Nmax, the head
@@ -419,7 +418,7 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      "each sequence's length, its Nq new tokens included, at most the cache size Nmax")
         if paged:  # the blocks the rows can see: [first key of the window, length)
             length = cache_seqlens.to(torch.int64)
-            lo = (length - nq - left).clamp(min=0) if left >= 0 else torch.zeros_like(length)
+            lo = (length - nq - left).clamp(min=0)  # left is resolved: a finite bound
             _check_blocks_needed(OP, block_table, k_cache.shape[0], k_cache.shape[2], lo, length)
     out, lse = _dispatch(q, k_cache, v_cache, cache_seqlens, causal, scale, left, right, int(num_splits), return_lse,
                          block_table, device=q.device, dtype=q.dtype, facts={"head_dim": d})
