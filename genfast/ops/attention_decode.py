@@ -46,9 +46,9 @@ import torch.nn.functional as F
 
 from genfast import _backend, _ext
 from genfast.ops import _checks
+from genfast.ops._attention_common import TRITON_MAX_HEAD_DIM, softmax_scale, window_bounds
 from genfast.ops._attention_common import attention_math as _math
 from genfast.ops._attention_common import bool_flag as _flag
-from genfast.ops._attention_common import TRITON_MAX_HEAD_DIM, softmax_scale, window_bounds
 from genfast.ops._attention_common import window_pair as _window_pair
 from genfast.ops.attention import attention_ref
 
