@@ -148,6 +148,26 @@ def test_long_cache_splits_and_nan(device, backend, d):
     assert out[1, 3].isnan().all() and not out[1, 2].isnan().any()  # the NaN query row alone
 
 
+
+@pytest.mark.parametrize("device,backend", PARAMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_infinite_query_entry_gives_the_specs_rows(device, backend, dtype):
+    """A -inf in a query row whose keys are all positive there makes every visible score -inf: the row has no key
+    to attend to and comes out 0, as in the specification (torch's SDPA gives NaN there, which the reference
+    backend's fast path once returned); +inf makes every score +inf, which is NaN in the specification too."""
+    q, k, v = _make(2, 2, 1, 3, 20, 8, dtype, device, seed=3)
+    k[..., 5] = k[..., 5].abs() + 0.5
+    q[0, 1, 0, 5] = float("-inf")
+    q[1, 0, 2, 5] = float("inf")
+    lengths = torch.tensor([9, 20], device=device)
+    with genfast.backend(backend):
+        out = attention_decode(q, k, v, lengths, causal=False)
+        lse = attention_decode(q, k, v, lengths, causal=False, return_lse=True)[1]
+    spec = attention_decode_ref(q, k, v, lengths, causal=False)
+    assert (out[0, 1, 0] == 0).all() and lse[0, 1, 0] == float("-inf")
+    assert out[1, 0, 2].isnan().all()
+    torch.testing.assert_close(out, spec, atol=FLOOR[dtype] * 20, rtol=1e-3, equal_nan=True)
+
 def _cpu_kernel_matches_spec() -> None:
     """The CPU kernel on head dims with their own path (64, 128) and any other (40), GQA, Nq > 1, bf16."""
     for d, dtype in ((64, torch.float32), (128, torch.float32), (40, torch.float32), (64, torch.bfloat16)):

@@ -123,12 +123,24 @@ def _reference(q, k_cache, v_cache, cache_seqlens, causal, scale, left, right, n
     if block_table is not None:  # entries no row needs (-1, say) were clamped onto some block: zero all it cannot see
         filled = ok.any(2)[..., None]
     k_cache, v_cache = torch.where(filled, k_cache, 0.0), torch.where(filled, v_cache, 0.0)
-    if not need_lse:
-        # torch's fused kernel in the input dtype; rows with no visible key are set to 0 whatever SDPA gives there.
-        out = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=ok, scale=scale,
-                                             enable_gqa=q.shape[1] != k_cache.shape[1])
-        return torch.where(ok.any(-1, keepdim=True), out, 0.0), None
-    return _math(q, k_cache, v_cache, ok, None, False, 0.0, scale, -1, -1, torch.promote_types(q.dtype, torch.float32))
+    compute_dtype = torch.promote_types(q.dtype, torch.float32)
+    if need_lse:
+        return _math(q, k_cache, v_cache, ok, None, False, 0.0, scale, -1, -1, compute_dtype)
+    # torch's fused kernel in the input dtype; rows with no visible key are set to 0 whatever SDPA gives there.
+    out = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=ok, scale=scale,
+                                         enable_gqa=q.shape[1] != k_cache.shape[1])
+    out = torch.where(ok.any(-1, keepdim=True), out, 0.0)
+    # SDPA also gives NaN for a row whose visible scores are all -inf (an infinite entry of q or of the keys), where
+    # the specification, like every kernel, gives 0 (no key to attend to). A NaN row is rare and tells the two cases
+    # apart from a genuine NaN only through the scores, so such a call is computed by the written-out math: in eager
+    # CPU calls only when out holds a NaN (a read of out, which is q's size); traced, or on a GPU where the test
+    # would synchronise, always, branch-free.
+    if q.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(out.isnan().any()):
+            return out, None
+        return _math(q, k_cache, v_cache, ok, None, False, 0.0, scale, -1, -1, compute_dtype)[0], None
+    exact = _math(q, k_cache, v_cache, ok, None, False, 0.0, scale, -1, -1, compute_dtype)[0]
+    return torch.where(out.isnan(), exact, out), None
 
 
 def kv_cache_append_ref(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
