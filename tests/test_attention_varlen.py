@@ -384,3 +384,17 @@ def test_long_sequences_on_gpu(dtype, causal):
     lens_q = [1000, 1, 0, 517, 33]
     lens_k = [1000, 7, 3, 517, 200]
     _check_against_spec("cuda", "triton", *_make(lens_q, lens_k, 4, 2, 80, dtype, "cuda", seed=12), causal=causal)
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_infinite_query_entry_gives_the_specs_rows(backend):
+    """A -inf in a query row whose keys are all positive there makes every score of that row -inf: no key to attend
+    to, so 0 as in the specification (torch's SDPA, which the CPU paths call, gives NaN there)."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(4, 2, 1, generator=g), torch.randn(8, 1, 1, generator=g).abs() + 0.5, torch.randn(8, 1, 1)
+    q[0, 0, 0] = float("-inf")
+    cu_q, cu_k = torch.tensor([0, 0, 2, 4]), torch.tensor([0, 3, 5, 8])
+    with genfast.backend(backend):
+        out = attention_varlen(q, k, v, cu_q, cu_k, 2, 3)
+    assert (out[0, 0] == 0).all() and not out.isnan().any()
+    torch.testing.assert_close(out, attention_varlen_ref(q, k, v, cu_q, cu_k, 2, 3))

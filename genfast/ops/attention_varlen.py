@@ -225,17 +225,28 @@ def _per_sequence(q, k, v, cu_q: list[int], cu_k: list[int], knobs: Knobs) -> to
     return nan_query_rows(q, out if out.dtype == q.dtype else out.to(q.dtype))
 
 
-def _reference(q, k, v, packing: Packing, seed, knobs: Knobs, need_lse: bool):
-    """The dispatcher's reference: one SDPA call per sequence, or one padded, masked batch (``cpu_path``).
+def _sdpa_left_a_nan(out: torch.Tensor) -> bool:
+    """True when an eager CPU call's SDPA output holds a NaN. SDPA gives NaN for a row whose visible scores are all
+    -inf (an infinite query or key entry), where the specification and the kernels give 0 (no key to attend to);
+    such a rare call is recomputed by the written-out math, which also keeps every genuine NaN."""
+    return out.device.type == "cpu" and not torch.compiler.is_compiling() and bool(out.isnan().any())
+
+
+def _reference(q, k, v, packing: Packing, seed, knobs: Knobs, need_lse: bool, written_out: bool = False):
+    """The dispatcher's reference: one SDPA call per sequence, or one padded, masked batch (``cpu_path``);
+    ``written_out``: the padded batch through the written-out math (no SDPA).
 
     Memory is that of padded attention over the longest real sequences (B x H x Nq x Nk scores at most, see
     :func:`padded_lengths`); it is the CPU path and the ground the kernels are tested against, not the O(N) one.
     """
     total_q, hq, d = q.shape
     plain = knobs.dropout_p == 0.0 and not need_lse and knobs.window_left < 0 and knobs.window_right < 0
-    offsets = _host_offsets(packing, total_q, k.shape[0]) if plain and total_q else None
+    offsets = _host_offsets(packing, total_q, k.shape[0]) if plain and total_q and not written_out else None
     if offsets is not None and cpu_path(*offsets, hq, d, knobs.causal) == "per-sequence":
-        return _per_sequence(q, k, v, *offsets, knobs), None
+        out = _per_sequence(q, k, v, *offsets, knobs)
+        if _sdpa_left_a_nan(out):
+            return _reference(q, k, v, packing, seed, knobs, need_lse, written_out=True)
+        return out, None
     cu_q, cu_k = packing.cu_q.long(), packing.cu_k.long()
     nseq = cu_q.shape[0] - 1
     max_q, max_k = padded_lengths(packing, total_q, k.shape[0])
@@ -255,7 +266,7 @@ def _reference(q, k, v, packing: Packing, seed, knobs: Knobs, need_lse: bool):
     first = (pos - left).clamp(min=0)
     last = torch.minimum(len_k[:, None] - 1, pos + right)
     mask = ((j >= first[:, :, None]) & (j <= last[:, :, None]) & valid_q[:, :, None])[:, None]  # (B, 1, max_q, max_k)
-    if dropout_p == 0.0 and not need_lse:
+    if dropout_p == 0.0 and not need_lse and not written_out:
         # torch's fused kernel (in the input dtype but where sdpa_inputs says otherwise); rows with no visible key
         # are set to 0 below, whatever SDPA gives. Padded query rows are dropped below, so with neither causal nor a
         # window the key-padding mask alone is exact (every real query sees every real key of its sequence).
@@ -264,6 +275,8 @@ def _reference(q, k, v, packing: Packing, seed, knobs: Knobs, need_lse: bool):
         out = F.scaled_dot_product_attention(*sdpa_inputs(qp, kp, vp), attn_mask=mask, scale=scale,
                                              enable_gqa=hq != k.shape[1])
         out = nan_query_rows(qp, out if out.dtype == q.dtype else out.to(q.dtype))
+        if _sdpa_left_a_nan(out):
+            return _reference(q, k, v, packing, seed, knobs, need_lse, written_out=True)
         lse = None
     else:
         keep = None
