@@ -208,16 +208,22 @@ def _per_sequence(q, k, v, cu_q: list[int], cu_k: list[int], knobs: Knobs) -> to
     gives 0, the rule)."""
     hq, d = q.shape[1], q.shape[2]
     qs, ks, vs = sdpa_inputs(q, k, v)
+    len_q = [b - a for a, b in zip(cu_q, cu_q[1:])]
+    len_k = [b - a for a, b in zip(cu_k, cu_k[1:])]
+    # split, not one slice per sequence: a slice's backward writes its gradient into a zero tensor of the whole
+    # packed size, B of them summed (25 sequences: 15 of the 37 ms of a forward and backward, issue 26's profile);
+    # split's backward concatenates the pieces once.
     outs = []
-    for (q0, q1), (k0, k1) in zip(zip(cu_q, cu_q[1:]), zip(cu_k, cu_k[1:])):
-        if q1 == q0:
+    for qb, kb, vb in zip(qs.split(len_q), ks.split(len_k), vs.split(len_k)):
+        nq, nk = qb.shape[0], kb.shape[0]
+        if nq == 0:
             continue
-        if k1 == k0:
-            outs.append(qs.new_zeros(q1 - q0, hq, d))
+        if nk == 0:
+            outs.append(qs.new_zeros(nq, hq, d))
             continue
-        qb, kb, vb = (t[a:b].transpose(0, 1).unsqueeze(0) for t, a, b in ((qs, q0, q1), (ks, k0, k1), (vs, k0, k1)))
-        square = q1 - q0 == k1 - k0
-        mask = allowed_positions(q1 - q0, k1 - k0, True, -1, -1, q.device) if knobs.causal and not square else None
+        qb, kb, vb = (t.transpose(0, 1).unsqueeze(0) for t in (qb, kb, vb))
+        square = nq == nk
+        mask = allowed_positions(nq, nk, True, -1, -1, q.device) if knobs.causal and not square else None
         out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, is_causal=knobs.causal and square,
                                              scale=knobs.scale, enable_gqa=hq != k.shape[1])
         outs.append(out[0].transpose(0, 1))
@@ -228,8 +234,10 @@ def _per_sequence(q, k, v, cu_q: list[int], cu_k: list[int], knobs: Knobs) -> to
 def _sdpa_left_a_nan(out: torch.Tensor) -> bool:
     """True when an eager CPU call's SDPA output holds a NaN. SDPA gives NaN for a row whose visible scores are all
     -inf (an infinite query or key entry), where the specification and the kernels give 0 (no key to attend to);
-    such a rare call is recomputed by the written-out math, which also keeps every genuine NaN."""
-    return out.device.type == "cpu" and not torch.compiler.is_compiling() and bool(out.isnan().any())
+    such a rare call is recomputed by the written-out math, which also keeps every genuine NaN. One read-only
+    reduction to a scalar (isnan + any cost two passes and a bool tensor: 10% of a short-sequence forward); it is
+    also NaN for infinities of both signs in out, a call the written-out math then serves, as rightly."""
+    return out.device.type == "cpu" and not torch.compiler.is_compiling() and bool(torch.isnan(out.detach().sum()))
 
 
 def _reference(q, k, v, packing: Packing, seed, knobs: Knobs, need_lse: bool, written_out: bool = False):
