@@ -6,7 +6,7 @@
 - the window rule: :func:`window_bounds` turns ``causal`` and ``window=(left, right)`` into the two distances every
   kernel (Triton, C++ CPU, CUDA) and every reference mask reads, so no backend re-derives them;
 - the math the references write out (``attention_math``, ``allowed_positions``) and what the CPU reference paths
-  hand torch's SDPA (``sdpa_inputs``, ``nan_query_rows``);
+  hand torch's SDPA (``sdpa_inputs``, ``query_may_hold_nan``, ``nan_query_rows``);
 - the Triton kernels' one support check (``triton_supports``).
 """
 
@@ -211,22 +211,37 @@ def sdpa_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torc
     return q, k, v
 
 
-def nan_query_rows(q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``out`` with NaN in every row whose query row holds a NaN (q [..., N, D], out [..., N, Dv]).
+def query_may_hold_nan(q: torch.Tensor) -> bool:
+    """Whether :func:`nan_query_rows` must fix up the output of an SDPA call on ``q``: take it *before* that call.
 
-    torch's SDPA CPU kernel returns 0 for such a row (it takes it for a fully masked one); every other backend,
-    and the math, give NaN there, and a NaN must never come back as a plausible number. The guarantee used to
-    cost four full-tensor passes per call (isnan, any, where, and where's backward); now eager CPU calls pay one
-    read-only reduction of q to a scalar (q is the attention's smallest operand: it reads q once against Nk
-    times for the scores), and the row-wise fix-up runs only when that sum is NaN (a NaN in q, or, harmlessly,
-    infinities of both signs). Traced by torch.compile, or on a GPU where a branch on a value would synchronise,
-    it stays the branch-free form, which inductor fuses into the output's pass. So does a call with one query row
-    per head (a decode step): its out is no larger than q, so the fix-up costs what the check would, and the
-    step reads nothing back (what a captured decode step needs; tests/test_generate_static_step.py).
+    Eager CPU calls with more than one query row pay one read-only reduction of q to a host scalar (q is the
+    attention's smallest operand: it reads q once against Nk times for the scores). It is True only for a NaN in q
+    (or, harmlessly, infinities of both signs). Why before, and why so spare (issue 26, measured alternating with
+    SDPA on 2 cores): the first torch op after a long kernel costs 50-100 us here, so the same check made after
+    the SDPA call cost 2-3 times what it costs before it (fp32 [2,8,256,40]: 0.94x against 0.98x of SDPA), and
+    ``isnan(q.detach().sum())`` took four dispatched ops where ``q.sum().item()`` takes two. Traced by
+    torch.compile, or on a GPU where a branch on a value would synchronise, it is True: the branch-free fix-up,
+    which inductor fuses into the output's pass. So it is for a call with one query row per head (a decode step):
+    its out is no larger than q, so the fix-up costs what the check would, and the step reads nothing back (what a
+    captured decode step needs; tests/test_generate_static_step.py).
     """
     if q.device.type == "cpu" and q.shape[-2] > 1 and not torch.compiler.is_compiling():
-        if not bool(torch.isnan(q.detach().sum())):
-            return out
+        total = (q.detach() if q.requires_grad else q).sum().item()
+        return total != total
+    return True
+
+
+def nan_query_rows(q: torch.Tensor, out: torch.Tensor, may_hold_nan: bool = True) -> torch.Tensor:
+    """``out`` with NaN in every row whose query row holds a NaN (q [..., N, D], out [..., N, Dv]); ``out`` as it
+    is when ``may_hold_nan`` (:func:`query_may_hold_nan`, taken before the SDPA call) is False.
+
+    torch's SDPA CPU kernel can return 0 for such a row (it takes it for a fully masked one: at [2,2,4,64] it
+    does, at [2,2,256,64] it gives NaN); every other backend, and the math, give NaN there, and a NaN must never
+    come back as a plausible number. The guarantee used to cost four full-tensor passes per call (isnan, any,
+    where, and where's backward).
+    """
+    if not may_hold_nan:
+        return out
     return torch.where(q.isnan().any(dim=-1, keepdim=True), float("nan"), out)
 
 
@@ -239,5 +254,5 @@ def triton_supports(device, dtype=None, head_dim=None, **_):
 
 
 __all__ = ["CPU_SLOW_HALF_DTYPES", "Knobs", "TRITON_MAX_HEAD_DIM", "WindowBounds", "allowed_positions",
-           "attention_math", "bool_flag", "check_qkv", "dropout_probability", "nan_query_rows", "sdpa_inputs",
-           "softmax_scale", "triton_supports", "window_bounds", "window_pair"]
+           "attention_math", "bool_flag", "check_qkv", "dropout_probability", "nan_query_rows", "query_may_hold_nan",
+           "sdpa_inputs", "softmax_scale", "triton_supports", "window_bounds", "window_pair"]

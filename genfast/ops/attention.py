@@ -42,6 +42,7 @@ from genfast.ops._attention_common import (
     check_qkv,
     dropout_probability,
     nan_query_rows,
+    query_may_hold_nan,
     sdpa_inputs,
     softmax_scale,
     triton_supports,
@@ -84,10 +85,11 @@ def _reference(q, k, v, attn_mask, seed, knobs: Knobs, need_lse: bool, compute_d
     if _sdpa_serves(q, k, attn_mask, knobs, need_lse):
         # Same semantics, torch's fused kernel (it accumulates in fp32 inside): what lets auto keep up with SDPA on
         # CPU. It runs in the input dtype but where sdpa_inputs says otherwise.
+        may_hold_nan = query_may_hold_nan(q)
         qs, ks, vs = sdpa_inputs(q, k, v)
         out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=_unbroadcast(attn_mask), is_causal=knobs.causal,
                                              scale=knobs.scale, enable_gqa=q.shape[1] != k.shape[1])
-        return nan_query_rows(q, out if out.dtype == q.dtype else out.to(q.dtype)), None
+        return nan_query_rows(q, out if out.dtype == q.dtype else out.to(q.dtype), may_hold_nan), None
     compute_dtype = compute_dtype or torch.promote_types(q.dtype, torch.float32)
     keep = dropout_keep(seed, mask_shape(q, k), knobs.dropout_p) if knobs.dropout_p else None
     return attention_math(q, k, v, attn_mask, keep, *knobs, compute_dtype)

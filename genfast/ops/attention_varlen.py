@@ -58,6 +58,7 @@ from genfast.ops._attention_common import (
     check_qkv,
     dropout_probability,
     nan_query_rows,
+    query_may_hold_nan,
     sdpa_inputs,
     softmax_scale,
     triton_supports,
@@ -207,6 +208,7 @@ def _per_sequence(q, k, v, cu_q: list[int], cu_k: list[int], knobs: Knobs) -> to
     sequence: torch's is_causal where Nq_b == Nk_b, else the mask (rows that see no key: SDPA's CPU kernel
     gives 0, the rule)."""
     hq, d = q.shape[1], q.shape[2]
+    may_hold_nan = query_may_hold_nan(q)
     qs, ks, vs = sdpa_inputs(q, k, v)
     len_q = [b - a for a, b in zip(cu_q, cu_q[1:])]
     len_k = [b - a for a, b in zip(cu_k, cu_k[1:])]
@@ -228,7 +230,7 @@ def _per_sequence(q, k, v, cu_q: list[int], cu_k: list[int], knobs: Knobs) -> to
                                              scale=knobs.scale, enable_gqa=hq != k.shape[1])
         outs.append(out[0].transpose(0, 1))
     out = torch.cat(outs) if len(outs) > 1 else outs[0].contiguous()
-    return nan_query_rows(q, out if out.dtype == q.dtype else out.to(q.dtype))
+    return nan_query_rows(q, out if out.dtype == q.dtype else out.to(q.dtype), may_hold_nan)
 
 
 def _sdpa_left_a_nan(out: torch.Tensor) -> bool:
@@ -280,9 +282,10 @@ def _reference(q, k, v, packing: Packing, seed, knobs: Knobs, need_lse: bool, wr
         # window the key-padding mask alone is exact (every real query sees every real key of its sequence).
         if not bounded and offsets is not None:
             mask = valid_k[:, None, None, :]
+        may_hold_nan = query_may_hold_nan(qp)
         out = F.scaled_dot_product_attention(*sdpa_inputs(qp, kp, vp), attn_mask=mask, scale=scale,
                                              enable_gqa=hq != k.shape[1])
-        out = nan_query_rows(qp, out if out.dtype == q.dtype else out.to(q.dtype))
+        out = nan_query_rows(qp, out if out.dtype == q.dtype else out.to(q.dtype), may_hold_nan)
         if _sdpa_left_a_nan(out):
             return _reference(q, k, v, packing, seed, knobs, need_lse, written_out=True)
         lse = None
