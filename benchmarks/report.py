@@ -1,10 +1,11 @@
 """Readable reports of a benchmark results file: a summary, one table and one figure per family.
 
-``python -m benchmarks.report [RESULTS.json]`` (default: the latest results file committed in
-benchmarks/results/) rewrites ``<stem>.md`` (a summary on top: per family, genfast's geometric-mean speedup
-over each peer and every case where genfast is slower than a peer; then one table per family) and writes
-``<stem>-<family>.png`` per family. ``--readme`` also rewrites the README's headline table, the block between
-``<!-- bench-table:start -->`` and ``<!-- bench-table:end -->``, from that summary.
+``python -m benchmarks.report [RESULTS.json ...]`` (default: the latest results file committed in
+benchmarks/results/, with every run there of the same device and commit) rewrites each file's ``<stem>.md`` (a
+summary on top: per family, genfast's geometric-mean speedup over each peer and every case where genfast is slower
+than a peer; then one table per family) and writes ``<stem>-<family>.png`` per family. ``--readme`` also rewrites
+the README's headline table, the block between ``<!-- bench-table:start -->`` and ``<!-- bench-table:end -->``,
+from that summary (of the per-row median of the files, given several).
 
 Speedups are ratios of median times of rows of the same file: ``peer ms / genfast ms`` (above 1: genfast is
 faster). genfast's row is the default call (``genfast-auto``) where the case has one, else each genfast backend.
@@ -57,6 +58,20 @@ def latest_results(results_dir: str = RESULTS_DIR) -> str:
     if not paths:
         raise FileNotFoundError(f"no benchmark results in {results_dir}")
     return max(paths, key=lambda p: (load(p)["date"], p))
+
+
+def current_runs(results_dir: str = RESULTS_DIR) -> list[str]:
+    """The latest results file and every other one at the top level of ``results_dir`` of the same device and
+    commit, oldest first: the set of runs the README's headline is the per-row median of (issue 26 commits two)."""
+    latest = load(latest_results(results_dir))
+
+    def same_suite(path: str) -> bool:
+        data = load(path)
+        return bool(data["results"]) and (data["device"], data["commit"]) == (latest["device"], latest["commit"])
+
+    found = [p for p in glob.glob(os.path.join(results_dir, "*.json"))
+             if not os.path.basename(p).startswith(("compile-", "gpu-check")) and same_suite(p)]
+    return sorted(found, key=lambda p: (load(p)["date"], p))
 
 
 def combine(runs: list[dict]) -> dict:
@@ -358,11 +373,11 @@ def update_readme(data: dict, results_path: str, readme: str = README) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="*",
-                        help="results .json file(s) (default: the latest in benchmarks/results/); with several, "
-                             "--readme takes the per-row median of them")
+                        help="results .json file(s) (default: the latest in benchmarks/results/ and the runs there of "
+                             "its device and commit); with several, --readme takes the per-row median of them")
     parser.add_argument("--readme", action="store_true", help="also rewrite the README's headline table")
     args = parser.parse_args(argv)
-    paths = args.results or [latest_results()]
+    paths = args.results or current_runs()
     for path in paths:
         for written in write(path):
             print(f"wrote {os.path.relpath(written)}")

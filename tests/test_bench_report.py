@@ -231,18 +231,25 @@ def test_latest_results_does_not_look_into_history(tmp_path):
     assert os.path.basename(report.latest_results(str(tmp_path))) == "a.json"
 
 
-def test_committed_results_keep_one_run_per_device_at_the_top_level():
-    """Issue 27: benchmarks/results/ held 51 files from 4 runs. The newest run of each device stays at the top level
-    (its index, README.md, names it); older runs live in history/; the README's headline comes from the current one."""
+def test_committed_results_keep_one_suite_per_device_at_the_top_level():
+    """Issue 27: benchmarks/results/ held 51 files from 4 runs. The newest runs of each device stay at the top level
+    (its index, README.md, names them); older runs live in history/; the README's headline comes from the current
+    ones. Issue 26: the current CPU suite is two full runs of one commit, and the headline their per-row median."""
     runs = {}
     for name in os.listdir(report.RESULTS_DIR):
         if name.endswith(".json") and not name.startswith("compile-"):
             data = report.load(os.path.join(report.RESULTS_DIR, name))
-            runs.setdefault(data["device"], []).append(name)
-    assert runs and all(len(names) == 1 for names in runs.values()), runs
+            runs.setdefault(data["device"], set()).add(data["commit"])
+    assert runs and all(len(commits) == 1 for commits in runs.values()), runs
+    current = [os.path.basename(p) for p in report.current_runs()]
+    assert current[-1] == os.path.basename(report.latest_results())
     index = open(os.path.join(report.RESULTS_DIR, "README.md")).read()
-    current = os.path.basename(report.latest_results())
-    assert current[:-len(".json")] in index
-    assert f"benchmarks/results/{current}" in open(report.README).read()
+    commit = report.load(report.latest_results())["commit"]
+    assert all(name.startswith(report.stem_name(report.load(report.latest_results()))) for name in current)
+    assert report.stem_name(report.load(report.latest_results())) in index and commit in index
+    readme = open(report.README).read()
+    assert f"benchmarks/results/{current[-1]}" in readme
+    if len(current) > 1:
+        assert "per-row median of the runs" in readme
     for name in os.listdir(os.path.join(report.RESULTS_DIR, "history")):
         assert not name.startswith("compile-")  # the compile gate rewrites those in place, at the top level
