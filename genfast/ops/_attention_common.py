@@ -218,7 +218,8 @@ def query_may_hold_nan(q: torch.Tensor) -> bool:
     attention's smallest operand: it reads q once against Nk times for the scores). It is True only for a NaN in q
     (or, harmlessly, infinities of both signs). Why before, and why so spare (issue 26, measured alternating with
     SDPA on 2 cores): the first torch op after a long kernel costs 50-100 us here, so the same check made after
-    the SDPA call cost 2-3 times what it costs before it (fp32 [2,8,256,40]: 0.94x against 0.98x of SDPA), and
+    the SDPA call cost 1.5-2 times what it costs before it (fp32 [2,8,256,40]: 0.94-0.96x of SDPA against
+    0.96-0.98x; [8,8,256,64]: 0.96x against 0.97x), and
     ``isnan(q.detach().sum())`` took four dispatched ops where ``q.sum().item()`` takes two. Traced by
     torch.compile, or on a GPU where a branch on a value would synchronise, it is True: the branch-free fix-up,
     which inductor fuses into the output's pass. So it is for a call with one query row per head (a decode step):
